@@ -1,0 +1,286 @@
+// spmm: sparse (CSR) × dense aggregation, its accumulate form and its two backward ops.
+//
+// Graph (see revgnn_ext/graph.py): CSR by destination.
+//   rowptr [num_dst + 1], col [E] (source of each edge, in CSR order); int32 or int64, the
+//   same dtype for both, validated once when the graph is built (0 = rowptr[0] <= ... <=
+//   rowptr[num_dst] = E, 0 <= col < num_src). Kernels trust these contents and check shapes.
+//   Transposed CSR (by source): rowptr_t [num_src + 1], col_t [E] (destination), perm_t [E]
+//   (the CSR position of each transposed entry), same index dtype.
+//   weight: optional [E] in CSR order, dtype of x.
+//   x: [num_src, D], floating; rows may be strided (a column slice of a wider buffer) as long
+//   as channels are contiguous (stride(1) == 1); otherwise the op makes a contiguous copy.
+//
+// Every op takes the graph first (rowptr, col, rowptr_t, col_t, perm_t; the transposed part
+// optional where the kernel does not read it: autograd saves it for the backward of x).
+//
+// spmm(graph, weight?, x, reduce) -> (out, arg)
+//   out[i, c] = R over CSR edges e of row i of w_e * x[col_e, c], R in sum | mean | max | min;
+//   rows with no edges give 0. arg [num_dst, D] (index dtype) holds the CSR position of the
+//   selected edge for max/min (-1 for an empty row): the first edge that attains the extremum
+//   (deterministic ties), and a NaN value is selected over numbers so that NaN propagates.
+//   arg is empty for sum/mean.
+// spmm_accumulate_(out, rowptr, col, weight?, x, reduce, alpha) -> ()
+//   out += alpha * spmm(...).out, in place; out may be a column slice of a wider buffer.
+// spmm_backward_x(graph, weight?, grad_out, arg, reduce) -> grad_x
+//   grad_x[j, c] = sum over transposed entries t of row j (edge e = perm_t[t] into i = col_t[t])
+//   of w_e * grad_out[i, c] * s(i, c, e), s = 1 (sum), 1/deg(i) (mean), [arg[i, c] == e]
+//   (max/min). A segment sum over the transposed CSR: deterministic, no atomics.
+// spmm_backward_weight(graph, x, grad_out, arg, reduce) -> grad_weight [E] (CSR order)
+//   grad_weight[e] = sum_c x[col_e, c] * grad_out[i, c] * s(i, c, e) for e in row i.
+#pragma once
+
+#include <c10/macros/Macros.h>
+#include <cstdint>
+
+#ifndef __CUDACC_RTC__
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <string>
+#endif
+
+namespace revgnn_ext {
+
+enum class Reduce : int { Sum = 0, Mean = 1, Max = 2, Min = 3 };
+
+template <Reduce R>
+C10_HOST_DEVICE constexpr bool selects_edge() {
+  return R == Reduce::Max || R == Reduce::Min;
+}
+
+// Max/min selection. `has_best` is false before the row's first edge, which always selects.
+// Afterwards a strictly better value wins (ties keep the earlier edge), a NaN wins over a
+// number, and once NaN is selected it stays.
+template <Reduce R, typename acc_t>
+C10_HOST_DEVICE inline bool replaces(acc_t v, acc_t best, bool has_best) {
+  if (!has_best) return true;
+  if (best != best) return false;
+  if (v != v) return true;
+  return R == Reduce::Max ? v > best : v < best;
+}
+
+// The value a row's accumulator becomes in the output: mean divides by the in-degree; an empty
+// row gives 0 whatever the reduction.
+template <Reduce R, typename acc_t>
+C10_HOST_DEVICE inline acc_t finalize(acc_t acc, int64_t deg) {
+  if (deg == 0) return acc_t(0);
+  return R == Reduce::Mean ? acc / static_cast<acc_t>(deg) : acc;
+}
+
+// Scale of one edge's gradient for sum/mean (max/min gate by arg instead).
+template <Reduce R, typename acc_t>
+C10_HOST_DEVICE inline acc_t grad_scale(acc_t w, int64_t deg) {
+  return R == Reduce::Mean ? w / static_cast<acc_t>(deg) : w;
+}
+
+#ifndef __CUDACC_RTC__
+
+inline Reduce parse_reduce(const std::string& reduce, const char* op) {
+  if (reduce == "sum") return Reduce::Sum;
+  if (reduce == "mean") return Reduce::Mean;
+  if (reduce == "max") return Reduce::Max;
+  if (reduce == "min") return Reduce::Min;
+  TORCH_CHECK(false, op, ": reduce must be one of 'sum', 'mean', 'max', 'min', got '", reduce, "'");
+}
+
+// Index tensors: 1-D, contiguous, int32 or int64, on `device`, of the graph's index dtype.
+inline void check_index(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype,
+                        const at::Device& device) {
+  TORCH_CHECK(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have the index dtype ", dtype,
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(), ", expected ", device);
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+// Feature matrices: 2-D, floating, on `device`; channels contiguous (a column slice is fine).
+// Returns the tensor itself, or a contiguous copy when its channels are strided.
+inline at::Tensor check_features(const at::Tensor& t, const char* op, const char* name,
+                                 const at::Device& device) {
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [nodes, channels], got shape ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+              " must be a floating-point tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(), ", expected ", device);
+  if (t.size(1) > 1 && t.stride(1) != 1) return t.contiguous();
+  if (t.size(0) > 1 && t.stride(0) < t.size(1)) return t.contiguous();
+  return t;
+}
+
+// The graph and the optional per-edge weight of any spmm op.
+inline void check_graph(const at::Tensor& rowptr, const at::Tensor& col,
+                        const c10::optional<at::Tensor>& weight, const at::Tensor& x, const char* op) {
+  const auto device = x.device();
+  TORCH_CHECK(rowptr.scalar_type() == at::kInt || rowptr.scalar_type() == at::kLong, op,
+              ": rowptr must be int32 or int64, got ", rowptr.scalar_type());
+  check_index(rowptr, op, "rowptr", rowptr.scalar_type(), device);
+  check_index(col, op, "col", rowptr.scalar_type(), device);
+  TORCH_CHECK(rowptr.numel() >= 1, op, ": rowptr must have num_dst + 1 >= 1 entries");
+  if (weight.has_value()) {
+    const auto& w = *weight;
+    TORCH_CHECK(w.dim() == 1 && w.size(0) == col.size(0), op, ": weight must have shape [",
+                col.size(0), "] (one value per edge), got ", w.sizes());
+    TORCH_CHECK(w.scalar_type() == x.scalar_type(), op, ": weight dtype ", w.scalar_type(),
+                " differs from x dtype ", x.scalar_type());
+    TORCH_CHECK(w.device() == device, op, ": weight is on ", w.device(), ", expected ", device);
+  }
+}
+
+#endif  // __CUDACC_RTC__
+
+}  // namespace revgnn_ext
+
+#define REVGNN_DISPATCH_INDEX(TYPE, NAME, ...)                                         \
+  [&] {                                                                                \
+    if ((TYPE) == at::kInt) {                                                          \
+      using index_t = int32_t;                                                         \
+      return __VA_ARGS__();                                                            \
+    }                                                                                  \
+    TORCH_CHECK((TYPE) == at::kLong, NAME, ": index dtype must be int32 or int64");    \
+    using index_t = int64_t;                                                           \
+    return __VA_ARGS__();                                                              \
+  }()
+
+#define REVGNN_DISPATCH_REDUCE(R, ...)                          \
+  [&] {                                                         \
+    switch (R) {                                                \
+      case ::revgnn_ext::Reduce::Sum: {                         \
+        constexpr auto REDUCE = ::revgnn_ext::Reduce::Sum;      \
+        return __VA_ARGS__();                                   \
+      }                                                         \
+      case ::revgnn_ext::Reduce::Mean: {                        \
+        constexpr auto REDUCE = ::revgnn_ext::Reduce::Mean;     \
+        return __VA_ARGS__();                                   \
+      }                                                         \
+      case ::revgnn_ext::Reduce::Max: {                         \
+        constexpr auto REDUCE = ::revgnn_ext::Reduce::Max;      \
+        return __VA_ARGS__();                                   \
+      }                                                         \
+      default: {                                                \
+        constexpr auto REDUCE = ::revgnn_ext::Reduce::Min;      \
+        return __VA_ARGS__();                                   \
+      }                                                         \
+    }                                                           \
+  }()
+
+#ifndef __CUDACC_RTC__
+namespace revgnn_ext {
+
+inline bool selects_edge(Reduce r) { return r == Reduce::Max || r == Reduce::Min; }
+
+// The op layer, shared by the devices: argument checks and output allocation. K holds one
+// device's kernels (cpu/spmm_cpu.cpp, cuda/spmm_cuda.cu):
+//   K::check_dtype(dtype, op)
+//   K::forward(rowptr, col, weight, x, reduce, out, arg, alpha, accumulate)
+//     out = result (accumulate false) or out += alpha * result; arg undefined or [n, D].
+//   K::backward_x(rowptr, rowptr_t, col_t, perm_t, weight, grad_out, arg, reduce, grad_x)
+//   K::backward_weight(rowptr, col, x, grad_out, arg, reduce, grad_weight)
+// Kernels check every index they follow (col against the rows of x, col_t against the rows
+// of grad_out, perm_t against E), so that a malformed graph raises instead of reading out
+// of bounds.
+
+template <typename K>
+std::tuple<at::Tensor, at::Tensor> spmm_op(const at::Tensor& rowptr, const at::Tensor& col,
+                                           const c10::optional<at::Tensor>& rowptr_t,
+                                           const c10::optional<at::Tensor>& /*col_t*/,
+                                           const c10::optional<at::Tensor>& /*perm_t*/,
+                                           const c10::optional<at::Tensor>& weight, const at::Tensor& x_in,
+                                           c10::string_view reduce) {
+  constexpr const char* op = "revgnn_ext.spmm";
+  const Reduce r = parse_reduce(std::string(reduce), op);
+  const at::Tensor x = check_features(x_in, op, "x", x_in.device());
+  K::check_dtype(x.scalar_type(), op);
+  check_graph(rowptr, col, weight, x, op);
+  TORCH_CHECK(!rowptr_t.has_value() || rowptr_t->numel() == x.size(0) + 1, op, ": x has ", x.size(0),
+              " rows but the graph has ", rowptr_t.has_value() ? rowptr_t->numel() - 1 : 0, " source nodes");
+  const int64_t n = rowptr.numel() - 1, d = x.size(1);
+  at::Tensor out = at::empty({n, d}, x.options());
+  at::Tensor arg = selects_edge(r) ? at::empty({n, d}, rowptr.options()) : at::empty({0}, rowptr.options());
+  if (n > 0 && d > 0) K::forward(rowptr, col, weight, x, r, out, arg, 1.0, false);
+  return {out, arg};
+}
+
+template <typename K>
+void spmm_accumulate_op(const at::Tensor& out, const at::Tensor& rowptr, const at::Tensor& col,
+                        const c10::optional<at::Tensor>& weight, const at::Tensor& x_in,
+                        c10::string_view reduce, double alpha) {
+  constexpr const char* op = "revgnn_ext.spmm_accumulate_";
+  const Reduce r = parse_reduce(std::string(reduce), op);
+  const at::Tensor x = check_features(x_in, op, "x", x_in.device());
+  K::check_dtype(x.scalar_type(), op);
+  check_graph(rowptr, col, weight, x, op);
+  const int64_t n = rowptr.numel() - 1, d = x.size(1);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == n && out.size(1) == d, op, ": out must have shape [", n,
+              ", ", d, "], got ", out.sizes());
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), op, ": out dtype ", out.scalar_type(),
+              " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK(out.device() == x.device(), op, ": out is on ", out.device(), ", expected ", x.device());
+  TORCH_CHECK((d <= 1 || out.stride(1) == 1) && (n <= 1 || out.stride(0) >= d), op,
+              ": out must have contiguous channels and non-overlapping rows (a column slice is fine), "
+              "got strides ", out.strides());
+  if (n > 0 && d > 0) K::forward(rowptr, col, weight, x, r, out, at::Tensor(), alpha, true);
+}
+
+// The selection made by the forward, for the backward ops of max/min.
+inline void check_arg(const at::Tensor& arg, Reduce r, const at::Tensor& rowptr, const at::Tensor& grad_out,
+                      const char* op) {
+  if (!selects_edge(r)) return;
+  TORCH_CHECK(arg.dim() == 2 && arg.size(0) == grad_out.size(0) && arg.size(1) == grad_out.size(1), op,
+              ": arg must have the shape of grad_out ", grad_out.sizes(), ", got ", arg.sizes());
+  check_index(arg.view(-1), op, "arg", rowptr.scalar_type(), grad_out.device());
+  TORCH_CHECK(arg.is_contiguous(), op, ": arg must be contiguous");
+}
+
+template <typename K>
+at::Tensor spmm_backward_x_op(const at::Tensor& rowptr, const at::Tensor& /*col*/, const at::Tensor& rowptr_t,
+                              const at::Tensor& col_t, const at::Tensor& perm_t,
+                              const c10::optional<at::Tensor>& weight,
+                              const at::Tensor& grad_out_in, const at::Tensor& arg, c10::string_view reduce) {
+  constexpr const char* op = "revgnn_ext.spmm_backward_x";
+  const Reduce r = parse_reduce(std::string(reduce), op);
+  const at::Tensor grad_out = check_features(grad_out_in, op, "grad_out", grad_out_in.device());
+  K::check_dtype(grad_out.scalar_type(), op);
+  check_graph(rowptr_t, col_t, weight, grad_out, op);
+  check_index(rowptr, op, "rowptr", rowptr_t.scalar_type(), grad_out.device());
+  check_index(perm_t, op, "perm_t", rowptr_t.scalar_type(), grad_out.device());
+  TORCH_CHECK(perm_t.numel() == col_t.numel(), op, ": perm_t must have one entry per edge (", col_t.numel(),
+              "), got ", perm_t.numel());
+  TORCH_CHECK(rowptr.numel() == grad_out.size(0) + 1, op, ": grad_out has ", grad_out.size(0),
+              " rows but the graph has ", rowptr.numel() - 1, " destination nodes");
+  check_arg(arg, r, rowptr, grad_out, op);
+  at::Tensor grad_x = at::empty({rowptr_t.numel() - 1, grad_out.size(1)}, grad_out.options());
+  if (grad_x.numel() > 0) K::backward_x(rowptr, rowptr_t, col_t, perm_t, weight, grad_out, arg, r, grad_x);
+  return grad_x;
+}
+
+template <typename K>
+at::Tensor spmm_backward_weight_op(const at::Tensor& rowptr, const at::Tensor& col,
+                                   const c10::optional<at::Tensor>& /*rowptr_t*/,
+                                   const c10::optional<at::Tensor>& /*col_t*/,
+                                   const c10::optional<at::Tensor>& /*perm_t*/, const at::Tensor& x_in,
+                                   const at::Tensor& grad_out_in, const at::Tensor& arg, c10::string_view reduce) {
+  constexpr const char* op = "revgnn_ext.spmm_backward_weight";
+  const Reduce r = parse_reduce(std::string(reduce), op);
+  const at::Tensor x = check_features(x_in, op, "x", x_in.device());
+  const at::Tensor grad_out = check_features(grad_out_in, op, "grad_out", x.device());
+  K::check_dtype(x.scalar_type(), op);
+  check_graph(rowptr, col, c10::nullopt, x, op);
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out dtype ", grad_out.scalar_type(),
+              " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK(grad_out.size(0) == rowptr.numel() - 1 && grad_out.size(1) == x.size(1), op,
+              ": grad_out must have shape [", rowptr.numel() - 1, ", ", x.size(1), "], got ", grad_out.sizes());
+  check_arg(arg, r, rowptr, grad_out, op);
+  at::Tensor grad_weight = at::empty({col.numel()}, x.options());
+  if (col.numel() > 0) K::backward_weight(rowptr, col, x, grad_out, arg, r, grad_weight);
+  return grad_weight;
+}
+
+// One registration for a device's kernels.
+#define REVGNN_REGISTER_SPMM(DEVICE, K)                                              \
+  TORCH_LIBRARY_IMPL(revgnn_ext, DEVICE, m) {                                        \
+    m.impl("spmm", &::revgnn_ext::spmm_op<K>);                                       \
+    m.impl("spmm_accumulate_", &::revgnn_ext::spmm_accumulate_op<K>);                \
+    m.impl("spmm_backward_x", &::revgnn_ext::spmm_backward_x_op<K>);                 \
+    m.impl("spmm_backward_weight", &::revgnn_ext::spmm_backward_weight_op<K>);       \
+  }
+
+}  // namespace revgnn_ext
+#endif  // __CUDACC_RTC__

@@ -1,0 +1,32 @@
+// revgnn_ext._C: every op schema in one place. Contracts: csrc/ops/<op>.h; kernels:
+// csrc/cpu/<op>_cpu.cpp and csrc/cuda/<op>_cuda.cu; autograd and fake kernels: revgnn_ext/ops.py.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifndef REVGNN_EXT_TORCH_VERSION
+#error "REVGNN_EXT_TORCH_VERSION must be defined by the build (setup.py / CMakeLists.txt)"
+#endif
+
+TORCH_LIBRARY(revgnn_ext, m) {
+  // Sparse (CSR by destination) x dense aggregation: csrc/ops/spmm.h. Every op takes the graph
+  // first: rowptr, col, then the transposed CSR (rowptr_t, col_t, perm_t), which the backward
+  // of x needs and autograd must be able to save.
+  m.def("spmm(Tensor rowptr, Tensor col, Tensor? rowptr_t, Tensor? col_t, Tensor? perm_t, Tensor? weight, "
+        "Tensor x, str reduce) -> (Tensor, Tensor)");
+  m.def("spmm_accumulate_(Tensor(a!) out, Tensor rowptr, Tensor col, Tensor? weight, Tensor x, str reduce, "
+        "float alpha=1.0) -> ()");
+  m.def("spmm_backward_x(Tensor rowptr, Tensor col, Tensor rowptr_t, Tensor col_t, Tensor perm_t, "
+        "Tensor? weight, Tensor grad_out, Tensor arg, str reduce) -> Tensor");
+  m.def("spmm_backward_weight(Tensor rowptr, Tensor col, Tensor? rowptr_t, Tensor? col_t, Tensor? perm_t, "
+        "Tensor x, Tensor grad_out, Tensor arg, str reduce) -> Tensor");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "revgnn_ext compiled ops (registered under torch.ops.revgnn_ext)";
+  m.attr("torch_version") = REVGNN_EXT_TORCH_VERSION;
+#ifdef WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

@@ -1,0 +1,106 @@
+"""Builds revgnn_ext._C against the torch that is already installed.
+
+    pip install --no-build-isolation -e .
+
+Environment:
+  FORCE_CUDA=1                 build the CUDA kernels or fail loudly.
+  FORCE_ONLY_CPU=1             skip the CUDA kernels.
+  TORCH_CUDA_ARCH_LIST         CUDA architectures (default "8.0;9.0").
+  REVGNN_EXT_CPU_CAPABILITY    "avx2" or "default" SIMD for the CPU kernels; by default avx2
+                               when the building machine has AVX2 and FMA.
+"""
+import glob
+import os
+import platform
+import shutil
+import sys
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:  # pragma: no cover - the message is the point
+    sys.exit("revgnn_ext: torch must be installed before building (pip install torch), "
+             "then `pip install --no-build-isolation -e .`")
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _want_cuda():
+    if _flag("FORCE_ONLY_CPU"):
+        return False
+    nvcc = CUDA_HOME is not None and (
+        os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")) or shutil.which("nvcc"))
+    if _flag("FORCE_CUDA"):
+        if torch.version.cuda is None:
+            sys.exit(f"revgnn_ext: FORCE_CUDA=1 but torch {torch.__version__} is a CPU-only build")
+        if not nvcc:
+            sys.exit("revgnn_ext: FORCE_CUDA=1 but nvcc was not found (set CUDA_HOME)")
+        return True
+    return torch.version.cuda is not None and bool(nvcc)
+
+
+def _cuda_library_includes():
+    """ATen's CUDA headers include cusparse.h / cublas_v2.h. A bare nvcc install may lack
+    them; the nvidia-* wheels that come with a CUDA torch carry them."""
+    if os.path.exists(os.path.join(CUDA_HOME, "include", "cusparse.h")):
+        return []
+    found = []
+    for site in sys.path:
+        base = os.path.join(site, "nvidia")
+        for header in ("cusparse.h", "cublas_v2.h"):
+            for path in glob.glob(os.path.join(base, "**", "include", header), recursive=True):
+                inc = os.path.dirname(path)
+                if inc not in found:
+                    found.append(inc)
+    if not found:
+        sys.exit(f"revgnn_ext: cusparse.h is neither under {CUDA_HOME}/include nor in the "
+                 "pip nvidia packages; install nvidia-cusparse / nvidia-cublas headers")
+    return found
+
+
+def _cpu_capability_flags():
+    choice = os.environ.get("REVGNN_EXT_CPU_CAPABILITY", "").strip().lower()
+    if not choice:
+        flags = ""
+        if platform.machine() in ("x86_64", "AMD64") and os.path.exists("/proc/cpuinfo"):
+            with open("/proc/cpuinfo") as f:
+                flags = f.read()
+        choice = "avx2" if (" avx2" in flags and " fma" in flags) else "default"
+    if choice == "avx2":
+        # at::vec selects its SIMD by these macros and keeps each choice in its own inline
+        # namespace, as ATen's own kernels do.
+        return ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    if choice != "default":
+        sys.exit(f"revgnn_ext: REVGNN_EXT_CPU_CAPABILITY must be 'avx2' or 'default', got {choice!r}")
+    return []
+
+
+def extensions():
+    with_cuda = _want_cuda()
+    sources = ["csrc/revgnn_ext.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    define = [f'-DREVGNN_EXT_TORCH_VERSION="{torch.__version__}"']
+    cxx = ["-O3", "-fopenmp"] + define + _cpu_capability_flags()
+    args = dict(extra_compile_args={"cxx": cxx}, include_dirs=[os.path.join(ROOT, "csrc")])
+    if not with_cuda:
+        print("revgnn_ext: building the CPU kernels only")
+        return [CppExtension("revgnn_ext._C", sources, **args)]
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    print(f"revgnn_ext: building CPU and CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']}")
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    cxx.append("-DWITH_CUDA")
+    args["extra_compile_args"]["nvcc"] = ["-O3", "-DWITH_CUDA", "--expt-relaxed-constexpr",
+                                          "-lineinfo"] + define
+    args["include_dirs"] += _cuda_library_includes()
+    return [CUDAExtension("revgnn_ext._C", sources, **args)]
+
+
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
