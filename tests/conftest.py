@@ -1,0 +1,68 @@
+"""Shared fixtures: devices, dtypes and the graph shapes every op is tested on."""
+import zlib
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no GPU"))]
+
+
+def dtypes_for(device):
+    if device == "cuda":
+        return [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    return [torch.float32, torch.float64]
+
+
+def device_dtype_params():
+    """(device, dtype) pairs: CPU float32/float64; CUDA also float16/bfloat16."""
+    out = []
+    for dev in ("cpu", "cuda"):
+        marks = [pytest.mark.skipif(not HAS_CUDA, reason="no GPU")] if dev == "cuda" else []
+        for dt in dtypes_for(dev):
+            out.append(pytest.param(dev, dt, marks=marks, id=f"{dev}-{str(dt).split('.')[-1]}"))
+    return out
+
+
+def _power_law(gen, num_nodes, num_edges):
+    # In-degrees ~ Zipf: destination probabilities fall off as rank^-1.2 over shuffled nodes.
+    rank = torch.arange(1, num_nodes + 1, dtype=torch.float64)
+    probs = rank.pow(-1.2)[torch.randperm(num_nodes, generator=gen)]
+    dst = torch.multinomial(probs, num_edges, replacement=True, generator=gen)
+    src = torch.randint(0, num_nodes, (num_edges,), generator=gen)
+    return torch.stack([src, dst])
+
+
+def make_graph(shape, seed=0):
+    """(edge_index, num_nodes) for a named graph shape; num_nodes may be a (src, dst) pair."""
+    gen = torch.Generator().manual_seed(seed)
+    if shape == "random":
+        return torch.randint(0, 40, (2, 300), generator=gen), 40
+    if shape == "no_edges":
+        return torch.empty(2, 0, dtype=torch.long), 7
+    if shape == "isolated":  # edges only among the first 10 of 30 nodes
+        return torch.randint(0, 10, (2, 60), generator=gen), 30
+    if shape == "self_loops":
+        ei = torch.randint(0, 20, (2, 80), generator=gen)
+        loops = torch.arange(20).repeat(2, 1)
+        return torch.cat([ei, loops], 1), 20
+    if shape == "duplicates":
+        ei = torch.randint(0, 15, (2, 40), generator=gen)
+        return torch.cat([ei, ei, ei[:, :10]], 1), 15
+    if shape == "bipartite":
+        src = torch.randint(0, 30, (150,), generator=gen)
+        dst = torch.randint(0, 17, (150,), generator=gen)
+        return torch.stack([src, dst]), (30, 17)
+    if shape == "power_law":
+        return _power_law(gen, 300, 3000), 300
+    raise ValueError(shape)
+
+
+SHAPES = ["random", "no_edges", "isolated", "self_loops", "duplicates", "bipartite", "power_law"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    # Fresh, reproducible random inputs per test.
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))

@@ -1,0 +1,321 @@
+"""spmm and its accumulate form against revgnn_ext.reference, over devices x dtypes x reductions
+x graph shapes x widths; gradients, opcheck, torch.compile, determinism and bad inputs."""
+import pytest
+import torch
+
+from revgnn_ext import CSRGraph, ops, reference
+
+from conftest import DEVICES, HAS_CUDA, SHAPES, device_dtype_params, make_graph
+
+REDUCES = ["sum", "mean", "max", "min"]
+WIDTHS = [1, 37, 64, 257]
+
+
+def _graph(shape, device):
+    ei, n = make_graph(shape)
+    return CSRGraph.from_edge_index(ei, n).to(device)
+
+
+def _inputs(g, width, dtype, weighted, device, slice_offset=0):
+    """x as a column slice of a wider buffer when slice_offset > 0 (read in place)."""
+    buf = torch.randn(g.num_src, width + 2 * slice_offset, dtype=torch.float64, device=device).to(dtype)
+    x = buf[:, slice_offset:slice_offset + width]
+    w = torch.rand(g.num_edges, dtype=torch.float64, device=device).add(0.5).to(dtype) if weighted else None
+    return x, w
+
+
+def assert_close_to_reference(ours, fn, inputs, dtype):
+    """float64: 1e-10 relative. Lower precision: the error against a float64 computation is at
+    most 2x the error of the reference computed in the same dtype (plus a few ulps of scale)."""
+    exact = fn(*[t.double() if t is not None else None for t in inputs])
+    if dtype == torch.float64:
+        torch.testing.assert_close(ours, exact, rtol=1e-10, atol=1e-10)
+        return
+    same_dtype = fn(*inputs).double()
+    ours = ours.double()
+    assert torch.equal(torch.isnan(ours), torch.isnan(exact))
+    ulp = torch.finfo(dtype).eps * (1 + exact.abs().max().item() if exact.numel() else 1)
+    err_ours = (ours - exact).abs().nan_to_num().max().item() if exact.numel() else 0.0
+    err_torch = (same_dtype - exact).abs().nan_to_num().max().item() if exact.numel() else 0.0
+    assert err_ours <= 2 * err_torch + 4 * ulp, (err_ours, err_torch)
+
+
+@pytest.mark.parametrize("device, dtype", device_dtype_params())
+@pytest.mark.parametrize("reduce", REDUCES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_forward(device, dtype, reduce, shape, width, weighted):
+    g = _graph(shape, device)
+    x, w = _inputs(g, width, dtype, weighted, device)
+    out = ops.spmm(g, x, w, reduce)
+    assert out.shape == (g.num_dst, width) and out.dtype == dtype and out.is_contiguous()
+    assert_close_to_reference(out, lambda x, w: reference.spmm(g, x, w, reduce), (x, w), dtype)
+
+
+@pytest.mark.parametrize("device, dtype", device_dtype_params())
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_column_slice_and_accumulate(device, dtype, reduce):
+    g = _graph("power_law", device)
+    x, w = _inputs(g, 37, dtype, True, device, slice_offset=5)
+    assert x.stride(0) == 47 and not x.is_contiguous()
+    expected = reference.spmm(g, x.contiguous(), w, reduce)
+    assert_close_to_reference(ops.spmm(g, x, w, reduce), lambda x, w: reference.spmm(g, x, w, reduce), (x, w), dtype)
+    # Accumulate into a column slice: the rest of the buffer is untouched.
+    buf = torch.randn(g.num_dst, 50, device=device).to(dtype)
+    before = buf.clone()
+    out = buf[:, 3:40]
+    ops.spmm_accumulate_(out, g, x, w, reduce, alpha=-0.5)
+    torch.testing.assert_close(buf[:, :3], before[:, :3], rtol=0, atol=0)
+    torch.testing.assert_close(buf[:, 40:], before[:, 40:], rtol=0, atol=0)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, 2e-2)
+    torch.testing.assert_close(out, before[:, 3:40] - 0.5 * expected, rtol=tol, atol=tol)
+
+
+def _grads(fn, x, w):
+    x = x.detach().requires_grad_()
+    w = w.detach().requires_grad_() if w is not None else None
+    out = fn(x, w)
+    gout = torch.randn_like(out)
+    params = [t for t in (x, w) if t is not None]
+    return torch.autograd.grad(out, params, gout), params, gout
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduce", REDUCES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_backward_matches_reference(device, reduce, shape, weighted):
+    if reduce in ("max", "min") and shape == "duplicates" and not weighted:
+        pytest.skip("duplicate edges tie; the tie rule is tested in test_ties_route_to_first_edge")
+    g = _graph(shape, device)
+    x, w = _inputs(g, 37, torch.float64, weighted, device)
+    x, w = x.detach().requires_grad_(), (w.detach().requires_grad_() if weighted else None)
+    out = ops.spmm(g, x, w, reduce)
+    gout = torch.randn_like(out)
+    params = [t for t in (x, w) if t is not None]
+    ours = torch.autograd.grad(out, params, gout, allow_unused=True)
+    ref = torch.autograd.grad(reference.spmm(g, x, w, reduce), params, gout, allow_unused=True)
+    for a, b in zip(ours, ref):
+        b = torch.zeros_like(a) if b is None else b
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device, dtype", [p for p in device_dtype_params() if p.values[1] != torch.float64])
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_backward_low_precision(device, dtype, reduce):
+    g = _graph("power_law", device)
+    x, w = _inputs(g, 64, dtype, True, device)
+    (gx, gw), _, gout = _grads(lambda x, w: ops.spmm(g, x, w, reduce), x, w)
+    # Each gradient against float64, with the same 2x rule as the forward.
+    for i, ours in enumerate((gx, gw)):
+        def fn(x, w, gout, i=i):
+            x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+            return torch.autograd.grad(reference.spmm(g, x, w, reduce), (x, w), gout)[i]
+        assert_close_to_reference(ours, fn, (x, w, gout), dtype)
+
+
+@pytest.mark.parametrize("reduce", REDUCES)
+@pytest.mark.parametrize("shape", ["power_law", "bipartite", "isolated", "self_loops"])
+def test_gradcheck_float64(reduce, shape):
+    g = _graph(shape, "cpu")
+    x, w = _inputs(g, 5, torch.float64, True, "cpu")
+    x, w = x.requires_grad_(), w.requires_grad_()
+    fn = lambda x, w: ops.spmm(g, x, w, reduce)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w))
+    assert torch.autograd.gradgradcheck(fn, (x, w))
+
+
+def test_ties_route_to_first_edge():
+    # Three copies of the edge 0 -> 1 tie on every channel: the whole gradient goes to the
+    # first (caller's order, kept within a row), none to the others, every run.
+    ei = torch.tensor([[2, 0, 0, 0], [1, 1, 1, 1]])
+    g = CSRGraph.from_edge_index(ei, 3)
+    x = torch.tensor([[5.0, -1.0], [0.0, 0.0], [1.0, 2.0]], requires_grad=True)
+    w = torch.ones(4, requires_grad=True)
+    out = ops.spmm(g, x, w, "max")
+    assert out[1].tolist() == [5.0, 2.0]
+    out.sum().backward()
+    assert x.grad.tolist() == [[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]]
+    assert w.grad.tolist() == [2.0, 5.0, 0.0, 0.0]  # edge 0 (from 2) wins ch 1, edge 1 (first 0->1) ch 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_nan_propagates(device, reduce):
+    g = _graph("random", device)
+    x, w = _inputs(g, 8, torch.float32, True, device)
+    x[3, 2] = float("nan")
+    out = ops.spmm(g, x, w, reduce)
+    ref = reference.spmm(g, x, w, reduce)
+    has_nan_source = torch.zeros(g.num_dst, dtype=torch.bool, device=device)
+    dst = torch.repeat_interleave(torch.arange(g.num_dst, device=device), (g.rowptr[1:] - g.rowptr[:-1]).long())
+    has_nan_source[dst[g.col.long() == 3]] = True
+    assert bool(torch.isnan(out[has_nan_source, 2]).all())
+    assert not bool(torch.isnan(out[~has_nan_source]).any())
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_deterministic(device, reduce):
+    g = _graph("power_law", device)
+    x, w = _inputs(g, 64, torch.float32, True, device)
+    gout = torch.randn(g.num_dst, 64, device=device)
+    runs = []
+    for threads in (1, torch.get_num_threads(), 1, torch.get_num_threads()):
+        with _num_threads(threads):
+            xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+            out = ops.spmm(g, xr, wr, reduce)
+            runs.append((out, *torch.autograd.grad(out, (xr, wr), gout)))
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)
+
+
+class _num_threads:
+    def __init__(self, n):
+        self.n, self.old = n, torch.get_num_threads()
+
+    def __enter__(self):
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+
+
+def _op_args(device, reduce, dtype=torch.float64):
+    g = _graph("power_law", device)
+    x, w = _inputs(g, 6, dtype, True, device)
+    graph = (g.rowptr, g.col, *g.transposed())
+    out, arg = torch.ops.revgnn_ext.spmm(*graph, w, x, reduce)
+    gout = torch.randn_like(out)
+    return g, graph, x, w, out, arg, gout
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_opcheck(device, reduce):
+    g, graph, x, w, out, arg, gout = _op_args(device, reduce)
+    x.requires_grad_()
+    w.requires_grad_()
+    lib = torch.ops.revgnn_ext
+    torch.library.opcheck(lib.spmm.default, (*graph, w, x, reduce))
+    torch.library.opcheck(lib.spmm.default, (g.rowptr, g.col, None, None, None, None, x.detach(), reduce))
+    torch.library.opcheck(lib.spmm_backward_x.default, (*graph, w, gout.requires_grad_(), arg, reduce))
+    torch.library.opcheck(lib.spmm_backward_weight.default, (*graph, x, gout, arg, reduce))
+    buf = torch.randn(g.num_dst, 6, dtype=x.dtype, device=device)
+    torch.library.opcheck(lib.spmm_accumulate_.default, (buf, g.rowptr, g.col, w.detach(), x.detach(), reduce, 0.5))
+
+
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_backward_ops_are_twice_differentiable(reduce):
+    _, graph, x, w, _, arg, gout = _op_args("cpu", reduce)
+    x, w, gout = x.requires_grad_(), w.requires_grad_(), gout.requires_grad_()
+    lib = torch.ops.revgnn_ext
+    assert torch.autograd.gradcheck(lambda w, g: lib.spmm_backward_x(*graph, w, g, arg, reduce), (w, gout))
+    assert torch.autograd.gradcheck(lambda x, g: lib.spmm_backward_weight(*graph, x, g, arg, reduce), (x, gout))
+
+
+def test_torch_compile_fullgraph():
+    g = _graph("power_law", "cpu")
+    g.transposed()
+    x, w = _inputs(g, 16, torch.float32, True, "cpu")
+
+    def f(x, w):
+        h = ops.spmm(g, x, w, "mean").relu() + ops.spmm(g, x, None, "max")
+        out = torch.zeros_like(h)
+        ops.spmm_accumulate_(out, g, h, None, "sum", 0.5)
+        return out
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    torch.testing.assert_close(compiled(x, w), f(x, w))
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    compiled(xg, wg).square().sum().backward()
+    xe, we = x.clone().requires_grad_(), w.clone().requires_grad_()
+    f(xe, we).square().sum().backward()
+    torch.testing.assert_close(xg.grad, xe.grad)
+    torch.testing.assert_close(wg.grad, we.grad)
+
+
+def test_accumulate_under_autograd_is_tracked():
+    g = _graph("random", "cpu")
+    x, w = _inputs(g, 8, torch.float64, True, "cpu")
+    x.requires_grad_()
+    base = torch.randn(g.num_dst, 8, dtype=torch.float64, requires_grad=True)
+    out = ops.spmm_accumulate_(base.clone(), g, x, w, "mean", alpha=2.0)
+    ref = base + 2.0 * reference.spmm(g, x, w, "mean")
+    torch.testing.assert_close(out, ref)
+    gout = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, (x, base), gout), torch.autograd.grad(ref, (x, base), gout))
+
+
+# ------------------------------------------------------------------------------ bad inputs
+def test_bad_inputs_raise_naming_the_argument():
+    g = _graph("random", "cpu")
+    x, w = _inputs(g, 8, torch.float32, True, "cpu")
+    with pytest.raises(ValueError, match="x has 39 rows"):
+        ops.spmm(g, x[:-1], w)
+    with pytest.raises(ValueError, match="x must be a 2-D"):
+        ops.spmm(g, x[:, 0])
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        ops.spmm(g, x.long())
+    with pytest.raises(ValueError, match="edge_weight must have one entry per edge"):
+        ops.spmm(g, x, w[:-1])
+    with pytest.raises(ValueError, match="edge_weight must be a 1-D"):
+        ops.spmm(g, x, w[:, None])
+    with pytest.raises(TypeError, match="edge_weight dtype"):
+        ops.spmm(g, x, w.double())
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        ops.spmm(g, x, reduce="prod")
+    with pytest.raises(TypeError, match="CSRGraph"):
+        ops.spmm(torch.zeros(2, 3, dtype=torch.long), x)
+    with pytest.raises(ValueError, match="x is on meta"):
+        ops.spmm(g, x.to("meta"))
+    with pytest.raises(ValueError, match="out must have shape"):
+        ops.spmm_accumulate_(torch.zeros(3, 8), g, x)
+
+
+def test_raw_ops_check_their_arguments():
+    """Called directly with malformed tensors, the ops raise; they never read out of bounds."""
+    g = _graph("random", "cpu")
+    x, w = _inputs(g, 8, torch.float32, True, "cpu")
+    lib = torch.ops.revgnn_ext
+    bad_col = g.col.clone()
+    bad_col[5] = 1000
+    with pytest.raises(RuntimeError, match="col index 1000 is out of range"):
+        lib.spmm(g.rowptr, bad_col, None, None, None, w, x, "sum")
+    bad_col[5] = -2
+    with pytest.raises(RuntimeError, match="col index -2 is out of range"):
+        lib.spmm(g.rowptr, bad_col, None, None, None, w, x, "max")
+    with pytest.raises(RuntimeError, match="rowptr must have the index dtype|index dtype"):
+        lib.spmm(g.rowptr, g.col.long(), None, None, None, w, x, "sum")
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        lib.spmm(g.rowptr, g.col, None, None, None, w[:3], x, "sum")
+    with pytest.raises(RuntimeError, match="x must be 2-D"):
+        lib.spmm(g.rowptr, g.col, None, None, None, w, x[0], "sum")
+    with pytest.raises(RuntimeError, match="CPU kernels support float32 and float64"):
+        lib.spmm(g.rowptr, g.col, None, None, None, None, x.half(), "sum")
+    with pytest.raises(RuntimeError, match="reduce must be one of"):
+        lib.spmm(g.rowptr, g.col, None, None, None, w, x, "avg")
+    rowptr_t, col_t, perm_t = g.transposed()
+    out, arg = lib.spmm(g.rowptr, g.col, None, None, None, w, x, "max")
+    bad_perm = perm_t.clone()
+    bad_perm[0] = g.num_edges
+    with pytest.raises(RuntimeError, match="perm_t index"):
+        lib.spmm_backward_x(g.rowptr, g.col, rowptr_t, col_t, bad_perm, w, out, arg, "max")
+    with pytest.raises(RuntimeError, match="arg must have the shape"):
+        lib.spmm_backward_x(g.rowptr, g.col, rowptr_t, col_t, perm_t, w, out, arg[:2], "max")
+    with pytest.raises(RuntimeError, match="out must have contiguous channels"):
+        lib.spmm_accumulate_(torch.zeros(8, g.num_dst).t(), g.rowptr, g.col, w, x, "sum")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no GPU")
+def test_cuda_device_mismatch():
+    g = _graph("random", "cuda")
+    x = torch.randn(g.num_src, 4)
+    with pytest.raises(ValueError, match="x is on cpu"):
+        ops.spmm(g, x)
+    with pytest.raises(RuntimeError, match="is on"):
+        torch.ops.revgnn_ext.spmm(g.rowptr, g.col, None, None, None, None, x, "sum")
