@@ -38,6 +38,16 @@ struct Block {
   static constexpr int64_t kWidth = kVecs * Vec::size();
 };
 
+// Rows are gathered at random: ask for the row kPrefetch edges ahead while this one is summed.
+// Its index is not yet checked, but a prefetch of any address is harmless.
+constexpr int64_t kPrefetch = 8;
+
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* p, int64_t width) {
+  constexpr int64_t kLine = 64 / sizeof(scalar_t);
+  for (int64_t c = 0; c < width; c += kLine) __builtin_prefetch(p + c);
+}
+
 // out[i] (= or += alpha *) reduce_e w_e x[col_e] for sum/mean: vectorized over channels.
 template <typename scalar_t, typename index_t, Reduce R>
 void forward_sum(const index_t* rowptr, const index_t* col, const scalar_t* w, const scalar_t* x,
@@ -57,6 +67,7 @@ void forward_sum(const index_t* rowptr, const index_t* col, const scalar_t* w, c
         for (int64_t k = 0; k < VS; ++k) tail[k] = scalar_t(0);
         for (int64_t e = e0; e < e1; ++e) {
           const scalar_t* xr = x + checked(col[e], num_src, "revgnn_ext.spmm", "col") * ldx + cb;
+          if (e + kPrefetch < e1) prefetch_row(x + static_cast<int64_t>(col[e + kPrefetch]) * ldx + cb, width);
           const Vec we(w ? w[e] : scalar_t(1));
           if (nv == NV) {
             for (int64_t k = 0; k < NV; ++k) acc[k] = at::vec::fmadd(we, Vec::loadu(xr + k * VS), acc[k]);
