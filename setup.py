@@ -17,6 +17,24 @@ import sys
 
 from setuptools import setup
 
+
+
+def _locate_cuda_home():
+    """torch takes CUDA_HOME from `which nvcc`; a wrapper script on the PATH (e.g. /usr/local/bin/nvcc)
+    then points it at a directory with no CUDA libraries. Pick a real toolkit instead."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []) + ["/usr/local/cuda"]
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and \
+                os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+_locate_cuda_home()
+
 try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension

@@ -178,10 +178,23 @@ def spmm(graph: CSRGraph, x: Tensor, edge_weight: Optional[Tensor] = None, reduc
     return _ops.spmm(graph.rowptr, graph.col, *transposed, weight, x, reduce)[0]
 
 
+def _shares_elements(a: Tensor, b: Tensor) -> bool:
+    """Whether two 2-D tensors may share elements. Column slices of one row-major buffer with
+    disjoint column ranges do not; any other storage sharing is reported as overlap."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    if a.dtype != b.dtype or a.stride(0) != b.stride(0) or a.stride(-1) != 1 or b.stride(-1) != 1:
+        return True
+    s = a.stride(0)
+    ca, cb = a.storage_offset() % s, b.storage_offset() % s
+    return not (ca + a.size(1) <= cb or cb + b.size(1) <= ca) or ca + a.size(1) > s or cb + b.size(1) > s
+
+
 def spmm_accumulate_(out: Tensor, graph: CSRGraph, x: Tensor, edge_weight: Optional[Tensor] = None,
                      reduce: str = "sum", alpha: float = 1.0) -> Tensor:
     """out += alpha * spmm(graph, x, edge_weight, reduce), written into ``out`` (which may be a
     column slice of a wider buffer) without allocating an [N, D] temporary. Returns ``out``.
+    ``out`` may be another column slice of ``x``'s buffer, but must not overlap ``x``.
 
     The fused in-place op has no autograd (PyTorch registers autograd for functional ops
     only); when gradients are being recorded for any input, this computes the same result as
@@ -193,6 +206,9 @@ def spmm_accumulate_(out: Tensor, graph: CSRGraph, x: Tensor, edge_weight: Optio
     if not isinstance(out, Tensor) or out.shape != (graph.num_dst, x.size(1)):
         shape = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"{where}: out must have shape [{graph.num_dst}, {x.size(1)}], got {shape}")
+    if _shares_elements(out, x):
+        raise ValueError(f"{where}: out shares elements with x; they may be column slices of one buffer, "
+                         "but the columns must not overlap")
     tracked = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (out, x, edge_weight))
     if tracked:

@@ -20,7 +20,8 @@
 //   (deterministic ties), and a NaN value is selected over numbers so that NaN propagates.
 //   arg is empty for sum/mean.
 // spmm_accumulate_(out, rowptr, col, weight?, x, reduce, alpha) -> ()
-//   out += alpha * spmm(...).out, in place; out may be a column slice of a wider buffer.
+//   out += alpha * spmm(...).out, in place; out may be a column slice of a wider buffer, but
+//   must not share elements with x or weight (other column slices of x's buffer are fine).
 // spmm_backward_x(graph, weight?, grad_out, arg, reduce) -> grad_x
 //   grad_x[j, c] = sum over transposed entries t of row j (edge e = perm_t[t] into i = col_t[t])
 //   of w_e * grad_out[i, c] * s(i, c, e), s = 1 (sum), 1/deg(i) (mean), [arg[i, c] == e]
@@ -33,7 +34,7 @@
 #include <cstdint>
 
 #ifndef __CUDACC_RTC__
-#include <ATen/core/Tensor.h>
+#include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <string>
 #endif

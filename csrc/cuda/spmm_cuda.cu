@@ -1,0 +1,482 @@
+// CUDA kernels of the spmm family (contract: csrc/ops/spmm.h).
+//
+// Thread mapping, shared by the three kernels: a group of G lanes (a power of two in [8, 32],
+// just enough to cover the channels in one pass) owns one row (a destination row, or a source
+// row for backward_x); rows are visited with a grid-stride loop. Lane l of a group handles
+// channels [c0 + l * VEC, c0 + (l + 1) * VEC) of each chunk of G * VEC channels. The group
+// fetches the row's edges G at a time, one per lane (coalesced), checks their indices, and
+// broadcasts them with __shfl_sync; kUnroll gathered rows are loaded before any is consumed,
+// to keep several loads in flight. VEC > 1 means 16-byte loads, chosen on the host when the
+// base pointer, the row stride and the width of the gathered matrices are 16-byte multiples.
+//
+// Determinism, no atomics: in forward and backward_x every output element is reduced by one
+// lane, sequentially in (transposed) CSR order, whatever the launch shape. In backward_weight
+// each lane sums its channels in order, then a fixed butterfly combines the group; G and VEC
+// depend only on the width, the dtype and the alignment of x and grad_out, so the same inputs
+// give the same bits.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/macros/Macros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "ops/spmm.h"
+
+namespace revgnn_ext {
+namespace {
+
+constexpr int kBlock = 256;   // threads per block
+constexpr int kUnroll = 8;    // gathered rows loaded together, before any is consumed
+constexpr int kMinGroup = 8;  // fewest lanes per row
+static_assert(kMinGroup % kUnroll == 0, "a batch of edges must hold whole unrolled steps");
+static_assert(kBlock % 32 == 0, "blocks are made of whole warps");
+
+// VEC consecutive elements, loaded or stored with one instruction (16 bytes when VEC > 1).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ Pack<scalar_t, VEC> load_pack(const scalar_t* p) {
+  return *reinterpret_cast<const Pack<scalar_t, VEC>*>(p);
+}
+
+// 0 <= v < bound; a negative index fails as a huge unsigned one.
+template <typename index_t>
+__device__ __forceinline__ bool in_range(index_t v, int64_t bound) {
+  return static_cast<uint64_t>(static_cast<int64_t>(v)) < static_cast<uint64_t>(bound);
+}
+
+// The lanes that share a row. All lanes of a group follow the same control flow (row, edge
+// range, chunk loop), so the group's own mask is a valid mask for the *_sync intrinsics even
+// when the other groups of the warp have diverged.
+struct LaneGroup {
+  int size;       // lanes per group: a power of two in [kMinGroup, 32]
+  int lane;       // this thread's lane within the group
+  unsigned mask;  // the group's lanes within the warp
+  int64_t first;  // the first row of this group
+  int64_t stride;  // distance between the rows of one group (grid-stride loop)
+
+  __device__ explicit LaneGroup(int group_size) : size(group_size), lane(threadIdx.x & (group_size - 1)) {
+    const int warp_lane = threadIdx.x & 31;
+    mask = size == 32 ? 0xffffffffu : ((1u << size) - 1u) << (warp_lane & ~(size - 1));
+    const int64_t per_block = blockDim.x / size;
+    first = static_cast<int64_t>(blockIdx.x) * per_block + threadIdx.x / size;
+    stride = static_cast<int64_t>(gridDim.x) * per_block;
+  }
+
+  // The value held by lane `src` of the group.
+  template <typename T>
+  __device__ __forceinline__ T shfl(T v, int src) const {
+    return __shfl_sync(mask, v, src, size);
+  }
+
+  // The sum over the group by a butterfly: a fixed order, and every lane gets the same bits.
+  template <typename T>
+  __device__ __forceinline__ T sum(T v) const {
+    for (int offset = size / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(mask, v, offset, size);
+    return v;
+  }
+};
+
+__device__ __forceinline__ int batch_count(int64_t begin, int64_t end, int size) {
+  return static_cast<int>(end - begin < size ? end - begin : size);
+}
+
+// out[i, c] (= or += alpha *) R over CSR edges e of row i of w_e * x[col_e, c]; arg for max/min.
+template <typename scalar_t, typename index_t, Reduce R, int VEC>
+__global__ void __launch_bounds__(kBlock)
+    spmm_forward_kernel(const index_t* __restrict__ rowptr, const index_t* __restrict__ col,
+                        const scalar_t* __restrict__ weight, const scalar_t* __restrict__ x, int64_t ldx,
+                        int64_t num_src, scalar_t* __restrict__ out, int64_t ldo, index_t* __restrict__ arg,
+                        int64_t n, int64_t d, at::opmath_type<scalar_t> alpha, bool accumulate, int group_size) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const LaneGroup g(group_size);
+  const int64_t chunk = static_cast<int64_t>(g.size) * VEC;
+  for (int64_t i = g.first; i < n; i += g.stride) {
+    const int64_t e0 = rowptr[i], e1 = rowptr[i + 1];
+    for (int64_t c0 = 0; c0 < d; c0 += chunk) {
+      const int64_t c = c0 + static_cast<int64_t>(g.lane) * VEC;
+      const bool active = c < d;  // with VEC > 1, d % VEC == 0: the whole pack is in range
+      acc_t acc[VEC];
+      index_t sel[VEC];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        acc[v] = acc_t(0);
+        sel[v] = index_t(-1);
+      }
+      bool has_best = false;  // max/min: whether an edge has been seen (see `replaces`)
+      for (int64_t base = e0; base < e1; base += g.size) {
+        // Lane l fetches edge base + l; src = -1 marks an edge past the row or out of range.
+        const int64_t e = base + g.lane;
+        index_t src = -1;
+        acc_t w = acc_t(1);
+        if (e < e1) {
+          const index_t j = col[e];
+          const bool ok = in_range(j, num_src);
+          CUDA_KERNEL_ASSERT(ok && "revgnn_ext.spmm: col index out of range");
+          if (ok) {
+            src = j;
+            if (weight != nullptr) w = static_cast<acc_t>(weight[e]);
+          }
+        }
+        const int count = batch_count(base, e1, g.size);
+        for (int k = 0; k < count; k += kUnroll) {
+          index_t js[kUnroll];
+          acc_t ws[kUnroll];
+          Pack<scalar_t, VEC> xs[kUnroll];
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            js[u] = g.shfl(src, k + u);
+            ws[u] = weight != nullptr ? g.shfl(w, k + u) : acc_t(1);
+          }
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            if (active && js[u] >= 0) xs[u] = load_pack<VEC>(x + static_cast<int64_t>(js[u]) * ldx + c);
+          }
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            if (!active || js[u] < 0) continue;
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) {
+              const acc_t val = ws[u] * static_cast<acc_t>(xs[u].v[v]);
+              if constexpr (selects_edge<R>()) {
+                if (replaces<R>(val, acc[v], has_best)) {
+                  acc[v] = val;
+                  sel[v] = static_cast<index_t>(base + k + u);
+                }
+              } else {
+                acc[v] += val;
+              }
+            }
+            has_best = true;
+          }
+        }
+      }
+      if (active) {
+        scalar_t* o = out + i * ldo + c;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          const acc_t r = finalize<R>(acc[v], e1 - e0);
+          o[v] = accumulate ? static_cast<scalar_t>(static_cast<acc_t>(o[v]) + alpha * r) : static_cast<scalar_t>(r);
+        }
+        if constexpr (selects_edge<R>()) {
+          if (arg != nullptr) {
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) arg[i * d + c + v] = sel[v];
+          }
+        }
+      }
+    }
+  }
+}
+
+// grad_x[j, c] = sum over transposed entries t of row j (edge e = perm_t[t] into i = col_t[t])
+// of the edge's share of grad_out[i, c].
+template <typename scalar_t, typename index_t, Reduce R, int VEC>
+__global__ void __launch_bounds__(kBlock)
+    spmm_backward_x_kernel(const index_t* __restrict__ rowptr, const index_t* __restrict__ rowptr_t,
+                           const index_t* __restrict__ col_t, const index_t* __restrict__ perm_t,
+                           const scalar_t* __restrict__ weight, const scalar_t* __restrict__ grad_out, int64_t ldg,
+                           const index_t* __restrict__ arg, int64_t n_dst, int64_t num_edges,
+                           scalar_t* __restrict__ grad_x, int64_t n_src, int64_t d, int group_size) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const LaneGroup g(group_size);
+  const int64_t chunk = static_cast<int64_t>(g.size) * VEC;
+  for (int64_t j = g.first; j < n_src; j += g.stride) {
+    const int64_t t0 = rowptr_t[j], t1 = rowptr_t[j + 1];
+    for (int64_t c0 = 0; c0 < d; c0 += chunk) {
+      const int64_t c = c0 + static_cast<int64_t>(g.lane) * VEC;
+      const bool active = c < d;
+      acc_t acc[VEC];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[v] = acc_t(0);
+      for (int64_t base = t0; base < t1; base += g.size) {
+        // Lane l fetches entry base + l: its destination (-1: past the row or out of range),
+        // its CSR edge (max/min compare it with arg) and its scale (w, or w / deg for mean).
+        const int64_t t = base + g.lane;
+        index_t dst = -1, edge = -1;
+        acc_t s = acc_t(0);
+        if (t < t1) {
+          const index_t i = col_t[t], e = perm_t[t];
+          const bool ok_i = in_range(i, n_dst), ok_e = in_range(e, num_edges);
+          CUDA_KERNEL_ASSERT(ok_i && "revgnn_ext.spmm_backward_x: col_t index out of range");
+          CUDA_KERNEL_ASSERT(ok_e && "revgnn_ext.spmm_backward_x: perm_t index out of range");
+          if (ok_i && ok_e) {
+            dst = i;
+            edge = e;
+            const acc_t w = weight != nullptr ? static_cast<acc_t>(weight[e]) : acc_t(1);
+            if constexpr (selects_edge<R>()) {
+              s = w;
+            } else {
+              const int64_t deg = R == Reduce::Mean ? static_cast<int64_t>(rowptr[i + 1]) - rowptr[i] : 1;
+              s = grad_scale<R>(w, deg);
+            }
+          }
+        }
+        const int count = batch_count(base, t1, g.size);
+        for (int k = 0; k < count; k += kUnroll) {
+          index_t is[kUnroll], es[kUnroll];
+          acc_t ss[kUnroll];
+          Pack<scalar_t, VEC> gs[kUnroll];
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            is[u] = g.shfl(dst, k + u);
+            ss[u] = g.shfl(s, k + u);
+            if constexpr (selects_edge<R>()) es[u] = g.shfl(edge, k + u);
+          }
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            if (active && is[u] >= 0) gs[u] = load_pack<VEC>(grad_out + static_cast<int64_t>(is[u]) * ldg + c);
+          }
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            if (!active || is[u] < 0) continue;
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) {
+              const acc_t gv = static_cast<acc_t>(gs[u].v[v]);
+              if constexpr (selects_edge<R>()) {
+                acc[v] += arg[static_cast<int64_t>(is[u]) * d + c + v] == es[u] ? ss[u] * gv : acc_t(0);
+              } else {
+                acc[v] += ss[u] * gv;
+              }
+            }
+          }
+        }
+      }
+      if (active) {
+        Pack<scalar_t, VEC> res;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) res.v[v] = static_cast<scalar_t>(acc[v]);
+        *reinterpret_cast<Pack<scalar_t, VEC>*>(grad_x + j * d + c) = res;
+      }
+    }
+  }
+}
+
+// grad_weight[e] = sum_c x[col_e, c] * grad_out[i, c] * s for each CSR edge e of row i; the
+// group reduces kUnroll edges at a time, each lane summing its channels, then a butterfly.
+template <typename scalar_t, typename index_t, Reduce R, int VEC>
+__global__ void __launch_bounds__(kBlock)
+    spmm_backward_weight_kernel(const index_t* __restrict__ rowptr, const index_t* __restrict__ col,
+                                const scalar_t* __restrict__ x, int64_t ldx, int64_t num_src,
+                                const scalar_t* __restrict__ grad_out, int64_t ldg, const index_t* __restrict__ arg,
+                                int64_t n, int64_t d, scalar_t* __restrict__ grad_weight, int group_size) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const LaneGroup g(group_size);
+  const int64_t chunk = static_cast<int64_t>(g.size) * VEC;
+  for (int64_t i = g.first; i < n; i += g.stride) {
+    const int64_t e0 = rowptr[i], e1 = rowptr[i + 1];
+    const scalar_t* grad_row = grad_out + i * ldg;
+    for (int64_t base = e0; base < e1; base += g.size) {
+      const int64_t e = base + g.lane;
+      index_t src = -1;
+      if (e < e1) {
+        const index_t j = col[e];
+        const bool ok = in_range(j, num_src);
+        CUDA_KERNEL_ASSERT(ok && "revgnn_ext.spmm_backward_weight: col index out of range");
+        if (ok) src = j;
+      }
+      const int count = batch_count(base, e1, g.size);
+      for (int k = 0; k < count; k += kUnroll) {
+        index_t js[kUnroll];
+        acc_t dot[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          js[u] = g.shfl(src, k + u);
+          dot[u] = acc_t(0);
+        }
+        for (int64_t c0 = 0; c0 < d; c0 += chunk) {
+          const int64_t c = c0 + static_cast<int64_t>(g.lane) * VEC;
+          if (c >= d) continue;  // no shuffles in this loop: lanes may leave it early
+          const Pack<scalar_t, VEC> gp = load_pack<VEC>(grad_row + c);
+          index_t sel[VEC];
+          if constexpr (selects_edge<R>()) {
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) sel[v] = arg[i * d + c + v];
+          }
+          Pack<scalar_t, VEC> xs[kUnroll];
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            if (js[u] >= 0) xs[u] = load_pack<VEC>(x + static_cast<int64_t>(js[u]) * ldx + c);
+          }
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            if (js[u] < 0) continue;
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) {
+              const acc_t prod = static_cast<acc_t>(xs[u].v[v]) * static_cast<acc_t>(gp.v[v]);
+              if constexpr (selects_edge<R>()) {
+                dot[u] += static_cast<int64_t>(sel[v]) == base + k + u ? prod : acc_t(0);
+              } else {
+                dot[u] += prod;
+              }
+            }
+          }
+        }
+        // Every lane ends with the same sums; lane u writes edge base + k + u (an edge whose
+        // col was out of range gets 0).
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const acc_t total = g.sum(dot[u]);
+          if (g.lane == u && k + u < count) {
+            grad_weight[base + k + u] =
+                static_cast<scalar_t>(selects_edge<R>() ? total : grad_scale<R>(total, e1 - e0));
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---- host side ----
+
+// Lanes per row: enough to cover ceil(d / vec) packs in one pass, a power of two in [kMinGroup, 32].
+int lanes_per_row(int64_t d, int vec) {
+  const int64_t packs = (d + vec - 1) / vec;
+  int lanes = kMinGroup;
+  while (lanes < 32 && lanes < packs) lanes *= 2;
+  return lanes;
+}
+
+// One group per row while the grid allows it (the hardware balances rows of uneven degree
+// across blocks); the kernels' grid-stride loops cover the rest.
+unsigned int num_blocks(int64_t rows, int lanes) {
+  const int64_t per_block = kBlock / lanes;
+  const int64_t blocks = (rows + per_block - 1) / per_block;
+  return static_cast<unsigned int>(std::min<int64_t>(blocks, std::numeric_limits<int32_t>::max()));
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Whether every row of the 2-D matrix t (channels contiguous) can be read in 16-byte packs.
+bool packs_ok(const at::Tensor& t) {
+  const int64_t bytes = t.element_size();
+  return aligned16(t.data_ptr()) && (t.size(1) * bytes) % 16 == 0 &&
+         (t.size(0) <= 1 || (t.stride(0) * bytes) % 16 == 0);
+}
+
+// Calls f(std::integral_constant<int, VEC>) with VEC = 16 / sizeof(scalar_t) when packs_ok,
+// else 1.
+template <typename scalar_t, typename F>
+void with_vec(bool packs, const F& f) {
+  if (packs) {
+    f(std::integral_constant<int, static_cast<int>(16 / sizeof(scalar_t))>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+struct CudaSpmm {
+  static void check_dtype(at::ScalarType dtype, const char* op) {
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
+                ": CUDA kernels support float32, float64, float16 and bfloat16, got ", dtype);
+  }
+
+  static void forward(const at::Tensor& rowptr, const at::Tensor& col, const c10::optional<at::Tensor>& weight,
+                      const at::Tensor& x, Reduce reduce, const at::Tensor& out, const at::Tensor& arg,
+                      double alpha, bool accumulate) {
+    const at::cuda::OptionalCUDAGuard guard(x.device());
+    const int64_t n = rowptr.numel() - 1, d = x.size(1);
+    if (n <= 0 || d == 0) return;
+    const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
+    const bool packs = packs_ok(x);
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    constexpr const char* op = "revgnn_ext.spmm";
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      REVGNN_DISPATCH_INDEX(rowptr.scalar_type(), op, [&] {
+        REVGNN_DISPATCH_REDUCE(reduce, [&] {
+          with_vec<scalar_t>(packs, [&](auto vec) {
+            constexpr int VEC = decltype(vec)::value;
+            const int lanes = lanes_per_row(d, VEC);
+            spmm_forward_kernel<scalar_t, index_t, REDUCE, VEC><<<num_blocks(n, lanes), kBlock, 0, stream>>>(
+                rowptr.data_ptr<index_t>(), col.data_ptr<index_t>(), ptr_or_null<scalar_t>(w), x.data_ptr<scalar_t>(),
+                x.stride(0), x.size(0), out.data_ptr<scalar_t>(), out.stride(0),
+                selects_edge<REDUCE>() && arg.defined() ? arg.data_ptr<index_t>() : nullptr, n, d,
+                static_cast<acc_t>(alpha), accumulate, lanes);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        });
+      });
+    });
+  }
+
+  static void backward_x(const at::Tensor& rowptr, const at::Tensor& rowptr_t, const at::Tensor& col_t,
+                         const at::Tensor& perm_t, const c10::optional<at::Tensor>& weight,
+                         const at::Tensor& grad_out, const at::Tensor& arg, Reduce reduce, const at::Tensor& grad_x) {
+    const at::cuda::OptionalCUDAGuard guard(grad_out.device());
+    const int64_t n_src = rowptr_t.numel() - 1, d = grad_out.size(1);
+    if (n_src <= 0 || d == 0) return;
+    const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
+    const bool packs = packs_ok(grad_out) && aligned16(grad_x.data_ptr());
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    constexpr const char* op = "revgnn_ext.spmm_backward_x";
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), op, [&] {
+      REVGNN_DISPATCH_INDEX(rowptr_t.scalar_type(), op, [&] {
+        REVGNN_DISPATCH_REDUCE(reduce, [&] {
+          with_vec<scalar_t>(packs, [&](auto vec) {
+            constexpr int VEC = decltype(vec)::value;
+            const int lanes = lanes_per_row(d, VEC);
+            spmm_backward_x_kernel<scalar_t, index_t, REDUCE, VEC><<<num_blocks(n_src, lanes), kBlock, 0, stream>>>(
+                rowptr.data_ptr<index_t>(), rowptr_t.data_ptr<index_t>(), col_t.data_ptr<index_t>(),
+                perm_t.data_ptr<index_t>(), ptr_or_null<scalar_t>(w), grad_out.data_ptr<scalar_t>(),
+                grad_out.stride(0), selects_edge<REDUCE>() ? arg.data_ptr<index_t>() : nullptr, grad_out.size(0),
+                col_t.numel(), grad_x.data_ptr<scalar_t>(), n_src, d, lanes);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        });
+      });
+    });
+  }
+
+  static void backward_weight(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& x,
+                              const at::Tensor& grad_out, const at::Tensor& arg, Reduce reduce,
+                              const at::Tensor& grad_weight) {
+    const at::cuda::OptionalCUDAGuard guard(x.device());
+    const int64_t n = rowptr.numel() - 1, d = x.size(1);
+    if (grad_weight.numel() == 0 || n <= 0) return;
+    if (d == 0) {  // every dot product is empty
+      grad_weight.zero_();
+      return;
+    }
+    const bool packs = packs_ok(x) && packs_ok(grad_out);
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    constexpr const char* op = "revgnn_ext.spmm_backward_weight";
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+      REVGNN_DISPATCH_INDEX(rowptr.scalar_type(), op, [&] {
+        REVGNN_DISPATCH_REDUCE(reduce, [&] {
+          with_vec<scalar_t>(packs, [&](auto vec) {
+            constexpr int VEC = decltype(vec)::value;
+            const int lanes = lanes_per_row(d, VEC);
+            spmm_backward_weight_kernel<scalar_t, index_t, REDUCE, VEC><<<num_blocks(n, lanes), kBlock, 0, stream>>>(
+                rowptr.data_ptr<index_t>(), col.data_ptr<index_t>(), x.data_ptr<scalar_t>(), x.stride(0), x.size(0),
+                grad_out.data_ptr<scalar_t>(), grad_out.stride(0),
+                selects_edge<REDUCE>() ? arg.data_ptr<index_t>() : nullptr, n, d, grad_weight.data_ptr<scalar_t>(),
+                lanes);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        });
+      });
+    });
+  }
+};
+
+}  // namespace
+}  // namespace revgnn_ext
+
+REVGNN_REGISTER_SPMM(CUDA, ::revgnn_ext::CudaSpmm)
