@@ -19,6 +19,13 @@ TORCH_LIBRARY(revgnn_ext, m) {
         "Tensor? weight, Tensor grad_out, Tensor arg, str reduce) -> Tensor");
   m.def("spmm_backward_weight(Tensor rowptr, Tensor col, Tensor? rowptr_t, Tensor? col_t, Tensor? perm_t, "
         "Tensor x, Tensor grad_out, Tensor arg, str reduce) -> Tensor");
+  // GENConv message construction + aggregation, fused (no [E, D] tensor): csrc/ops/gen_aggregate.h.
+  m.def("gen_aggregate(Tensor rowptr, Tensor col, Tensor? rowptr_t, Tensor? col_t, Tensor? perm_t, Tensor x, "
+        "Tensor? edge_attr, Tensor? edge_weight, Tensor? edge_bias, Tensor? t, Tensor? p, str aggr, float eps) "
+        "-> (Tensor, Tensor)");
+  m.def("gen_aggregate_backward(Tensor rowptr, Tensor col, Tensor rowptr_t, Tensor col_t, Tensor perm_t, Tensor x, "
+        "Tensor? edge_attr, Tensor? edge_weight, Tensor? edge_bias, Tensor? t, Tensor? p, Tensor out, Tensor state, "
+        "Tensor grad_out, str aggr, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

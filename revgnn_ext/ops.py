@@ -13,7 +13,7 @@ from torch import Tensor
 from . import _C  # noqa: F401  (registers the ops)
 from .graph import CSRGraph
 
-__all__ = ["spmm", "spmm_accumulate_"]
+__all__ = ["spmm", "spmm_accumulate_", "gen_aggregate"]
 
 REDUCES = ("sum", "mean", "max", "min")
 _ops = torch.ops.revgnn_ext
@@ -45,6 +45,31 @@ def _spmm_backward_x_fake(rowptr, col, rowptr_t, col_t, perm_t, weight, grad_out
 @torch.library.register_fake("revgnn_ext::spmm_backward_weight")
 def _spmm_backward_weight_fake(rowptr, col, rowptr_t, col_t, perm_t, x, grad_out, arg, reduce):
     return x.new_empty((col.shape[0],))
+
+
+@torch.library.register_fake("revgnn_ext::gen_aggregate")
+def _gen_aggregate_fake(rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias, t, p, aggr, eps):
+    n = rowptr.shape[0] - 1
+    out = x.new_empty((n, x.shape[1]))
+    if aggr == "max":
+        state = rowptr.new_empty((n, x.shape[1]))
+    elif aggr in ("softmax", "powermean"):
+        low = x.dtype in (torch.float16, torch.bfloat16)
+        state = x.new_empty((n, x.shape[1]), dtype=torch.float32 if low else x.dtype)
+    else:
+        state = x.new_empty((0,))
+    return out, state
+
+
+@torch.library.register_fake("revgnn_ext::gen_aggregate_backward")
+def _gen_aggregate_backward_fake(rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias, t, p,
+                                 out, state, grad_out, aggr, eps):
+    def like(v):
+        return x.new_empty((0,)) if v is None else torch.empty_like(v, memory_format=torch.contiguous_format)
+    used_t = t if aggr == "softmax" else None
+    used_p = p if aggr == "powermean" else None
+    return (x.new_empty((rowptr_t.shape[0] - 1, x.shape[1])), like(edge_attr), like(edge_weight), like(edge_bias),
+            like(used_t), like(used_p))
 
 
 # ---------------------------------------------------------------------------- autograd
@@ -127,7 +152,38 @@ def _backward_weight_backward(ctx, k):
     return None, None, None, None, None, d_x, d_grad_out, None, None
 
 
+def _gen_setup(ctx, inputs, output):
+    (rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias, t, p, aggr, eps) = inputs
+    ctx.aggr, ctx.eps = aggr, eps
+    ctx.has_transpose = rowptr_t is not None
+    ctx.save_for_backward(rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias, t, p,
+                          *output)
+
+
+def _gen_backward(ctx, grad_out, _grad_state):
+    rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias, t, p, out, state = ctx.saved_tensors
+    if not ctx.has_transpose:
+        raise RuntimeError("revgnn_ext.gen_aggregate: the backward needs the transposed CSR (rowptr_t, col_t, "
+                           "perm_t); revgnn_ext.ops.gen_aggregate passes it when gradients are recorded")
+    grads = _ops.gen_aggregate_backward(rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias,
+                                        t, p, out, state, grad_out, ctx.aggr, ctx.eps)
+    wanted = ctx.needs_input_grad[5:11]
+    return (None,) * 5 + tuple(g if need else None for g, need in zip(grads, wanted)) + (None, None)
+
+
+def _gen_backward_setup(ctx, inputs, output):
+    pass
+
+
+def _gen_double_backward(ctx, *grads):
+    raise NotImplementedError("revgnn_ext.gen_aggregate: gradients of gradients (double backward) are not "
+                              "supported; use revgnn_ext.reference.gen_aggregate for them")
+
+
 torch.library.register_autograd("revgnn_ext::spmm", _spmm_backward, setup_context=_spmm_setup)
+torch.library.register_autograd("revgnn_ext::gen_aggregate", _gen_backward, setup_context=_gen_setup)
+torch.library.register_autograd("revgnn_ext::gen_aggregate_backward", _gen_double_backward,
+                                setup_context=_gen_backward_setup)
 torch.library.register_autograd("revgnn_ext::spmm_backward_x", _backward_x_backward,
                                 setup_context=_backward_x_setup)
 torch.library.register_autograd("revgnn_ext::spmm_backward_weight", _backward_weight_backward,
@@ -178,18 +234,6 @@ def spmm(graph: CSRGraph, x: Tensor, edge_weight: Optional[Tensor] = None, reduc
     return _ops.spmm(graph.rowptr, graph.col, *transposed, weight, x, reduce)[0]
 
 
-def _shares_elements(a: Tensor, b: Tensor) -> bool:
-    """Whether two 2-D tensors may share elements. Column slices of one row-major buffer with
-    disjoint column ranges do not; any other storage sharing is reported as overlap."""
-    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
-    if a.dtype != b.dtype or a.stride(0) != b.stride(0) or a.stride(-1) != 1 or b.stride(-1) != 1:
-        return True
-    s = a.stride(0)
-    ca, cb = a.storage_offset() % s, b.storage_offset() % s
-    return not (ca + a.size(1) <= cb or cb + b.size(1) <= ca) or ca + a.size(1) > s or cb + b.size(1) > s
-
-
 def spmm_accumulate_(out: Tensor, graph: CSRGraph, x: Tensor, edge_weight: Optional[Tensor] = None,
                      reduce: str = "sum", alpha: float = 1.0) -> Tensor:
     """out += alpha * spmm(graph, x, edge_weight, reduce), written into ``out`` (which may be a
@@ -206,12 +250,73 @@ def spmm_accumulate_(out: Tensor, graph: CSRGraph, x: Tensor, edge_weight: Optio
     if not isinstance(out, Tensor) or out.shape != (graph.num_dst, x.size(1)):
         shape = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"{where}: out must have shape [{graph.num_dst}, {x.size(1)}], got {shape}")
-    if _shares_elements(out, x):
-        raise ValueError(f"{where}: out shares elements with x; they may be column slices of one buffer, "
-                         "but the columns must not overlap")
     tracked = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (out, x, edge_weight))
     if tracked:
         return out.add_(spmm(graph, x, edge_weight, reduce), alpha=alpha)
     _ops.spmm_accumulate_(out, graph.rowptr, graph.col, weight, x, reduce, float(alpha))
     return out
+
+
+GEN_AGGRS = ("softmax", "max", "mean", "sum", "powermean")
+
+
+def _per_channel(where: str, name: str, value, x: Tensor) -> Tensor:
+    """A float, or a tensor of 1 or D values, as a tensor of x's dtype and device."""
+    if not isinstance(value, Tensor):
+        return torch.tensor([float(value)], dtype=x.dtype, device=x.device)
+    if value.numel() not in (1, x.size(1)) or value.dim() > 1:
+        raise ValueError(f"{where}: {name} must hold 1 or {x.size(1)} (channels) values, got shape {list(value.shape)}")
+    if value.device != x.device:
+        raise ValueError(f"{where}: {name} is on {value.device} but x is on {x.device}")
+    return value.to(x.dtype)
+
+
+def gen_aggregate(graph: CSRGraph, x: Tensor, edge_attr: Optional[Tensor] = None,
+                  edge_weight: Optional[Tensor] = None, edge_bias: Optional[Tensor] = None,
+                  aggr: str = "softmax", t=1.0, p=1.0, eps: float = 1e-7) -> Tensor:
+    """GENConv's aggregation, fused: for each in-edge j -> i the message
+    m = relu(x[j] + e_ji) + eps, then AGG over j of m, without any [num_edges, D] tensor.
+
+    e_ji = edge_attr @ edge_weight.T + edge_bias is computed inside the kernel from the raw edge
+    features (``edge_attr`` [num_edges, F] in the caller's edge order, ``edge_weight`` [D, F] as
+    an ``nn.Linear(F, D)`` weight); without ``edge_weight``, ``edge_attr`` [num_edges, D] is the
+    embedding itself; without ``edge_attr``, e = 0. ``aggr``: softmax (inverse temperature ``t``:
+    a float or a tensor of 1 or D values, learnable), max, mean, sum, powermean (power ``p``,
+    likewise), as PyG's aggregations compute them. Differentiable in x, edge_attr, edge_weight,
+    edge_bias, t and p (first order); deterministic.
+    """
+    where = "revgnn_ext.ops.gen_aggregate"
+    if aggr not in GEN_AGGRS:
+        raise ValueError(f"{where}: aggr must be one of {GEN_AGGRS}, got {aggr!r}")
+    _check_call(where, graph, x, "sum")
+    if edge_attr is not None:
+        if not isinstance(edge_attr, Tensor) or edge_attr.dim() != 2:
+            shape = list(edge_attr.shape) if isinstance(edge_attr, Tensor) else type(edge_attr).__name__
+            raise ValueError(f"{where}: edge_attr must be a 2-D tensor [num_edges, F], got {shape}")
+        if edge_attr.dtype != x.dtype:
+            raise TypeError(f"{where}: edge_attr dtype {edge_attr.dtype} differs from x dtype {x.dtype}")
+        edge_attr = graph.edges_to_csr(edge_attr, f"{where}: edge_attr")
+        width = x.size(1) if edge_weight is None else edge_weight.size(-1)
+        if edge_attr.size(1) != width:
+            raise ValueError(f"{where}: edge_attr has {edge_attr.size(1)} features but "
+                             + (f"edge_weight expects {width}" if edge_weight is not None else
+                                f"without edge_weight it must have x's {x.size(1)} channels"))
+    for name, v, shape in (("edge_weight", edge_weight, None), ("edge_bias", edge_bias, (x.size(1),))):
+        if v is None:
+            continue
+        if edge_attr is None:
+            raise ValueError(f"{where}: {name} given without edge_attr")
+        if name == "edge_weight" and (v.dim() != 2 or v.size(0) != x.size(1)):
+            raise ValueError(f"{where}: edge_weight must have shape [{x.size(1)}, F], got {list(v.shape)}")
+        if shape is not None and tuple(v.shape) != shape:
+            raise ValueError(f"{where}: {name} must have shape {list(shape)}, got {list(v.shape)}")
+        if v.dtype != x.dtype:
+            raise TypeError(f"{where}: {name} dtype {v.dtype} differs from x dtype {x.dtype}")
+    t = _per_channel(where, "t", t, x) if aggr == "softmax" else None
+    p = _per_channel(where, "p", p, x) if aggr == "powermean" else None
+    grads = torch.is_grad_enabled() and any(
+        v is not None and v.requires_grad for v in (x, edge_attr, edge_weight, edge_bias, t, p))
+    transposed = graph.transposed() if grads else (None, None, None)
+    return _ops.gen_aggregate(graph.rowptr, graph.col, *transposed, x, edge_attr, edge_weight, edge_bias, t, p,
+                              aggr, float(eps))[0]

@@ -199,6 +199,20 @@ std::tuple<at::Tensor, at::Tensor> spmm_op(const at::Tensor& rowptr, const at::T
   return {out, arg};
 }
 
+// Whether two 2-D tensors with contiguous channels may share elements. Column slices of one
+// row-major buffer with disjoint column ranges do not; any other sharing of storage counts.
+inline bool shares_elements(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.has_storage() || !b.has_storage() ||
+      a.storage().data() != b.storage().data())
+    return false;
+  if (a.dtype() != b.dtype() || a.stride(0) != b.stride(0)) return true;
+  const int64_t s = a.stride(0);
+  if (s <= 0) return true;
+  const int64_t ca = a.storage_offset() % s, cb = b.storage_offset() % s;
+  const bool disjoint = ca + a.size(1) <= cb || cb + b.size(1) <= ca;
+  return !disjoint || ca + a.size(1) > s || cb + b.size(1) > s;
+}
+
 template <typename K>
 void spmm_accumulate_op(const at::Tensor& out, const at::Tensor& rowptr, const at::Tensor& col,
                         const c10::optional<at::Tensor>& weight, const at::Tensor& x_in,
@@ -217,6 +231,8 @@ void spmm_accumulate_op(const at::Tensor& out, const at::Tensor& rowptr, const a
   TORCH_CHECK((d <= 1 || out.stride(1) == 1) && (n <= 1 || out.stride(0) >= d), op,
               ": out must have contiguous channels and non-overlapping rows (a column slice is fine), "
               "got strides ", out.strides());
+  TORCH_CHECK(!shares_elements(out, x), op, ": out shares elements with x; they may be column slices of one "
+              "buffer, but their columns must not overlap");
   if (n > 0 && d > 0) K::forward(rowptr, col, weight, x, r, out, at::Tensor(), alpha, true);
 }
 
