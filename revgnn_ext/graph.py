@@ -14,7 +14,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-__all__ = ["CSRGraph"]
+__all__ = ["CSRGraph", "as_graph"]
 
 _INT32_MAX = 2**31 - 1
 
@@ -217,3 +217,33 @@ class CSRGraph:
     def __repr__(self) -> str:
         return (f"CSRGraph(num_src={self.num_src}, num_dst={self.num_dst}, num_edges={self.num_edges}, "
                 f"index_dtype={self.index_dtype}, device={self.device})")
+
+
+def as_graph(adj, num_nodes: Tuple[int, int]) -> CSRGraph:
+    """The CSRGraph of any adjacency a PyG layer accepts (a CSRGraph, an edge_index [2, E] or
+    PyG EdgeIndex, a ``torch.sparse`` or ``torch_sparse.SparseTensor`` adj_t), converted once:
+    the result is cached on the adjacency object itself, so that a deep model passing the same
+    edge_index to every layer pays for one conversion. The cache is dropped when the tensor is
+    modified in place (its version changes) or the node counts differ."""
+    num_src, num_dst = (int(v) for v in num_nodes)
+    if isinstance(adj, CSRGraph):
+        if (adj.num_src, adj.num_dst) != (num_src, num_dst):
+            raise ValueError(f"the graph has (num_src, num_dst) = ({adj.num_src}, {adj.num_dst}) but the node "
+                             f"features give ({num_src}, {num_dst})")
+        return adj
+    key = (getattr(adj, "_version", None), num_src, num_dst)
+    cached = getattr(adj, "_revgnn_ext_graph", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    if isinstance(adj, Tensor) and adj.layout == torch.strided:
+        graph = CSRGraph.from_edge_index(adj, (num_src, num_dst))
+    else:
+        graph = CSRGraph.from_sparse(adj)
+        if (graph.num_src, graph.num_dst) != (num_src, num_dst):
+            raise ValueError(f"the sparse adjacency has shape [num_dst, num_src] = [{graph.num_dst}, "
+                             f"{graph.num_src}] but the node features give ({num_src}, {num_dst})")
+    try:
+        adj._revgnn_ext_graph = (key, graph)
+    except (AttributeError, TypeError):  # objects that take no attributes: no caching
+        pass
+    return graph

@@ -12,7 +12,8 @@
 // Aggregation over the in-edges of row i, per channel c (deg = in-degree of i):
 //   sum:       sum_e m                 mean: sum_e m / deg            max: max_e m
 //   softmax:   sum_e a_e m_e, a_e = exp(t_c m_e - L), L = log sum_e exp(t_c m_e)   (PyG's
-//              SoftmaxAggregation), computed in one pass with an online max and rescaling.
+//              SoftmaxAggregation), computed in one pass with an online max and rescaling
+//              (softmax_push).
 //   powermean: PyG's PowerMeanAggregation with its clamps to [1e-4, 100]:
 //              r = sum_e clamp(m_e)^p_c / deg,  out = clamp(r)^(1 / p_c).
 // Rows with no in-edges give 0 — except powermean, which follows PyG: clamp(0)^(1/p).
@@ -54,37 +55,89 @@ enum class Aggr : int { Sum = 0, Mean = 1, Max = 2, Softmax = 3, PowerMean = 4 }
 constexpr double kPowerMin = 1e-4;
 constexpr double kPowerMax = 100.0;
 
-// relu(pre) + eps; NaN stays NaN.
+// The elementwise operations the formulas below are written in. This is the scalar version
+// (the CUDA kernels' and the reference for the CPU's): the CPU kernels specialize Math for
+// at::vec::Vectorized, so that one formula serves a GPU thread and a CPU SIMD register alike.
+// Comparisons give a Mask; select(mask, a, b) = mask ? a : b.
 template <typename T>
+struct Math {
+  using Mask = bool;
+  static C10_HOST_DEVICE T select(Mask c, T a, T b) { return c ? a : b; }
+  static C10_HOST_DEVICE Mask lt(T a, T b) { return a < b; }
+  static C10_HOST_DEVICE Mask gt(T a, T b) { return a > b; }
+  static C10_HOST_DEVICE Mask in_closed(T v, T lo, T hi) { return v >= lo && v <= hi; }
+  static C10_HOST_DEVICE T abs(T v) { return v < T(0) ? -v : v; }
+  static C10_HOST_DEVICE T exp(T v) { return std::exp(v); }
+  static C10_HOST_DEVICE T log(T v) { return std::log(v); }
+};
+
+// relu(pre) + eps; NaN stays NaN.
+template <typename T, typename M = Math<T>>
 C10_HOST_DEVICE inline T gen_message(T pre, T eps) {
-  return (pre < T(0) ? T(0) : pre) + eps;
+  return M::select(M::lt(pre, T(0)), T(0), pre) + eps;
+}
+
+// The gradient at pre = x + emb from the gradient at the message (ReLU's: 0 where pre <= 0).
+template <typename T, typename M = Math<T>>
+C10_HOST_DEVICE inline T relu_grad(T pre, T dm) {
+  return M::select(M::gt(pre, T(0)), dm, T(0));
 }
 
 // clamp to [1e-4, 100]; NaN stays NaN.
-template <typename T>
+template <typename T, typename M = Math<T>>
 C10_HOST_DEVICE inline T power_clamp(T v) {
-  return v < T(kPowerMin) ? T(kPowerMin) : (v > T(kPowerMax) ? T(kPowerMax) : v);
+  return M::select(M::lt(v, T(kPowerMin)), T(kPowerMin), M::select(M::gt(v, T(kPowerMax)), T(kPowerMax), v));
 }
 
-// torch.clamp's gradient mask (inclusive bounds).
-template <typename T>
-C10_HOST_DEVICE inline bool power_in_range(T v) {
-  return v >= T(kPowerMin) && v <= T(kPowerMax);
+// base^e for base > 0.
+template <typename T, typename M = Math<T>>
+C10_HOST_DEVICE inline T positive_pow(T base, T e) {
+  return M::exp(e * M::log(base));
 }
 
 // Online softmax of one (row, channel): after the row's first edge (max = v, sum = 1, acc = m),
 // each further edge with score v = t m arrives with d = exp(-|v - max|), the only exp needed:
-// a new maximum rescales what was summed by d, any other value adds with weight d.
-template <typename T>
-C10_HOST_DEVICE inline void softmax_push(T v, T m, T d, T& max, T& sum, T& acc) {
-  if (v > max) {
-    sum = sum * d + T(1);
-    acc = acc * d + m;
-    max = v;
-  } else {
-    sum += d;
-    acc += d * m;
-  }
+// a new maximum scales what was summed by d and enters with weight 1; any other value enters
+// with weight d. Branch-free.
+template <typename T, typename M = Math<T>>
+C10_HOST_DEVICE inline void softmax_push(T v, T m, T& max, T& sum, T& acc) {
+  const T d = M::exp(-M::abs(v - max));
+  const auto bigger = M::gt(v, max);
+  const T old_scale = M::select(bigger, d, T(1)), new_weight = M::select(bigger, T(1), d);
+  sum = sum * old_scale + new_weight;
+  acc = acc * old_scale + new_weight * m;
+  max = M::select(bigger, v, max);
+}
+
+// Softmax: with a = exp(t m - L) the edge's weight and g the output gradient, the gradient at m
+// (dm) and the edge's term of d/dt.
+template <typename T, typename M = Math<T>>
+C10_HOST_DEVICE inline void softmax_grad(T g, T m, T t, T out, T lse, T& dm, T& dt) {
+  const T ga = g * M::exp(t * m - lse), centered = m - out;
+  dm = ga * (T(1) + t * centered);
+  dt = ga * m * centered;
+}
+
+// Power mean: the gradient at m of out = clamp(r)^(1/p), r = mean_e clamp(m_e)^p, and the
+// edge's term q log(clamp m) of d/dp's row sum (q = clamp(m)^p).
+template <typename T, typename M = Math<T>>
+C10_HOST_DEVICE inline void power_grad(T g, T m, T p, T r, T deg, T& dm, T& qlog) {
+  const T mc = power_clamp<T, M>(m), rc = power_clamp<T, M>(r);
+  const T log_mc = M::log(mc);
+  const T q_over_m = M::exp((p - T(1)) * log_mc);  // clamp(m)^(p - 1)
+  qlog = q_over_m * mc * log_mc;
+  const T dr_dm = M::select(M::in_closed(m, T(kPowerMin), T(kPowerMax)), p * q_over_m / deg, T(0));
+  const T dout_dr = M::select(M::in_closed(r, T(kPowerMin), T(kPowerMax)),
+                              positive_pow<T, M>(rc, T(1) / p - T(1)) / p, T(0));
+  dm = g * dout_dr * dr_dm;
+}
+
+// Power mean: d out / d p for one (row, channel), from s = sum_e q_e log(clamp m_e).
+template <typename T, typename M = Math<T>>
+C10_HOST_DEVICE inline T power_grad_p(T g, T out, T p, T r, T s, T deg) {
+  const T rc = power_clamp<T, M>(r);
+  const T through_r = M::select(M::in_closed(r, T(kPowerMin), T(kPowerMax)), s / (deg * p * rc), T(0));
+  return g * out * (through_r - M::log(rc) / (p * p));
 }
 
 }  // namespace revgnn_ext

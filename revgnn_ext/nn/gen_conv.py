@@ -1,0 +1,77 @@
+"""GENConv (DeeperGCN) on the fused gen_aggregate op: no [num_edges, channels] tensor."""
+import warnings
+from typing import Optional, Tuple, Union
+
+import torch
+import torch_geometric.nn as pyg_nn
+from torch import Tensor
+from torch_geometric.nn import aggr as pyg_aggr
+
+from .. import ops
+from ..graph import as_graph
+
+_warned = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"revgnn_ext.nn.GENConv: {reason}; falling back to PyG's (unfused) computation",
+                      stacklevel=3)
+
+
+class GENConv(pyg_nn.GENConv):
+    """A drop-in for ``torch_geometric.nn.GENConv`` (same arguments, defaults, submodules,
+    parameters, ``state_dict`` and ``repr``) whose message construction and aggregation run
+    in revgnn_ext's fused ``gen_aggregate``: the edge embedding ``lin_edge(edge_attr)`` is
+    applied inside the kernel to the raw edge features, and softmax, max, mean, sum and
+    powermean aggregations keep O(num_nodes x channels) memory, forward and backward.
+
+    ``edge_index`` may be a ``revgnn_ext.CSRGraph``, an edge_index tensor or PyG ``EdgeIndex``,
+    a ``torch.sparse`` adjacency or a ``torch_sparse.SparseTensor`` (both as ``adj_t``: rows are
+    destinations); it is converted once and cached on the object. Configurations the kernel
+    does not cover (multi-aggregations, ``softmax_sg``, a custom aggregation module) fall back
+    to PyG's computation with a one-time warning.
+    """
+
+    def _fused_aggregation(self) -> Optional[Tuple[str, dict]]:
+        """(aggr, kwargs) for gen_aggregate, or None with a warning when it cannot run fused."""
+        module = self.aggr_module
+        if type(module) is pyg_aggr.SumAggregation:
+            return "sum", {}
+        if type(module) is pyg_aggr.MeanAggregation:
+            return "mean", {}
+        if type(module) is pyg_aggr.MaxAggregation:
+            return "max", {}
+        if type(module) is pyg_aggr.SoftmaxAggregation and not (module.semi_grad and not module.learn):
+            return "softmax", {"t": module.t}
+        if type(module) is pyg_aggr.PowerMeanAggregation and (module.min_value, module.max_value) == (1e-4, 100.0):
+            if not isinstance(module.p, Tensor) and module.p == 1:
+                return "mean", {}  # PyG skips the power and its clamps for a fixed p = 1
+            return "powermean", {"p": module.p}
+        _warn_once(f"aggregation {module!r} is not fused")
+        return None
+
+    def forward(self, x: Union[Tensor, Tuple[Tensor, Optional[Tensor]]], edge_index,
+                edge_attr: Optional[Tensor] = None, size: Optional[Tuple[int, int]] = None) -> Tensor:
+        fused = self._fused_aggregation()
+        if fused is None:
+            return super().forward(x, edge_index, edge_attr, size)
+        aggr, kwargs = fused
+        if isinstance(x, Tensor):
+            x = (x, x)
+        x_src, x_dst = x
+        if hasattr(self, "lin_src"):
+            x_src = self.lin_src(x_src)
+        num_dst = size[1] if size is not None else (x_dst.size(0) if x_dst is not None else x_src.size(0))
+        num_src = size[0] if size is not None else x_src.size(0)
+        graph = as_graph(edge_index, (num_src, num_dst))
+        weight = bias = None
+        if edge_attr is not None and hasattr(self, "lin_edge"):
+            weight, bias = self.lin_edge.weight, self.lin_edge.bias
+        out = ops.gen_aggregate(graph, x_src, edge_attr, weight, bias, aggr, eps=self.eps, **kwargs)
+        if hasattr(self, "msg_norm"):
+            out = self.msg_norm(x_dst if x_dst is not None else x_src, out)
+        if x_dst is not None:
+            out = out + (self.lin_dst(x_dst) if hasattr(self, "lin_dst") else x_dst)
+        return self.mlp(out)
