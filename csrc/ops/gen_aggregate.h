@@ -310,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   GenGrads grads;
   grads.x = at::empty({in.x.size(0), in.d}, in.x.options());
-  const auto none = at::empty({0}, in.x.options());
+  auto none = [&] { return at::empty({0}, in.x.options()); };  // a fresh one per output: no aliasing
   grads.edge_attr = in.edge_attr.defined() ? at::empty_like(in.edge_attr) : at::Tensor();
   grads.weight_t = in.weight_t.defined() ? at::empty_like(in.weight_t) : at::Tensor();
   grads.bias = in.bias.defined() ? at::empty_like(in.bias) : at::Tensor();
@@ -324,13 +324,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   // Back to the callers' shapes: the weight as [D, F], a shared t or p as one value.
   auto shared = [&](const at::Tensor& g, const c10::optional<at::Tensor>& v) {
-    if (!g.defined()) return none;
+    if (!g.defined()) return none();
     return v->numel() == 1 && v->dim() <= 1 ? g.sum().reshape(v->sizes()) : g.reshape(v->sizes());
   };
   return {grads.x,
-          grads.edge_attr.defined() ? grads.edge_attr : none,
-          grads.weight_t.defined() ? grads.weight_t.t().contiguous() : none,
-          grads.bias.defined() ? grads.bias : none,
+          grads.edge_attr.defined() ? grads.edge_attr : none(),
+          grads.weight_t.defined() ? grads.weight_t.t().contiguous() : none(),
+          grads.bias.defined() ? grads.bias : none(),
           shared(grads.t, t),
           shared(grads.p, p)};
 }

@@ -1,0 +1,254 @@
+"""gen_aggregate (fused GENConv aggregation) against revgnn_ext.reference: every aggregation,
+edge-feature mode, t/p form, graph shape, device and dtype; gradients of every input; opcheck;
+no [E, D] allocation; determinism; bad inputs."""
+import pytest
+import torch
+
+from revgnn_ext import CSRGraph, ops, reference
+
+from conftest import DEVICES, SHAPES, device_dtype_params, make_graph
+
+AGGRS = ["softmax", "max", "mean", "sum", "powermean"]
+EDGE_MODES = ["none", "encoded", "encoded_nobias", "direct"]
+
+
+def _graph(shape, device):
+    ei, n = make_graph(shape)
+    return CSRGraph.from_edge_index(ei, n).to(device)
+
+
+def _case(g, aggr, mode, width, dtype, device, per_channel=False, feat=5):
+    """Random inputs (float64 drawn, then cast) as keyword arguments of gen_aggregate."""
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, dtype=torch.float64, device=device) * scale).to(dtype)
+    kw = {"x": rnd(g.num_src, width)}
+    if mode != "none":
+        kw["edge_attr"] = rnd(g.num_edges, feat if mode != "direct" else width)
+    if mode.startswith("encoded"):
+        kw["edge_weight"] = rnd(width, feat, scale=0.5)
+        if mode == "encoded":
+            kw["edge_bias"] = rnd(width, scale=0.5)
+    n = width if per_channel else 1
+    if aggr == "softmax":
+        kw["t"] = (torch.rand(n, dtype=torch.float64, device=device) * 2 + 0.2).to(dtype)
+    if aggr == "powermean":
+        kw["p"] = (torch.rand(n, dtype=torch.float64, device=device) * 2 + 0.5).to(dtype)
+    return kw
+
+
+def _differentiable(kw):
+    return {k: v.detach().requires_grad_() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+
+
+@pytest.mark.parametrize("device, dtype", device_dtype_params())
+@pytest.mark.parametrize("aggr", AGGRS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("mode", EDGE_MODES)
+def test_forward(device, dtype, aggr, shape, mode):
+    g = _graph(shape, device)
+    kw = _case(g, aggr, mode, 37, dtype, device, per_channel=shape == "power_law")
+    out = ops.gen_aggregate(g, aggr=aggr, **kw)
+    exact = reference.gen_aggregate(g, aggr=aggr, **{k: v.double() for k, v in kw.items()})
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, exact, rtol=1e-10, atol=1e-10)
+        return
+    same_dtype = reference.gen_aggregate(g, aggr=aggr, **kw).double()
+    err = (out.double() - exact).abs().max().item() if out.numel() else 0.0
+    err_torch = (same_dtype - exact).abs().max().item() if out.numel() else 0.0
+    scale = 1 + (exact.abs().max().item() if exact.numel() else 0.0)
+    assert err <= 2 * err_torch + 8 * torch.finfo(dtype).eps * scale, (err, err_torch)
+
+
+@pytest.mark.parametrize("width", [1, 64, 257])
+@pytest.mark.parametrize("aggr", AGGRS)
+def test_widths_and_column_slice(width, aggr):
+    g = _graph("power_law", "cpu")
+    kw = _case(g, aggr, "encoded", width, torch.float64, "cpu", per_channel=True)
+    buf = torch.randn(g.num_src, width + 9, dtype=torch.float64)
+    kw["x"] = buf[:, 4:4 + width]
+    torch.testing.assert_close(ops.gen_aggregate(g, aggr=aggr, **kw), reference.gen_aggregate(g, aggr=aggr, **kw),
+                               rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("aggr", AGGRS)
+@pytest.mark.parametrize("shape", ["random", "isolated", "bipartite", "power_law", "self_loops"])
+@pytest.mark.parametrize("mode", EDGE_MODES)
+def test_backward_matches_reference(device, aggr, shape, mode):
+    g = _graph(shape, device)
+    kw = _differentiable(_case(g, aggr, mode, 19, torch.float64, device, per_channel=mode == "encoded"))
+    inputs = [v for v in kw.values() if isinstance(v, torch.Tensor)]
+    out = ops.gen_aggregate(g, aggr=aggr, **kw)
+    gout = torch.randn_like(out)
+    ours = torch.autograd.grad(out, inputs, gout, allow_unused=True)
+    ref = torch.autograd.grad(reference.gen_aggregate(g, aggr=aggr, **kw), inputs, gout, allow_unused=True)
+    for name, a, b in zip(kw, ours, ref):
+        b = torch.zeros_like(inputs[list(kw).index(name)]) if b is None else b
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("aggr", AGGRS)
+def test_gradcheck_float64(aggr):
+    g = _graph("random", "cpu")
+    kw = _differentiable(_case(g, aggr, "encoded", 3, torch.float64, "cpu", per_channel=True, feat=2))
+    names = list(kw)
+
+    def fn(*args):
+        return ops.gen_aggregate(g, aggr=aggr, **dict(zip(names, args)))
+    assert torch.autograd.gradcheck(fn, tuple(kw.values()))
+
+
+def test_shared_t_and_p_gradients_sum_over_channels():
+    g = _graph("random", "cpu")
+    for aggr, name in (("softmax", "t"), ("powermean", "p")):
+        kw = _differentiable(_case(g, aggr, "encoded", 6, torch.float64, "cpu"))
+        assert kw[name].shape == (1,)
+        out = ops.gen_aggregate(g, aggr=aggr, **kw)
+        gout = torch.randn_like(out)
+        (ours,) = torch.autograd.grad(out, kw[name], gout)
+        (ref,) = torch.autograd.grad(reference.gen_aggregate(g, aggr=aggr, **kw), kw[name], gout)
+        assert ours.shape == (1,)
+        torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-10)
+        # A python float works too and is not learnable.
+        out = ops.gen_aggregate(g, aggr=aggr, **{**kw, name: 0.8})
+        torch.testing.assert_close(out, reference.gen_aggregate(g, aggr=aggr, **{**kw, name: 0.8}))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("aggr", AGGRS)
+def test_opcheck(device, aggr):
+    g = _graph("power_law", device)
+    kw = _case(g, aggr, "encoded", 6, torch.float64, device, per_channel=True, feat=3)
+    args = (g.rowptr, g.col, *g.transposed(), kw["x"], g.edges_to_csr(kw["edge_attr"]), kw["edge_weight"],
+            kw["edge_bias"], kw.get("t"), kw.get("p"), aggr, 1e-7)
+    lib = torch.ops.revgnn_ext
+    torch.library.opcheck(lib.gen_aggregate.default, args, test_utils=(
+        "test_schema", "test_faketensor", "test_aot_dispatch_static", "test_aot_dispatch_dynamic"))
+    out, state = lib.gen_aggregate(*args)
+    bargs = args[:11] + (out, state, torch.randn_like(out), aggr, 1e-7)
+    torch.library.opcheck(lib.gen_aggregate_backward.default, bargs,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_double_backward_is_refused_clearly():
+    g = _graph("random", "cpu")
+    kw = _differentiable(_case(g, "softmax", "encoded", 4, torch.float64, "cpu"))
+    out = ops.gen_aggregate(g, aggr="softmax", **kw)
+    (gx,) = torch.autograd.grad(out.square().sum(), kw["x"], create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        gx.sum().backward()
+
+
+def _max_cpu_allocation(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0), default=0)
+
+
+@pytest.mark.parametrize("aggr", AGGRS)
+def test_no_edge_by_channel_allocation(aggr):
+    """Forward and backward allocate nothing close to [E, D]: the largest single allocation is
+    the [E, F] edge features (F = 8 << D = 128), never [E, D] (PyG allocates several)."""
+    ei = torch.randint(0, 300, (2, 30000))
+    g = CSRGraph.from_edge_index(ei, 300)
+    g.transposed()
+    kw = _differentiable(_case(g, aggr, "encoded", 128, torch.float32, "cpu", feat=8))
+
+    def step():
+        ops.gen_aggregate(g, aggr=aggr, **kw).sum().backward()
+    step()
+    edge_by_channel = g.num_edges * 128 * 4
+    assert _max_cpu_allocation(step) <= g.num_edges * 8 * 4 < edge_by_channel / 8
+    # The reference does allocate [E, D] tensors: the probe can see them.
+    assert _max_cpu_allocation(lambda: reference.gen_aggregate(g, aggr=aggr, **kw).sum().backward()) >= edge_by_channel
+
+
+@pytest.mark.parametrize("aggr", AGGRS)
+def test_deterministic_across_runs_and_threads(aggr):
+    g = _graph("power_law", "cpu")
+    kw = _case(g, aggr, "encoded", 64, torch.float32, "cpu", per_channel=True)
+    gout = torch.randn(g.num_dst, 64)
+    runs = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, old, 1, old):
+            torch.set_num_threads(threads)
+            dk = _differentiable(kw)
+            out = ops.gen_aggregate(g, aggr=aggr, **dk)
+            runs.append([out, *torch.autograd.grad(out, list(dk.values()), gout)])
+    finally:
+        torch.set_num_threads(old)
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("aggr", AGGRS)
+def test_non_finite_inputs_give_nan_not_a_crash(aggr):
+    g = _graph("random", "cpu")
+    kw = _case(g, aggr, "encoded", 8, torch.float32, "cpu")
+    kw["x"][2, 3] = float("nan")
+    out = ops.gen_aggregate(g, aggr=aggr, **kw)
+    ref = reference.gen_aggregate(g, aggr=aggr, **kw)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    dst = torch.repeat_interleave(torch.arange(g.num_dst), (g.rowptr[1:] - g.rowptr[:-1]).long())
+    hit = dst[g.col.long() == 2].unique()
+    assert hit.numel() > 0 and bool(torch.isnan(out[hit, 3]).all())
+
+
+def test_bad_inputs_raise_naming_the_argument():
+    g = _graph("random", "cpu")
+    kw = _case(g, "softmax", "encoded", 8, torch.float32, "cpu")
+    x, a, w, b = kw["x"], kw["edge_attr"], kw["edge_weight"], kw["edge_bias"]
+    with pytest.raises(ValueError, match="edge_attr must have one entry per edge"):
+        ops.gen_aggregate(g, x, a[:-1], w, b)
+    with pytest.raises(ValueError, match="edge_attr has 4 features but edge_weight expects 5"):
+        ops.gen_aggregate(g, x, a[:, :4], w, b)
+    with pytest.raises(ValueError, match="without edge_weight it must have x's 8 channels"):
+        ops.gen_aggregate(g, x, a)
+    with pytest.raises(TypeError, match="edge_attr dtype"):
+        ops.gen_aggregate(g, x, a.double(), w, b)
+    with pytest.raises(TypeError, match="edge_weight dtype"):
+        ops.gen_aggregate(g, x, a, w.double(), b)
+    with pytest.raises(ValueError, match="edge_weight must have shape"):
+        ops.gen_aggregate(g, x, a, w[:3], b)
+    with pytest.raises(ValueError, match="edge_bias must have shape"):
+        ops.gen_aggregate(g, x, a, w, b[:3])
+    with pytest.raises(ValueError, match="edge_weight given without edge_attr"):
+        ops.gen_aggregate(g, x, None, w)
+    with pytest.raises(ValueError, match="t must hold 1 or 8"):
+        ops.gen_aggregate(g, x, a, w, b, t=torch.ones(3))
+    with pytest.raises(ValueError, match="aggr must be one of"):
+        ops.gen_aggregate(g, x, aggr="median")
+    with pytest.raises(ValueError, match="x has 39 rows"):
+        ops.gen_aggregate(g, x[1:], a, w, b)
+    with pytest.raises(ValueError, match="x is on meta"):
+        ops.gen_aggregate(g, x.to("meta"), a, w, b)
+    lib = torch.ops.revgnn_ext
+    bad_col = g.col.clone()
+    bad_col[3] = 999
+    with pytest.raises(RuntimeError, match="col index 999 is out of range"):
+        lib.gen_aggregate(g.rowptr, bad_col, None, None, None, x, None, None, None, torch.ones(1), None, "softmax", 0.0)
+    with pytest.raises(RuntimeError, match="t is required"):
+        lib.gen_aggregate(g.rowptr, g.col, None, None, None, x, None, None, None, None, None, "softmax", 0.0)
+    with pytest.raises(RuntimeError, match="CPU kernels support float32 and float64"):
+        lib.gen_aggregate(g.rowptr, g.col, None, None, None, x.half(), None, None, None, None, None, "sum", 0.0)
+
+
+def test_torch_compile_fullgraph():
+    g = _graph("power_law", "cpu")
+    g.transposed()
+    kw = _case(g, "softmax", "encoded", 16, torch.float32, "cpu", per_channel=True)
+
+    def f(x, edge_attr, edge_weight, edge_bias, t):
+        h = ops.gen_aggregate(g, x, edge_attr, edge_weight, edge_bias, "softmax", t=t)
+        return ops.gen_aggregate(g, h, aggr="max").relu()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    eager_in, compiled_in = _differentiable(kw), _differentiable(kw)
+    torch.testing.assert_close(compiled(**compiled_in), f(**eager_in))
+    compiled(**compiled_in).sum().backward()
+    f(**eager_in).sum().backward()
+    for k in kw:
+        torch.testing.assert_close(compiled_in[k].grad, eager_in[k].grad)
