@@ -269,8 +269,9 @@ void backward_x_kernel(const GenInputs& in, const at::Tensor& out_t, const at::T
   });
 }
 
-// Per-edge grad_edge_attr and the parameter gradients, over the CSR. Each fixed block of
-// kRowBlock rows sums into its own partials; the blocks are then added in order.
+// Per-edge grad_edge_attr and the parameter gradients, over the CSR. A row's terms are summed
+// in its own buffer, added in float64 to the partial of its fixed block of kRowBlock rows; the
+// blocks' partials are then added in order (deterministic, and as accurate as a pairwise sum).
 template <typename scalar_t, typename index_t, Aggr A>
 void backward_params_kernel(const GenInputs& in, const at::Tensor& out_t, const at::Tensor& state,
                             const at::Tensor& grad_out, const GenGrads& grads) {
@@ -291,16 +292,17 @@ void backward_params_kernel(const GenInputs& in, const at::Tensor& out_t, const 
   const bool want_w = grads.weight_t.defined(), want_b = grads.bias.defined();
   // Partials per block: [F rows of the weight | bias | t or p], each dpad wide.
   const int64_t stride = (f + 2) * dpad, blocks = (n + kRowBlock - 1) / kRowBlock;
-  std::vector<scalar_t> partial(static_cast<size_t>(blocks * stride), scalar_t(0));
+  std::vector<double> partial(static_cast<size_t>(blocks * stride), 0.0);
   at::parallel_for(0, blocks, 1, [&](int64_t bb, int64_t be) {
     std::vector<V> ga_acc(static_cast<size_t>(want_w || ga ? f : 0));
-    std::vector<scalar_t> qlog_sum(static_cast<size_t>(dpad));
+    std::vector<scalar_t> qlog_sum(static_cast<size_t>(dpad)), row_sum(static_cast<size_t>(stride));
+    scalar_t* pw = row_sum.data();
+    scalar_t* pb = pw + f * dpad;
+    scalar_t* pp = pb + dpad;
     for (int64_t b = bb; b < be; ++b) {
-      scalar_t* pw = partial.data() + b * stride;
-      scalar_t* pb = pw + f * dpad;
-      scalar_t* pp = pb + dpad;
       for (int64_t i = b * kRowBlock; i < std::min(n, (b + 1) * kRowBlock); ++i) {
         std::fill(qlog_sum.begin(), qlog_sum.end(), scalar_t(0));
+        std::fill(row_sum.begin(), row_sum.end(), scalar_t(0));
         for (int64_t e = rowptr[i]; e < rowptr[i + 1]; ++e) {
           const scalar_t* xr = x + checked(col[e], num_src, op, "col") * ldx;
           const scalar_t* a = prm.has_attr && !prm.direct ? prm.attr + e * f : nullptr;
@@ -340,17 +342,19 @@ void backward_params_kernel(const GenInputs& in, const at::Tensor& out_t, const 
             (V::loadu(pp + v0) + dp).store(pp + v0);
           }
         }
+        double* block_sum = partial.data() + b * stride;
+        for (int64_t k = 0; k < stride; ++k) block_sum[k] += static_cast<double>(row_sum[k]);
       }
     }
   });
   // Sum the blocks' partials in block order, then drop the padding.
-  std::vector<scalar_t> total(static_cast<size_t>(stride), scalar_t(0));
+  std::vector<double> total(static_cast<size_t>(stride), 0.0);
   for (int64_t b = 0; b < blocks; ++b)
     for (int64_t k = 0; k < stride; ++k) total[k] += partial[b * stride + k];
   auto copy_rows = [&](const at::Tensor& dst, int64_t first_row, int64_t rows) {
     scalar_t* o = dst.data_ptr<scalar_t>();
     for (int64_t r = 0; r < rows; ++r)
-      std::copy(total.begin() + (first_row + r) * dpad, total.begin() + (first_row + r) * dpad + d, o + r * d);
+      for (int64_t c = 0; c < d; ++c) o[r * d + c] = static_cast<scalar_t>(total[(first_row + r) * dpad + c]);
   };
   if (want_w) copy_rows(grads.weight_t, 0, f);
   if (want_b) copy_rows(grads.bias, f, 1);

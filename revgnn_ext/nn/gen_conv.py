@@ -6,6 +6,7 @@ import torch
 import torch_geometric.nn as pyg_nn
 from torch import Tensor
 from torch_geometric.nn import aggr as pyg_aggr
+from torch_geometric.typing import OptPairTensor, OptTensor
 
 from .. import ops
 from ..graph import as_graph
@@ -33,6 +34,9 @@ class GENConv(pyg_nn.GENConv):
     does not cover (multi-aggregations, ``softmax_sg``, a custom aggregation module) fall back
     to PyG's computation with a one-time warning.
     """
+
+    # The arguments of PyG's propagate(), which PyG otherwise reads off the source of forward().
+    propagate_type = {"x": OptPairTensor, "edge_attr": OptTensor}
 
     def _fused_aggregation(self) -> Optional[Tuple[str, dict]]:
         """(aggr, kwargs) for gen_aggregate, or None with a warning when it cannot run fused."""
