@@ -45,9 +45,9 @@ def _grads(module, args):
 
 def _compare(ours, ref, args, dtype):
     """Outputs and the gradients of the inputs and of every parameter agree with PyG's: in
-    float64 to 1e-10; in float32 the output to 1e-5 and each gradient at least as close to
-    the float64 truth as PyG's own float32 gradient is (within 2x): a gradient that is zero
-    in exact arithmetic (a bias before a BatchNorm) is round-off in both."""
+    float64 to 1e-10; in float32 the output to 1e-5, and each gradient within 1e-5 of the
+    float64 truth relative to its magnitude (at least 1), or within 2x of PyG's own float32
+    error where that is larger: sums over many edges carry round-off in both."""
     out_o, grads_o = _grads(ours, args)
     out_r, grads_r = _grads(ref, args)
     if dtype == torch.float64:
@@ -68,7 +68,7 @@ def _compare(ours, ref, args, dtype):
             continue
         err_ours = (a.double() - exact).abs().max().item()
         err_pyg = (b.double() - exact).abs().max().item()
-        bound = 2 * err_pyg + 1e-6 * max(1.0, exact.abs().max().item())
+        bound = max(2 * err_pyg, 1e-5 * max(1.0, exact.abs().max().item()))
         assert err_ours <= bound, f"{name}: error {err_ours:.3g} vs PyG's {err_pyg:.3g}"
 
 

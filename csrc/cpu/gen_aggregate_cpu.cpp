@@ -36,6 +36,7 @@ namespace {
 using at::vec::Vectorized;
 
 constexpr int64_t kRowBlock = 64;  // rows per partial sum of the parameter gradients
+constexpr int64_t kFlush = 16;     // edges summed in the working precision before a float64 add
 
 template <typename index_t>
 inline int64_t checked(index_t v, int64_t bound, const char* op, const char* what) {
@@ -96,10 +97,17 @@ struct Params {
   V pre(int64_t e, const V& x, int64_t v0, int64_t count) const {
     if (!has_attr) return x;
     if (direct) return x + load(attr + e * d + v0, count);
-    V acc = x + V::loadu(bias.data() + v0);
+    // Two independent multiply-add chains: half the latency of one.
+    V even = x + V::loadu(bias.data() + v0), odd(0);
     const scalar_t* a = attr + e * f;
-    for (int64_t k = 0; k < f; ++k) acc = at::vec::fmadd(V(a[k]), V::loadu(wt.data() + k * dpad + v0), acc);
-    return acc;
+    const scalar_t* w = wt.data() + v0;
+    int64_t k = 0;
+    for (; k + 1 < f; k += 2) {
+      even = at::vec::fmadd(V(a[k]), V::loadu(w + k * dpad), even);
+      odd = at::vec::fmadd(V(a[k + 1]), V::loadu(w + (k + 1) * dpad), odd);
+    }
+    if (k < f) even = at::vec::fmadd(V(a[k]), V::loadu(w + k * dpad), even);
+    return even + odd;
   }
 };
 
@@ -209,8 +217,8 @@ RowGrad<scalar_t, index_t> row_grad(const GenInputs& in, const scalar_t* go, con
   return r;
 }
 
-// The gradient at m of edge e's message m; `extra` gets the edge's term of the t or p
-// gradient (softmax: d/dt; powermean: q log(clamp m)).
+// The gradient at m of edge e's message m; `extra` gets the edge's term of the row sums that
+// give the t or p gradient (softmax: a m; powermean: q log(clamp m)).
 template <typename scalar_t, typename index_t, Aggr A>
 inline Vectorized<scalar_t> message_grad(const RowGrad<scalar_t, index_t>& row, int64_t e,
                                          const Vectorized<scalar_t>& m, const Vectorized<scalar_t>& t,
@@ -269,9 +277,10 @@ void backward_x_kernel(const GenInputs& in, const at::Tensor& out_t, const at::T
   });
 }
 
-// Per-edge grad_edge_attr and the parameter gradients, over the CSR. A row's terms are summed
-// in its own buffer, added in float64 to the partial of its fixed block of kRowBlock rows; the
-// blocks' partials are then added in order (deterministic, and as accurate as a pairwise sum).
+// Per-edge grad_edge_attr and the parameter gradients, over the CSR. Terms are summed in a small
+// buffer that is added in float64, every kFlush edges and at each row's end, to the partial of
+// the row's fixed block of kRowBlock rows; the blocks' partials are then added in order.
+// Deterministic, and no float sum runs over more than kFlush terms.
 template <typename scalar_t, typename index_t, Aggr A>
 void backward_params_kernel(const GenInputs& in, const at::Tensor& out_t, const at::Tensor& state,
                             const at::Tensor& grad_out, const GenGrads& grads) {
@@ -295,14 +304,22 @@ void backward_params_kernel(const GenInputs& in, const at::Tensor& out_t, const 
   std::vector<double> partial(static_cast<size_t>(blocks * stride), 0.0);
   at::parallel_for(0, blocks, 1, [&](int64_t bb, int64_t be) {
     std::vector<V> ga_acc(static_cast<size_t>(want_w || ga ? f : 0));
-    std::vector<scalar_t> qlog_sum(static_cast<size_t>(dpad)), row_sum(static_cast<size_t>(stride));
+    // Per-row sums of the edges' terms for d/dt (s1 = sum a m, s2 = sum a m^2) or d/dp (s1 = sum q log m).
+    std::vector<scalar_t> s1(static_cast<size_t>(dpad)), s2(static_cast<size_t>(dpad));
+    std::vector<scalar_t> row_sum(static_cast<size_t>(stride));
     scalar_t* pw = row_sum.data();
     scalar_t* pb = pw + f * dpad;
     scalar_t* pp = pb + dpad;
     for (int64_t b = bb; b < be; ++b) {
-      for (int64_t i = b * kRowBlock; i < std::min(n, (b + 1) * kRowBlock); ++i) {
-        std::fill(qlog_sum.begin(), qlog_sum.end(), scalar_t(0));
+      double* block_sum = partial.data() + b * stride;
+      auto flush = [&] {
+        for (int64_t k = 0; k < stride; ++k) block_sum[k] += static_cast<double>(row_sum[k]);
         std::fill(row_sum.begin(), row_sum.end(), scalar_t(0));
+      };
+      std::fill(row_sum.begin(), row_sum.end(), scalar_t(0));
+      for (int64_t i = b * kRowBlock; i < std::min(n, (b + 1) * kRowBlock); ++i) {
+        std::fill(s1.begin(), s1.end(), scalar_t(0));
+        std::fill(s2.begin(), s2.end(), scalar_t(0));
         for (int64_t e = rowptr[i]; e < rowptr[i + 1]; ++e) {
           const scalar_t* xr = x + checked(col[e], num_src, op, "col") * ldx;
           const scalar_t* a = prm.has_attr && !prm.direct ? prm.attr + e * f : nullptr;
@@ -313,8 +330,8 @@ void backward_params_kernel(const GenInputs& in, const at::Tensor& out_t, const 
             const V pre = prm.pre(e, load(xr + v0, cnt), v0, cnt);
             const auto row = row_grad<scalar_t, index_t, A>(in, go, out, state, i, v0, cnt);
             V extra;
-            const V dpre =
-                relu_grad<V, M>(pre, message_grad<scalar_t, index_t, A>(row, e, gen_message<V, M>(pre, eps), t, p, extra));
+            const V m = gen_message<V, M>(pre, eps);
+            const V dpre = relu_grad<V, M>(pre, message_grad<scalar_t, index_t, A>(row, e, m, t, p, extra));
             if (ga != nullptr && prm.direct) store(dpre, ga + e * d + v0, cnt);
             if (a != nullptr) {
               for (int64_t k = 0; k < f; ++k) {
@@ -327,23 +344,25 @@ void backward_params_kernel(const GenInputs& in, const at::Tensor& out_t, const 
               }
             }
             if (want_b) (V::loadu(pb + v0) + dpre).store(pb + v0);
-            if constexpr (A == Aggr::Softmax) (V::loadu(pp + v0) + extra).store(pp + v0);
-            if constexpr (A == Aggr::PowerMean) (V::loadu(qlog_sum.data() + v0) + extra).store(qlog_sum.data() + v0);
+            if constexpr (kParam) (V::loadu(s1.data() + v0) + extra).store(s1.data() + v0);
+            if constexpr (A == Aggr::Softmax) at::vec::fmadd(extra, m, V::loadu(s2.data() + v0)).store(s2.data() + v0);
           }
           if (ga != nullptr && a != nullptr)
             for (int64_t k = 0; k < f; ++k) ga[e * f + k] = lane_sum(ga_acc[k]);
+          if ((e - rowptr[i] + 1) % kFlush == 0) flush();
         }
-        if constexpr (A == Aggr::PowerMean) {  // every row, empty ones included
+        if constexpr (kParam) {  // every row, empty ones included
           for (int64_t v0 = 0; v0 < d; v0 += VS) {
             const int64_t cnt = std::min(VS, d - v0);
             const auto row = row_grad<scalar_t, index_t, A>(in, go, out, state, i, v0, cnt);
-            const V dp = power_grad_p<V, M>(row.g, row.out, V::loadu(prm.p.data() + v0), row.state,
-                                            V::loadu(qlog_sum.data() + v0), row.deg);
-            (V::loadu(pp + v0) + dp).store(pp + v0);
+            const V r1 = V::loadu(s1.data() + v0);
+            const V dparam = A == Aggr::Softmax
+                                 ? softmax_grad_t<V>(row.g, r1, V::loadu(s2.data() + v0))
+                                 : power_grad_p<V, M>(row.g, row.out, V::loadu(prm.p.data() + v0), row.state, r1, row.deg);
+            (V::loadu(pp + v0) + dparam).store(pp + v0);
           }
         }
-        double* block_sum = partial.data() + b * stride;
-        for (int64_t k = 0; k < stride; ++k) block_sum[k] += static_cast<double>(row_sum[k]);
+        flush();
       }
     }
   });

@@ -31,11 +31,12 @@
 //   The gradient of each defined input ([0] for an absent one). Messages are recomputed from
 //   edge_attr: two passes, one over the transposed CSR (grad_x, a segment sum per source) and
 //   one over the CSR (per-edge grad_edge_attr; grad_edge_weight, grad_edge_bias, grad_t, grad_p
-//   summed per fixed block of rows, then over blocks in order). Deterministic, no atomics.
+//   summed per fixed block of rows, then over blocks in order; grad_t and grad_p from per-row sums
+//   over the row's edges). Deterministic, no atomics.
 //
 // Per (edge, channel) derivative of out_ic with respect to m (times g = grad_out[i, c]):
 //   sum: g;  mean: g / deg;  max: g [arg == e];
-//   softmax: g a (1 + t (m - out));         d/dt: g a m (m - out)
+//   softmax: g a (1 + t (m - out));         d/dt (per row): g (s2 - s1^2), s1 = sum_e a m, s2 = sum_e a m^2
 //   powermean: g [1e-4 <= r <= 100] (1/p) r^(1/p - 1) * [1e-4 <= m <= 100] p m^(p-1) / deg;
 //              d/dp: g out (-log(clamp r) / p^2 + [r in range] (sum_e q_e log(clamp m_e) / deg) / (p clamp r)),
 //              q_e = clamp(m_e)^p.
@@ -110,12 +111,20 @@ C10_HOST_DEVICE inline void softmax_push(T v, T m, T& max, T& sum, T& acc) {
 }
 
 // Softmax: with a = exp(t m - L) the edge's weight and g the output gradient, the gradient at m
-// (dm) and the edge's term of d/dt.
+// (dm) and the edge's weighted message am = a m, whose row sums s1 = sum am, s2 = sum am m give
+// the row's d/dt (softmax_grad_t).
 template <typename T, typename M = Math<T>>
-C10_HOST_DEVICE inline void softmax_grad(T g, T m, T t, T out, T lse, T& dm, T& dt) {
-  const T ga = g * M::exp(t * m - lse), centered = m - out;
-  dm = ga * (T(1) + t * centered);
-  dt = ga * m * centered;
+C10_HOST_DEVICE inline void softmax_grad(T g, T m, T t, T out, T lse, T& dm, T& am) {
+  const T a = M::exp(t * m - lse);
+  dm = g * a * (T(1) + t * (m - out));
+  am = a * m;
+}
+
+// Softmax: d out / d t for one (row, channel) = g sum_e a m (m - out) = g (s2 - s1^2), from sums
+// over the row's edges in the backward itself (as autograd through PyG's softmax computes it).
+template <typename T>
+C10_HOST_DEVICE inline T softmax_grad_t(T g, T s1, T s2) {
+  return g * (s2 - s1 * s1);
 }
 
 // Power mean: the gradient at m of out = clamp(r)^(1/p), r = mean_e clamp(m_e)^p, and the
