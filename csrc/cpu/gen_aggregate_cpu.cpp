@@ -201,19 +201,36 @@ struct RowGrad {
   int64_t cnt;
 };
 
+// Raw pointers to what row_grad reads, taken once per kernel (data_ptr checks its dtype).
+template <typename scalar_t, typename index_t>
+struct RowSource {
+  const index_t* rowptr;
+  const scalar_t* grad_out;
+  const scalar_t* out;
+  const scalar_t* state;      // softmax, powermean
+  const index_t* arg;         // max
+  int64_t d;
+
+  RowSource(const GenInputs& in, const at::Tensor& out_t, const at::Tensor& state_t, const at::Tensor& grad_out_t)
+      : rowptr(in.rowptr.data_ptr<index_t>()), grad_out(grad_out_t.data_ptr<scalar_t>()),
+        out(out_t.data_ptr<scalar_t>()),
+        state(in.aggr == Aggr::Softmax || in.aggr == Aggr::PowerMean ? state_t.data_ptr<scalar_t>() : nullptr),
+        arg(in.aggr == Aggr::Max ? state_t.data_ptr<index_t>() : nullptr),
+        d(in.d) {}
+};
+
 template <typename scalar_t, typename index_t, Aggr A>
-RowGrad<scalar_t, index_t> row_grad(const GenInputs& in, const scalar_t* go, const scalar_t* out,
-                                    const at::Tensor& state, int64_t i, int64_t v0, int64_t cnt) {
+inline RowGrad<scalar_t, index_t> row_grad(const RowSource<scalar_t, index_t>& src, int64_t i, int64_t v0,
+                                           int64_t cnt) {
   using V = Vectorized<scalar_t>;
-  const index_t* rowptr = in.rowptr.data_ptr<index_t>();
-  const int64_t off = i * in.d + v0;
-  RowGrad<scalar_t, index_t> r{load(go + off, cnt), V(0), V(0), V(static_cast<scalar_t>(rowptr[i + 1] - rowptr[i])),
-                               nullptr, cnt};
+  const int64_t off = i * src.d + v0;
+  RowGrad<scalar_t, index_t> r{load(src.grad_out + off, cnt), V(0), V(0),
+                               V(static_cast<scalar_t>(src.rowptr[i + 1] - src.rowptr[i])), nullptr, cnt};
   if constexpr (A == Aggr::Softmax || A == Aggr::PowerMean) {
-    r.out = load(out + off, cnt);
-    r.state = load(state.data_ptr<scalar_t>() + off, cnt);
+    r.out = load(src.out + off, cnt);
+    r.state = load(src.state + off, cnt);
   }
-  if constexpr (A == Aggr::Max) r.arg = state.data_ptr<index_t>() + off;
+  if constexpr (A == Aggr::Max) r.arg = src.arg + off;
   return r;
 }
 
@@ -251,8 +268,7 @@ void backward_x_kernel(const GenInputs& in, const at::Tensor& out_t, const at::T
   const index_t* col_t = in.col_t.data_ptr<index_t>();
   const index_t* perm_t = in.perm_t.data_ptr<index_t>();
   const scalar_t* x = in.x.data_ptr<scalar_t>();
-  const scalar_t* go = grad_out.data_ptr<scalar_t>();
-  const scalar_t* out = out_t.data_ptr<scalar_t>();
+  const RowSource<scalar_t, index_t> rows(in, out_t, state, grad_out);
   const int64_t ldx = in.x.stride(0), num_src = in.x.size(0), d = in.d, num_edges = in.col.numel();
   const V eps(static_cast<scalar_t>(in.eps));
   scalar_t* gx = grad_x.data_ptr<scalar_t>();
@@ -267,7 +283,7 @@ void backward_x_kernel(const GenInputs& in, const at::Tensor& out_t, const at::T
           const int64_t i = checked(col_t[k], in.num_dst, op, "col_t");
           const int64_t e = checked(perm_t[k], num_edges, op, "perm_t");
           const V pre = prm.pre(e, xv, v0, cnt);
-          const auto row = row_grad<scalar_t, index_t, A>(in, go, out, state, i, v0, cnt);
+          const auto row = row_grad<scalar_t, index_t, A>(rows, i, v0, cnt);
           const V dm = message_grad<scalar_t, index_t, A>(row, e, gen_message<V, M>(pre, eps), t, p, extra);
           acc = acc + relu_grad<V, M>(pre, dm);
         }
@@ -293,8 +309,7 @@ void backward_params_kernel(const GenInputs& in, const at::Tensor& out_t, const 
   const index_t* rowptr = in.rowptr.data_ptr<index_t>();
   const index_t* col = in.col.data_ptr<index_t>();
   const scalar_t* x = in.x.data_ptr<scalar_t>();
-  const scalar_t* go = grad_out.data_ptr<scalar_t>();
-  const scalar_t* out = out_t.data_ptr<scalar_t>();
+  const RowSource<scalar_t, index_t> rows(in, out_t, state, grad_out);
   const int64_t ldx = in.x.stride(0), num_src = in.x.size(0), d = in.d, dpad = prm.dpad, f = in.f, n = in.num_dst;
   const V eps(static_cast<scalar_t>(in.eps));
   scalar_t* ga = grads.edge_attr.defined() ? grads.edge_attr.data_ptr<scalar_t>() : nullptr;
@@ -328,7 +343,7 @@ void backward_params_kernel(const GenInputs& in, const at::Tensor& out_t, const 
             const int64_t cnt = std::min(VS, d - v0);
             const V t = V::loadu(prm.t.data() + v0), p = V::loadu(prm.p.data() + v0);
             const V pre = prm.pre(e, load(xr + v0, cnt), v0, cnt);
-            const auto row = row_grad<scalar_t, index_t, A>(in, go, out, state, i, v0, cnt);
+            const auto row = row_grad<scalar_t, index_t, A>(rows, i, v0, cnt);
             V extra;
             const V m = gen_message<V, M>(pre, eps);
             const V dpre = relu_grad<V, M>(pre, message_grad<scalar_t, index_t, A>(row, e, m, t, p, extra));
@@ -354,7 +369,7 @@ void backward_params_kernel(const GenInputs& in, const at::Tensor& out_t, const 
         if constexpr (kParam) {  // every row, empty ones included
           for (int64_t v0 = 0; v0 < d; v0 += VS) {
             const int64_t cnt = std::min(VS, d - v0);
-            const auto row = row_grad<scalar_t, index_t, A>(in, go, out, state, i, v0, cnt);
+            const auto row = row_grad<scalar_t, index_t, A>(rows, i, v0, cnt);
             const V r1 = V::loadu(s1.data() + v0);
             const V dparam = A == Aggr::Softmax
                                  ? softmax_grad_t<V>(row.g, r1, V::loadu(s2.data() + v0))
