@@ -31,9 +31,9 @@ def pyg_bytes_estimate(num_edges: int, width: int) -> int:
     return 6 * num_edges * width * 4
 
 
-def step(conv, x, adj, edge_attr):
+def step(conv, x, adj, edge_attr, grad):
     out = conv(x, adj, edge_attr)
-    out.backward(torch.ones_like(out))
+    out.backward(grad)
     return out
 
 
@@ -46,27 +46,35 @@ def run(graph_name, aggr, device, width, repeat, budget, seed):
     ours = GENConv(width, width, edge_dim=edge_dim, bias=True, **AGGRS[aggr]).to(device)
     ours.load_state_dict(pyg.state_dict())
     x = torch.randn(n, width, device=device, requires_grad=True)
+    grad = torch.randn(n, width, device=device)
     graph = CSRGraph.from_edge_index(g.edge_index, n)
     graph.transposed()
     fits = pyg_bytes_estimate(num_edges, width) < 0.8 * available_memory(device)
     rows = []
     if fits:  # correctness first
-        a, b = step(ours, x, graph, g.edge_attr), step(pyg, x, g.edge_index, g.edge_attr)
+        a, b = step(ours, x, graph, g.edge_attr, grad), step(pyg, x, g.edge_index, g.edge_attr, grad)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        largest = max(q.grad.norm().item() for q in pyg.parameters())
         for (name, p), q in zip(ours.named_parameters(), pyg.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-3, msg=lambda m: f"{name}: {m}")
+            if q.grad.norm().item() < 1e-3 * largest:
+                continue  # zero in exact arithmetic (a bias before a BatchNorm): round-off in both
+            rel = ((p.grad - q.grad).norm() / q.grad.norm()).item()
+            # t's gradient is a sum over N x D terms that cancel: float32 leaves ~1e-3 in both.
+            assert rel < (1e-2 if name == "aggr_module.t" else 1e-4), \
+                f"{name}: gradients differ from PyG's by {rel:.2e} (relative norm)"
     peers = [("revgnn_ext", ours, graph)] + ([("PyG GENConv", pyg, g.edge_index)] if fits else [])
     results = {}
     for name, conv, adj in peers:
-        seconds = time_fn(lambda: step(conv, x, adj, g.edge_attr), warmup=1, repeat=repeat, device=device,
+        seconds = time_fn(lambda: step(conv, x, adj, g.edge_attr, grad), warmup=1, repeat=repeat, device=device,
                           budget_s=budget)
-        results[name] = (seconds, peak_memory(lambda: step(conv, x, adj, g.edge_attr), device))
+        results[name] = (seconds, peak_memory(lambda: step(conv, x, adj, g.edge_attr, grad), device))
     ours_s, ours_b = results["revgnn_ext"]
     for name in ("revgnn_ext", "PyG GENConv"):
         seconds, nbytes = results.get(name, (None, None))
         rows.append(dict(graph=graph_name, nodes=n, edges=num_edges, width=width, aggr=aggr, peer=name,
                          ms=seconds * 1e3 if seconds else None, peak_mb=nbytes / 2**20 if nbytes else None,
-                         est_mb=pyg_bytes_estimate(num_edges, width) / 2**20 if name != "revgnn_ext" else None,
+                         est_mb=pyg_bytes_estimate(num_edges, width) / 2**20 if name != "revgnn_ext" and not seconds
+                         else None,
                          speedup=seconds / ours_s if seconds else None,
                          mem_ratio=nbytes / ours_b if nbytes else None))
     return rows
