@@ -26,6 +26,7 @@ demo: build
 
 bench: build
 	$(PY) benchmarks/spmm.py
+	$(PY) benchmarks/gen_conv.py
 
 clean:
 	rm -rf build *.egg-info revgnn_ext/_C*.so
