@@ -10,5 +10,6 @@ except ImportError as err:  # pragma: no cover - depends on the environment
                       "(pip install torch_geometric, a pure-Python package); revgnn_ext.ops works without it") from err
 
 from .gen_conv import GENConv
+from .group_add_rev import GroupAddRev
 
-__all__ = ["GENConv"]
+__all__ = ["GENConv", "GroupAddRev"]

@@ -1,0 +1,267 @@
+"""Grouped reversible block (RevGNN) whose backward evaluates each group's function once."""
+import contextlib
+import copy
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["GroupAddRev"]
+
+
+def _batch_norms(module: torch.nn.Module) -> List[torch.nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+
+
+class _RngState:
+    """The CPU and (if used) CUDA generator states before a group's function, so that its
+    recomputation in backward draws the same random numbers (dropout, edge dropping)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def replay(self):
+        with torch.random.fork_rng(devices=[self.device] if self.cuda is not None else []):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            yield
+
+
+@contextlib.contextmanager
+def _statistics_frozen(module: torch.nn.Module):
+    """BatchNorm running statistics stay as they are (the recomputation must not move them a
+    second time in one step)."""
+    norms = _batch_norms(module)
+    saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in zip(norms, saved):
+                for k, v in m.named_buffers(recurse=False):
+                    v.copy_(buffers[k])
+
+
+def _releasable(x: Tensor) -> bool:
+    """Whether the block may release x until backward: an activation computed inside the model
+    (a user's leaf tensor is left alone) that is the only view of its storage."""
+    return (x.grad_fn is not None and x.is_contiguous() and x.storage_offset() == 0
+            and x.untyped_storage().nbytes() == x.numel() * x.element_size())
+
+
+class _GroupAddRevFunction(torch.autograd.Function):
+    """y = block(x). x (an activation: see _releasable) is released after the forward: it becomes
+    an empty tensor, so that a stray read fails with a shape error rather than reading freed
+    memory; backward rebuilds it from y, in y's own storage, group by group, and gives it back."""
+
+    @staticmethod
+    def forward(ctx, block: "GroupAddRev", edge_index, num_args: int, x: Tensor, *rest):
+        args, params = rest[:num_args], rest[num_args:]
+        ctx.block, ctx.edge_index, ctx.args, ctx.params = block, edge_index, args, params
+        ctx.passes_left = block.num_bwd_passes
+        with torch.no_grad():
+            y, ctx.rng = block._forward_groups(x.detach(), edge_index, args, rng=None)
+        ctx.x, ctx.y = x, y
+        ctx.freed = _releasable(x)
+        if ctx.freed:
+            x.set_(torch.empty(0, dtype=x.dtype, device=x.device))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        if ctx.passes_left == 0:
+            raise RuntimeError("GroupAddRev: backward ran more often than num_bwd_passes allows; raise "
+                               "num_bwd_passes")
+        ctx.passes_left -= 1
+        block, x, y = ctx.block, ctx.x, ctx.y
+        if x.numel() > 0:  # x is intact (a later pass, or not released): recompute y
+            with torch.no_grad(), _statistics_frozen(block):
+                y, _ = block._forward_groups(x.detach(), ctx.edge_index, ctx.args, rng=ctx.rng)
+        elif ctx.passes_left > 0:  # y stays as it is for the passes still to come
+            y = y.clone()
+        grad_x, grad_args, grad_params = block._backward_groups(y, grad_y, ctx.edge_index, ctx.args, ctx.params,
+                                                                ctx.rng)
+        if ctx.freed and x.numel() == 0:  # y's storage now holds x: hand it over
+            with torch.no_grad():
+                x.set_(y.untyped_storage(), y.storage_offset(), y.size(), y.stride())
+        if ctx.passes_left == 0:
+            # The output's storage now holds the input: leave the output tensor empty, so that a
+            # read after the last backward fails loudly instead of seeing the input's values.
+            with torch.no_grad():
+                ctx.y.set_(torch.empty(0, dtype=y.dtype, device=y.device))
+            ctx.y = ctx.x = None
+        return (None, None, None, grad_x, *grad_args, *grad_params)
+
+
+class GroupAddRev(torch.nn.Module):
+    r"""A drop-in for ``torch_geometric.nn.GroupAddRev``: the grouped reversible block of
+    RevGNN. Channels are split into C groups, X'_0 = sum_{i>=2} X_i and
+    X'_i = F_i(X'_{i-1}) + X_i; only the block's output is kept, and backward rebuilds its input.
+
+    Same arguments, ``convs`` ModuleList (``state_dict`` layout), argument splitting (a tensor
+    argument whose size along ``split_dim`` equals the channel count is split across groups,
+    anything else is passed whole), ``inverse()`` and ``reset_parameters()``. Differences:
+
+    - backward evaluates each F_i once (it both rebuilds X_i = X'_i - F_i and back-propagates
+      through F_i); PyG's evaluates it twice;
+    - the input is rebuilt in place in the output's storage (no new [N, D] buffer);
+    - random draws inside F (dropout) are replayed in the recomputation from the saved RNG
+      state; BatchNorm running statistics are updated once per step, not once per evaluation;
+    - under ``torch.no_grad()`` / ``inference_mode`` it runs without any bookkeeping.
+    """
+
+    def __init__(self, conv: Union[torch.nn.Module, torch.nn.ModuleList], split_dim: int = -1,
+                 num_groups: Optional[int] = None, disable: bool = False, num_bwd_passes: int = 1):
+        super().__init__()
+        self.split_dim = split_dim
+        self.disable = disable
+        self.num_bwd_passes = num_bwd_passes
+        if isinstance(conv, torch.nn.ModuleList):
+            self.convs = conv
+        else:
+            if num_groups is None:
+                raise ValueError("GroupAddRev: num_groups is required when conv is a single module")
+            self.convs = torch.nn.ModuleList([conv])
+            for _ in range(num_groups - 1):
+                copy_ = copy.deepcopy(conv)
+                if hasattr(copy_, "reset_parameters"):
+                    copy_.reset_parameters()
+                self.convs.append(copy_)
+        if len(self.convs) < 2:
+            raise ValueError(f"GroupAddRev: the number of groups must be at least 2, got {len(self.convs)}")
+        if num_bwd_passes < 1:
+            raise ValueError(f"GroupAddRev: num_bwd_passes must be >= 1, got {num_bwd_passes}")
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.convs)
+
+    def reset_parameters(self):
+        for conv in self.convs:
+            conv.reset_parameters()
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self.convs[0]}, num_groups={self.num_groups})"
+
+    # ------------------------------------------------------------------ helpers
+    def _chunk(self, value: Any, channels: int) -> Sequence[Any]:
+        if isinstance(value, Tensor) and value.dim() > 0:
+            dim = self.split_dim if self.split_dim >= 0 else value.dim() + self.split_dim
+            if 0 <= dim < value.dim() and value.size(dim) == channels:
+                return torch.chunk(value, self.num_groups, dim=self.split_dim)
+        return [value] * self.num_groups
+
+    def _group_args(self, args: Sequence[Any], channels: int) -> List[Tuple[Any, ...]]:
+        split = [self._chunk(a, channels) for a in args]
+        return [tuple(s[i] for s in split) for i in range(self.num_groups)]
+
+    def _check(self, x: Tensor) -> int:
+        channels = x.size(self.split_dim)
+        if channels % self.num_groups != 0:
+            raise ValueError(f"GroupAddRev: {channels} channels do not split into {self.num_groups} equal groups")
+        return channels
+
+    def _forward_groups(self, x: Tensor, edge_index, args, rng=None):
+        """y = [X'_1 .. X'_C] in one new buffer, and the RNG state before each F_i (recorded
+        when `rng` is None, else replayed from it)."""
+        channels = self._check(x)
+        xs = torch.chunk(x, self.num_groups, dim=self.split_dim)
+        group_args = self._group_args(args, channels)
+        y = torch.empty_like(x)
+        ys = torch.chunk(y, self.num_groups, dim=self.split_dim)
+        states = [] if rng is None else rng
+        inp = sum(xs[1:])
+        for i, conv in enumerate(self.convs):
+            if rng is None:  # first evaluation: draw as usual, remember where the draws started
+                states.append(_RngState(x.device))
+                ys[i].copy_(conv(inp, edge_index, *group_args[i])).add_(xs[i])
+            else:
+                with rng[i].replay():
+                    ys[i].copy_(conv(inp, edge_index, *group_args[i])).add_(xs[i])
+            inp = ys[i]
+        return y, states
+
+    def _backward_groups(self, y: Tensor, grad_y: Tensor, edge_index, args, params, rng):
+        """One evaluation of each F_i, with grad, for C down to 1: back-propagate through it,
+        then rebuild X_i = X'_i - F_i in place in y's storage. Returns (grad_x, grads of args,
+        grads of params)."""
+        channels = y.size(self.split_dim)
+        ys = torch.chunk(y, self.num_groups, dim=self.split_dim)
+        gys = list(torch.chunk(grad_y, self.num_groups, dim=self.split_dim))
+        leaves = [a.detach().requires_grad_() if isinstance(a, Tensor) and a.requires_grad else a for a in args]
+        leaf_tensors = [a for a in leaves if isinstance(a, Tensor) and a.requires_grad]
+        arg_grads: List[Optional[Tensor]] = [None] * len(leaf_tensors)
+        param_index = {id(p): k for k, p in enumerate(params)}
+        param_grads: List[Optional[Tensor]] = [None] * len(params)
+
+        def add(total, g):
+            return g if total is None else (total if g is None else total + g)
+
+        for i in range(self.num_groups - 1, -1, -1):
+            conv = self.convs[i]
+            if i > 0:
+                inp = ys[i - 1].detach().requires_grad_()
+            elif self.num_groups == 2:
+                inp = ys[1].detach().requires_grad_()  # X'_0 = X_2, already rebuilt: no copy
+            else:
+                with torch.no_grad():
+                    inp = sum(ys[1:])
+                inp.requires_grad_()
+            conv_params = [p for p in conv.parameters() if p.requires_grad]
+            with _statistics_frozen(conv):  # restored after the gradient, which may read them
+                with torch.enable_grad(), rng[i].replay():
+                    f = conv(inp, edge_index, *self._group_args(leaves, channels)[i])
+                grads = torch.autograd.grad(f, [inp] + leaf_tensors + conv_params, gys[i], allow_unused=True)
+            with torch.no_grad():
+                ys[i].sub_(f)  # X_i, in place
+            for k, g in enumerate(grads[1:1 + len(leaf_tensors)]):
+                arg_grads[k] = add(arg_grads[k], g)
+            for p, g in zip(conv_params, grads[1 + len(leaf_tensors):]):
+                param_grads[param_index[id(p)]] = add(param_grads[param_index[id(p)]], g)
+            grad_inp = grads[0]
+            if grad_inp is None:
+                continue
+            if i > 0:
+                gys[i - 1] = gys[i - 1] + grad_inp
+            else:
+                for j in range(1, self.num_groups):
+                    gys[j] = gys[j] + grad_inp
+        grad_x = torch.cat(gys, dim=self.split_dim)
+        it = iter(arg_grads)
+        grad_args = [next(it) if isinstance(a, Tensor) and a.requires_grad else None for a in leaves]
+        return grad_x, grad_args, param_grads
+
+    # ------------------------------------------------------------------ public
+    def forward(self, x: Tensor, edge_index, *args) -> Tensor:
+        if self.disable or not torch.is_grad_enabled():
+            return self._plain(x, edge_index, args)
+        params = tuple(p for p in self.parameters() if p.requires_grad)
+        return _GroupAddRevFunction.apply(self, edge_index, len(args), x, *args, *params)
+
+    def _plain(self, x: Tensor, edge_index, args) -> Tensor:
+        channels = self._check(x)
+        xs = torch.chunk(x, self.num_groups, dim=self.split_dim)
+        group_args = self._group_args(args, channels)
+        ys = []
+        inp = sum(xs[1:])
+        for i, conv in enumerate(self.convs):
+            inp = xs[i] + conv(inp, edge_index, *group_args[i])
+            ys.append(inp)
+        return torch.cat(ys, dim=self.split_dim)
+
+    def inverse(self, y: Tensor, edge_index, *args) -> Tensor:
+        """The block's input from its output (no autograd)."""
+        with torch.no_grad():
+            channels = self._check(y)
+            ys = torch.chunk(y, self.num_groups, dim=self.split_dim)
+            group_args = self._group_args(args, channels)
+            xs = [None] * self.num_groups
+            for i in range(self.num_groups - 1, 0, -1):
+                xs[i] = ys[i] - self.convs[i](ys[i - 1], edge_index, *group_args[i])
+            xs[0] = ys[0] - self.convs[0](sum(xs[1:]), edge_index, *group_args[0])
+            return torch.cat(xs, dim=self.split_dim)
