@@ -25,10 +25,22 @@ def spmm(graph: CSRGraph, x: Tensor, edge_weight: Optional[Tensor] = None, reduc
     messages = x.index_select(0, graph.col.long())
     if edge_weight is not None:
         messages = messages * graph.edges_to_csr(edge_weight, "edge_weight").unsqueeze(-1)
-    out = x.new_zeros(graph.num_dst, x.size(1))
     torch_reduce = {"sum": "sum", "mean": "mean", "max": "amax", "min": "amin"}[reduce]
+    return _scatter(messages, dst, graph.num_dst, torch_reduce)
+
+
+def _scatter(messages: Tensor, dst: Tensor, num_dst: int, reduce: str) -> Tensor:
+    """out[i] = reduce over the messages of destination i; 0 for a destination with none. The
+    untouched start value of amax/amin is +-inf, so that its gradient never ties with a message."""
+    start = {"amax": float("-inf"), "amin": float("inf")}.get(reduce, 0.0)
+    out = messages.new_full((num_dst, messages.size(1)), start)
     index = dst.unsqueeze(-1).expand_as(messages)
-    return out.scatter_reduce(0, index, messages, torch_reduce, include_self=False)
+    out = out.scatter_reduce(0, index, messages, reduce, include_self=False)
+    if reduce in ("amax", "amin"):
+        has_edge = torch.zeros(num_dst, dtype=torch.bool, device=out.device)
+        has_edge[dst] = True
+        out = torch.where(has_edge.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out
 
 
 def spmm_accumulate_(out: Tensor, graph: CSRGraph, x: Tensor, edge_weight: Optional[Tensor] = None,
@@ -62,8 +74,7 @@ def gen_aggregate(graph: CSRGraph, x: Tensor, edge_attr: Optional[Tensor] = None
     index = dst.unsqueeze(-1).expand_as(m)
     zeros = x.new_zeros(graph.num_dst, x.size(1))
     if aggr in ("sum", "mean", "max"):
-        return zeros.scatter_reduce(0, index, m, {"sum": "sum", "mean": "mean", "max": "amax"}[aggr],
-                                    include_self=False)
+        return _scatter(m, dst, graph.num_dst, {"sum": "sum", "mean": "mean", "max": "amax"}[aggr])
     if aggr == "softmax":
         score = m * t
         shift = zeros.scatter_reduce(0, index, score.detach(), "amax", include_self=False)
