@@ -15,13 +15,18 @@ __all__ = ["spmm", "spmm_accumulate_", "gen_aggregate"]
 REDUCES = ("sum", "mean", "max", "min")
 
 
+def _destinations(graph: CSRGraph) -> Tensor:
+    """The destination of each CSR edge."""
+    return torch.repeat_interleave(torch.arange(graph.num_dst, device=graph.device),
+                                   (graph.rowptr[1:] - graph.rowptr[:-1]).long())
+
+
 def spmm(graph: CSRGraph, x: Tensor, edge_weight: Optional[Tensor] = None, reduce: str = "sum") -> Tensor:
     """out[i] = reduce over in-edges j -> i of w_ji * x[j]; rows with no in-edges give 0.
     ``edge_weight`` is in the caller's edge order."""
     if reduce not in REDUCES:
         raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
-    dst = torch.repeat_interleave(torch.arange(graph.num_dst, device=x.device),
-                                  (graph.rowptr[1:] - graph.rowptr[:-1]).long())
+    dst = _destinations(graph)
     messages = x.index_select(0, graph.col.long())
     if edge_weight is not None:
         messages = messages * graph.edges_to_csr(edge_weight, "edge_weight").unsqueeze(-1)
@@ -62,8 +67,7 @@ def gen_aggregate(graph: CSRGraph, x: Tensor, edge_attr: Optional[Tensor] = None
     Per-edge tensors are in the caller's edge order."""
     if aggr not in GEN_AGGRS:
         raise ValueError(f"aggr must be one of {GEN_AGGRS}, got {aggr!r}")
-    dst = torch.repeat_interleave(torch.arange(graph.num_dst, device=x.device),
-                                  (graph.rowptr[1:] - graph.rowptr[:-1]).long())
+    dst = _destinations(graph)
     msg = x.index_select(0, graph.col.long())
     if edge_attr is not None:
         emb = graph.edges_to_csr(edge_attr, "edge_attr")

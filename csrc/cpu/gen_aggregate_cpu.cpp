@@ -38,13 +38,6 @@ using at::vec::Vectorized;
 constexpr int64_t kRowBlock = 64;  // rows per partial sum of the parameter gradients
 constexpr int64_t kFlush = 16;     // edges summed in the working precision before a float64 add
 
-template <typename index_t>
-inline int64_t checked(index_t v, int64_t bound, const char* op, const char* what) {
-  TORCH_CHECK(static_cast<uint64_t>(v) < static_cast<uint64_t>(bound), op, ": ", what, " index ",
-              static_cast<int64_t>(v), " is out of range [0, ", bound, "); build graphs with revgnn_ext.CSRGraph");
-  return static_cast<int64_t>(v);
-}
-
 template <typename scalar_t>
 inline Vectorized<scalar_t> load(const scalar_t* p, int64_t count) {
   using V = Vectorized<scalar_t>;

@@ -22,13 +22,6 @@ int64_t grain_size(int64_t rows, int64_t entries, int64_t d) {
   return std::max<int64_t>(1, (int64_t{1} << 16) / per_row);
 }
 
-template <typename index_t>
-inline int64_t checked(index_t v, int64_t bound, const char* op, const char* what) {
-  TORCH_CHECK(static_cast<uint64_t>(v) < static_cast<uint64_t>(bound), op, ": ", what, " index ",
-              static_cast<int64_t>(v), " is out of range [0, ", bound, "); build graphs with revgnn_ext.CSRGraph");
-  return static_cast<int64_t>(v);
-}
-
 // Channels are processed in blocks of kVecs SIMD vectors, which stay in registers while a
 // row's edges stream by; a block's last partial vector is handled by a scalar tail.
 template <typename scalar_t>

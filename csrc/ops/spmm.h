@@ -83,6 +83,14 @@ inline Reduce parse_reduce(const std::string& reduce, const char* op) {
   TORCH_CHECK(false, op, ": reduce must be one of 'sum', 'mean', 'max', 'min', got '", reduce, "'");
 }
 
+// An index a CPU kernel is about to follow, checked against its bound (the CUDA kernels assert).
+template <typename index_t>
+inline int64_t checked(index_t v, int64_t bound, const char* op, const char* what) {
+  TORCH_CHECK(static_cast<uint64_t>(v) < static_cast<uint64_t>(bound), op, ": ", what, " index ",
+              static_cast<int64_t>(v), " is out of range [0, ", bound, "); build graphs with revgnn_ext.CSRGraph");
+  return static_cast<int64_t>(v);
+}
+
 // Index tensors: 1-D, contiguous, int32 or int64, on `device`, of the graph's index dtype.
 inline void check_index(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype,
                         const at::Device& device) {
