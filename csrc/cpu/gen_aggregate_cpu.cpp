@@ -388,17 +388,6 @@ void backward_params_kernel(const GenInputs& in, const at::Tensor& out_t, const 
   if (kParam) copy_rows(A == Aggr::Softmax ? grads.t : grads.p, f + 1, 1);
 }
 
-#define REVGNN_DISPATCH_AGGR(AGGR, ...)                                               \
-  [&] {                                                                               \
-    switch (AGGR) {                                                                   \
-      case Aggr::Sum: { constexpr Aggr AG = Aggr::Sum; return __VA_ARGS__(); }         \
-      case Aggr::Mean: { constexpr Aggr AG = Aggr::Mean; return __VA_ARGS__(); }       \
-      case Aggr::Max: { constexpr Aggr AG = Aggr::Max; return __VA_ARGS__(); }         \
-      case Aggr::Softmax: { constexpr Aggr AG = Aggr::Softmax; return __VA_ARGS__(); } \
-      default: { constexpr Aggr AG = Aggr::PowerMean; return __VA_ARGS__(); }          \
-    }                                                                                 \
-  }()
-
 struct CpuGen {
   static void check_dtype(at::ScalarType dtype, const char* op) {
     TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op, ": CPU kernels support float32 and float64, got ",
@@ -408,7 +397,9 @@ struct CpuGen {
   static void forward(const GenInputs& in, const at::Tensor& out, const at::Tensor& state) {
     AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "revgnn_ext.gen_aggregate", [&] {
       REVGNN_DISPATCH_INDEX(in.rowptr.scalar_type(), "revgnn_ext.gen_aggregate", [&] {
-        REVGNN_DISPATCH_AGGR(in.aggr, [&] { forward_kernel<scalar_t, index_t, AG>(in, out, state); });
+        dispatch_aggr(in.aggr, [&](auto aggr) {
+          forward_kernel<scalar_t, index_t, decltype(aggr)::value>(in, out, state);
+        });
       });
     });
   }
@@ -417,7 +408,8 @@ struct CpuGen {
                        const at::Tensor& grad_out, const GenGrads& grads) {
     AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "revgnn_ext.gen_aggregate_backward", [&] {
       REVGNN_DISPATCH_INDEX(in.rowptr.scalar_type(), "revgnn_ext.gen_aggregate_backward", [&] {
-        REVGNN_DISPATCH_AGGR(in.aggr, [&] {
+        dispatch_aggr(in.aggr, [&](auto aggr) {
+          constexpr Aggr AG = decltype(aggr)::value;
           backward_x_kernel<scalar_t, index_t, AG>(in, out, state, grad_out, grads.x);
           if (grads.edge_attr.defined() || grads.weight_t.defined() || grads.bias.defined() || grads.t.defined() ||
               grads.p.defined())

@@ -28,16 +28,14 @@
 #include <limits>
 #include <type_traits>
 
+#include "cuda/lane_group.cuh"
 #include "ops/spmm.h"
 
 namespace revgnn_ext {
 namespace {
 
-constexpr int kBlock = 256;   // threads per block
 constexpr int kUnroll = 8;    // gathered rows loaded together, before any is consumed
-constexpr int kMinGroup = 8;  // fewest lanes per row
 static_assert(kMinGroup % kUnroll == 0, "a batch of edges must hold whole unrolled steps");
-static_assert(kBlock % 32 == 0, "blocks are made of whole warps");
 
 // VEC consecutive elements, loaded or stored with one instruction (16 bytes when VEC > 1).
 template <typename T, int N>
@@ -50,48 +48,6 @@ __device__ __forceinline__ Pack<scalar_t, VEC> load_pack(const scalar_t* p) {
   return *reinterpret_cast<const Pack<scalar_t, VEC>*>(p);
 }
 
-// 0 <= v < bound; a negative index fails as a huge unsigned one.
-template <typename index_t>
-__device__ __forceinline__ bool in_range(index_t v, int64_t bound) {
-  return static_cast<uint64_t>(static_cast<int64_t>(v)) < static_cast<uint64_t>(bound);
-}
-
-// The lanes that share a row. All lanes of a group follow the same control flow (row, edge
-// range, chunk loop), so the group's own mask is a valid mask for the *_sync intrinsics even
-// when the other groups of the warp have diverged.
-struct LaneGroup {
-  int size;       // lanes per group: a power of two in [kMinGroup, 32]
-  int lane;       // this thread's lane within the group
-  unsigned mask;  // the group's lanes within the warp
-  int64_t first;  // the first row of this group
-  int64_t stride;  // distance between the rows of one group (grid-stride loop)
-
-  __device__ explicit LaneGroup(int group_size) : size(group_size), lane(threadIdx.x & (group_size - 1)) {
-    const int warp_lane = threadIdx.x & 31;
-    mask = size == 32 ? 0xffffffffu : ((1u << size) - 1u) << (warp_lane & ~(size - 1));
-    const int64_t per_block = blockDim.x / size;
-    first = static_cast<int64_t>(blockIdx.x) * per_block + threadIdx.x / size;
-    stride = static_cast<int64_t>(gridDim.x) * per_block;
-  }
-
-  // The value held by lane `src` of the group.
-  template <typename T>
-  __device__ __forceinline__ T shfl(T v, int src) const {
-    return __shfl_sync(mask, v, src, size);
-  }
-
-  // The sum over the group by a butterfly: a fixed order, and every lane gets the same bits.
-  template <typename T>
-  __device__ __forceinline__ T sum(T v) const {
-    for (int offset = size / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(mask, v, offset, size);
-    return v;
-  }
-};
-
-__device__ __forceinline__ int batch_count(int64_t begin, int64_t end, int size) {
-  return static_cast<int>(end - begin < size ? end - begin : size);
-}
-
 // out[i, c] (= or += alpha *) R over CSR edges e of row i of w_e * x[col_e, c]; arg for max/min.
 template <typename scalar_t, typename index_t, Reduce R, int VEC>
 __global__ void __launch_bounds__(kBlock)
@@ -102,7 +58,7 @@ __global__ void __launch_bounds__(kBlock)
   using acc_t = at::opmath_type<scalar_t>;
   const LaneGroup g(group_size);
   const int64_t chunk = static_cast<int64_t>(g.size) * VEC;
-  for (int64_t i = g.first; i < n; i += g.stride) {
+  for (int64_t i = g.first_row(); i < n; i += g.row_stride()) {
     const int64_t e0 = rowptr[i], e1 = rowptr[i + 1];
     for (int64_t c0 = 0; c0 < d; c0 += chunk) {
       const int64_t c = c0 + static_cast<int64_t>(g.lane) * VEC;
@@ -192,7 +148,7 @@ __global__ void __launch_bounds__(kBlock)
   using acc_t = at::opmath_type<scalar_t>;
   const LaneGroup g(group_size);
   const int64_t chunk = static_cast<int64_t>(g.size) * VEC;
-  for (int64_t j = g.first; j < n_src; j += g.stride) {
+  for (int64_t j = g.first_row(); j < n_src; j += g.row_stride()) {
     const int64_t t0 = rowptr_t[j], t1 = rowptr_t[j + 1];
     for (int64_t c0 = 0; c0 < d; c0 += chunk) {
       const int64_t c = c0 + static_cast<int64_t>(g.lane) * VEC;
@@ -274,7 +230,7 @@ __global__ void __launch_bounds__(kBlock)
   using acc_t = at::opmath_type<scalar_t>;
   const LaneGroup g(group_size);
   const int64_t chunk = static_cast<int64_t>(g.size) * VEC;
-  for (int64_t i = g.first; i < n; i += g.stride) {
+  for (int64_t i = g.first_row(); i < n; i += g.row_stride()) {
     const int64_t e0 = rowptr[i], e1 = rowptr[i + 1];
     const scalar_t* grad_row = grad_out + i * ldg;
     for (int64_t base = e0; base < e1; base += g.size) {
@@ -340,22 +296,6 @@ __global__ void __launch_bounds__(kBlock)
 
 // ---- host side ----
 
-// Lanes per row: enough to cover ceil(d / vec) packs in one pass, a power of two in [kMinGroup, 32].
-int lanes_per_row(int64_t d, int vec) {
-  const int64_t packs = (d + vec - 1) / vec;
-  int lanes = kMinGroup;
-  while (lanes < 32 && lanes < packs) lanes *= 2;
-  return lanes;
-}
-
-// One group per row while the grid allows it (the hardware balances rows of uneven degree
-// across blocks); the kernels' grid-stride loops cover the rest.
-unsigned int num_blocks(int64_t rows, int lanes) {
-  const int64_t per_block = kBlock / lanes;
-  const int64_t blocks = (rows + per_block - 1) / per_block;
-  return static_cast<unsigned int>(std::min<int64_t>(blocks, std::numeric_limits<int32_t>::max()));
-}
-
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Whether every row of the 2-D matrix t (channels contiguous) can be read in 16-byte packs.
@@ -374,11 +314,6 @@ void with_vec(bool packs, const F& f) {
   } else {
     f(std::integral_constant<int, 1>{});
   }
-}
-
-template <typename T>
-const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
 struct CudaSpmm {

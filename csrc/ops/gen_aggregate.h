@@ -45,6 +45,7 @@
 
 #include <c10/macros/Macros.h>
 #include <cmath>
+#include <type_traits>
 
 #include "ops/spmm.h"
 
@@ -161,6 +162,24 @@ inline Aggr parse_aggr(const std::string& aggr, const char* op) {
   if (aggr == "softmax") return Aggr::Softmax;
   if (aggr == "powermean") return Aggr::PowerMean;
   TORCH_CHECK(false, op, ": aggr must be one of 'softmax', 'max', 'mean', 'sum', 'powermean', got '", aggr, "'");
+}
+
+// Calls f(std::integral_constant<Aggr, aggr>{}): the aggregation as a compile-time constant.
+template <typename F>
+void dispatch_aggr(Aggr aggr, const F& f) {
+  switch (aggr) {
+    case Aggr::Sum:
+      return f(std::integral_constant<Aggr, Aggr::Sum>{});
+    case Aggr::Mean:
+      return f(std::integral_constant<Aggr, Aggr::Mean>{});
+    case Aggr::Max:
+      return f(std::integral_constant<Aggr, Aggr::Max>{});
+    case Aggr::Softmax:
+      return f(std::integral_constant<Aggr, Aggr::Softmax>{});
+    case Aggr::PowerMean:
+      return f(std::integral_constant<Aggr, Aggr::PowerMean>{});
+  }
+  TORCH_CHECK(false, "revgnn_ext: unknown aggregation ", static_cast<int>(aggr));
 }
 
 // The checked inputs of either op, in the form the kernels read them.

@@ -1,0 +1,89 @@
+// Lane groups: the thread mapping shared by the CUDA kernels. A group of G lanes (a power of
+// two in [kMinGroup, 32]) owns one row at a time; rows are visited with grid-stride loops.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+namespace revgnn_ext {
+namespace {
+
+constexpr int kBlock = 256;   // threads per block
+constexpr int kMinGroup = 8;  // fewest lanes per row
+static_assert(kBlock % 32 == 0, "blocks are made of whole warps");
+
+// 0 <= v < bound; a negative index fails as a huge unsigned one.
+template <typename index_t>
+__device__ __forceinline__ bool in_range(index_t v, int64_t bound) {
+  return static_cast<uint64_t>(static_cast<int64_t>(v)) < static_cast<uint64_t>(bound);
+}
+
+__device__ __forceinline__ int batch_count(int64_t begin, int64_t end, int size) {
+  return static_cast<int>(end - begin < size ? end - begin : size);
+}
+
+// The lanes that share a row: lanes [index * size, (index + 1) * size) of the block. All lanes of
+// a group follow the same control flow (row, edge batches, chunks), so the group's own mask is a
+// valid mask for the *_sync intrinsics even when the other groups of the warp have diverged.
+struct LaneGroup {
+  int size;       // lanes per group: a power of two in [kMinGroup, 32]
+  int lane;       // this thread's lane within the group
+  int index;      // this group within the block
+  int count;      // groups per block
+  unsigned mask;  // the group's lanes within the warp
+
+  __device__ explicit LaneGroup(int group_size)
+      : size(group_size), lane(threadIdx.x & (group_size - 1)), index(threadIdx.x / group_size),
+        count(blockDim.x / group_size) {
+    const int warp_lane = threadIdx.x & 31;
+    mask = size == 32 ? 0xffffffffu : ((1u << size) - 1u) << (warp_lane & ~(size - 1));
+  }
+
+  // Grid-stride loops over rows: this group's first row and the distance to its next.
+  __device__ int64_t first_row() const { return static_cast<int64_t>(blockIdx.x) * count + index; }
+  __device__ int64_t row_stride() const { return static_cast<int64_t>(gridDim.x) * count; }
+
+  // The value held by lane `src` of the group.
+  template <typename T>
+  __device__ __forceinline__ T shfl(T v, int src) const {
+    return __shfl_sync(mask, v, src, size);
+  }
+
+  // The sum over the group by a butterfly: a fixed order, and every lane gets the same bits.
+  template <typename T>
+  __device__ __forceinline__ T sum(T v) const {
+    for (int offset = size / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(mask, v, offset, size);
+    return v;
+  }
+
+  __device__ __forceinline__ void sync() const { __syncwarp(mask); }
+};
+
+// Lanes per row: enough to cover ceil(d / vec) channel packs in one pass, a power of two in
+// [kMinGroup, 32].
+inline int lanes_per_row(int64_t d, int vec = 1) {
+  const int64_t packs = (d + vec - 1) / vec;
+  int lanes = kMinGroup;
+  while (lanes < 32 && lanes < packs) lanes *= 2;
+  return lanes;
+}
+
+// One group per row while the grid allows it (the hardware balances rows of uneven degree
+// across blocks); the kernels' grid-stride loops cover the rest.
+inline unsigned int num_blocks(int64_t rows, int lanes) {
+  const int64_t per_block = kBlock / lanes;
+  const int64_t blocks = (rows + per_block - 1) / per_block;
+  return static_cast<unsigned int>(std::min<int64_t>(blocks, std::numeric_limits<int32_t>::max()));
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+}  // namespace
+}  // namespace revgnn_ext
