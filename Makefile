@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
+BUILT  := $(VENV)/.extension-built
+# The compiled extension is rebuilt only when its sources change (Python files are editable).
+SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
 .PHONY: test demo build bench clean
 
@@ -15,8 +18,11 @@ $(DEPS): $(PY) pyproject.toml
 	$(PY) -m pip install pytest numpy expecttest torch_geometric
 	touch $@
 
-build: $(DEPS)
+$(BUILT): $(DEPS) $(SOURCES)
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(BUILT)
 
 test: build
 	$(PY) -m pytest -q tests
@@ -29,4 +35,4 @@ bench: build
 	$(PY) benchmarks/gen_conv.py
 
 clean:
-	rm -rf build *.egg-info revgnn_ext/_C*.so
+	rm -rf build *.egg-info revgnn_ext/_C*.so $(BUILT)
