@@ -11,5 +11,6 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 from .gen_conv import GENConv
 from .group_add_rev import GroupAddRev
+from .sage_conv import SAGEConv
 
-__all__ = ["GENConv", "GroupAddRev"]
+__all__ = ["GENConv", "GroupAddRev", "SAGEConv"]

@@ -17,8 +17,7 @@ _warned = set()
 def _warn_once(reason: str) -> None:
     if reason not in _warned:
         _warned.add(reason)
-        warnings.warn(f"revgnn_ext.nn.GENConv: {reason}; falling back to PyG's (unfused) computation",
-                      stacklevel=3)
+        warnings.warn(f"revgnn_ext.nn: {reason}; falling back to PyG's (unfused) computation", stacklevel=3)
 
 
 class GENConv(pyg_nn.GENConv):
@@ -53,7 +52,7 @@ class GENConv(pyg_nn.GENConv):
             if not isinstance(module.p, Tensor) and module.p == 1:
                 return "mean", {}  # PyG skips the power and its clamps for a fixed p = 1
             return "powermean", {"p": module.p}
-        _warn_once(f"aggregation {module!r} is not fused")
+        _warn_once(f"GENConv aggregation {module!r} is not fused")
         return None
 
     def forward(self, x: Union[Tensor, Tuple[Tensor, Optional[Tensor]]], edge_index,

@@ -1,0 +1,47 @@
+"""SAGEConv on the fused spmm op (no [num_edges, channels] message tensor)."""
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+import torch_geometric.nn as pyg_nn
+from torch import Tensor
+from torch_geometric.nn import aggr as pyg_aggr
+from torch_geometric.typing import OptPairTensor
+
+from .. import ops
+from ..graph import as_graph
+from .gen_conv import _warn_once
+
+_REDUCES = {pyg_aggr.SumAggregation: "sum", pyg_aggr.MeanAggregation: "mean", pyg_aggr.MaxAggregation: "max",
+            pyg_aggr.MinAggregation: "min"}
+
+
+class SAGEConv(pyg_nn.SAGEConv):
+    """A drop-in for ``torch_geometric.nn.SAGEConv`` (same arguments, submodules, ``state_dict``,
+    ``repr``) whose neighbourhood aggregation runs in revgnn_ext's ``spmm`` (sum, mean, max,
+    min; deterministic, no per-edge tensor). ``edge_index`` may be anything
+    ``revgnn_ext.graph.as_graph`` accepts; it is converted once and cached. Other aggregations
+    fall back to PyG's computation with a one-time warning."""
+
+    # The arguments of PyG's propagate(), which PyG otherwise reads off the source of forward().
+    propagate_type = {"x": OptPairTensor}
+
+    def forward(self, x: Union[Tensor, Tuple[Tensor, Optional[Tensor]]], edge_index,
+                size: Optional[Tuple[int, int]] = None) -> Tensor:
+        reduce = _REDUCES.get(type(self.aggr_module))
+        if reduce is None:
+            _warn_once(f"SAGEConv aggregation {self.aggr_module!r} is not fused")
+            return super().forward(x, edge_index, size)
+        if isinstance(x, Tensor):
+            x = (x, x)
+        x_src, x_dst = x
+        if self.project and hasattr(self, "lin"):
+            x_src = self.lin(x_src).relu()
+        num_src = size[0] if size is not None else x_src.size(0)
+        num_dst = size[1] if size is not None else (x_dst.size(0) if x_dst is not None else x_src.size(0))
+        out = self.lin_l(ops.spmm(as_graph(edge_index, (num_src, num_dst)), x_src, None, reduce))
+        if self.root_weight and x_dst is not None:
+            out = out + self.lin_r(x_dst)
+        if self.normalize:
+            out = F.normalize(out, p=2.0, dim=-1)
+        return out
