@@ -171,10 +171,6 @@ def _gen_backward(ctx, grad_out, _grad_state):
     return (None,) * 5 + tuple(g if need else None for g, need in zip(grads, wanted)) + (None, None)
 
 
-def _gen_backward_setup(ctx, inputs, output):
-    pass
-
-
 def _gen_double_backward(ctx, *grads):
     raise NotImplementedError("revgnn_ext.gen_aggregate: gradients of gradients (double backward) are not "
                               "supported; use revgnn_ext.reference.gen_aggregate for them")
@@ -182,8 +178,7 @@ def _gen_double_backward(ctx, *grads):
 
 torch.library.register_autograd("revgnn_ext::spmm", _spmm_backward, setup_context=_spmm_setup)
 torch.library.register_autograd("revgnn_ext::gen_aggregate", _gen_backward, setup_context=_gen_setup)
-torch.library.register_autograd("revgnn_ext::gen_aggregate_backward", _gen_double_backward,
-                                setup_context=_gen_backward_setup)
+torch.library.register_autograd("revgnn_ext::gen_aggregate_backward", _gen_double_backward)
 torch.library.register_autograd("revgnn_ext::spmm_backward_x", _backward_x_backward,
                                 setup_context=_backward_x_setup)
 torch.library.register_autograd("revgnn_ext::spmm_backward_weight", _backward_weight_backward,
@@ -191,7 +186,7 @@ torch.library.register_autograd("revgnn_ext::spmm_backward_weight", _backward_we
 
 
 # ---------------------------------------------------------------------------- user functions
-def _check_call(where: str, graph: CSRGraph, x: Tensor, reduce: str) -> None:
+def _check_call(where: str, graph: CSRGraph, x: Tensor) -> None:
     if not isinstance(graph, CSRGraph):
         raise TypeError(f"{where}: graph must be a revgnn_ext.CSRGraph (build one with "
                         f"CSRGraph.from_edge_index), got {type(graph).__name__}")
@@ -204,6 +199,9 @@ def _check_call(where: str, graph: CSRGraph, x: Tensor, reduce: str) -> None:
         raise ValueError(f"{where}: x is on {x.device} but the graph is on {graph.device} (use graph.to(device))")
     if not x.dtype.is_floating_point:
         raise TypeError(f"{where}: x must be a floating-point tensor, got {x.dtype}")
+
+
+def _check_reduce(where: str, reduce: str) -> None:
     if reduce not in REDUCES:
         raise ValueError(f"{where}: reduce must be one of {REDUCES}, got {reduce!r}")
 
@@ -228,7 +226,8 @@ def spmm(graph: CSRGraph, x: Tensor, edge_weight: Optional[Tensor] = None, reduc
     that attains the extremum). Deterministic: no atomics, forward or backward.
     """
     where = "revgnn_ext.ops.spmm"
-    _check_call(where, graph, x, reduce)
+    _check_call(where, graph, x)
+    _check_reduce(where, reduce)
     weight = _csr_weight(where, graph, x, edge_weight)
     transposed = graph.transposed() if (torch.is_grad_enabled() and x.requires_grad) else (None, None, None)
     return _ops.spmm(graph.rowptr, graph.col, *transposed, weight, x, reduce)[0]
@@ -245,7 +244,8 @@ def spmm_accumulate_(out: Tensor, graph: CSRGraph, x: Tensor, edge_weight: Optio
     ``out.add_(spmm(...), alpha=alpha)``, which autograd tracks.
     """
     where = "revgnn_ext.ops.spmm_accumulate_"
-    _check_call(where, graph, x, reduce)
+    _check_call(where, graph, x)
+    _check_reduce(where, reduce)
     weight = _csr_weight(where, graph, x, edge_weight)
     if not isinstance(out, Tensor) or out.shape != (graph.num_dst, x.size(1)):
         shape = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -289,7 +289,7 @@ def gen_aggregate(graph: CSRGraph, x: Tensor, edge_attr: Optional[Tensor] = None
     where = "revgnn_ext.ops.gen_aggregate"
     if aggr not in GEN_AGGRS:
         raise ValueError(f"{where}: aggr must be one of {GEN_AGGRS}, got {aggr!r}")
-    _check_call(where, graph, x, "sum")
+    _check_call(where, graph, x)
     if edge_attr is not None:
         if not isinstance(edge_attr, Tensor) or edge_attr.dim() != 2:
             shape = list(edge_attr.shape) if isinstance(edge_attr, Tensor) else type(edge_attr).__name__

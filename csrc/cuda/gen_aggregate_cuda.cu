@@ -209,14 +209,7 @@ __global__ void __launch_bounds__(kBlock)
       bool seen = false;  // whether an edge has been aggregated
       for (int64_t base = e0; base < e1; base += g.size) {
         // Lane l fetches edge base + l; src = -1 marks an edge past the row or out of range.
-        const int64_t e = base + g.lane;
-        index_t src = -1;
-        if (e < e1) {
-          const index_t j = col[e];
-          const bool ok = in_range(j, num_src);
-          CUDA_KERNEL_ASSERT(ok && "revgnn_ext.gen_aggregate: col index out of range");
-          if (ok) src = j;
-        }
+        const index_t src = fetch_index(col, base + g.lane, e1, num_src);
         const int count = batch_count(base, e1, g.size);
         if (staged) {
           emb.stage_range(g, tile, base, count, 0, static_cast<int>(emb.f));
@@ -411,14 +404,7 @@ __global__ void __launch_bounds__(kBlock)
             active ? rows.template load<A>(i, c, static_cast<acc_t>(e1 - e0)) : RowVals<acc_t>();
         acc_t s1 = acc_t(0), s2 = acc_t(0);  // the row's sums for d/dt or d/dp
         for (int64_t base = e0; base < e1; base += g.size) {
-          const int64_t e = base + g.lane;
-          index_t src = -1;
-          if (e < e1) {
-            const index_t j = col[e];
-            const bool ok = in_range(j, num_src);
-            CUDA_KERNEL_ASSERT(ok && "revgnn_ext.gen_aggregate_backward: col index out of range");
-            if (ok) src = j;
-          }
+          const index_t src = fetch_index(col, base + g.lane, e1, num_src);
           const int count = batch_count(base, e1, g.size);
           if (has_weight) {
             emb.stage_range(g, tile, base, count, k0, kf);

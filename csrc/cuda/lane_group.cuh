@@ -22,6 +22,17 @@ __device__ __forceinline__ bool in_range(index_t v, int64_t bound) {
   return static_cast<uint64_t>(static_cast<int64_t>(v)) < static_cast<uint64_t>(bound);
 }
 
+// A lane's fetch of idx[e] for e < end: the index if it lies in [0, bound), else -1 (past the
+// row's end; or out of range, which also fails an assert). -1 entries are skipped by the kernels.
+template <typename index_t>
+__device__ __forceinline__ index_t fetch_index(const index_t* idx, int64_t e, int64_t end, int64_t bound) {
+  if (e >= end) return index_t(-1);
+  const index_t v = idx[e];
+  const bool ok = in_range(v, bound);
+  CUDA_KERNEL_ASSERT(ok && "revgnn_ext: graph index out of range (build graphs with revgnn_ext.CSRGraph)");
+  return ok ? v : index_t(-1);
+}
+
 __device__ __forceinline__ int batch_count(int64_t begin, int64_t end, int size) {
   return static_cast<int>(end - begin < size ? end - begin : size);
 }

@@ -74,17 +74,8 @@ __global__ void __launch_bounds__(kBlock)
       for (int64_t base = e0; base < e1; base += g.size) {
         // Lane l fetches edge base + l; src = -1 marks an edge past the row or out of range.
         const int64_t e = base + g.lane;
-        index_t src = -1;
-        acc_t w = acc_t(1);
-        if (e < e1) {
-          const index_t j = col[e];
-          const bool ok = in_range(j, num_src);
-          CUDA_KERNEL_ASSERT(ok && "revgnn_ext.spmm: col index out of range");
-          if (ok) {
-            src = j;
-            if (weight != nullptr) w = static_cast<acc_t>(weight[e]);
-          }
-        }
+        const index_t src = fetch_index(col, e, e1, num_src);
+        const acc_t w = src >= 0 && weight != nullptr ? static_cast<acc_t>(weight[e]) : acc_t(1);
         const int count = batch_count(base, e1, g.size);
         for (int k = 0; k < count; k += kUnroll) {
           index_t js[kUnroll];
@@ -234,14 +225,7 @@ __global__ void __launch_bounds__(kBlock)
     const int64_t e0 = rowptr[i], e1 = rowptr[i + 1];
     const scalar_t* grad_row = grad_out + i * ldg;
     for (int64_t base = e0; base < e1; base += g.size) {
-      const int64_t e = base + g.lane;
-      index_t src = -1;
-      if (e < e1) {
-        const index_t j = col[e];
-        const bool ok = in_range(j, num_src);
-        CUDA_KERNEL_ASSERT(ok && "revgnn_ext.spmm_backward_weight: col index out of range");
-        if (ok) src = j;
-      }
+      const index_t src = fetch_index(col, base + g.lane, e1, num_src);
       const int count = batch_count(base, e1, g.size);
       for (int k = 0; k < count; k += kUnroll) {
         index_t js[kUnroll];

@@ -2,7 +2,6 @@
 import warnings
 from typing import Optional, Tuple, Union
 
-import torch
 import torch_geometric.nn as pyg_nn
 from torch import Tensor
 from torch_geometric.nn import aggr as pyg_aggr
@@ -12,6 +11,14 @@ from .. import ops
 from ..graph import as_graph
 
 _warned = set()
+
+
+def node_counts(x_src: Tensor, x_dst: Optional[Tensor], size: Optional[Tuple[int, int]]) -> Tuple[int, int]:
+    """(num_src, num_dst) of a layer call, by PyG's rules: size= wins, else the features'
+    rows, with the source side standing in for a missing destination side."""
+    if size is not None:
+        return int(size[0]), int(size[1])
+    return x_src.size(0), (x_dst if x_dst is not None else x_src).size(0)
 
 
 def _warn_once(reason: str) -> None:
@@ -66,9 +73,7 @@ class GENConv(pyg_nn.GENConv):
         x_src, x_dst = x
         if hasattr(self, "lin_src"):
             x_src = self.lin_src(x_src)
-        num_dst = size[1] if size is not None else (x_dst.size(0) if x_dst is not None else x_src.size(0))
-        num_src = size[0] if size is not None else x_src.size(0)
-        graph = as_graph(edge_index, (num_src, num_dst))
+        graph = as_graph(edge_index, node_counts(x_src, x_dst, size))
         weight = bias = None
         if edge_attr is not None and hasattr(self, "lin_edge"):
             weight, bias = self.lin_edge.weight, self.lin_edge.bias

@@ -1,7 +1,6 @@
 """SAGEConv on the fused spmm op (no [num_edges, channels] message tensor)."""
 from typing import Optional, Tuple, Union
 
-import torch
 import torch.nn.functional as F
 import torch_geometric.nn as pyg_nn
 from torch import Tensor
@@ -10,7 +9,7 @@ from torch_geometric.typing import OptPairTensor
 
 from .. import ops
 from ..graph import as_graph
-from .gen_conv import _warn_once
+from .gen_conv import _warn_once, node_counts
 
 _REDUCES = {pyg_aggr.SumAggregation: "sum", pyg_aggr.MeanAggregation: "mean", pyg_aggr.MaxAggregation: "max",
             pyg_aggr.MinAggregation: "min"}
@@ -37,9 +36,7 @@ class SAGEConv(pyg_nn.SAGEConv):
         x_src, x_dst = x
         if self.project and hasattr(self, "lin"):
             x_src = self.lin(x_src).relu()
-        num_src = size[0] if size is not None else x_src.size(0)
-        num_dst = size[1] if size is not None else (x_dst.size(0) if x_dst is not None else x_src.size(0))
-        out = self.lin_l(ops.spmm(as_graph(edge_index, (num_src, num_dst)), x_src, None, reduce))
+        out = self.lin_l(ops.spmm(as_graph(edge_index, node_counts(x_src, x_dst, size)), x_src, None, reduce))
         if self.root_weight and x_dst is not None:
             out = out + self.lin_r(x_dst)
         if self.normalize:
