@@ -80,6 +80,7 @@ class CSRGraph:
         self.perm = perm
         self.num_src = int(num_src)
         self._transposed: Optional[Tuple[Tensor, Tensor, Tensor]] = None
+        self._csr_ordered: Optional["CSRGraph"] = None
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -202,6 +203,18 @@ class CSRGraph:
         if edge_tensor.device != self.device:
             raise ValueError(f"{name} is on {edge_tensor.device}, but the graph is on {self.device}")
         return edge_tensor if self.perm is None else edge_tensor[self.perm]
+
+    def csr_ordered(self) -> "CSRGraph":
+        """This graph with its edges numbered in CSR order (``perm`` None), for a caller that
+        reorders its edge tensors once with :meth:`edges_to_csr` and hands them to many layers.
+        Built once and cached; the two share the transpose when it exists."""
+        if self.perm is None:
+            return self
+        if self._csr_ordered is None:
+            self._csr_ordered = CSRGraph(self.rowptr, self.col, self.num_src)
+        if self._csr_ordered._transposed is None:  # the transpose does not depend on the numbering
+            self._csr_ordered._transposed = self._transposed
+        return self._csr_ordered
 
     def to(self, device: Union[str, torch.device]) -> "CSRGraph":
         """The same graph on `device` (the cached transpose moves with it)."""

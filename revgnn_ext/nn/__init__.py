@@ -11,6 +11,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 from .gen_conv import GENConv
 from .group_add_rev import GroupAddRev
+from .rev_gnn import RevGNN, SharedDropout
 from .sage_conv import SAGEConv
 
-__all__ = ["GENConv", "GroupAddRev", "SAGEConv"]
+__all__ = ["GENConv", "GroupAddRev", "RevGNN", "SAGEConv", "SharedDropout"]

@@ -67,6 +67,25 @@ class GENConv(pyg_nn.GENConv):
         fused = self._fused_aggregation()
         if fused is None:
             return super().forward(x, edge_index, edge_attr, size)
+        encoder = None
+        if edge_attr is not None and hasattr(self, "lin_edge"):
+            encoder = (self.lin_edge.weight, self.lin_edge.bias)
+        return self._fused_forward(fused, x, edge_index, edge_attr, encoder, size)
+
+    def forward_encoded(self, x: Union[Tensor, Tuple[Tensor, Optional[Tensor]]], edge_index, edge_attr: Tensor,
+                        encoder: Tuple[Tensor, Optional[Tensor]], size: Optional[Tuple[int, int]] = None) -> Tensor:
+        """``forward`` with the edge embedding ``edge_attr @ weight.T + bias`` computed inside the
+        kernel from ``encoder = (weight [out_channels, F], bias [out_channels] or None)`` instead of
+        ``lin_edge``: for a caller that composes its own edge encoder with this layer's (RevGNN
+        composes the model-level Linear(F, hidden) with each group's lin_edge into one Linear(F, c)),
+        so that the [num_edges, hidden] embedding never exists. Needs a fused aggregation."""
+        fused = self._fused_aggregation()
+        if fused is None:
+            raise ValueError(f"GENConv.forward_encoded needs a fused aggregation, not {self.aggr_module!r}")
+        return self._fused_forward(fused, x, edge_index, edge_attr, encoder, size)
+
+    def _fused_forward(self, fused: Tuple[str, dict], x, edge_index, edge_attr: Optional[Tensor],
+                       encoder: Optional[Tuple[Tensor, Optional[Tensor]]], size) -> Tensor:
         aggr, kwargs = fused
         if isinstance(x, Tensor):
             x = (x, x)
@@ -74,9 +93,7 @@ class GENConv(pyg_nn.GENConv):
         if hasattr(self, "lin_src"):
             x_src = self.lin_src(x_src)
         graph = as_graph(edge_index, node_counts(x_src, x_dst, size))
-        weight = bias = None
-        if edge_attr is not None and hasattr(self, "lin_edge"):
-            weight, bias = self.lin_edge.weight, self.lin_edge.bias
+        weight, bias = encoder if encoder is not None else (None, None)
         out = ops.gen_aggregate(graph, x_src, edge_attr, weight, bias, aggr, eps=self.eps, **kwargs)
         if hasattr(self, "msg_norm"):
             out = self.msg_norm(x_dst if x_dst is not None else x_src, out)

@@ -1,0 +1,192 @@
+"""RevGNN ("Training Graph Neural Networks with 1000 Layers", Li et al., ICML 2021): deep
+grouped-reversible GNNs built from revgnn_ext's GroupAddRev, GENConv and SAGEConv."""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..graph import CSRGraph, as_graph
+from .gen_conv import GENConv
+from .group_add_rev import GroupAddRev
+from .sage_conv import SAGEConv
+
+__all__ = ["RevGNN", "SharedDropout"]
+
+
+class SharedDropout(torch.nn.Module):
+    """RevGNN's dropout: one mask per forward of the whole model, drawn by :meth:`mask` and
+    passed to every layer as an argument, so that a reversible block's recomputation in
+    backward applies exactly the mask of the forward (and every layer drops the same units).
+    ``mask`` returns None (no dropout) in eval mode or with ``p = 0``."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"SharedDropout: p must be in [0, 1), got {p}")
+        self.p = p
+
+    def mask(self, like: Tensor) -> Optional[Tensor]:
+        """A fresh mask shaped like ``like``: 0 with probability p, else 1 / (1 - p)."""
+        if not self.training or self.p == 0.0:
+            return None
+        return torch.empty_like(like).bernoulli_(1.0 - self.p).div_(1.0 - self.p)
+
+    def forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        return x if mask is None else x * mask
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class ResPlusGroup(torch.nn.Module):
+    """One group's function F_i in a RevGNN block, "res+" pre-activation:
+    conv(SharedDropout(ReLU(LayerNorm(x)), mask)). With ``edge_attr``, a GENConv's edge
+    embedding is ``encoder`` = (weight_t [F, c], bias [c]) applied inside the fused kernel."""
+
+    def __init__(self, channels: int, conv: torch.nn.Module):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(channels)
+        self.dropout = SharedDropout(0.0)  # the mask comes from the model
+        self.conv = conv
+
+    def reset_parameters(self):
+        self.norm.reset_parameters()
+        self.conv.reset_parameters()
+
+    def forward(self, x: Tensor, graph: CSRGraph, mask: Optional[Tensor] = None, edge_attr: Optional[Tensor] = None,
+                encoder_weight_t: Optional[Tensor] = None, encoder_bias: Optional[Tensor] = None) -> Tensor:
+        h = self.dropout(F.relu(self.norm(x)), mask)
+        if edge_attr is None:
+            return self.conv(h, graph)
+        return self.conv.forward_encoded(h, graph, edge_attr, (encoder_weight_t.t(), encoder_bias))
+
+
+PRESETS = {
+    # ogbn-proteins: 8 species (one-hot) per node, 8 edge features, 112 binary tasks.
+    "proteins-deep": dict(in_channels=8, hidden_channels=80, out_channels=112, num_layers=1001, conv="gen",
+                          aggr="max", edge_dim=8, edge_sums=True, dropout=0.1),
+    "proteins-wide": dict(in_channels=8, hidden_channels=224, out_channels=112, num_layers=448, conv="gen",
+                          aggr="max", edge_dim=8, edge_sums=True, dropout=0.1),
+    # ogbn-products: 100 node features, 47 classes.
+    "products-112": dict(in_channels=100, hidden_channels=160, out_channels=47, num_layers=112, conv="sage",
+                         dropout=0.5),
+}
+
+
+class RevGNN(torch.nn.Module):
+    r"""The RevGNN models: a node encoder, ``num_layers`` grouped reversible blocks
+    (:class:`GroupAddRev`, ``num_groups`` groups of width c = hidden / num_groups, each group's
+    F = conv(SharedDropout(ReLU(LayerNorm(x))))), then LayerNorm -> ReLU -> dropout -> Linear.
+
+    - ``conv="gen"``: GENConv(c, c, aggr, norm="layer", bias=True); with ``edge_dim``, a
+      model-level edge encoder Linear(edge_dim, hidden) feeds every group's ``lin_edge``
+      Linear(hidden, c). The two are one affine map Linear(edge_dim, c), composed once per
+      forward and applied by the fused kernel to the raw edge features: the [num_edges, hidden]
+      embedding is never formed, and gradients reach both original layers.
+    - ``conv="sage"``: SAGEConv(c, c) (mean aggregation, root weight).
+    - ``edge_sums=True`` (ogbn-proteins): the node input is [sum of each node's out-edge
+      features, Linear(in, in)(x)], as in the paper.
+    - ``weight_tied=True`` (RevGNN-WT): one block's weights are used at every depth.
+    - ``reversible=False``: the same function with plain autograd (every activation stored),
+      for comparison.
+
+    Build the paper's models with :meth:`preset`. ``forward(x, edge_index, edge_attr=None)``
+    accepts any adjacency our layers do (edge_index, CSRGraph, torch.sparse, SparseTensor).
+    """
+
+    def __init__(self, in_channels: int, hidden_channels: int, out_channels: int, num_layers: int, *,
+                 conv: str = "gen", aggr: str = "max", edge_dim: Optional[int] = None, edge_sums: bool = False,
+                 num_groups: int = 2, dropout: float = 0.1, weight_tied: bool = False, reversible: bool = True):
+        super().__init__()
+        if conv not in ("gen", "sage"):
+            raise ValueError(f"RevGNN: conv must be 'gen' or 'sage', got {conv!r}")
+        if num_layers < 1:
+            raise ValueError(f"RevGNN: num_layers must be >= 1, got {num_layers}")
+        if num_groups < 2 or hidden_channels % num_groups != 0:
+            raise ValueError(f"RevGNN: hidden_channels ({hidden_channels}) must split into num_groups "
+                             f"({num_groups} >= 2) equal groups")
+        if edge_dim is not None and conv != "gen":
+            raise ValueError("RevGNN: edge features (edge_dim) need conv='gen'")
+        if edge_sums and edge_dim is None:
+            raise ValueError("RevGNN: edge_sums needs edge_dim")
+        if edge_dim == hidden_channels:
+            # GroupAddRev splits every argument whose last size is the channel count.
+            raise ValueError(f"RevGNN: edge_dim must differ from hidden_channels ({hidden_channels})")
+        self.in_channels, self.hidden_channels, self.out_channels = in_channels, hidden_channels, out_channels
+        self.num_layers, self.num_groups, self.conv, self.aggr = num_layers, num_groups, conv, aggr
+        self.edge_dim, self.weight_tied, self.reversible = edge_dim, weight_tied, reversible
+        c = hidden_channels // num_groups
+
+        self.input_encoder = torch.nn.Linear(in_channels, in_channels) if edge_sums else None
+        self.node_encoder = torch.nn.Linear(in_channels + (edge_dim if edge_sums else 0), hidden_channels)
+        self.edge_encoder = torch.nn.Linear(edge_dim, hidden_channels) if edge_dim is not None else None
+
+        def group() -> ResPlusGroup:
+            if conv == "gen":
+                layer = GENConv(c, c, aggr=aggr, norm="layer", bias=True, edge_dim=hidden_channels if edge_dim else None)
+            else:
+                layer = SAGEConv(c, c)
+            return ResPlusGroup(c, layer)
+
+        self.layers = torch.nn.ModuleList(
+            GroupAddRev(torch.nn.ModuleList(group() for _ in range(num_groups)), disable=not reversible)
+            for _ in range(1 if weight_tied else num_layers))
+        self.dropout = SharedDropout(dropout)
+        self.norm = torch.nn.LayerNorm(hidden_channels)
+        self.head = torch.nn.Linear(hidden_channels, out_channels)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "RevGNN":
+        """The paper's models: ``proteins-deep`` (RevGNN-Deep, 1001 x 80, 20,031,384 parameters),
+        ``proteins-wide`` (RevGNN-Wide, 448 x 224, 68,471,608), ``products-112`` (RevGNN-112,
+        112 x 160, 2,945,007); ``overrides`` replace any constructor argument (e.g. num_layers,
+        hidden_channels, weight_tied)."""
+        if name not in PRESETS:
+            raise ValueError(f"RevGNN.preset: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def reset_parameters(self):
+        for module in (self.input_encoder, self.node_encoder, self.edge_encoder, self.norm, self.head):
+            if module is not None:
+                module.reset_parameters()
+        for layer in self.layers:
+            layer.reset_parameters()
+
+    def __repr__(self) -> str:
+        extra = f", edge_dim={self.edge_dim}" if self.edge_dim is not None else ""
+        return (f"{self.__class__.__name__}({self.in_channels}, {self.hidden_channels}, {self.out_channels}, "
+                f"num_layers={self.num_layers}, conv={self.conv!r}, num_groups={self.num_groups}{extra}, "
+                f"dropout={self.dropout.p}, weight_tied={self.weight_tied}, reversible={self.reversible})")
+
+    def _edge_encoder(self, layer: GroupAddRev) -> Tuple[Tensor, Tensor]:
+        """(weight_t [F, hidden], bias [hidden]): the model-level edge encoder composed with each
+        group's lin_edge, groups side by side (GroupAddRev hands group i its columns)."""
+        w2 = torch.cat([group.conv.lin_edge.weight for group in layer.convs])
+        b2 = torch.cat([group.conv.lin_edge.bias for group in layer.convs])
+        return (w2 @ self.edge_encoder.weight).t(), torch.addmv(b2, w2, self.edge_encoder.bias)
+
+    def forward(self, x: Tensor, edge_index, edge_attr: Optional[Tensor] = None) -> Tensor:
+        graph = as_graph(edge_index, (x.size(0), x.size(0)))
+        extra = ()
+        if self.edge_dim is not None:
+            if edge_attr is None or edge_attr.dim() != 2 or edge_attr.size(1) != self.edge_dim:
+                shape = None if edge_attr is None else list(edge_attr.shape)
+                raise ValueError(f"RevGNN: edge_attr must have shape [num_edges, {self.edge_dim}], got {shape}")
+            # Reordered once for all layers; from here on edges are numbered in CSR order.
+            edge_attr = graph.edges_to_csr(edge_attr, "RevGNN: edge_attr")
+            graph = graph.csr_ordered()
+            extra = (edge_attr,)
+        if self.input_encoder is not None:
+            rowptr_t, _, perm_t = graph.transposed()
+            sums = torch.segment_reduce(edge_attr[perm_t.long()], "sum", offsets=rowptr_t.long(), axis=0)
+            x = torch.cat([sums, self.input_encoder(x)], dim=-1)
+        h = self.node_encoder(x)
+        mask = self.dropout.mask(h)
+        for i in range(self.num_layers):
+            layer = self.layers[0 if self.weight_tied else i]
+            if self.edge_dim is not None and (i == 0 or not self.weight_tied):
+                extra = (edge_attr, *self._edge_encoder(layer))
+            h = layer(h, graph, mask, *extra)
+        h = F.dropout(F.relu(self.norm(h)), self.dropout.p, self.training)
+        return self.head(h)
