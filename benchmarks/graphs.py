@@ -1,15 +1,13 @@
-"""Seeded synthetic graphs with OGB-like shapes, generated on the target device (no downloads).
-
-Degrees are heavy-tailed: every edge draws its destination, and independently its source, from
-one Zipf-like distribution over nodes (a Chung-Lu style graph), so in- and out-degrees are both
-skewed and hubs are hubs both ways, as in the symmetric OGB graphs. Node ids are shuffled, so
-hubs are spread over the id range. Self loops and duplicate edges occur, as in real data.
+"""The benchmarks' graph presets: seeded synthetic graphs with OGB-like shapes, generated on the
+target device (no downloads) by revgnn_ext.datasets.power_law_graph (see there for the model).
 """
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from revgnn_ext.datasets import OGB_SHAPES, power_law_graph
 
 __all__ = ["PRESETS", "SyntheticGraph", "power_law_graph", "make_graph"]
 
@@ -24,36 +22,10 @@ PRESETS = {
                           node_features=100, classes=47, full_scale=False),
     "proteins-like": dict(num_nodes=10_000, num_edges=6_000_000, exponent=5.0, edge_features=8,
                           tasks=112, full_scale=False),
-    "products": dict(num_nodes=2_449_029, num_edges=123_718_280, exponent=3.2, edge_features=0,
-                     node_features=100, classes=47, full_scale=True),
-    "proteins": dict(num_nodes=132_534, num_edges=79_122_504, exponent=5.0, edge_features=8,
-                     tasks=112, full_scale=True),
+    "products": dict(**OGB_SHAPES["ogbn-products"], edge_features=0, node_features=100, classes=47,
+                     full_scale=True),
+    "proteins": dict(**OGB_SHAPES["ogbn-proteins"], edge_features=8, tasks=112, full_scale=True),
 }
-
-
-def _zipf_ranks(num_nodes: int, num_samples: int, exponent: float, gen: torch.Generator) -> Tensor:
-    """num_samples ranks in [0, num_nodes), rank r drawn with probability ~ (r + 1)^(-1 / (exponent - 1)),
-    the weights under which the expected degrees follow P(k) ~ k^-exponent. Inverse-CDF sampling:
-    one searchsorted, fast on any device and for any number of nodes."""
-    device = gen.device
-    weights = torch.arange(1, num_nodes + 1, dtype=torch.float64, device=device).pow(-1.0 / (exponent - 1.0))
-    cdf = torch.cumsum(weights, 0)
-    u = torch.rand(num_samples, dtype=torch.float64, device=device, generator=gen) * cdf[-1]
-    return torch.searchsorted(cdf, u).clamp_(max=num_nodes - 1)
-
-
-def power_law_graph(num_nodes: int, num_edges: int, *, exponent: float = 2.5, seed: int = 0,
-                    device="cpu") -> Tensor:
-    """edge_index [2, num_edges] int64 (row 0 sources, row 1 destinations) with in- and
-    out-degrees ~ k^-exponent (exponent > 1; smaller is heavier-tailed) over shuffled node ids.
-    Deterministic for a seed on a given device."""
-    if exponent <= 1:
-        raise ValueError(f"power_law_graph: exponent must be > 1, got {exponent}")
-    gen = torch.Generator(device=device).manual_seed(seed)
-    node_of_rank = torch.randperm(num_nodes, device=device, generator=gen)
-    dst = node_of_rank[_zipf_ranks(num_nodes, num_edges, exponent, gen)]
-    src = node_of_rank[_zipf_ranks(num_nodes, num_edges, exponent, gen)]
-    return torch.stack([src, dst])
 
 
 @dataclass

@@ -1,95 +1,176 @@
-"""The built-in default job: train a deep residual GNN whose message passing is revgnn_ext's fused
-spmm, on a seeded synthetic power-law graph, for a few steps.
+"""The built-in default job (`make demo`): train a deep RevGNN (RevGNN-Deep's architecture:
+GENConv max aggregation, 80 channels in 2 reversible groups, edge features encoded inside the
+fused kernel) on a seeded synthetic ogbn-proteins-like graph for a few steps, and beside it the
+same network without reversibility (plain autograd, every activation stored) where it fits.
 
-    python examples/demo.py [--nodes 20000] [--degree 30] [--layers 28] [--hidden 64] [--steps 10]
+    python examples/demo.py [--device cpu|cuda] [--layers L] [--nodes N] [--degree K] [--steps S]
 
-Prints the loss, step time and peak memory, and checks the first step's gradient against the
-pure-PyTorch reference ops (revgnn_ext.reference) on a small graph before training.
+Defaults: 200 layers on a 5,000-node graph on CPU, 1001 layers on a 50,000-node graph on GPU.
+Before training, the reversible model's gradients are checked against plain autograd on a small
+graph in float64. Prints the loss, step time and peak memory above the model, graph and
+optimizer state (CPU: the process's resident set, sampled every millisecond; GPU: the allocator).
 """
 import argparse
-import resource
+import ctypes
+import ctypes.util
+import threading
 import time
 
 import torch
+import torch.nn.functional as F
 
-from revgnn_ext import CSRGraph, ops, reference
-
-
-def synthetic_graph(num_nodes, mean_degree, seed):
-    """Power-law in-degrees over shuffled node ids; uniformly random sources."""
-    gen = torch.Generator().manual_seed(seed)
-    num_edges = num_nodes * mean_degree
-    probs = torch.arange(1, num_nodes + 1, dtype=torch.float64).pow(-0.8)
-    probs = probs[torch.randperm(num_nodes, generator=gen)]
-    dst = torch.multinomial(probs, num_edges, replacement=True, generator=gen)
-    src = torch.randint(0, num_nodes, (num_edges,), generator=gen)
-    return torch.stack([src, dst])
+from revgnn_ext.datasets import synthetic_proteins
+from revgnn_ext.nn import RevGNN
 
 
-class DeepGNN(torch.nn.Module):
-    """x_{l+1} = x_l + Linear(relu(LayerNorm(mean_j x_l[j]))): a res+ GNN of `layers` layers."""
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-    def __init__(self, in_channels, hidden, num_classes, layers, spmm):
-        super().__init__()
-        self.spmm = spmm
-        self.encoder = torch.nn.Linear(in_channels, hidden)
-        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(hidden) for _ in range(layers))
-        self.lins = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(layers))
-        self.head = torch.nn.Linear(hidden, num_classes)
 
-    def forward(self, graph, x):
-        h = self.encoder(x)
-        for norm, lin in zip(self.norms, self.lins):
-            h = h + lin(torch.relu(norm(self.spmm(graph, h, None, "mean"))))
-        return self.head(h)
+_libc = ctypes.CDLL(ctypes.util.find_library("c"))
+_libc.mallinfo2.restype = _MallInfo2
+
+
+class PeakMemory:
+    """Peak memory of a code region above what was in use when it started: on GPU the caching
+    allocator's; on CPU the bytes malloc has handed out and not taken back (glibc's mallinfo2,
+    sampled every millisecond by a thread). The resident set would overstate it: glibc keeps
+    freed blocks mapped for reuse."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    @staticmethod
+    def _in_use() -> int:
+        info = _libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    def _sample(self):
+        while not self._done.wait(0.001):
+            self._high = max(self._high, self._in_use())
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._start = self._high = self._in_use()
+            self._done = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            high = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._done.set()
+            self._thread.join()
+            high = max(self._high, self._in_use())
+        self.peak = max(high - self._start, 0)
+
+
+def check_gradients():
+    """Reversible and plain autograd give the same gradients (float64, small graph, dropout on)."""
+    data = synthetic_proteins(num_nodes=200, mean_degree=10, seed=1)
+    results = []
+    for reversible in (True, False):
+        torch.manual_seed(0)
+        model = RevGNN.preset("proteins-deep", num_layers=6, hidden_channels=16, reversible=reversible).double()
+        torch.manual_seed(1)
+        model(data.x.double(), data.edge_index, data.edge_attr.double()).square().sum().backward()
+        results.append([p.grad for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    print("check: reversible gradients equal plain autograd's (6 layers, float64)")
+
+
+def train(data, args, device, reversible: bool, steps: int, num_layers: int, quiet: bool = False) -> dict:
+    torch.manual_seed(args.seed)
+    model = RevGNN.preset("proteins-deep", num_layers=num_layers, hidden_channels=args.hidden,
+                          reversible=reversible).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for p in model.parameters():  # gradients and Adam state exist before the first measurement
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    train_idx = data.split_idx["train"]
+    times, peaks, losses = [], [], []
+    for step in range(steps):
+        with PeakMemory(device) as memory:
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=False)
+            out = model(data.x, data.edge_index, data.edge_attr)
+            loss = F.binary_cross_entropy_with_logits(out[train_idx], data.y[train_idx])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+        peaks.append(memory.peak)
+        losses.append(loss.item())
+        if not quiet:
+            print(f"  step {step + 1}: loss {losses[-1]:.4f}  {times[-1]:.2f} s  peak {memory.peak / 2**20:,.0f} MB")
+    params = sum(p.numel() for p in model.parameters())
+    steady = slice(1, None) if steps > 1 else slice(None)  # step 1 also builds the graph caches: left out
+    return dict(time=min(times[steady]), peak=max(peaks[steady]), loss=losses[-1], params=params)
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":") for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nodes", type=int, default=20_000)
-    p.add_argument("--degree", type=int, default=30)
-    p.add_argument("--layers", type=int, default=28)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--layers", type=int, help="depth (default: 200 on cpu, 1001 on cuda)")
+    p.add_argument("--nodes", type=int, help="graph nodes (default: 5,000 on cpu, 50,000 on cuda)")
+    p.add_argument("--degree", type=float, default=20.0, help="mean in-degree")
+    p.add_argument("--hidden", type=int, default=80, help="channels (2 groups)")
+    p.add_argument("--steps", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-plain", action="store_true", help="skip the non-reversible comparison")
     args = p.parse_args()
-    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    layers = args.layers or (1001 if gpu else 200)
+    nodes = args.nodes or (50_000 if gpu else 5_000)
 
-    edge_index = synthetic_graph(args.nodes, args.degree, args.seed)
-    t0 = time.perf_counter()
-    graph = CSRGraph.from_edge_index(edge_index, args.nodes)
-    graph.transposed()
-    print(f"graph: {graph} built in {time.perf_counter() - t0:.2f}s")
+    check_gradients()
+    data = synthetic_proteins(num_nodes=nodes, mean_degree=args.degree, seed=args.seed, device=device)
+    print(f"graph: synthetic ogbn-proteins-like, {nodes:,} nodes, {data.edge_index.size(1):,} edges, "
+          f"8 edge features, 112 tasks; device {device}, {torch.get_num_threads()} threads")
 
-    features = torch.randn(args.nodes, 16)
-    labels = (features[:, :4].sum(1) > 0).long() + 2 * (ops.spmm(graph, features, None, "mean")[:, 0] > 0).long()
-    model = DeepGNN(16, args.hidden, 4, args.layers, ops.spmm)
-
-    # The fused ops and the reference give the same gradients, checked on a small graph (the
-    # reference materializes [E, hidden] messages per layer).
-    small = CSRGraph.from_edge_index(synthetic_graph(1000, args.degree, args.seed + 1), 1000)
-
-    def first_grads(spmm):
-        model.spmm = spmm
-        model.zero_grad()
-        torch.nn.functional.cross_entropy(model(small, features[:1000]), labels[:1000]).backward()
-        return [q.grad.clone() for q in model.parameters()]
-    for a, b in zip(first_grads(ops.spmm), first_grads(reference.spmm)):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
-    model.spmm = ops.spmm
-    print(f"model: {args.layers} layers x {args.hidden} channels, "
-          f"{sum(q.numel() for q in model.parameters()):,} parameters; gradients match the reference")
-
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for step in range(1, args.steps + 1):
-        t0 = time.perf_counter()
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(graph, features), labels)
-        loss.backward()
-        opt.step()
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"step {step:3d}  loss {loss.item():.4f}  {1e3 * (time.perf_counter() - t0):7.1f} ms  "
-              f"peak RSS {peak_mb:,.0f} MB")
+    print(f"RevGNN (reversible): {layers} layers x {args.hidden} channels, 2 groups, GENConv max")
+    ours = train(data, args, device, True, args.steps, layers)
+    print(f"  {ours['params']:,} parameters")
+    rows = [("RevGNN (reversible)", ours)]
+    if not args.no_plain:
+        # One step at a few layers predicts the plain stack's memory (linear in depth).
+        probe_layers = min(layers, 8)
+        probe = train(data, args, device, False, 1, probe_layers, quiet=True)
+        predicted = probe["peak"] * layers / probe_layers
+        if predicted < 0.6 * available_bytes(device):
+            print(f"plain residual stack (same function, no reversibility): {layers} layers")
+            rows.append(("plain autograd", train(data, args, device, False, args.steps, layers)))
+        else:
+            print(f"plain residual stack: skipped at {layers} layers, it would need about "
+                  f"{predicted / 2**30:.1f} GB (measured {probe['peak'] / 2**20:.0f} MB at {probe_layers} layers)")
+    print(f"\n| {layers} layers | step s | peak MB above model+optimizer | final loss |")
+    print("|---|---:|---:|---:|")
+    for name, r in rows:
+        print(f"| {name} | {r['time']:.2f} | {r['peak'] / 2**20:,.0f} | {r['loss']:.4f} |")
+    if len(rows) == 2:
+        plain = rows[1][1]
+        print(f"\nreversible: {plain['peak'] / max(ours['peak'], 1):.1f}x less memory, "
+              f"{ours['time'] / plain['time']:.2f}x the plain step time")
 
 
 if __name__ == "__main__":

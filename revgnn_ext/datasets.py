@@ -1,0 +1,126 @@
+"""Seeded synthetic graphs shaped like the OGB datasets RevGNN was trained on, generated on the
+target device in seconds (no downloads): for demos, benchmarks, tests, and the examples'
+``--synthetic`` mode.
+
+Degrees are heavy-tailed: every edge draws its destination, and independently its source, from
+one Zipf-like distribution over nodes (a Chung-Lu style graph), so in- and out-degrees are both
+skewed and hubs are hubs both ways, as in the symmetric OGB graphs. Node ids are shuffled, so
+hubs are spread over the id range. Self loops and duplicate edges occur, as in real data.
+Labels depend on each node's own features and on its neighbourhood, so a GNN can learn them.
+"""
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .graph import CSRGraph
+
+__all__ = ["NodeData", "OGB_SHAPES", "power_law_graph", "synthetic_proteins", "synthetic_products"]
+
+# The real datasets' sizes (directed edge counts) and the degree exponent that gives a largest
+# in-degree over the mean near the real one (proteins ~13: a wide but light tail; products ~350).
+OGB_SHAPES = {
+    "ogbn-proteins": dict(num_nodes=132_534, num_edges=79_122_504, exponent=5.0),
+    "ogbn-products": dict(num_nodes=2_449_029, num_edges=123_718_280, exponent=3.2),
+}
+
+
+def _zipf_ranks(num_nodes: int, num_samples: int, exponent: float, gen: torch.Generator) -> Tensor:
+    """num_samples ranks in [0, num_nodes), rank r drawn with probability ~ (r + 1)^(-1 / (exponent - 1)),
+    the weights under which the expected degrees follow P(k) ~ k^-exponent. Inverse-CDF sampling:
+    one searchsorted, fast on any device and for any number of nodes."""
+    device = gen.device
+    weights = torch.arange(1, num_nodes + 1, dtype=torch.float64, device=device).pow(-1.0 / (exponent - 1.0))
+    cdf = torch.cumsum(weights, 0)
+    u = torch.rand(num_samples, dtype=torch.float64, device=device, generator=gen) * cdf[-1]
+    return torch.searchsorted(cdf, u).clamp_(max=num_nodes - 1)
+
+
+def power_law_graph(num_nodes: int, num_edges: int, *, exponent: float = 2.5, seed: int = 0,
+                    device="cpu") -> Tensor:
+    """edge_index [2, num_edges] int64 (row 0 sources, row 1 destinations) with in- and
+    out-degrees ~ k^-exponent (exponent > 1; smaller is heavier-tailed) over shuffled node ids.
+    Deterministic for a seed on a given device."""
+    if exponent <= 1:
+        raise ValueError(f"power_law_graph: exponent must be > 1, got {exponent}")
+    if num_nodes < 1 or num_edges < 0:
+        raise ValueError(f"power_law_graph: need num_nodes >= 1 and num_edges >= 0, got {num_nodes}, {num_edges}")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    node_of_rank = torch.randperm(num_nodes, device=device, generator=gen)
+    dst = node_of_rank[_zipf_ranks(num_nodes, num_edges, exponent, gen)]
+    src = node_of_rank[_zipf_ranks(num_nodes, num_edges, exponent, gen)]
+    return torch.stack([src, dst])
+
+
+@dataclass
+class NodeData:
+    """A node-property-prediction graph, with the fields of OGB's PyG datasets."""
+    x: Tensor                     # [N, in_channels] float
+    edge_index: Tensor            # [2, E] int64
+    edge_attr: Optional[Tensor]   # [E, F] float, or None
+    y: Tensor                     # [N, tasks] float 0/1 (proteins) or [N, 1] int64 (products)
+    split_idx: Dict[str, Tensor]  # "train" / "valid" / "test": node ids
+
+    @property
+    def num_nodes(self) -> int:
+        return self.x.size(0)
+
+    def to(self, device) -> "NodeData":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return NodeData(move(self.x), move(self.edge_index), move(self.edge_attr), move(self.y),
+                        {k: v.to(device) for k, v in self.split_idx.items()})
+
+
+def _sizes(name: str, scale: float, num_nodes: Optional[int], mean_degree: Optional[float]):
+    shape = OGB_SHAPES[name]
+    if not scale > 0:
+        raise ValueError(f"{name}: scale must be > 0, got {scale}")
+    n = num_nodes if num_nodes is not None else max(1, round(shape["num_nodes"] * scale))
+    degree = mean_degree if mean_degree is not None else shape["num_edges"] / shape["num_nodes"]
+    return n, round(n * degree), shape["exponent"]
+
+
+def _split(n: int, fractions, gen: torch.Generator, device) -> Dict[str, Tensor]:
+    order = torch.randperm(n, generator=gen).to(device)
+    train, valid = round(fractions[0] * n), round(fractions[1] * n)
+    return {"train": order[:train], "valid": order[train:train + valid], "test": order[train + valid:]}
+
+
+def synthetic_proteins(scale: float = 1.0, *, num_nodes: Optional[int] = None, mean_degree: Optional[float] = None,
+                       seed: int = 0, device="cpu") -> NodeData:
+    """ogbn-proteins-shaped: x = one-hot of 8 species, 8 edge features in [0, 1), 112 binary
+    tasks; ``scale`` multiplies the real node count (132,534) at the real mean degree (597),
+    or give ``num_nodes`` / ``mean_degree``. Random 65/16/19% split."""
+    n, e, exponent = _sizes("ogbn-proteins", scale, num_nodes, mean_degree)
+    gen = torch.Generator().manual_seed(seed)
+    edge_index = power_law_graph(n, e, exponent=exponent, seed=seed, device=device)
+    edge_attr = torch.rand(e, 8, generator=gen).to(device)
+    x = torch.eye(8)[torch.randint(0, 8, (n,), generator=gen)].to(device)
+    graph = CSRGraph.from_edge_index(edge_index, n)
+    # Each task: a random function of the species, the mean neighbour species and the mean
+    # in-edge features, thresholded at its median.
+    neighbour = ops.spmm(graph, x, None, "mean")
+    offsets = graph.rowptr.long()
+    edge_sum = torch.segment_reduce(graph.edges_to_csr(edge_attr), "sum", offsets=offsets, axis=0)
+    edge_mean = edge_sum / (offsets[1:] - offsets[:-1]).clamp(min=1).unsqueeze(1)
+    features = torch.cat([x, neighbour, edge_mean], dim=1)
+    score = features @ torch.randn(24, 112, generator=gen).to(device)
+    y = (score > score.median(dim=0).values).float()
+    return NodeData(x, edge_index, edge_attr, y, _split(n, (0.65, 0.16), gen, device))
+
+
+def synthetic_products(scale: float = 1.0, *, num_nodes: Optional[int] = None,
+                       mean_degree: Optional[float] = None, seed: int = 0, device="cpu") -> NodeData:
+    """ogbn-products-shaped: 100 node features, 47 classes; ``scale`` multiplies the real node
+    count (2,449,029) at the real mean degree (50.5), or give ``num_nodes`` / ``mean_degree``.
+    Random 8/2/90% split (as the real one: most nodes are test nodes)."""
+    n, e, exponent = _sizes("ogbn-products", scale, num_nodes, mean_degree)
+    gen = torch.Generator().manual_seed(seed)
+    edge_index = power_law_graph(n, e, exponent=exponent, seed=seed, device=device)
+    x = torch.randn(n, 100, generator=gen).to(device)
+    graph = CSRGraph.from_edge_index(edge_index, n)
+    features = torch.cat([x, ops.spmm(graph, x, None, "mean")], dim=1)
+    y = (features @ torch.randn(200, 47, generator=gen).to(device)).argmax(dim=1, keepdim=True)
+    return NodeData(x, edge_index, None, y, _split(n, (0.08, 0.02), gen, device))
