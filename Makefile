@@ -8,7 +8,7 @@ BUILT  := $(VENV)/.extension-built
 # The compiled extension is rebuilt only when its sources change (Python files are editable).
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: test demo build bench clean
+.PHONY: test demo build bench clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,15 @@ demo: build
 bench: build
 	$(PY) benchmarks/spmm.py
 	$(PY) benchmarks/gen_conv.py
+
+# On a GPU machine, with its own python (torch with CUDA, torch_geometric; no venv, no network):
+# build for the local GPU, run the tests with their CUDA cases and the GPU benchmarks, and write
+# benchmarks/results/<date>-<gpu>/ (RESULTS_DIR=... elsewhere). Without a GPU, a CPU dry run.
+GPU_PYTHON ?= python3
+RESULTS_DIR ?=
+
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py $(if $(RESULTS_DIR),--out $(RESULTS_DIR))
 
 clean:
 	rm -rf build *.egg-info revgnn_ext/_C*.so $(BUILT)
