@@ -18,10 +18,11 @@ if _C.torch_version != torch.__version__:
         "Rebuild: pip install --no-build-isolation -e .")
 
 from . import ops, reference  # noqa: E402  (registers fake kernels and autograd)
+from .convert import ConversionReport, convert  # noqa: E402  (imports torch_geometric only when called)
 from .graph import CSRGraph  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["CSRGraph", "ops", "reference", "with_cuda"]
+__all__ = ["CSRGraph", "ConversionReport", "convert", "ops", "reference", "with_cuda"]
 
 
 def with_cuda() -> bool:
