@@ -2,6 +2,7 @@
 import warnings
 from typing import Optional, Tuple, Union
 
+import torch
 import torch_geometric.nn as pyg_nn
 from torch import Tensor
 from torch_geometric.nn import aggr as pyg_aggr
@@ -64,28 +65,29 @@ class GENConv(pyg_nn.GENConv):
 
     def forward(self, x: Union[Tensor, Tuple[Tensor, Optional[Tensor]]], edge_index,
                 edge_attr: Optional[Tensor] = None, size: Optional[Tuple[int, int]] = None) -> Tensor:
+        h, last = self.forward_split(x, edge_index, edge_attr, size=size)
+        return h if last is None else last(h)
+
+    def forward_split(self, x: Union[Tensor, Tuple[Tensor, Optional[Tensor]]], edge_index,
+                      edge_attr: Optional[Tensor] = None, encoder: Optional[Tuple[Tensor, Optional[Tensor]]] = None,
+                      size: Optional[Tuple[int, int]] = None) -> Tuple[Tensor, Optional[torch.nn.Module]]:
+        """``(h, last)`` with ``forward(...) == last(h)``: ``last`` is the MLP's final Linear and
+        ``h`` its input, so that a caller can fold its own work into that product (GroupAddRev
+        subtracts it in place when it rebuilds a block's input); ``(output, None)`` where the
+        computation falls back to PyG's.
+
+        ``encoder = (weight [out_channels, F], bias [out_channels] or None)`` replaces ``lin_edge``:
+        ``edge_attr`` then holds raw features and the embedding ``edge_attr @ weight.T + bias`` is
+        computed inside the kernel. RevGNN composes its model-level Linear(F, hidden) with each
+        group's lin_edge into one such map, so that the [num_edges, hidden] embedding never exists.
+        """
         fused = self._fused_aggregation()
         if fused is None:
-            return super().forward(x, edge_index, edge_attr, size)
-        encoder = None
-        if edge_attr is not None and hasattr(self, "lin_edge"):
+            if encoder is not None:
+                raise ValueError(f"GENConv: an edge encoder needs a fused aggregation, not {self.aggr_module!r}")
+            return super().forward(x, edge_index, edge_attr, size), None
+        if encoder is None and edge_attr is not None and hasattr(self, "lin_edge"):
             encoder = (self.lin_edge.weight, self.lin_edge.bias)
-        return self._fused_forward(fused, x, edge_index, edge_attr, encoder, size)
-
-    def forward_encoded(self, x: Union[Tensor, Tuple[Tensor, Optional[Tensor]]], edge_index, edge_attr: Tensor,
-                        encoder: Tuple[Tensor, Optional[Tensor]], size: Optional[Tuple[int, int]] = None) -> Tensor:
-        """``forward`` with the edge embedding ``edge_attr @ weight.T + bias`` computed inside the
-        kernel from ``encoder = (weight [out_channels, F], bias [out_channels] or None)`` instead of
-        ``lin_edge``: for a caller that composes its own edge encoder with this layer's (RevGNN
-        composes the model-level Linear(F, hidden) with each group's lin_edge into one Linear(F, c)),
-        so that the [num_edges, hidden] embedding never exists. Needs a fused aggregation."""
-        fused = self._fused_aggregation()
-        if fused is None:
-            raise ValueError(f"GENConv.forward_encoded needs a fused aggregation, not {self.aggr_module!r}")
-        return self._fused_forward(fused, x, edge_index, edge_attr, encoder, size)
-
-    def _fused_forward(self, fused: Tuple[str, dict], x, edge_index, edge_attr: Optional[Tensor],
-                       encoder: Optional[Tuple[Tensor, Optional[Tensor]]], size) -> Tensor:
         aggr, kwargs = fused
         if isinstance(x, Tensor):
             x = (x, x)
@@ -99,4 +101,7 @@ class GENConv(pyg_nn.GENConv):
             out = self.msg_norm(x_dst if x_dst is not None else x_src, out)
         if x_dst is not None:
             out = out + (self.lin_dst(x_dst) if hasattr(self, "lin_dst") else x_dst)
-        return self.mlp(out)
+        *body, last = self.mlp
+        for module in body:
+            out = module(out)
+        return out, last

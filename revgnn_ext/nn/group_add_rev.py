@@ -109,7 +109,10 @@ class GroupAddRev(torch.nn.Module):
 
     - backward evaluates each F_i once (it both rebuilds X_i = X'_i - F_i and back-propagates
       through F_i); PyG's evaluates it twice;
-    - the input is rebuilt in place in the output's storage (no new [N, D] buffer);
+    - the input is rebuilt in place in the output's storage (no new [N, D] buffer); where F_i
+      ends in a Linear and says so through ``forward_split`` (our GENConv and RevGNN groups),
+      the addition X'_i = X_i + F_i and the subtraction that undoes it are folded into that
+      product (an in-place addmm into the group's slice), so F_i's output is never formed;
     - random draws inside F (dropout) are replayed in the recomputation from the saved RNG
       state; BatchNorm running statistics are updated once per step, not once per evaluation;
     - under ``torch.no_grad()`` / ``inference_mode`` it runs without any bookkeeping.
@@ -166,6 +169,32 @@ class GroupAddRev(torch.nn.Module):
             raise ValueError(f"GroupAddRev: {channels} channels do not split into {self.num_groups} equal groups")
         return channels
 
+    def _evaluate(self, conv: torch.nn.Module, inp: Tensor, edge_index, group_args) -> Tuple[Tensor, Any]:
+        """F_i(inp) as (h, last) with F_i = last(h) when F_i exposes its final Linear through
+        ``forward_split(x, edge_index, *args)`` (our GENConv and RevGNN groups do) and the block
+        splits the channels of a 2-D tensor; else (F_i(inp), None)."""
+        split = getattr(conv, "forward_split", None)
+        if split is not None and inp.dim() == 2 and self.split_dim in (-1, 1):
+            return split(inp, edge_index, *group_args)
+        return conv(inp, edge_index, *group_args), None
+
+    @staticmethod
+    def _accumulate(out: Tensor, f: Tensor, last, sign: float) -> None:
+        """out += sign * F_i in place, F_i = last(f) or f. With a final Linear the product goes
+        straight into out's column slice (addmm_, alpha = sign): F_i's output is never formed.
+        The inverse (sign -1) undoes the forward's two steps in reverse order, against the same
+        bitwise operands, so each rounding is undone where it was made."""
+        if last is None:
+            out.add_(f, alpha=sign)
+        elif sign > 0:
+            if last.bias is not None:
+                out.add_(last.bias)
+            out.addmm_(f, last.weight.t())
+        else:
+            out.addmm_(f, last.weight.t(), alpha=sign)
+            if last.bias is not None:
+                out.sub_(last.bias)
+
     def _forward_groups(self, x: Tensor, edge_index, args, rng=None):
         """y = [X'_1 .. X'_C] in one new buffer, and the RNG state before each F_i (recorded
         when `rng` is None, else replayed from it)."""
@@ -179,10 +208,9 @@ class GroupAddRev(torch.nn.Module):
         for i, conv in enumerate(self.convs):
             if rng is None:  # first evaluation: draw as usual, remember where the draws started
                 states.append(_RngState(x.device))
-                ys[i].copy_(conv(inp, edge_index, *group_args[i])).add_(xs[i])
-            else:
-                with rng[i].replay():
-                    ys[i].copy_(conv(inp, edge_index, *group_args[i])).add_(xs[i])
+            with contextlib.nullcontext() if rng is None else rng[i].replay():
+                f, last = self._evaluate(conv, inp, edge_index, group_args[i])
+            self._accumulate(ys[i].copy_(xs[i]), f, last, 1.0)
             inp = ys[i]
         return y, states
 
@@ -215,10 +243,18 @@ class GroupAddRev(torch.nn.Module):
             conv_params = [p for p in conv.parameters() if p.requires_grad]
             with _statistics_frozen(conv):  # restored after the gradient, which may read them
                 with torch.enable_grad(), rng[i].replay():
-                    f = conv(inp, edge_index, *self._group_args(leaves, channels)[i])
-                grads = torch.autograd.grad(f, [inp] + leaf_tensors + conv_params, gys[i], allow_unused=True)
+                    f, last = self._evaluate(conv, inp, edge_index, self._group_args(leaves, channels)[i])
+                if last is None:
+                    grads = list(torch.autograd.grad(f, [inp] + leaf_tensors + conv_params, gys[i], allow_unused=True))
+                else:  # f is the input of F's final Linear: back-propagate through that by hand
+                    grads = list(torch.autograd.grad(f, [inp] + leaf_tensors + conv_params, gys[i] @ last.weight,
+                                                     allow_unused=True))
+                    g = gys[i].reshape(-1, gys[i].size(-1))
+                    by_hand = {id(last.weight): g.t() @ f.detach().reshape(-1, f.size(-1)), id(last.bias): g.sum(0)}
+                    for k, p in enumerate(conv_params):
+                        grads[1 + len(leaf_tensors) + k] = by_hand.get(id(p), grads[1 + len(leaf_tensors) + k])
             with torch.no_grad():
-                ys[i].sub_(f)  # X_i, in place
+                self._accumulate(ys[i], f.detach(), last, -1.0)  # X_i, in place
             for k, g in enumerate(grads[1:1 + len(leaf_tensors)]):
                 arg_grads[k] = add(arg_grads[k], g)
             for p, g in zip(conv_params, grads[1 + len(leaf_tensors):]):
@@ -260,8 +296,9 @@ class GroupAddRev(torch.nn.Module):
             channels = self._check(y)
             ys = torch.chunk(y, self.num_groups, dim=self.split_dim)
             group_args = self._group_args(args, channels)
-            xs = [None] * self.num_groups
-            for i in range(self.num_groups - 1, 0, -1):
-                xs[i] = ys[i] - self.convs[i](ys[i - 1], edge_index, *group_args[i])
-            xs[0] = ys[0] - self.convs[0](sum(xs[1:]), edge_index, *group_args[0])
-            return torch.cat(xs, dim=self.split_dim)
+            x = y.clone()
+            xs = torch.chunk(x, self.num_groups, dim=self.split_dim)
+            for i in range(self.num_groups - 1, -1, -1):  # the arithmetic of backward's rebuild
+                inp = ys[i - 1] if i > 0 else sum(xs[1:])
+                self._accumulate(xs[i], *self._evaluate(self.convs[i], inp, edge_index, group_args[i]), -1.0)
+            return x

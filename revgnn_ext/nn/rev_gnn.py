@@ -54,12 +54,20 @@ class ResPlusGroup(torch.nn.Module):
         self.norm.reset_parameters()
         self.conv.reset_parameters()
 
-    def forward(self, x: Tensor, graph: CSRGraph, mask: Optional[Tensor] = None, edge_attr: Optional[Tensor] = None,
-                encoder_weight_t: Optional[Tensor] = None, encoder_bias: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, graph: CSRGraph, *args) -> Tensor:
+        h, last = self.forward_split(x, graph, *args)
+        return h if last is None else last(h)
+
+    def forward_split(self, x: Tensor, graph: CSRGraph, mask: Optional[Tensor] = None,
+                      edge_attr: Optional[Tensor] = None, encoder_weight_t: Optional[Tensor] = None,
+                      encoder_bias: Optional[Tensor] = None) -> Tuple[Tensor, Optional[torch.nn.Module]]:
+        """(h, last) with F(x) = last(h) for a final Linear ``last`` (GENConv), else (F(x), None):
+        GroupAddRev folds its in-place subtraction into that last product."""
         h = self.dropout(F.relu(self.norm(x)), mask)
-        if edge_attr is None:
-            return self.conv(h, graph)
-        return self.conv.forward_encoded(h, graph, edge_attr, (encoder_weight_t.t(), encoder_bias))
+        if not isinstance(self.conv, GENConv):
+            return self.conv(h, graph), None
+        encoder = None if encoder_weight_t is None else (encoder_weight_t.t(), encoder_bias)
+        return self.conv.forward_split(h, graph, edge_attr, encoder)
 
 
 PRESETS = {
