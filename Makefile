@@ -41,7 +41,7 @@ GPU_PYTHON ?= python3
 RESULTS_DIR ?=
 
 gpu-check:
-	$(GPU_PYTHON) benchmarks/gpu_check.py $(if $(RESULTS_DIR),--out $(RESULTS_DIR))
+	$(GPU_PYTHON) benchmarks/gpu_check.py $(if $(RESULTS_DIR),--out $(RESULTS_DIR)) $(if $(ONLY),--only $(ONLY))
 
 clean:
 	rm -rf build *.egg-info revgnn_ext/_C*.so $(BUILT)

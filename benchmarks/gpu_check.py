@@ -70,7 +70,7 @@ BENCHMARKS = [
               ["--graphs", "issue-3", "--aggr", "max", "--repeat", "3", "--budget", "2"], 120),
     Benchmark("memory_depth", "memory_depth.py", ["--out", "{out}", "--budget-s", "30", "--repeat-s", "10"],
               None, 150),
-    Benchmark("headline", "headline.py", [], None, 150),
+    Benchmark("headline", "headline.py", [], ["--scale", "0.0005", "--layers", "4", "--parts", "4", "--budget-s", "5"], 300),
 ]
 FAILED = ("FAILED", "TIMED OUT", "not run")
 
@@ -314,14 +314,24 @@ def main() -> int:
                                             "or <date>-cpu-dryrun without a GPU)")
     p.add_argument("--budget", type=float, help=f"seconds the whole run may take (default: {GPU_BUDGET_S} with "
                                                 f"a GPU, {CPU_BUDGET_S} without)")
+    p.add_argument("--only", help="comma-separated steps to run among tests and the benchmarks "
+                                  f"({', '.join(b.name for b in BENCHMARKS)}); default: all. The build always runs "
+                                  "(incremental after a first call), so a lease too short for everything can be "
+                                  "split over two calls into the same --out (e.g. --only tests,spmm,gen_conv, "
+                                  "then --only memory_depth,headline); each call writes summary-<steps>.md")
     args = p.parse_args()
+    known = ["tests"] + [b.name for b in BENCHMARKS]
+    only = known if args.only is None else args.only.split(",")
+    if set(only) - set(known):
+        p.error(f"--only: unknown steps {sorted(set(only) - set(known))}; choose from {', '.join(known)}")
     gpu = "{}.{}".format(*torch.cuda.get_device_capability(0)) if torch.cuda.is_available() else None
     args.budget = args.budget or (GPU_BUDGET_S if gpu else CPU_BUDGET_S)
     budget = Budget(args.budget)
     out = (args.out or default_out(gpu)).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    outputs = ["summary.md", "build.log", "tests.log", "tests.xml"] + \
-              [f"{b.name}.{ext}" for b in BENCHMARKS for ext in ("json", "md", "log", "png")]
+    summary = "summary.md" if args.only is None else f"summary-{'-'.join(only)}.md"
+    outputs = [summary, "build.log"] + (["tests.log", "tests.xml"] if "tests" in only else []) + \
+              [f"{b.name}.{ext}" for b in BENCHMARKS if b.name in only for ext in ("json", "md", "log", "png")]
     for name in outputs:  # a rerun into the same folder leaves nothing stale
         (out / name).unlink(missing_ok=True)
     print(f"gpu_check: {'GPU ' + torch.cuda.get_device_name(0) if gpu else 'no GPU'}; results in {out}", flush=True)
@@ -338,16 +348,18 @@ def main() -> int:
         return step
 
     if finished(build(out, gpu, budget)).status == "ok":
-        test_step, test_section = run_tests(out, gpu, budget)
-        finished(test_step)
-        for bench in BENCHMARKS:
+        test_section = "Not run (--only)."
+        if "tests" in only:
+            test_step, test_section = run_tests(out, gpu, budget)
+            finished(test_step)
+        for bench in (b for b in BENCHMARKS if b.name in only):
             bench_step, report = run_benchmark(bench, out, gpu, budget)
             finished(bench_step)
             if report:
                 sections.append(report)
     else:
         test_section = "Not run: the build failed."
-        for name in ["tests"] + [b.name for b in BENCHMARKS]:
+        for name in only:
             finished(Step(name, "not run", note="the build failed"))
 
     failed = [s.name for s in steps if s.status in FAILED]
@@ -362,7 +374,7 @@ def main() -> int:
                  "benchmarks ran their CPU paths on one small graph to show that the scripts work end to end; "
                  "their numbers are not results.\n")
     benchmarks = "\n".join(sections)
-    (out / "summary.md").write_text(head + ("\n" + benchmarks if benchmarks else ""))
+    (out / summary).write_text(head + ("\n" + benchmarks if benchmarks else ""))
     print(("\n" + benchmarks if benchmarks else "") + "\n" + head, flush=True)
     print(f"results: {out}")
     return 1 if failed else 0

@@ -1,0 +1,220 @@
+"""The headline run: one training step of RevGNN-Deep (1001 layers x 80 channels, 2 groups,
+GENConv max; 20,031,384 parameters) on the full proteins-scale synthetic graph (132,534 nodes,
+79,122,504 edges, 8 edge features, 112 tasks) with no partitioning, beside the paper's setup
+(10 random node partitions: one epoch is 10 partition steps) and PyG's GroupAddRev with PyG's
+GENConv (the model-level edge embedding materialized as [E, 80], as the paper's code does).
+
+    python benchmarks/headline.py [--device cuda] [--scale 1] [--layers 1001] [--parts 10]
+
+Each step: forward, BCE over the 112 tasks on the training nodes, backward, gradient clipping
+at 1.0, Adam. Time of one step after a warm-up step; peak memory above the model, graph and
+optimizer state (torch.cuda.max_memory_allocated; on CPU torch's allocator, see common.py).
+PyG runs at growing depths until it runs out of memory or its predicted step time passes
+--budget-s; the table shows the largest depth measured and what it needed. Without a GPU the
+defaults shrink to a smoke run (--scale 0.001, 20 layers) that only shows the script works.
+"""
+import argparse
+import os
+import sys
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine_info, peak_memory, wall_clock, Table, write_report  # noqa: E402
+
+import torch_geometric  # noqa: E402
+from revgnn_ext.datasets import NodeData, synthetic_proteins  # noqa: E402
+from revgnn_ext.nn import RevGNN  # noqa: E402
+
+
+class PygGroup(torch.nn.Module):
+    """The F of one group with PyG's GENConv: the [E, hidden] edge embedding comes in
+    transposed, so that PyG's GroupAddRev does not split it by channels."""
+
+    def __init__(self, c: int, hidden: int):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(c)
+        self.conv = torch_geometric.nn.GENConv(c, c, aggr="max", norm="layer", bias=True, edge_dim=hidden)
+
+    def forward(self, x, edge_index, emb_t, mask):
+        h = F.relu(self.norm(x))
+        return self.conv(h if mask is None else h * mask, edge_index, emb_t.t())
+
+
+class PygRevGNN(torch.nn.Module):
+    """RevGNN-Deep built from PyG's GroupAddRev and GENConv, with our model's state_dict keys."""
+
+    def __init__(self, ours: RevGNN):
+        super().__init__()
+        hidden, c = ours.hidden_channels, ours.hidden_channels // ours.num_groups
+        self.input_encoder, self.node_encoder, self.edge_encoder = (torch.nn.Linear(8, 8), torch.nn.Linear(16, hidden),
+                                                                    torch.nn.Linear(8, hidden))
+        self.layers = torch.nn.ModuleList(
+            torch_geometric.nn.GroupAddRev(torch.nn.ModuleList(PygGroup(c, hidden) for _ in range(ours.num_groups)))
+            for _ in range(ours.num_layers))
+        self.dropout, self.norm, self.head = ours.dropout, torch.nn.LayerNorm(hidden), torch.nn.Linear(hidden, 112)
+        self.load_state_dict(ours.state_dict())
+
+    def forward(self, x, edge_index, edge_attr):
+        sums = torch.zeros(x.size(0), 8, dtype=x.dtype, device=x.device).index_add_(0, edge_index[0], edge_attr)
+        h = self.node_encoder(torch.cat([sums, self.input_encoder(x)], dim=-1))
+        emb_t = self.edge_encoder(edge_attr).t()
+        mask = self.dropout.mask(h)
+        for layer in self.layers:
+            h = layer(h, edge_index, emb_t, mask)
+        return self.head(F.dropout(F.relu(self.norm(h)), self.dropout.p, self.training))
+
+
+def subgraph(data: NodeData, nodes: torch.Tensor) -> NodeData:
+    """The subgraph induced by `nodes` (a random partition), relabelled."""
+    keep = torch.zeros(data.num_nodes, dtype=torch.bool, device=nodes.device)
+    keep[nodes] = True
+    new_id = torch.full((data.num_nodes,), -1, dtype=torch.long, device=nodes.device)
+    new_id[nodes] = torch.arange(nodes.numel(), device=nodes.device)
+    edges = keep[data.edge_index[0]] & keep[data.edge_index[1]]
+    train = torch.zeros(data.num_nodes, dtype=torch.bool, device=nodes.device)
+    train[data.split_idx["train"]] = True
+    return NodeData(data.x[nodes], new_id[data.edge_index[:, edges]], data.edge_attr[edges], data.y[nodes],
+                    {"train": train[nodes].nonzero().flatten()})
+
+
+def make_step(model: torch.nn.Module) -> Callable[[NodeData], float]:
+    """One training step on a graph, with the gradients and Adam state already allocated."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+
+    def step(data: NodeData) -> float:
+        train = data.split_idx["train"]
+        optimizer.zero_grad(set_to_none=False)
+        out = model(data.x, data.edge_index, data.edge_attr)
+        loss = F.binary_cross_entropy_with_logits(out[train], data.y[train])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        return loss.item()
+    return step
+
+
+def measure(step: Callable[[NodeData], float], data: NodeData, device) -> Dict[str, float]:
+    """Seconds and peak memory of one step (on CPU, of two: the profiler that counts memory
+    there slows the step down)."""
+    seconds = []
+    timed = lambda: seconds.append(wall_clock(lambda: step(data), device)[1])  # noqa: E731
+    if device.type == "cuda":
+        peak = peak_memory(timed, device)
+    else:
+        timed()
+        peak = peak_memory(lambda: step(data), device)
+    return dict(seconds=seconds[0], peak=peak)
+
+
+def out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def check_against_pyg(device) -> str:
+    """Ours and the PyG twin compute the same loss and gradients (small graph, float64)."""
+    data = synthetic_proteins(num_nodes=300, mean_degree=10, seed=7, device=device)
+    data = NodeData(data.x.double(), data.edge_index, data.edge_attr.double(), data.y.double(), data.split_idx)
+    ours = RevGNN.preset("proteins-deep", num_layers=3).to(device).double()
+    pyg = PygRevGNN(ours).to(device).double()
+    grads = []
+    for model in (ours, pyg):
+        torch.manual_seed(0)  # the same dropout mask
+        F.binary_cross_entropy_with_logits(model(data.x, data.edge_index, data.edge_attr), data.y).backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    return "ours and the PyG twin give the same gradients (3 layers, float64)"
+
+
+def pyg_largest_depth(data: NodeData, layers: int, device, budget_s: float) -> Dict[str, object]:
+    """PyG's model at depths 1, 10, 100, ... up to `layers`, stopping at an out-of-memory error or
+    when the step time predicted from the last depth (linear in depth) passes the budget."""
+    result: Dict[str, object] = dict(depth=None, note="")
+    depth = 1
+    while True:
+        try:
+            step = make_step(PygRevGNN(RevGNN.preset("proteins-deep", num_layers=depth)).to(device))
+            step(data)  # warm-up
+            m = measure(step, data, device)
+        except RuntimeError as err:
+            if not out_of_memory(err):
+                raise
+            result["note"] = f"out of memory at {depth} layer{'s' if depth > 1 else ''}"
+            break
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        result.update(depth=depth, **m)
+        if depth == layers:
+            break
+        nxt = min(depth * 10, layers)
+        if m["seconds"] * nxt / depth > budget_s:
+            result["note"] = f"{nxt} layers would take ~{m['seconds'] * nxt / depth:.0f} s per step (budget {budget_s:.0f} s)"
+            break
+        depth = nxt
+    return result
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    p.add_argument("--scale", type=float, help="fraction of the proteins node and edge counts (default 1; 0.001 on cpu)")
+    p.add_argument("--layers", type=int, help="depth (default 1001; 20 on cpu)")
+    p.add_argument("--parts", type=int, default=10, help="random node partitions of the paper's setup")
+    p.add_argument("--budget-s", type=float, default=60.0, help="largest predicted PyG step time to attempt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json")
+    p.add_argument("--markdown")
+    args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no GPU: skipping the headline run (--device cpu runs a smoke-size version)")
+        return
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    scale = args.scale if args.scale is not None else (1.0 if gpu else 0.001)
+    layers = args.layers or (1001 if gpu else 20)
+    torch.manual_seed(args.seed)
+
+    notes = [check_against_pyg(device)]
+    data, seconds = wall_clock(lambda: synthetic_proteins(scale, seed=args.seed, device=device), device)
+    n, e = data.num_nodes, data.edge_index.size(1)
+    notes.append(f"graph: synthetic ogbn-proteins at scale {scale:g}: {n:,} nodes, {e:,} edges, 8 edge features, "
+                 f"112 tasks, generated on {device} in {seconds:.1f} s")
+    table = Table([("setup", "setup", ""), ("model", "model", ""), ("layers", "layers", "d"),
+                   ("edges", "edges per step", ",d"), ("step_s", "step s", ".2f"), ("epoch_s", "epoch s", ".2f"),
+                   ("peak_mb", "peak MB", ",.0f"), ("note", "note", "")])
+
+    ours = RevGNN.preset("proteins-deep", num_layers=layers).to(device)
+    notes.append(f"RevGNN-Deep at {layers} layers: {sum(q.numel() for q in ours.parameters()):,} parameters")
+    step = make_step(ours)
+    step(data)  # warm-up: also builds and caches the CSR graph
+    full = measure(step, data, device)
+    table.add(setup="full graph", model="revgnn_ext RevGNN", layers=layers, edges=e, step_s=full["seconds"],
+              epoch_s=full["seconds"], peak_mb=full["peak"] / 2**20, note="no partitioning")
+
+    parts = [subgraph(data, part) for part in torch.randperm(n, device=device).chunk(args.parts)]
+    step(parts[0])  # warm-up
+    runs = [measure(step, part, device) for part in parts]
+    table.add(setup=f"{args.parts} partitions (paper)", model="revgnn_ext RevGNN", layers=layers,
+              edges=parts[0].edge_index.size(1), step_s=sorted(r["seconds"] for r in runs)[len(runs) // 2],
+              epoch_s=sum(r["seconds"] for r in runs), peak_mb=max(r["peak"] for r in runs) / 2**20,
+              note="median step; epoch = all partitions")
+    del step, ours
+    for setup, graph in (("full graph", data), (f"{args.parts} partitions (paper)", parts[0])):
+        r = pyg_largest_depth(graph, layers, device, args.budget_s)
+        epoch = None if r["depth"] is None or graph is data else r["seconds"] * args.parts
+        table.add(setup=setup, model="PyG GroupAddRev + GENConv", layers=r["depth"], edges=graph.edge_index.size(1),
+                  step_s=r.get("seconds"), epoch_s=r.get("seconds") if graph is data else epoch,
+                  peak_mb=r["peak"] / 2**20 if "peak" in r else None, note=r["note"] or "largest depth measured")
+    write_report("Headline: RevGNN-Deep on the proteins-scale graph", machine_info(device), {"one training step": table},
+                 notes, json_path=args.json, markdown_path=args.markdown)
+
+
+if __name__ == "__main__":
+    main()
