@@ -26,6 +26,9 @@ TORCH_LIBRARY(revgnn_ext, m) {
   m.def("gen_aggregate_backward(Tensor rowptr, Tensor col, Tensor rowptr_t, Tensor col_t, Tensor perm_t, Tensor x, "
         "Tensor? edge_attr, Tensor? edge_weight, Tensor? edge_bias, Tensor? t, Tensor? p, Tensor out, Tensor state, "
         "Tensor grad_out, str aggr, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // One in-place step of the reversible block's inversion, y_group -= f, optionally forming the
+  // sum of groups 1.. in the same pass: csrc/ops/rev_subtract.h.
+  m.def("rev_subtract_(Tensor(a!) y, Tensor f, int group, int num_groups, Tensor(b!)? sum_out) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

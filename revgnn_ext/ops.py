@@ -5,6 +5,7 @@ schemas are in csrc/revgnn_ext.cpp and their contracts in csrc/ops/<op>.h. Every
 ops included, has a fake kernel (for torch.compile / meta tensors) and an autograd formula made
 of ops that have one too, so gradients of any order are available.
 """
+import operator
 from typing import Optional
 
 import torch
@@ -13,7 +14,7 @@ from torch import Tensor
 from . import _C  # noqa: F401  (registers the ops)
 from .graph import CSRGraph
 
-__all__ = ["spmm", "spmm_accumulate_", "gen_aggregate"]
+__all__ = ["spmm", "spmm_accumulate_", "gen_aggregate", "rev_subtract_"]
 
 REDUCES = ("sum", "mean", "max", "min")
 _ops = torch.ops.revgnn_ext
@@ -320,3 +321,72 @@ def gen_aggregate(graph: CSRGraph, x: Tensor, edge_attr: Optional[Tensor] = None
     transposed = graph.transposed() if grads else (None, None, None)
     return _ops.gen_aggregate(graph.rowptr, graph.col, *transposed, x, edge_attr, edge_weight, edge_bias, t, p,
                               aggr, float(eps))[0]
+
+
+# ---------------------------------------------------------------------------- reversible inversion
+@torch.library.register_fake("revgnn_ext::rev_subtract_")
+def _rev_subtract_fake(y, f, group, num_groups, sum_out):
+    return None
+
+
+def _check_group_tensor(where: str, name: str, t, y: Tensor, width: int) -> None:
+    """f and sum_out: a tensor [N, c] of y's dtype and device."""
+    if not isinstance(t, Tensor) or tuple(t.shape) != (y.size(0), width):
+        shape = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{where}: {name} must have shape [{y.size(0)}, {width}] (y's rows, one group's "
+                         f"channels), got {shape}")
+    if t.dtype != y.dtype:
+        raise TypeError(f"{where}: {name} dtype {t.dtype} differs from y dtype {y.dtype}")
+    if t.device != y.device:
+        raise ValueError(f"{where}: {name} is on {t.device} but y is on {y.device}")
+
+
+def _as_int(where: str, name: str, value) -> int:
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}") from None
+
+
+def rev_subtract_(y: Tensor, f: Tensor, group: int, num_groups: int, sum_out: Optional[Tensor] = None) -> None:
+    """One in-place step of the grouped reversible block's inversion (RevGNN): with
+    c = D // num_groups and y_j = y[:, j*c:(j+1)*c],
+
+        y_group -= f;   then, if sum_out is given (group >= 1):  sum_out = y_1 + ... + y_{C-1}
+
+    the sum over the updated values, in this order (X'_0, the input of F_1), formed in the same
+    pass over the rows as the subtraction. ``y`` [N, D] is written in place; it may be a column
+    slice of a wider buffer (channels must be contiguous). ``f`` [N, c] may have any layout.
+    ``sum_out`` [N, c] (channels contiguous) is written. Neither may share elements with ``y``,
+    nor ``sum_out`` with ``f`` (other column slices of one buffer are fine); the op raises a
+    RuntimeError for such overlaps and for layouts it cannot write. float16/bfloat16 (CUDA) compute in float32.
+    Deterministic.
+
+    The op writes y and sum_out in place and has no autograd: call it under ``torch.no_grad()``
+    (it raises a RuntimeError when grad mode is on and an argument requires grad). Raises
+    TypeError / ValueError naming the argument for a bad type, dtype, shape, device or group.
+    """
+    where = "revgnn_ext.ops.rev_subtract_"
+    if not isinstance(y, Tensor) or y.dim() != 2:
+        shape = list(y.shape) if isinstance(y, Tensor) else type(y).__name__
+        raise ValueError(f"{where}: y must be a 2-D tensor [N, D], got {shape}")
+    if not y.dtype.is_floating_point:
+        raise TypeError(f"{where}: y must be a floating-point tensor, got {y.dtype}")
+    group, num_groups = _as_int(where, "group", group), _as_int(where, "num_groups", num_groups)
+    if num_groups < 2:
+        raise ValueError(f"{where}: num_groups must be at least 2, got {num_groups}")
+    if not 0 <= group < num_groups:
+        raise ValueError(f"{where}: group must be in [0, {num_groups}), got {group}")
+    if y.size(1) % num_groups != 0:
+        raise ValueError(f"{where}: y has {y.size(1)} channels, which do not split into {num_groups} equal groups")
+    width = y.size(1) // num_groups
+    _check_group_tensor(where, "f", f, y, width)
+    if sum_out is not None:
+        if group == 0:
+            raise ValueError(f"{where}: sum_out (the sum of groups 1 .. num_groups - 1) is formed with the "
+                             "subtraction into a group >= 1, got group 0")
+        _check_group_tensor(where, "sum_out", sum_out, y, width)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (y, f, sum_out)):
+        raise RuntimeError(f"{where}: the op writes in place and has no autograd, but an argument requires grad; "
+                           "call it under torch.no_grad()")
+    _ops.rev_subtract_(y, f, group, num_groups, sum_out)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .graph import CSRGraph
 
-__all__ = ["spmm", "spmm_accumulate_", "gen_aggregate"]
+__all__ = ["spmm", "spmm_accumulate_", "gen_aggregate", "rev_subtract_"]
 
 REDUCES = ("sum", "mean", "max", "min")
 
@@ -88,3 +88,17 @@ def gen_aggregate(graph: CSRGraph, x: Tensor, edge_attr: Optional[Tensor] = None
     q = m.clamp(1e-4, 100.0).pow(p)
     r = zeros.scatter_reduce(0, index, q, "mean", include_self=False)
     return r.clamp(1e-4, 100.0).pow(1.0 / p)
+
+
+def rev_subtract_(y: Tensor, f: Tensor, group: int, num_groups: int, sum_out: Optional[Tensor] = None) -> None:
+    """y_group -= f in place (y_j = y[:, j*c:(j+1)*c], c = D // num_groups); then, with sum_out,
+    sum_out = y_1 + ... + y_{C-1} over the updated values, added in this order in float32 for
+    float16/bfloat16 and rounded once."""
+    c = y.size(1) // num_groups
+    groups = [y[:, j * c:(j + 1) * c] for j in range(num_groups)]
+    groups[group].sub_(f)
+    if sum_out is not None:
+        total = groups[1].to(torch.promote_types(y.dtype, torch.float32))
+        for j in range(2, num_groups):
+            total = total + groups[j]
+        sum_out.copy_(total)
