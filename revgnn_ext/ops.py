@@ -2,8 +2,10 @@
 
 The ops themselves are registered by ``revgnn_ext._C`` under ``torch.ops.revgnn_ext``; their
 schemas are in csrc/revgnn_ext.cpp and their contracts in csrc/ops/<op>.h. Every op, backward
-ops included, has a fake kernel (for torch.compile / meta tensors) and an autograd formula made
-of ops that have one too, so gradients of any order are available.
+ops included, has a fake kernel (for torch.compile / meta tensors). The functional ops have an
+autograd formula made of ops that have one too (gen_aggregate's backward is first order only);
+the in-place ops (spmm_accumulate_, rev_subtract_) have none: PyTorch registers autograd for
+functional ops only.
 """
 import operator
 from typing import Optional

@@ -7,6 +7,7 @@ import torch
 
 pyg = pytest.importorskip("torch_geometric")
 
+import revgnn_ext  # noqa: E402
 from revgnn_ext.nn import GENConv, GroupAddRev  # noqa: E402
 
 from conftest import make_graph  # noqa: E402
@@ -67,7 +68,12 @@ def test_gradients_equal_plain_autograd(depth):
 
 
 @pytest.mark.parametrize("groups", [2, 3])
-def test_pyg_conv_inside_and_three_groups(groups):
+def test_pyg_conv_inside_and_three_groups(groups, monkeypatch):
+    """A conv without a final Linear: each X_i is rebuilt by the fused op rev_subtract_, which
+    also forms X'_0 (3 groups) in the same pass."""
+    calls = []
+    fused = revgnn_ext.ops.rev_subtract_
+    monkeypatch.setattr(revgnn_ext.ops, "rev_subtract_", lambda *a: calls.append(a[4] is not None) or fused(*a))
     ei, n = make_graph("power_law")
     torch.manual_seed(0)
     c = 4
@@ -80,6 +86,7 @@ def test_pyg_conv_inside_and_three_groups(groups):
     ours, ref = _run(blocks, x0, ei, None), _run(plain, x0, ei, None)
     for a, b in zip([ours[0], ours[1]] + ours[3], [ref[0], ref[1]] + ref[3]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    assert calls == 3 * ([False] * (groups - 2) + [groups > 2, False])  # per block: groups C-1 .. 0
 
 
 def test_subtraction_folded_into_a_final_linear():

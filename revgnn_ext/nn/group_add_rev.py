@@ -6,6 +6,8 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from .. import ops
+
 __all__ = ["GroupAddRev"]
 
 
@@ -179,21 +181,34 @@ class GroupAddRev(torch.nn.Module):
         return conv(inp, edge_index, *group_args), None
 
     @staticmethod
-    def _accumulate(out: Tensor, f: Tensor, last, sign: float) -> None:
-        """out += sign * F_i in place, F_i = last(f) or f. With a final Linear the product goes
-        straight into out's column slice (addmm_, alpha = sign): F_i's output is never formed.
-        The inverse (sign -1) undoes the forward's two steps in reverse order, against the same
-        bitwise operands, so each rounding is undone where it was made."""
+    def _add(out: Tensor, f: Tensor, last) -> None:
+        """out += F_i in place, F_i = last(f) or f. With a final Linear the bias is added, then
+        the product goes straight into out's column slice (addmm_): F_i's output is never formed."""
         if last is None:
-            out.add_(f, alpha=sign)
-        elif sign > 0:
+            out.add_(f)
+            return
+        if last.bias is not None:
+            out.add_(last.bias)
+        out.addmm_(f, last.weight.t())
+
+    def _rebuild(self, y: Tensor, ys: Sequence[Tensor], i: int, f: Tensor, last) -> Optional[Tensor]:
+        """X_i = Y_i - F_i in place in y's slice i (``_add`` undone: its two steps in reverse
+        order, against the same bitwise operands, so each rounding is undone where it was made).
+        For i = 1 of more than 2 groups, also returns X'_0 = X_1 + ... + X_{C-1}. A plain F_i's
+        output is subtracted by the fused op rev_subtract_, which forms X'_0 in the same pass."""
+        total = i == 1 and self.num_groups > 2
+        if last is not None:
+            y_i = ys[i]
+            y_i.addmm_(f, last.weight.t(), alpha=-1.0)
             if last.bias is not None:
-                out.add_(last.bias)
-            out.addmm_(f, last.weight.t())
+                y_i.sub_(last.bias)
+        elif y.dim() == 2 and self.split_dim in (-1, 1) and (y.is_cuda or y.dtype in (torch.float32, torch.float64)):
+            sum_out = torch.empty_like(ys[i], memory_format=torch.contiguous_format) if total else None
+            ops.rev_subtract_(y, f, i, self.num_groups, sum_out)
+            return sum_out
         else:
-            out.addmm_(f, last.weight.t(), alpha=sign)
-            if last.bias is not None:
-                out.sub_(last.bias)
+            ys[i].sub_(f)
+        return torch.stack(ys[1:]).sum(0) if total else None
 
     def _forward_groups(self, x: Tensor, edge_index, args, rng=None):
         """y = [X'_1 .. X'_C] in one new buffer, and the RNG state before each F_i (recorded
@@ -210,7 +225,7 @@ class GroupAddRev(torch.nn.Module):
                 states.append(_RngState(x.device))
             with contextlib.nullcontext() if rng is None else rng[i].replay():
                 f, last = self._evaluate(conv, inp, edge_index, group_args[i])
-            self._accumulate(ys[i].copy_(xs[i]), f, last, 1.0)
+            self._add(ys[i].copy_(xs[i]), f, last)
             inp = ys[i]
         return y, states
 
@@ -227,6 +242,8 @@ class GroupAddRev(torch.nn.Module):
         param_index = {id(p): k for k, p in enumerate(params)}
         param_grads: List[Optional[Tensor]] = [None] * len(params)
 
+        x0 = None
+
         def add(total, g):
             return g if total is None else (total if g is None else total + g)
 
@@ -234,12 +251,8 @@ class GroupAddRev(torch.nn.Module):
             conv = self.convs[i]
             if i > 0:
                 inp = ys[i - 1].detach().requires_grad_()
-            elif self.num_groups == 2:
-                inp = ys[1].detach().requires_grad_()  # X'_0 = X_2, already rebuilt: no copy
-            else:
-                with torch.no_grad():
-                    inp = sum(ys[1:])
-                inp.requires_grad_()
+            else:  # X'_0, formed when X_1 was rebuilt; for 2 groups X_1 itself: no copy
+                inp = (ys[1] if x0 is None else x0).detach().requires_grad_()
             conv_params = [p for p in conv.parameters() if p.requires_grad]
             with _statistics_frozen(conv):  # restored after the gradient, which may read them
                 with torch.enable_grad(), rng[i].replay():
@@ -250,11 +263,13 @@ class GroupAddRev(torch.nn.Module):
                     grads = list(torch.autograd.grad(f, [inp] + leaf_tensors + conv_params, gys[i] @ last.weight,
                                                      allow_unused=True))
                     g = gys[i].reshape(-1, gys[i].size(-1))
-                    by_hand = {id(last.weight): g.t() @ f.detach().reshape(-1, f.size(-1)), id(last.bias): g.sum(0)}
+                    by_hand = {id(last.weight): g.t() @ f.detach().reshape(-1, f.size(-1))}
+                    if last.bias is not None:
+                        by_hand[id(last.bias)] = g.sum(0)
                     for k, p in enumerate(conv_params):
                         grads[1 + len(leaf_tensors) + k] = by_hand.get(id(p), grads[1 + len(leaf_tensors) + k])
             with torch.no_grad():
-                self._accumulate(ys[i], f.detach(), last, -1.0)  # X_i, in place
+                x0 = self._rebuild(y, ys, i, f.detach(), last)  # X_i in place (and X'_0 after X_1)
             for k, g in enumerate(grads[1:1 + len(leaf_tensors)]):
                 arg_grads[k] = add(arg_grads[k], g)
             for p, g in zip(conv_params, grads[1 + len(leaf_tensors):]):
@@ -298,7 +313,8 @@ class GroupAddRev(torch.nn.Module):
             group_args = self._group_args(args, channels)
             x = y.clone()
             xs = torch.chunk(x, self.num_groups, dim=self.split_dim)
+            x0 = None
             for i in range(self.num_groups - 1, -1, -1):  # the arithmetic of backward's rebuild
-                inp = ys[i - 1] if i > 0 else sum(xs[1:])
-                self._accumulate(xs[i], *self._evaluate(self.convs[i], inp, edge_index, group_args[i]), -1.0)
+                inp = ys[i - 1] if i > 0 else (xs[1] if x0 is None else x0)
+                x0 = self._rebuild(x, xs, i, *self._evaluate(self.convs[i], inp, edge_index, group_args[i]))
             return x
