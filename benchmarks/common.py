@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -19,7 +20,7 @@ import torch
 from torch._C._profiler import _EventType
 
 __all__ = ["MIN_REPEAT", "synchronize", "wall_clock", "time_fns", "time_fn", "peak_memory", "available_memory",
-           "device_copy_bandwidth", "machine_info", "machine_line", "Table", "write_report"]
+           "device_copy_bandwidth", "machine_info", "machine_line", "results_dir", "Table", "write_report"]
 
 MIN_REPEAT = 3  # a time budget never cuts a measurement below this many runs
 PEAK_MEMORY_METHOD = {
@@ -227,6 +228,20 @@ def machine_info(device) -> Dict[str, object]:
     return info
 
 
+def results_dir(device) -> str:
+    """benchmarks/results/<date>-<machine>, the machine named by the GPU on cuda, by the CPU model
+    and its logical CPU count on cpu (e.g. 2026-11-24-cpu-xeon-2core)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        model = re.sub(r"\((r|tm)\)|\b(intel|amd|processor|cpu)\b|@.*", " ", _cpu_name().lower())
+        name = f"cpu {model} {os.cpu_count()}core"
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                        f"{datetime.date.today().isoformat()}-{slug}")
+
+
 class Table:
     """Rows of raw values (kept for JSON) rendered as a Markdown table.
 
@@ -276,9 +291,11 @@ def machine_line(info: Dict[str, object]) -> str:
 
 
 def write_report(title: str, info: Dict[str, object], tables: Dict[str, Table], notes: Sequence[str], *,
-                 json_path: Optional[str] = None, markdown_path: Optional[str] = None) -> str:
+                 json_path: Optional[str] = None, markdown_path: Optional[str] = None,
+                 raw: Optional[Dict[str, object]] = None) -> str:
     """Prints the report as Markdown (title, machine line, notes, one section per table) and
-    writes it to ``markdown_path`` and the raw rows to ``json_path`` when given."""
+    writes it to ``markdown_path`` and the raw rows to ``json_path`` when given, with ``raw``
+    (measurements the tables summarize) under the key "raw"."""
     parts = [f"## {title}", "", machine_line(info), ""]
     parts += [f"- {note}" for note in notes]
     for name, table in tables.items():
@@ -291,6 +308,8 @@ def write_report(title: str, info: Dict[str, object], tables: Dict[str, Table], 
     if json_path:
         payload = {"title": title, "machine": info, "notes": list(notes),
                    "tables": {name: table.rows for name, table in tables.items()}}
+        if raw is not None:
+            payload["raw"] = raw
         with open(json_path, "w") as f:
             json.dump(payload, f, indent=1)
     return text
