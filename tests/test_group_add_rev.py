@@ -117,6 +117,17 @@ def test_subtraction_folded_into_a_final_linear():
     torch.testing.assert_close(h, x, rtol=1e-6, atol=1e-6)  # h was rebuilt in y's storage
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_rng_state_kept_only_for_groups_that_draw(dropout):
+    """A 5 KB CPU generator state per group and layer would grow with depth: it is kept only
+    for a group whose function drew random numbers (here: dropout)."""
+    ei, n = make_graph("random")
+    block = GroupAddRev(Block(4, GENConv(4, 4, edge_dim=4, norm="layer"), dropout=dropout), num_groups=2)
+    with torch.no_grad():
+        _, states = block._forward_groups(torch.randn(n, 8), ei, (torch.randn(ei.size(1), 4),))
+    assert [s is not None for s in states] == [dropout > 0] * 2
+
+
 def test_one_evaluation_of_each_group_in_backward():
     ei, n = make_graph("random")
     block = GroupAddRev(gen_block(4), num_groups=2)

@@ -1,6 +1,7 @@
 """Grouped reversible block (RevGNN) whose backward evaluates each group's function once."""
 import contextlib
 import copy
+import functools
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -25,6 +26,12 @@ class _RngState:
         self.cpu = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
+    def drawn(self) -> bool:
+        """Whether any random number was drawn since: if not, the state need not be kept (the
+        CPU state is 5 KB, per group and layer, which would otherwise grow with depth)."""
+        return not torch.equal(torch.get_rng_state(), self.cpu) or (
+            self.cuda is not None and not torch.equal(torch.cuda.get_rng_state(self.device), self.cuda))
+
     @contextlib.contextmanager
     def replay(self):
         with torch.random.fork_rng(devices=[self.device] if self.cuda is not None else []):
@@ -32,6 +39,11 @@ class _RngState:
             if self.cuda is not None:
                 torch.cuda.set_rng_state(self.cuda, self.device)
             yield
+
+
+def _replay(state: Optional[_RngState]):
+    """Replays the draws of a group's function (None: it drew nothing)."""
+    return contextlib.nullcontext() if state is None else state.replay()
 
 
 @contextlib.contextmanager
@@ -219,12 +231,15 @@ class GroupAddRev(torch.nn.Module):
         y = torch.empty_like(x)
         ys = torch.chunk(y, self.num_groups, dim=self.split_dim)
         states = [] if rng is None else rng
-        inp = sum(xs[1:])
+        inp = functools.reduce(torch.add, xs[1:])  # X'_0; for 2 groups X_1 itself
         for i, conv in enumerate(self.convs):
-            if rng is None:  # first evaluation: draw as usual, remember where the draws started
-                states.append(_RngState(x.device))
-            with contextlib.nullcontext() if rng is None else rng[i].replay():
+            if rng is None:  # first evaluation: draw as usual, remember where any draws started
+                state = _RngState(x.device)
                 f, last = self._evaluate(conv, inp, edge_index, group_args[i])
+                states.append(state if state.drawn() else None)
+            else:
+                with _replay(rng[i]):
+                    f, last = self._evaluate(conv, inp, edge_index, group_args[i])
             self._add(ys[i].copy_(xs[i]), f, last)
             inp = ys[i]
         return y, states
@@ -255,7 +270,7 @@ class GroupAddRev(torch.nn.Module):
                 inp = (ys[1] if x0 is None else x0).detach().requires_grad_()
             conv_params = [p for p in conv.parameters() if p.requires_grad]
             with _statistics_frozen(conv):  # restored after the gradient, which may read them
-                with torch.enable_grad(), rng[i].replay():
+                with torch.enable_grad(), _replay(rng[i]):
                     f, last = self._evaluate(conv, inp, edge_index, self._group_args(leaves, channels)[i])
                 if last is None:
                     grads = list(torch.autograd.grad(f, [inp] + leaf_tensors + conv_params, gys[i], allow_unused=True))
@@ -299,7 +314,7 @@ class GroupAddRev(torch.nn.Module):
         xs = torch.chunk(x, self.num_groups, dim=self.split_dim)
         group_args = self._group_args(args, channels)
         ys = []
-        inp = sum(xs[1:])
+        inp = functools.reduce(torch.add, xs[1:])
         for i, conv in enumerate(self.convs):
             inp = xs[i] + conv(inp, edge_index, *group_args[i])
             ys.append(inp)
