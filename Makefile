@@ -15,7 +15,7 @@ $(PY):
 
 $(DEPS): $(PY) pyproject.toml
 	$(PY) -m pip install torch ninja setuptools wheel
-	$(PY) -m pip install pytest numpy expecttest torch_geometric
+	$(PY) -m pip install pytest numpy expecttest torch_geometric ogb tqdm
 	touch $@
 
 $(BUILT): $(DEPS) $(SOURCES)
