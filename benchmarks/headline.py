@@ -69,15 +69,11 @@ class PygRevGNN(torch.nn.Module):
 
 def subgraph(data: NodeData, nodes: torch.Tensor) -> NodeData:
     """The subgraph induced by `nodes` (a random partition), relabelled."""
-    keep = torch.zeros(data.num_nodes, dtype=torch.bool, device=nodes.device)
-    keep[nodes] = True
-    new_id = torch.full((data.num_nodes,), -1, dtype=torch.long, device=nodes.device)
-    new_id[nodes] = torch.arange(nodes.numel(), device=nodes.device)
-    edges = keep[data.edge_index[0]] & keep[data.edge_index[1]]
+    edge_index, edge_attr = torch_geometric.utils.subgraph(nodes, data.edge_index, data.edge_attr,
+                                                           relabel_nodes=True, num_nodes=data.num_nodes)
     train = torch.zeros(data.num_nodes, dtype=torch.bool, device=nodes.device)
     train[data.split_idx["train"]] = True
-    return NodeData(data.x[nodes], new_id[data.edge_index[:, edges]], data.edge_attr[edges], data.y[nodes],
-                    {"train": train[nodes].nonzero().flatten()})
+    return NodeData(data.x[nodes], edge_index, edge_attr, data.y[nodes], {"train": train[nodes].nonzero().flatten()})
 
 
 def make_step(model: torch.nn.Module) -> Callable[[NodeData], float]:

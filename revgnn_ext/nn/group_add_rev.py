@@ -220,7 +220,7 @@ class GroupAddRev(torch.nn.Module):
             return sum_out
         else:
             ys[i].sub_(f)
-        return torch.stack(ys[1:]).sum(0) if total else None
+        return functools.reduce(torch.add, ys[1:]) if total else None
 
     def _forward_groups(self, x: Tensor, edge_index, args, rng=None):
         """y = [X'_1 .. X'_C] in one new buffer, and the RNG state before each F_i (recorded
