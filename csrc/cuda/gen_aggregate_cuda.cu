@@ -175,6 +175,24 @@ __device__ __forceinline__ acc_t message_grad(const RowVals<acc_t>& r, int64_t e
 }
 
 
+// One unrolled step over a batch of a row's edges: the sources of edges k .. k + kUnroll - 1 of
+// the batch (broadcast from the lanes that fetched them; -1 past the row or out of range) and
+// x[src, c] + the direct edge embedding, every gather issued before any is used.
+template <typename scalar_t, typename index_t, typename acc_t>
+__device__ __forceinline__ void gather_step(const LaneGroup& g, index_t src, int k, bool active,
+                                            const scalar_t* __restrict__ x, int64_t ldx, const EdgeEmb<scalar_t>& emb,
+                                            int64_t base, int64_t c, index_t (&js)[kUnroll], acc_t (&xe)[kUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) js[u] = g.shfl(src, k + u);
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    xe[u] = acc_t(0);
+    if (active && js[u] >= 0) {
+      xe[u] = static_cast<acc_t>(x[static_cast<int64_t>(js[u]) * ldx + c]) + emb.direct(base + k + u, c);
+    }
+  }
+}
+
 template <typename T>
 T* mut_ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
@@ -218,15 +236,7 @@ __global__ void __launch_bounds__(kBlock)
         for (int k = 0; k < count; k += kUnroll) {
           index_t js[kUnroll];
           acc_t xe[kUnroll];  // x[col_e, c] + edge_attr[e, c] (direct)
-#pragma unroll
-          for (int u = 0; u < kUnroll; ++u) js[u] = g.shfl(src, k + u);
-#pragma unroll
-          for (int u = 0; u < kUnroll; ++u) {
-            xe[u] = acc_t(0);
-            if (active && js[u] >= 0) {
-              xe[u] = static_cast<acc_t>(x[static_cast<int64_t>(js[u]) * ldx + c]) + emb.direct(base + k + u, c);
-            }
-          }
+          gather_step(g, src, k, active, x, ldx, emb, base, c, js, xe);
 #pragma unroll
           for (int u = 0; u < kUnroll; ++u) {
             if (!active || js[u] < 0) continue;
@@ -413,15 +423,7 @@ __global__ void __launch_bounds__(kBlock)
           for (int k = 0; k < count; k += kUnroll) {
             index_t js[kUnroll];
             acc_t xe[kUnroll];  // x[col_e, c] + edge_attr[e, c] (direct)
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u) js[u] = g.shfl(src, k + u);
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u) {
-              xe[u] = acc_t(0);
-              if (active && js[u] >= 0) {
-                xe[u] = static_cast<acc_t>(x[static_cast<int64_t>(js[u]) * ldx + c]) + emb.direct(base + k + u, c);
-              }
-            }
+            gather_step(g, src, k, active, x, ldx, emb, base, c, js, xe);
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u) {
               if (k + u >= count) continue;  // the same for the whole group
