@@ -216,6 +216,18 @@ class CSRGraph:
             self._csr_ordered._transposed = self._transposed
         return self._csr_ordered
 
+    def to_edge_index(self) -> Tensor:
+        """PyG's edge_index [2, num_edges] int64 (row 0 sources, row 1 destinations), with the
+        edges in the caller's order (the order of the edge tensors that go with this graph)."""
+        dst = torch.repeat_interleave(torch.arange(self.num_dst, device=self.device),
+                                      self.rowptr.diff().long(), output_size=self.num_edges)
+        csr = torch.stack([self.col.long(), dst])
+        if self.perm is None:
+            return csr
+        out = torch.empty_like(csr)
+        out[:, self.perm.long()] = csr
+        return out
+
     def to(self, device: Union[str, torch.device]) -> "CSRGraph":
         """The same graph on `device` (the cached transpose moves with it)."""
         device = torch.device(device)

@@ -176,6 +176,48 @@ def test_unfused_configurations_fall_back_with_one_warning():
             ours(x, ei)  # said once
 
 
+def test_pyg_only_features_run_pygs_propagate():
+    """flow='target_to_source', an explainer's edge masks and message-passing hooks belong to
+    PyG's propagate(): ours runs it for them (from a CSRGraph too, in the caller's edge order),
+    and goes back to the fused kernel once they are gone."""
+    from torch_geometric.explain.algorithm.utils import clear_masks, set_masks
+    ei, n = make_graph("random")
+    x = torch.randn(n, 8, dtype=torch.float64)
+    edge_attr = torch.randn(ei.size(1), 4, dtype=torch.float64)
+    graph = CSRGraph.from_edge_index(ei, n)
+    ours, ref = _pair(dict(aggr="softmax", flow="target_to_source"), 8, 8, 4, torch.float64, "cpu")
+    with pytest.warns(UserWarning, match="flow='target_to_source'.*falling back"):
+        out = ours(x, ei, edge_attr)
+    torch.testing.assert_close(out, ref(x, ei, edge_attr), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours(x, graph, edge_attr), out, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(out, _pair(dict(aggr="softmax"), 8, 8, 4, torch.float64, "cpu")[1](x, ei, edge_attr))
+
+    ours, ref = _pair(dict(aggr="softmax", learn_t=True), 8, 8, 4, torch.float64, "cpu")
+    fused = ours(x, ei, edge_attr)
+    mask = torch.randn(ei.size(1), dtype=torch.float64, requires_grad=True)
+    set_masks(ours, mask, ei)
+    set_masks(ref, mask, ei)
+    with pytest.warns(UserWarning, match="explain mode"):
+        out = ours(x, graph, edge_attr)
+    expected = ref(x, ei, edge_attr)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(out, fused)
+    gout = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, mask, gout)[0], torch.autograd.grad(expected, mask, gout)[0],
+                               rtol=1e-10, atol=1e-10)
+    clear_masks(ours)
+    torch.testing.assert_close(ours(x, ei, edge_attr), fused, rtol=0, atol=0)
+
+    seen = []
+    handle = ours.register_message_forward_hook(lambda module, inputs, msg: seen.append(msg.shape))
+    with pytest.warns(UserWarning, match="message-passing hooks"):
+        torch.testing.assert_close(ours(x, ei, edge_attr), fused, rtol=1e-12, atol=1e-12)
+    assert seen == [(ei.size(1), 8)]
+    handle.remove()
+    torch.testing.assert_close(ours(x, ei, edge_attr), fused, rtol=0, atol=0)
+    assert len(seen) == 1
+
+
 def test_bad_inputs():
     ei, n = make_graph("random")
     conv = GENConv(8, 8, edge_dim=4)

@@ -45,6 +45,15 @@ def test_transposed(shape):
     assert torch.equal(torch.sort(perm_t.long()).values, torch.arange(g.num_edges))
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_to_edge_index_gives_the_callers_edges_back(shape):
+    ei, n = make_graph(shape)
+    g = CSRGraph.from_edge_index(ei, n)
+    assert torch.equal(g.to_edge_index(), ei)
+    csr = g.csr_ordered()  # numbered in CSR order: the caller's edges reordered by edges_to_csr
+    assert torch.equal(csr.to_edge_index(), g.edges_to_csr(ei.t()).t())
+
+
 def test_edges_to_csr_and_errors():
     ei = torch.tensor([[0, 1, 2, 0], [2, 2, 0, 1]])
     g = CSRGraph.from_edge_index(ei)

@@ -59,3 +59,19 @@ def test_unfused_aggregation_falls_back():
     with pytest.warns(UserWarning, match="falling back"):
         out = ours(x, ei)
     torch.testing.assert_close(out, ref(x, ei))
+
+
+def test_flow_and_explain_run_pygs_propagate():
+    from torch_geometric.explain.algorithm.utils import set_masks
+    ei, n = make_graph("random")
+    x = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
+    ours, ref = _pair(dict(flow="target_to_source"), 8, 8, "cpu")
+    with pytest.warns(UserWarning, match="flow='target_to_source'"):
+        _check(ours, ref, x, ei)
+    torch.testing.assert_close(ours(x, CSRGraph.from_edge_index(ei, n)), ref(x, ei))
+    ours, ref = _pair(dict(), 8, 8, "cpu")
+    mask = torch.randn(ei.size(1), dtype=torch.float64)
+    set_masks(ours, mask, ei)
+    set_masks(ref, mask, ei)
+    with pytest.warns(UserWarning, match="explain mode"):
+        _check(ours, ref, x, ei)

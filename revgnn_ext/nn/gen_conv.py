@@ -9,9 +9,13 @@ from torch_geometric.nn import aggr as pyg_aggr
 from torch_geometric.typing import OptPairTensor, OptTensor
 
 from .. import ops
-from ..graph import as_graph
+from ..graph import CSRGraph, as_graph
 
 _warned = set()
+# PyG's message-passing hooks, which only its own propagate() calls.
+_PROPAGATE_HOOKS = tuple(f"_{step}_forward{kind}_hooks" for step in
+                         ("propagate", "message", "aggregate", "message_and_aggregate", "edge_update")
+                         for kind in ("_pre", ""))
 
 
 def node_counts(x_src: Tensor, x_dst: Optional[Tensor], size: Optional[Tuple[int, int]]) -> Tuple[int, int]:
@@ -28,7 +32,47 @@ def _warn_once(reason: str) -> None:
         warnings.warn(f"revgnn_ext.nn: {reason}; falling back to PyG's (unfused) computation", stacklevel=3)
 
 
-class GENConv(pyg_nn.GENConv):
+class PygFallback:
+    """Mixin of our subclasses of PyG layers: when a layer needs PyG's propagate() (``runs_fused``
+    says when), that propagate behaves as in PyG's own class."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # PyG compiles a propagate per class and keeps the generic one for explain mode as the
+        # class's propagate at its first instance: for a subclass of an already compiled PyG
+        # class that is the parent's compiled one, which ignores edge masks.
+        type(self)._orig_propagate = pyg_nn.MessagePassing.propagate
+
+    def runs_fused(self) -> bool:
+        """Whether the layer may skip PyG's propagate() for a fused kernel; if not, warns once
+        with why: the kernels aggregate at edge_index[1] (flow 'source_to_target') and do not
+        apply an explainer's edge mask or call message-passing hooks."""
+        name = type(self).__name__
+        if self.flow != "source_to_target":
+            _warn_once(f"{name} with flow={self.flow!r}")
+        elif self.explain:
+            _warn_once(f"{name} in explain mode (edge masks)")
+        elif any(getattr(self, hooks, None) for hooks in _PROPAGATE_HOOKS):
+            _warn_once(f"{name} with message-passing hooks")
+        else:
+            return True
+        return False
+
+
+def pyg_adjacency(edge_index, x, size: Optional[Tuple[int, int]]):
+    """(edge_index, size) as PyG's own propagate() takes them: a CSRGraph becomes its edge_index
+    in the caller's edge order (the order of its edge features) and gives the size."""
+    if isinstance(edge_index, CSRGraph):
+        x_src, x_dst = x if isinstance(x, tuple) else (x, None)
+        num_nodes = edge_index.num_src, edge_index.num_dst
+        if node_counts(x_src, x_dst, size) != num_nodes:
+            raise ValueError(f"the graph has (num_src, num_dst) = {num_nodes} but the node features give "
+                             f"{node_counts(x_src, x_dst, size)}")
+        return edge_index.to_edge_index(), num_nodes
+    return edge_index, size
+
+
+class GENConv(PygFallback, pyg_nn.GENConv):
     """A drop-in for ``torch_geometric.nn.GENConv`` (same arguments, defaults, submodules,
     parameters, ``state_dict`` and ``repr``) whose message construction and aggregation run
     in revgnn_ext's fused ``gen_aggregate``: the edge embedding ``lin_edge(edge_attr)`` is
@@ -38,8 +82,9 @@ class GENConv(pyg_nn.GENConv):
     ``edge_index`` may be a ``revgnn_ext.CSRGraph``, an edge_index tensor or PyG ``EdgeIndex``,
     a ``torch.sparse`` adjacency or a ``torch_sparse.SparseTensor`` (both as ``adj_t``: rows are
     destinations); it is converted once and cached on the object. Configurations the kernel
-    does not cover (multi-aggregations, ``softmax_sg``, a custom aggregation module) fall back
-    to PyG's computation with a one-time warning.
+    does not cover (multi-aggregations, ``softmax_sg``, a custom aggregation module,
+    ``flow='target_to_source'``, an explainer's edge masks, message-passing hooks) fall back to
+    PyG's computation with a one-time warning.
     """
 
     # The arguments of PyG's propagate(), which PyG otherwise reads off the source of forward().
@@ -47,6 +92,8 @@ class GENConv(pyg_nn.GENConv):
 
     def _fused_aggregation(self) -> Optional[Tuple[str, dict]]:
         """(aggr, kwargs) for gen_aggregate, or None with a warning when it cannot run fused."""
+        if not self.runs_fused():
+            return None
         module = self.aggr_module
         if type(module) is pyg_aggr.SumAggregation:
             return "sum", {}
@@ -84,8 +131,9 @@ class GENConv(pyg_nn.GENConv):
         fused = self._fused_aggregation()
         if fused is None:
             if encoder is not None:
-                raise ValueError(f"GENConv: an edge encoder needs a fused aggregation, not {self.aggr_module!r}")
-            return super().forward(x, edge_index, edge_attr, size), None
+                raise ValueError("GENConv: an edge encoder needs the fused computation (see the warning)")
+            adj, size = pyg_adjacency(edge_index, x, size)
+            return super().forward(x, adj, edge_attr, size), None
         if encoder is None and edge_attr is not None and hasattr(self, "lin_edge"):
             encoder = (self.lin_edge.weight, self.lin_edge.bias)
         aggr, kwargs = fused

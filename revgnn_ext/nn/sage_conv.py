@@ -9,18 +9,19 @@ from torch_geometric.typing import OptPairTensor
 
 from .. import ops
 from ..graph import as_graph
-from .gen_conv import _warn_once, node_counts
+from .gen_conv import PygFallback, _warn_once, node_counts, pyg_adjacency
 
 _REDUCES = {pyg_aggr.SumAggregation: "sum", pyg_aggr.MeanAggregation: "mean", pyg_aggr.MaxAggregation: "max",
             pyg_aggr.MinAggregation: "min"}
 
 
-class SAGEConv(pyg_nn.SAGEConv):
+class SAGEConv(PygFallback, pyg_nn.SAGEConv):
     """A drop-in for ``torch_geometric.nn.SAGEConv`` (same arguments, submodules, ``state_dict``,
     ``repr``) whose neighbourhood aggregation runs in revgnn_ext's ``spmm`` (sum, mean, max,
     min; deterministic, no per-edge tensor). ``edge_index`` may be anything
-    ``revgnn_ext.graph.as_graph`` accepts; it is converted once and cached. Other aggregations
-    fall back to PyG's computation with a one-time warning."""
+    ``revgnn_ext.graph.as_graph`` accepts; it is converted once and cached. Other aggregations,
+    ``flow='target_to_source'``, an explainer's edge masks and message-passing hooks fall back to
+    PyG's computation with a one-time warning."""
 
     # The arguments of PyG's propagate(), which PyG otherwise reads off the source of forward().
     propagate_type = {"x": OptPairTensor}
@@ -30,7 +31,9 @@ class SAGEConv(pyg_nn.SAGEConv):
         reduce = _REDUCES.get(type(self.aggr_module))
         if reduce is None:
             _warn_once(f"SAGEConv aggregation {self.aggr_module!r} is not fused")
-            return super().forward(x, edge_index, size)
+        if reduce is None or not self.runs_fused():
+            adj, size = pyg_adjacency(edge_index, x, size)
+            return super().forward(x, adj, size)
         if isinstance(x, Tensor):
             x = (x, x)
         x_src, x_dst = x
