@@ -41,8 +41,9 @@ class _RngState:
             yield
 
 
-def _replay(state: Optional[_RngState]):
-    """Replays the draws of a group's function (None: it drew nothing)."""
+def _replay(states: Sequence[Optional[_RngState]], i: int):
+    """Replays the draws of group i's function (states empty, or its entry None: nothing drawn)."""
+    state = states[i] if states else None
     return contextlib.nullcontext() if state is None else state.replay()
 
 
@@ -75,8 +76,11 @@ class _GroupAddRevFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, block: "GroupAddRev", edge_index, num_args: int, x: Tensor, *rest):
-        args, params = rest[:num_args], rest[num_args:]
-        ctx.block, ctx.edge_index, ctx.args, ctx.params = block, edge_index, args, params
+        # The context holds as little as it can: a 1001-layer model keeps 1001 of them until
+        # backward (the parameters are found again from the block there).
+        args = rest[:num_args]
+        ctx.block, ctx.edge_index, ctx.args = block, edge_index, args
+        ctx.num_params = len(rest) - num_args
         ctx.passes_left = block.num_bwd_passes
         with torch.no_grad():
             y, ctx.rng = block._forward_groups(x.detach(), edge_index, args, rng=None)
@@ -98,8 +102,11 @@ class _GroupAddRevFunction(torch.autograd.Function):
                 y, _ = block._forward_groups(x.detach(), ctx.edge_index, ctx.args, rng=ctx.rng)
         elif ctx.passes_left > 0:  # y stays as it is for the passes still to come
             y = y.clone()
-        grad_x, grad_args, grad_params = block._backward_groups(y, grad_y, ctx.edge_index, ctx.args, ctx.params,
-                                                                ctx.rng)
+        params = block._trainable_parameters()
+        if len(params) != ctx.num_params:
+            raise RuntimeError("GroupAddRev: the block's parameters that require grad changed between forward and "
+                               "backward")
+        grad_x, grad_args, grad_params = block._backward_groups(y, grad_y, ctx.edge_index, ctx.args, params, ctx.rng)
         if ctx.freed and x.numel() == 0:  # y's storage now holds x: hand it over
             with torch.no_grad():
                 x.set_(y.untyped_storage(), y.storage_offset(), y.size(), y.stride())
@@ -223,26 +230,28 @@ class GroupAddRev(torch.nn.Module):
         return functools.reduce(torch.add, ys[1:]) if total else None
 
     def _forward_groups(self, x: Tensor, edge_index, args, rng=None):
-        """y = [X'_1 .. X'_C] in one new buffer, and the RNG state before each F_i (recorded
-        when `rng` is None, else replayed from it)."""
+        """y = [X'_1 .. X'_C] in one new buffer, and the RNG state before each F_i that drew
+        random numbers (an empty tuple if none did); recorded when `rng` is None, else replayed
+        from it."""
         channels = self._check(x)
         xs = torch.chunk(x, self.num_groups, dim=self.split_dim)
         group_args = self._group_args(args, channels)
         y = torch.empty_like(x)
         ys = torch.chunk(y, self.num_groups, dim=self.split_dim)
-        states = [] if rng is None else rng
+        record = rng is None
+        states = []
         inp = functools.reduce(torch.add, xs[1:])  # X'_0; for 2 groups X_1 itself
         for i, conv in enumerate(self.convs):
-            if rng is None:  # first evaluation: draw as usual, remember where any draws started
+            if record:  # first evaluation: draw as usual, remember where any draws started
                 state = _RngState(x.device)
                 f, last = self._evaluate(conv, inp, edge_index, group_args[i])
                 states.append(state if state.drawn() else None)
             else:
-                with _replay(rng[i]):
+                with _replay(rng, i):
                     f, last = self._evaluate(conv, inp, edge_index, group_args[i])
             self._add(ys[i].copy_(xs[i]), f, last)
             inp = ys[i]
-        return y, states
+        return y, ((states if any(states) else ()) if record else rng)
 
     def _backward_groups(self, y: Tensor, grad_y: Tensor, edge_index, args, params, rng):
         """One evaluation of each F_i, with grad, for C down to 1: back-propagate through it,
@@ -270,7 +279,7 @@ class GroupAddRev(torch.nn.Module):
                 inp = (ys[1] if x0 is None else x0).detach().requires_grad_()
             conv_params = [p for p in conv.parameters() if p.requires_grad]
             with _statistics_frozen(conv):  # restored after the gradient, which may read them
-                with torch.enable_grad(), _replay(rng[i]):
+                with torch.enable_grad(), _replay(rng, i):
                     f, last = self._evaluate(conv, inp, edge_index, self._group_args(leaves, channels)[i])
                 if last is None:
                     grads = list(torch.autograd.grad(f, [inp] + leaf_tensors + conv_params, gys[i], allow_unused=True))
@@ -306,8 +315,10 @@ class GroupAddRev(torch.nn.Module):
     def forward(self, x: Tensor, edge_index, *args) -> Tensor:
         if self.disable or not torch.is_grad_enabled():
             return self._plain(x, edge_index, args)
-        params = tuple(p for p in self.parameters() if p.requires_grad)
-        return _GroupAddRevFunction.apply(self, edge_index, len(args), x, *args, *params)
+        return _GroupAddRevFunction.apply(self, edge_index, len(args), x, *args, *self._trainable_parameters())
+
+    def _trainable_parameters(self) -> Tuple[Tensor, ...]:
+        return tuple(p for p in self.parameters() if p.requires_grad)
 
     def _plain(self, x: Tensor, edge_index, args) -> Tensor:
         channels = self._check(x)
