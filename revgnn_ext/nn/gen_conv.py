@@ -64,11 +64,8 @@ def pyg_adjacency(edge_index, x, size: Optional[Tuple[int, int]]):
     in the caller's edge order (the order of its edge features) and gives the size."""
     if isinstance(edge_index, CSRGraph):
         x_src, x_dst = x if isinstance(x, tuple) else (x, None)
-        num_nodes = edge_index.num_src, edge_index.num_dst
-        if node_counts(x_src, x_dst, size) != num_nodes:
-            raise ValueError(f"the graph has (num_src, num_dst) = {num_nodes} but the node features give "
-                             f"{node_counts(x_src, x_dst, size)}")
-        return edge_index.to_edge_index(), num_nodes
+        graph = as_graph(edge_index, node_counts(x_src, x_dst, size))  # checks the node counts
+        return graph.to_edge_index(), (graph.num_src, graph.num_dst)
     return edge_index, size
 
 
