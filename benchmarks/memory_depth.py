@@ -32,8 +32,9 @@ OS (gc, glibc's malloc_trim), the resident set is read (VmRSS) and the kernel's 
 reset (/proc/self/clear_refs); the peak is VmHWM after the step minus that. The kernel raises
 the mark before any page leaves the resident set, so no peak is missed, and memory that a
 library allocates outside torch (MKL, OpenMP) or that glibc keeps is counted. Cross-check:
-torch's CPU allocator peak (common.peak_memory) from one more step where steps are short. On GPU: torch.cuda.max_memory_allocated above the memory allocated before the
-step, every configuration in this process.
+torch's CPU allocator peak (common.peak_memory) from one more step where steps are short. On
+GPU: torch.cuda.max_memory_allocated above the memory allocated before the step, every
+configuration in this process.
 
 Time: the same steps (after the first), wall clock on CPU, CUDA events on GPU; median of up to
 --repeat steps, more than one only while the configuration's steps total under --repeat-s.
