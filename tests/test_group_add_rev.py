@@ -49,6 +49,19 @@ def _run(blocks, x0, edge_index, edge_attr, seed=3):
     return out, x.grad, (e.grad if e is not None else None), [p.grad for p in blocks.parameters()]
 
 
+def _same_gradients_as_plain(block, x, ei, *args):
+    """One backward through block and through its plain-autograd copy (disable=True): the same
+    parameter gradients, None where plain autograd leaves None."""
+    plain = copy.deepcopy(block)
+    plain.disable = True
+    for b in (block, plain):
+        b(x * 1.0, ei, *args).square().sum().backward()
+    for p, q in zip(block.parameters(), plain.parameters()):
+        assert (p.grad is None) == (q.grad is None)
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad)
+
+
 @pytest.mark.parametrize("depth", [1, 8, 64])
 def test_gradients_equal_plain_autograd(depth):
     ei, n = make_graph("random")
@@ -229,10 +242,150 @@ def test_bad_arguments():
         block(torch.randn(5, 7), torch.zeros(2, 0, dtype=torch.long))
 
 
-def test_parameters_changed_between_forward_and_backward_raise():
+def test_parameter_frozen_between_forward_and_backward_raises():
     ei, n = make_graph("random")
     block = GroupAddRev(gen_block(4), num_groups=2)
     y = block(torch.randn(n, 8, requires_grad=True) * 1.0, ei, torch.randn(ei.size(1), 4))
     next(block.parameters()).requires_grad_(False)
-    with pytest.raises(RuntimeError, match="changed between forward and backward"):
+    with pytest.raises(RuntimeError, match="stopped requiring grad between forward and backward"):
         y.sum().backward()
+
+
+class ScaledLinear(torch.nn.Module):
+    """A conv-shaped F with a float64 parameter beside float32 ones (two parameter tokens)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.lin = torch.nn.Linear(c, c)
+        self.scale = torch.nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+
+    def forward(self, x, edge_index):
+        return self.lin(x) * self.scale.float()
+
+
+@pytest.mark.parametrize("make", [gen_block, ScaledLinear], ids=["one-dtype", "two-dtypes"])
+def test_parameters_reach_the_block_through_one_token_per_dtype(make):
+    """The block's autograd node has an input per tensor argument and per (device, dtype) of its
+    parameters, not per parameter (each input costs ~100 bytes until backward, per layer); the
+    tokens' gather nodes are made once and reused by every step, and gradients equal plain
+    autograd over several steps, through .backward() and torch.autograd.grad."""
+    ei, n = make_graph("random")
+    torch.manual_seed(0)
+    block = GroupAddRev(make(4), num_groups=2)
+    plain = copy.deepcopy(block)
+    plain.disable = True
+    args = (torch.randn(ei.size(1), 4),) if make is gen_block else ()
+    x = torch.randn(n, 8)
+    dtypes = {p.dtype for p in block.parameters()}
+    nodes = set()
+    for step in range(2):
+        for b in (block, plain):
+            torch.manual_seed(step)  # the same dropout masks
+            y = b(x * 1.0, ei, *args)
+            if b is block:
+                # tensor inputs: edge_index, x, args, tokens
+                assert len(y.grad_fn.next_functions) == 2 + len(args) + len(dtypes)
+                nodes |= {f for f, _ in y.grad_fn.next_functions[2 + len(args):]}
+            y.square().sum().backward()
+        for p, q in zip(block.parameters(), plain.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)
+    assert len(nodes) == len(dtypes)  # the same gather nodes at both steps
+    def grads(b):
+        torch.manual_seed(2)
+        return torch.autograd.grad(b(x * 1.0, ei, *args).square().sum(), list(b.parameters()))
+
+    for g, h in zip(grads(block), grads(plain)):
+        torch.testing.assert_close(g, h)
+
+
+def test_replaced_or_frozen_parameters_are_seen_at_the_next_forward():
+    ei, n = make_graph("random")
+    torch.manual_seed(0)
+    block = GroupAddRev(Block(4, pyg.nn.SAGEConv(4, 4), dropout=0.0), num_groups=2)
+    x = torch.randn(n, 8)
+    block(x * 1.0, ei).sum().backward()
+    frozen = block.convs[0].norm.weight.requires_grad_(False)
+    replaced = block.convs[1].conv.lin_l.weight = torch.nn.Parameter(block.convs[1].conv.lin_l.weight.detach() * 2)
+    frozen.grad = None
+    block(x * 1.0, ei).sum().backward()
+    assert frozen.grad is None and replaced.grad is not None
+    block.zero_grad()
+    _same_gradients_as_plain(block, x, ei)
+
+
+def test_copy_pickle_and_functional_call_after_a_step():
+    import io
+    ei, n = make_graph("random")
+    block = GroupAddRev(Block(4, GENConv(4, 4, edge_dim=4, norm="layer"), dropout=0.0), num_groups=2)
+    e = torch.randn(ei.size(1), 4)
+    x = torch.randn(n, 8)
+    block(x * 1.0, ei, e).sum().backward()
+    copied = copy.deepcopy(block)
+    torch.save(block, io.BytesIO())
+    torch.testing.assert_close(copied(x, ei, e), block(x, ei, e))
+    # Parameters given by torch.func.functional_call (non-leaf, other values): backward uses them,
+    # although the call has returned and the block holds its own again.
+    plain = copy.deepcopy(block)
+    plain.disable = True
+
+    def grads(b):
+        leaves = {k: (v.detach() * 2).requires_grad_() for k, v in block.named_parameters()}
+        torch.func.functional_call(b, {k: v * 1.0 for k, v in leaves.items()}, (x * 1.0, ei, e)).square().sum().backward()
+        return leaves
+
+    for (k, g), h in zip(grads(block).items(), grads(plain).values()):
+        torch.testing.assert_close(g.grad, h.grad)
+
+
+def test_parameters_converted_in_place_get_new_tokens():
+    """.double() changes each parameter's data in place (the same Parameter objects): the next
+    forward gathers them anew, in their new dtype."""
+    ei, n = make_graph("random")
+    torch.manual_seed(0)
+    block = GroupAddRev(Block(4, pyg.nn.SAGEConv(4, 4), dropout=0.0), num_groups=2)
+    x = torch.randn(n, 8)
+    block(x * 1.0, ei).sum().backward()
+    block.double().zero_grad()
+    _same_gradients_as_plain(block, x.double(), ei)
+    assert all(p.grad.dtype == torch.float64 for p in block.parameters())
+
+
+def test_each_gather_node_runs_right_after_its_block_at_every_step():
+    """The gather nodes are made at the first step and reused; backward runs the ready node with
+    the highest sequence number first, so without renewal each forward they would all wait for
+    the end of backward, holding every block's parameter gradients until then."""
+    ei, n = make_graph("random")
+    blocks = torch.nn.ModuleList(GroupAddRev(Block(4, pyg.nn.SAGEConv(4, 4), dropout=0.0), num_groups=2)
+                                 for _ in range(3))
+    order = []
+    for step in range(2):
+        order.clear()
+        h = torch.randn(n, 8, requires_grad=True) * 1.0
+        for k, b in enumerate(blocks):
+            h = b(h, ei)
+            h.grad_fn.register_hook(lambda *_, k=k: order.append(f"block {k}"))
+            if step == 0:  # the same gather node at both steps
+                gather = h.grad_fn.next_functions[-1][0]
+                gather.register_hook(lambda *_, k=k: order.append(f"gather {k}"))
+        h.sum().backward()
+        assert order == ["block 2", "gather 2", "block 1", "gather 1", "block 0", "gather 0"], step
+
+
+class WithUnused(torch.nn.Module):
+    """F that leaves one of its parameters (and, with `all_unused`, all of them) unused."""
+
+    def __init__(self, c, all_unused=False):
+        super().__init__()
+        self.lin, self.spare = torch.nn.Linear(c, c), torch.nn.Linear(c, c)
+        self.all_unused = all_unused
+
+    def forward(self, x, edge_index):
+        return x * 0.5 if self.all_unused else self.lin(x)
+
+
+@pytest.mark.parametrize("all_unused", [False, True])
+def test_unused_parameters_get_no_gradient(all_unused):
+    ei, n = make_graph("random")
+    block = GroupAddRev(WithUnused(4, all_unused), num_groups=2)
+    _same_gradients_as_plain(block, torch.randn(n, 8, requires_grad=True), ei)
+    assert sum(p.grad is None for p in block.parameters()) == (8 if all_unused else 4)
