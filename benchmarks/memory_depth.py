@@ -26,7 +26,9 @@ first step's peak, not judged, and the peak is that of the steps after it. The f
 allocates what the process keeps from then on: thread pools and kernels' first-use state, and
 autograd's per-parameter gradient accumulator (made by the first backward and held through a
 weak reference of the parameter: about 480 bytes per parameter tensor, here 22 tensors and
-10.5 KB per layer, which stay allocated between steps like the gradients do). On CPU, each
+10.5 KB per layer, which stay allocated between steps like the gradients do), and our
+GroupAddRev's per-block node that gathers its parameters' gradients (made by the first forward,
+reused by every step after: see revgnn_ext/nn/group_add_rev.py, _Parameters). On CPU, each
 (depth, stack) runs in a fresh process: before each step, freed heap memory is handed back to the
 OS (gc, glibc's malloc_trim), the resident set is read (VmRSS) and the kernel's high-water mark
 reset (/proc/self/clear_refs); the peak is VmHWM after the step minus that. The kernel raises
@@ -401,7 +403,7 @@ def main():
     p.add_argument("--budget-s", type=float, default=600,
                    help="a configuration whose step is predicted to take longer is skipped")
     p.add_argument("--repeat", type=int, default=3, help="steps per configuration at most")
-    p.add_argument("--repeat-s", type=float, default=30,
+    p.add_argument("--repeat-s", type=float, default=100,
                    help="a further step only while the configuration's steps total under this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="results folder (default: benchmarks/results/<date>-<machine>)")
