@@ -135,8 +135,8 @@ class _Parameters:
         its gather node which parameters have none."""
         out = []
         for ks, token in zip(self.groups, self._tokens):
-            token.grad_fn.unused = tuple(i for i, k in enumerate(ks) if grads[k] is None)
-            if len(token.grad_fn.unused) == len(ks):
+            token.grad_fn.unused = unused = tuple(i for i, k in enumerate(ks) if grads[k] is None)
+            if len(unused) == len(ks):
                 out.append(None)
                 continue
             out.append(torch.cat([(grads[k] if grads[k] is not None else torch.zeros_like(self.params[k])).reshape(-1)
@@ -149,10 +149,9 @@ class _Parameters:
 _PARAMETERS: "weakref.WeakKeyDictionary[torch.nn.Module, _Parameters]" = weakref.WeakKeyDictionary()
 
 
-def _parameters(block: "GroupAddRev") -> Optional[_Parameters]:
+def _parameters(block: "GroupAddRev") -> _Parameters:
+    """The block's trainable parameters (none at all: no tokens)."""
     named = tuple((name, p) for name, p in block.named_parameters() if p.requires_grad)
-    if not named:
-        return None
     cached = _PARAMETERS.get(block)
     if cached is not None and cached.matches(named):
         return cached
@@ -163,13 +162,13 @@ def _parameters(block: "GroupAddRev") -> Optional[_Parameters]:
 
 
 @contextlib.contextmanager
-def _parameters_of_forward(block: torch.nn.Module, params: Optional[_Parameters]):
+def _parameters_of_forward(block: torch.nn.Module, params: _Parameters):
     """The block holds the tensors it ran with in forward while backward recomputes; they differ
     from its own when forward ran under torch.func.functional_call, which has returned since."""
     current = dict(block.named_parameters())
     swapped = []
     try:
-        for name, p in zip(params.names, params.params) if params is not None else ():
+        for name, p in zip(params.names, params.params):
             if current.get(name) is not p:
                 module_name, _, attr = name.rpartition(".")
                 module = block.get_submodule(module_name)
@@ -187,7 +186,7 @@ class _GroupAddRevFunction(torch.autograd.Function):
     memory; backward rebuilds it from y, in y's own storage, group by group, and gives it back."""
 
     @staticmethod
-    def forward(ctx, block: "GroupAddRev", edge_index, num_args: int, params: Optional[_Parameters], x: Tensor,
+    def forward(ctx, block: "GroupAddRev", edge_index, num_args: int, params: _Parameters, x: Tensor,
                 *rest):
         # The context holds as little as it can: a 1001-layer model keeps 1001 of them until
         # backward.
@@ -209,7 +208,7 @@ class _GroupAddRevFunction(torch.autograd.Function):
                                "num_bwd_passes")
         ctx.passes_left -= 1
         block, x, y, params = ctx.block, ctx.x, ctx.y, ctx.params
-        if params is not None and not all(p.requires_grad for p in params.params):
+        if not all(p.requires_grad for p in params.params):
             raise RuntimeError("GroupAddRev: a parameter of the block stopped requiring grad between forward and "
                                "backward")
         with _parameters_of_forward(block, params):
@@ -219,7 +218,7 @@ class _GroupAddRevFunction(torch.autograd.Function):
             elif ctx.passes_left > 0:  # y stays as it is for the passes still to come
                 y = y.clone()
             grad_x, grad_args, grad_params = block._backward_groups(
-                y, grad_y, ctx.edge_index, ctx.args, params.params if params is not None else (), ctx.rng)
+                y, grad_y, ctx.edge_index, ctx.args, params.params, ctx.rng)
         if ctx.freed and x.numel() == 0:  # y's storage now holds x: hand it over
             with torch.no_grad():
                 x.set_(y.untyped_storage(), y.storage_offset(), y.size(), y.stride())
@@ -229,8 +228,7 @@ class _GroupAddRevFunction(torch.autograd.Function):
             with torch.no_grad():
                 ctx.y.set_(torch.empty(0, dtype=y.dtype, device=y.device))
             ctx.y = ctx.x = None
-        tokens = params.flat_grads(grad_params) if params is not None else []
-        return (None, None, None, None, grad_x, *grad_args, *tokens)
+        return (None, None, None, None, grad_x, *grad_args, *params.flat_grads(grad_params))
 
 
 class GroupAddRev(torch.nn.Module):
@@ -434,8 +432,7 @@ class GroupAddRev(torch.nn.Module):
         if self.disable or not torch.is_grad_enabled():
             return self._plain(x, edge_index, args)
         params = _parameters(self)
-        return _GroupAddRevFunction.apply(self, edge_index, len(args), params, x, *args,
-                                          *(params.tokens() if params is not None else ()))
+        return _GroupAddRevFunction.apply(self, edge_index, len(args), params, x, *args, *params.tokens())
 
     def _plain(self, x: Tensor, edge_index, args) -> Tensor:
         channels = self._check(x)
