@@ -242,3 +242,117 @@ def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     compiled = torch.compile(ours, fullgraph=True)
     torch.testing.assert_close(compiled(x, graph, edge_attr), ours(x, graph, edge_attr))
+
+
+def _sparse_adj_t(edge_index, values, num_src, num_dst, layout):
+    """PyG's adj_t (rows = destinations) of a graph, as a coalesced COO or a CSR tensor."""
+    coo = torch.sparse_coo_tensor(edge_index.flip(0), values, (num_dst, num_src) + tuple(values.shape[1:])).coalesce()
+    return coo if layout == "coo" else coo.to_sparse_csr()
+
+
+def _grads_through_adjacency(module, x, make_adj, values, gout):
+    """Output and gradients of (x, the adjacency's values, every parameter); make_adj builds the
+    adjacency from `values` afresh, so that two modules can backpropagate into the same leaf."""
+    out = module(x, make_adj())
+    inputs = [t for t in (x if isinstance(x, tuple) else (x,)) if t is not None] + [values]
+    return out, torch.autograd.grad(out, inputs + list(module.parameters()), gout, allow_unused=True)
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+@pytest.mark.parametrize("bipartite", [False, True], ids=["square", "bipartite"])
+def test_hybrid_sparse_adjacency_values_are_edge_attr(layout, bipartite):
+    """A torch.sparse adj_t whose values are [num_edges, F] edge features: PyG's GENConv takes
+    them as edge_attr (an explicit edge_attr wins); ours does the same, gradients included, and a
+    bipartite one with no destination features and no size takes its node counts from the
+    adjacency."""
+    ei, n = make_graph("bipartite" if bipartite else "power_law")
+    num_src, num_dst = n if bipartite else (n, n)
+    in_channels = (10, 6) if bipartite else 10
+    ours, ref = _pair(dict(aggr="softmax", learn_t=True), in_channels, 8, 3, torch.float64, "cpu")
+    x_src = torch.randn(num_src, 10, dtype=torch.float64, requires_grad=True)
+    x_dst = torch.randn(num_dst, 6, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(ei.size(1), 3, dtype=torch.float64, requires_grad=True)
+    layout_values = _sparse_adj_t(ei, values.detach(), num_src, num_dst, layout).values()
+
+    def make_adj():  # the same structure, with values that lead back to the leaf `values`
+        adj = _sparse_adj_t(ei, values, num_src, num_dst, layout)
+        assert torch.equal(adj.values().detach(), layout_values)
+        return adj
+
+    for x in ([(x_src, x_dst), (x_src, None)] if bipartite else [x_src]):
+        gout = torch.randn(num_dst, 8, dtype=torch.float64)
+        out_o, grads_o = _grads_through_adjacency(ours, x, make_adj, values, gout)
+        out_r, grads_r = _grads_through_adjacency(ref, x, make_adj, values, gout)
+        assert out_o.shape == (num_dst, 8)
+        torch.testing.assert_close(out_o, out_r, rtol=1e-10, atol=1e-10)
+        assert grads_o[-len(list(ours.parameters())) - 1].abs().sum() > 0  # the values' gradient
+        for a, b in zip(grads_o, grads_r):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # The edge features follow the adjacency's stored entries (coalesced: duplicate edges summed);
+    # the same edges and features given as edge_index and edge_attr agree; an edge_attr given
+    # explicitly wins over the values.
+    x = (x_src, x_dst) if bipartite else x_src
+    coalesced = _sparse_adj_t(ei, values.detach(), num_src, num_dst, "coo")
+    torch.testing.assert_close(ours(x, coalesced.indices().flip(0), coalesced.values()), ours(x, make_adj()),
+                               rtol=1e-12, atol=1e-12)
+    other = torch.randn(coalesced.values().shape, dtype=torch.float64)
+    torch.testing.assert_close(ours(x, make_adj(), other), ref(x, make_adj(), other), rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(ours(x, make_adj(), other), ours(x, make_adj()))
+
+
+def test_bipartite_node_counts_from_the_adjacency():
+    """(x_src, None) with no size: the destination count comes from an adjacency that states it
+    (torch.sparse, CSRGraph), as PyG takes it from a sparse adjacency's shape."""
+    ei, (num_src, num_dst) = make_graph("bipartite")
+    ours, ref = _pair(dict(aggr="max"), (10, 6), 8, None, torch.float64, "cpu")
+    x_src = torch.randn(num_src, 10, dtype=torch.float64)
+    expected = ref((x_src, None), ei, size=(num_src, num_dst))
+    assert expected.shape == (num_dst, 8)
+    adj_t = _sparse_adj_t(ei, torch.ones(ei.size(1), dtype=torch.float64), num_src, num_dst, "coo")
+    torch.testing.assert_close(ref((x_src, None), adj_t), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours((x_src, None), adj_t), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours((x_src, None), adj_t.to_sparse_csr()), expected, rtol=1e-10, atol=1e-10)
+    graph = CSRGraph.from_edge_index(ei, (num_src, num_dst))
+    torch.testing.assert_close(ours((x_src, None), graph), expected, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="sparse adjacency has shape"):
+        ours((x_src[:-1], None), adj_t)
+
+
+@pytest.mark.parametrize("aggr", ["softmax", "powermean", "max"])
+def test_lazy_edge_dim(aggr):
+    """GENConv((-1, -1), out, edge_dim=-1) sizes lin_src, lin_edge and lin_dst on its first call,
+    drawing the same initial weights as PyG's under the same seed."""
+    ei, (num_src, num_dst) = make_graph("bipartite")
+    x_src = torch.randn(num_src, 5)
+    x_dst = torch.randn(num_dst, 7)
+    edge_attr = torch.randn(ei.size(1), 3)
+    outs = []
+    for cls in (pyg.nn.GENConv, GENConv):
+        torch.manual_seed(0)
+        conv = cls((-1, -1), 16, aggr, edge_dim=-1)
+        assert repr(conv) == f"GENConv((-1, -1), 16, aggr={aggr})"
+        outs.append((conv, conv((x_src, x_dst), ei, edge_attr)))
+    (ref, expected), (ours, out) = outs
+    assert ours.lin_edge.weight.shape == (16, 3)
+    torch.testing.assert_close(out, expected)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    for (name, a), (_, b) in zip(ours.named_parameters(), ref.named_parameters()):
+        assert torch.equal(a, b), name
+    adj_t = _sparse_adj_t(ei, edge_attr, num_src, num_dst, "coo")
+    torch.testing.assert_close(ours((x_src, None), adj_t), ref((x_src, None), adj_t))
+
+
+def test_torchscript_raises_a_clear_error():
+    conv = GENConv(8, 8, edge_dim=4)
+    for module in (conv, torch.nn.Sequential(torch.nn.Linear(8, 8), conv)):
+        with pytest.raises(RuntimeError, match="GENConv: TorchScript .* not supported.*torch.compile"):
+            torch.jit.script(module)
+
+
+def test_edge_order_does_not_matter():
+    ei, n = make_graph("power_law")
+    conv = GENConv(8, 8, aggr="softmax", learn_t=True, edge_dim=3).double()
+    x = torch.randn(n, 8, dtype=torch.float64)
+    edge_attr = torch.randn(ei.size(1), 3, dtype=torch.float64)
+    perm = torch.randperm(ei.size(1))
+    torch.testing.assert_close(conv(x, ei[:, perm], edge_attr[perm]), conv(x, ei, edge_attr), rtol=1e-12, atol=1e-12)

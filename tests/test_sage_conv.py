@@ -25,10 +25,12 @@ def _check(ours, ref, x, edge_index, **kw):
     out_o, out_r = ours(x, edge_index, **kw), ref(x, edge_index, **kw)
     torch.testing.assert_close(out_o, out_r, rtol=1e-10, atol=1e-10)
     gout = torch.randn_like(out_o)
-    g_o = torch.autograd.grad(out_o, inputs + list(ours.parameters()), gout)
-    g_r = torch.autograd.grad(out_r, inputs + list(ref.parameters()), gout)
+    g_o = torch.autograd.grad(out_o, inputs + list(ours.parameters()), gout, allow_unused=True)  # lin_r: x_dst None
+    g_r = torch.autograd.grad(out_r, inputs + list(ref.parameters()), gout, allow_unused=True)
     for a, b in zip(g_o, g_r):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -75,3 +77,111 @@ def test_flow_and_explain_run_pygs_propagate():
     set_masks(ref, mask, ei)
     with pytest.warns(UserWarning, match="explain mode"):
         _check(ours, ref, x, ei)
+
+
+def _adj_t(edge_index, values, num_src, num_dst, layout):
+    """PyG's adj_t (rows = destinations) as a coalesced COO or a CSR tensor."""
+    coo = torch.sparse_coo_tensor(edge_index.flip(0), values, (num_dst, num_src)).coalesce()
+    return coo if layout == "coo" else coo.to_sparse_csr()
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+@pytest.mark.parametrize("aggr", ["sum", "mean", "max", "min"])
+def test_weighted_sparse_adjacency(layout, aggr):
+    """A torch.sparse adj_t's values weight the messages, as PyG's SAGEConv does: outputs and
+    gradients (of x, the values and every parameter) equal PyG's; with (x_src, None) and no
+    size the destination count is the adjacency's."""
+    ei, (num_src, num_dst) = make_graph("bipartite")
+    ours, ref = _pair(dict(aggr=aggr), (10, 6), 8, "cpu")
+    x_src = torch.randn(num_src, 10, dtype=torch.float64, requires_grad=True)
+    x_dst = torch.randn(num_dst, 6, dtype=torch.float64, requires_grad=True)
+    values = (torch.rand(ei.size(1), dtype=torch.float64) + 0.5).requires_grad_()
+    for x in ((x_src, x_dst), (x_src, None)):
+        inputs = [t for t in x if t is not None] + [values]
+        gout = torch.randn(num_dst, 8, dtype=torch.float64)
+        results = []
+        for module in (ours, ref):
+            out = module(x, _adj_t(ei, values, num_src, num_dst, layout))  # a fresh adjacency per backward
+            results.append((out, torch.autograd.grad(out, inputs + list(module.parameters()), gout,
+                                                     allow_unused=True)))  # lin_r without x_dst
+        (out_o, grads_o), (out_r, grads_r) = results
+        assert out_o.shape == (num_dst, 8)
+        torch.testing.assert_close(out_o, out_r, rtol=1e-10, atol=1e-10)
+        assert grads_o[len(inputs) - 1].abs().sum() > 0
+        for a, b in zip(grads_o, grads_r):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    unweighted = ours((x_src, x_dst), _adj_t(ei, torch.ones_like(values), num_src, num_dst, layout))
+    assert not torch.allclose(out_o, unweighted)
+
+
+def test_torch_sparse_values_are_dropped_as_in_pyg():
+    torch_sparse = pytest.importorskip("torch_sparse")
+    ei, n = make_graph("random")
+    ours, ref = _pair(dict(), 8, 8, "cpu")
+    x = torch.randn(n, 8, dtype=torch.float64)
+    adj_t = torch_sparse.SparseTensor(row=ei[1], col=ei[0], value=torch.rand(ei.size(1), dtype=torch.float64),
+                                      sparse_sizes=(n, n))
+    torch.testing.assert_close(ours(x, adj_t), ref(x, adj_t))
+    torch.testing.assert_close(ours(x, adj_t), ours(x, ei))
+
+
+def test_bipartite_without_destination_features():
+    ei, (num_src, num_dst) = make_graph("bipartite")
+    ours, ref = _pair(dict(project=True), (10, 6), 8, "cpu")
+    x_src = torch.randn(num_src, 10, dtype=torch.float64, requires_grad=True)
+    _check(ours, ref, (x_src, None), ei, size=(num_src, num_dst))
+    torch.testing.assert_close(ours((x_src, None), CSRGraph.from_edge_index(ei, (num_src, num_dst))),
+                               ref((x_src, None), ei, size=(num_src, num_dst)))
+
+
+def test_lazy_in_channels():
+    ei, n = make_graph("random")
+    outs = []
+    for cls in (pyg.nn.SAGEConv, SAGEConv):
+        torch.manual_seed(0)
+        conv = cls(-1, 16)
+        assert repr(conv) == "SAGEConv(-1, 16, aggr=mean)"
+        outs.append(conv(torch.randn(n, 7, generator=torch.Generator().manual_seed(1)), ei))
+    torch.testing.assert_close(outs[1], outs[0])
+    with pytest.raises(ValueError, match="does not support lazy"):
+        SAGEConv(-1, 16, project=True)
+
+
+def test_edge_order_does_not_matter():
+    ei, n = make_graph("power_law")
+    x = torch.randn(n, 8, dtype=torch.float64)
+    perm = torch.randperm(ei.size(1))
+    for aggr in ("mean", "max"):
+        conv = SAGEConv(8, 8, aggr=aggr).double()
+        torch.testing.assert_close(conv(x, ei[:, perm]), conv(x, ei), rtol=1e-12, atol=1e-12)
+
+
+def test_lstm_aggregation_falls_back_to_pygs():
+    ei = torch.tensor([[0, 1, 2, 3, 4], [0, 0, 1, 1, 3]])
+    ours, ref = _pair(dict(aggr="lstm"), 8, 8, "cpu")
+    x = torch.randn(5, 8, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="falling back"):
+        torch.testing.assert_close(ours(x, ei), ref(x, ei))
+    with pytest.raises(ValueError, match="'index' tensor is not sorted"):
+        ours(x, ei[:, [1, 0, 2, 3, 4]].flip(1))
+
+
+def test_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) of a fused layer on a CSRGraph and of an unfused
+    (multi-aggregation) layer, which runs PyG's propagate, on an edge_index."""
+    ei, n = make_graph("random")
+    graph = CSRGraph.from_edge_index(ei, n)
+    graph.transposed()
+    x = torch.randn(n, 8)
+    for conv, adj in ((SAGEConv(8, 16, aggr="max"), graph),
+                      (SAGEConv(8, 16, aggr=["mean", "sum", "min", "max", "std"]), ei)):
+        expected = conv(x, adj)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(conv, backend="eager", fullgraph=True)(x, adj), expected)
+
+
+def test_torchscript_raises_a_clear_error():
+    with pytest.raises(RuntimeError, match="SAGEConv: TorchScript .* not supported.*torch.compile"):
+        torch.jit.script(SAGEConv(8, 8))

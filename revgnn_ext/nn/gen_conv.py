@@ -18,12 +18,45 @@ _PROPAGATE_HOOKS = tuple(f"_{step}_forward{kind}_hooks" for step in
                          for kind in ("_pre", ""))
 
 
-def node_counts(x_src: Tensor, x_dst: Optional[Tensor], size: Optional[Tuple[int, int]]) -> Tuple[int, int]:
-    """(num_src, num_dst) of a layer call, by PyG's rules: size= wins, else the features'
-    rows, with the source side standing in for a missing destination side."""
+def node_counts(x_src: Tensor, x_dst: Optional[Tensor], size: Optional[Tuple[int, int]], adj=None) -> Tuple[int, int]:
+    """(num_src, num_dst) of a layer call, by PyG's rules: size= wins, else the features' rows;
+    a missing destination side comes from the adjacency ``adj`` where it states one (a sparse
+    adjacency's rows, a CSRGraph, a sized PyG EdgeIndex), else from the source side."""
     if size is not None:
         return int(size[0]), int(size[1])
-    return x_src.size(0), (x_dst if x_dst is not None else x_src).size(0)
+    if x_dst is not None:
+        return x_src.size(0), x_dst.size(0)
+    num_dst = _stated_num_dst(adj)
+    return x_src.size(0), (x_src.size(0) if num_dst is None else int(num_dst))
+
+
+def _stated_num_dst(adj) -> Optional[int]:
+    """The number of destinations an adjacency states itself; None for a plain edge_index."""
+    if isinstance(adj, CSRGraph):
+        return adj.num_dst
+    if isinstance(adj, Tensor):
+        if adj.layout != torch.strided:  # torch.sparse adj_t: rows are destinations
+            return adj.size(0)
+        return adj.sparse_size(1) if hasattr(adj, "sparse_size") else None  # PyG EdgeIndex (size may be unset)
+    return adj.sparse_size(0) if hasattr(adj, "sparse_size") else None  # torch_sparse.SparseTensor adj_t
+
+
+def edge_values(adj) -> Optional[Tensor]:
+    """The values stored with a sparse adjacency (a ``torch.sparse`` COO or CSR tensor, a
+    ``torch_sparse.SparseTensor``) in the order of its stored entries, which is the edge order of
+    its CSRGraph; None for any other adjacency or a SparseTensor without values."""
+    if isinstance(adj, Tensor) and adj.layout == torch.sparse_coo:
+        if adj.is_coalesced():
+            return adj.values()
+        if adj.requires_grad:  # the stored values of an uncoalesced tensor are detached
+            raise ValueError("revgnn_ext.nn: the values of an uncoalesced sparse COO adjacency that requires grad "
+                             "would get no gradient; pass adj_t.coalesce() (or a sparse CSR tensor)")
+        return adj._values()
+    if isinstance(adj, Tensor) and adj.layout == torch.sparse_csr:
+        return adj.values()
+    if not isinstance(adj, (Tensor, CSRGraph)) and hasattr(adj, "storage"):  # torch_sparse.SparseTensor
+        return adj.storage.value()
+    return None
 
 
 def _warn_once(reason: str) -> None:
@@ -42,6 +75,12 @@ class PygFallback:
         # class's propagate at its first instance: for a subclass of an already compiled PyG
         # class that is the parent's compiled one, which ignores edge masks.
         type(self)._orig_propagate = pyg_nn.MessagePassing.propagate
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every module it is given or finds inside one.
+        raise RuntimeError(f"revgnn_ext.nn.{type(self).__name__}: TorchScript (torch.jit.script) is not supported "
+                           "(it is deprecated in current PyTorch); use torch.compile instead, or PyG's own "
+                           f"torch_geometric.nn.{type(self).__name__} where a scripted model is required")
 
     def runs_fused(self) -> bool:
         """Whether the layer may skip PyG's propagate() for a fused kernel; if not, warns once
@@ -64,7 +103,7 @@ def pyg_adjacency(edge_index, x, size: Optional[Tuple[int, int]]):
     in the caller's edge order (the order of its edge features) and gives the size."""
     if isinstance(edge_index, CSRGraph):
         x_src, x_dst = x if isinstance(x, tuple) else (x, None)
-        graph = as_graph(edge_index, node_counts(x_src, x_dst, size))  # checks the node counts
+        graph = as_graph(edge_index, node_counts(x_src, x_dst, size, edge_index))  # checks the node counts
         return graph.to_edge_index(), (graph.num_src, graph.num_dst)
     return edge_index, size
 
@@ -131,15 +170,19 @@ class GENConv(PygFallback, pyg_nn.GENConv):
                 raise ValueError("GENConv: an edge encoder needs the fused computation (see the warning)")
             adj, size = pyg_adjacency(edge_index, x, size)
             return super().forward(x, adj, edge_attr, size), None
-        if encoder is None and edge_attr is not None and hasattr(self, "lin_edge"):
-            encoder = (self.lin_edge.weight, self.lin_edge.bias)
+        if edge_attr is None and not isinstance(edge_index, CSRGraph) and edge_index.dim() > 2:
+            edge_attr = edge_values(edge_index)  # a hybrid sparse adjacency's values are edge features, as in PyG
         aggr, kwargs = fused
         if isinstance(x, Tensor):
             x = (x, x)
         x_src, x_dst = x
         if hasattr(self, "lin_src"):
             x_src = self.lin_src(x_src)
-        graph = as_graph(edge_index, node_counts(x_src, x_dst, size))
+        if encoder is None and edge_attr is not None and hasattr(self, "lin_edge"):
+            if torch.nn.parameter.is_lazy(self.lin_edge.weight):  # edge_dim=-1: sized by the first edge_attr
+                self.lin_edge.initialize_parameters(self.lin_edge, (edge_attr,))
+            encoder = (self.lin_edge.weight, self.lin_edge.bias)
+        graph = as_graph(edge_index, node_counts(x_src, x_dst, size, edge_index))
         weight, bias = encoder if encoder is not None else (None, None)
         out = ops.gen_aggregate(graph, x_src, edge_attr, weight, bias, aggr, eps=self.eps, **kwargs)
         if hasattr(self, "msg_norm"):

@@ -9,7 +9,7 @@ from torch_geometric.typing import OptPairTensor
 
 from .. import ops
 from ..graph import as_graph
-from .gen_conv import PygFallback, _warn_once, node_counts, pyg_adjacency
+from .gen_conv import PygFallback, _warn_once, edge_values, node_counts, pyg_adjacency
 
 _REDUCES = {pyg_aggr.SumAggregation: "sum", pyg_aggr.MeanAggregation: "mean", pyg_aggr.MaxAggregation: "max",
             pyg_aggr.MinAggregation: "min"}
@@ -39,7 +39,10 @@ class SAGEConv(PygFallback, pyg_nn.SAGEConv):
         x_src, x_dst = x
         if self.project and hasattr(self, "lin"):
             x_src = self.lin(x_src).relu()
-        out = self.lin_l(ops.spmm(as_graph(edge_index, node_counts(x_src, x_dst, size)), x_src, None, reduce))
+        graph = as_graph(edge_index, node_counts(x_src, x_dst, size, edge_index))
+        # A torch.sparse adjacency's values weight the messages, as in PyG (which drops a SparseTensor's).
+        weight = edge_values(edge_index) if isinstance(edge_index, Tensor) else None
+        out = self.lin_l(ops.spmm(graph, x_src, None if weight is None else weight.to(x_src.dtype), reduce))
         if self.root_weight and x_dst is not None:
             out = out + self.lin_r(x_dst)
         if self.normalize:
