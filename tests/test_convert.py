@@ -120,7 +120,7 @@ def test_sage_conv(config):
 class Lazy(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.gen = pyg.nn.GENConv(-1, 16, aggr="softmax", learn_t=True, edge_dim=4)
+        self.gen = pyg.nn.GENConv(-1, 16, aggr="softmax", learn_t=True, edge_dim=-1)
         self.sage = pyg.nn.SAGEConv(-1, 16)
 
     def forward(self, x, edge_index, edge_attr):
@@ -128,9 +128,39 @@ class Lazy(torch.nn.Module):
 
 
 def test_lazy_modules():
-    # in_channels=-1: the uninitialized parameters are carried and materialize in our forward.
+    # in_channels=-1, edge_dim=-1: the uninitialized parameters are carried and materialize in our forward.
     report = _convert_and_compare(Lazy().double(), *_graph(12, 4))
     assert [r.name for r in report.replaced] == ["gen", "sage"]
+
+
+def test_sparse_adjacency_values():
+    """A converted model given a torch.sparse adj_t: GENConv takes a hybrid one's values as edge
+    features, SAGEConv weights by a plain one's values, as PyG's layers do."""
+    x, ei = _graph(12)
+    n = x.size(0)
+    features = torch.sparse_coo_tensor(ei.flip(0), torch.randn(ei.size(1), 4, dtype=torch.float64),
+                                       (n, n, 4)).coalesce()
+    _convert_and_compare(Wrapper(pyg.nn.GENConv(12, 16, edge_dim=4).double()), x, features)
+    weights = torch.sparse_coo_tensor(ei.flip(0), torch.rand(ei.size(1), dtype=torch.float64), (n, n))
+    _convert_and_compare(Wrapper(pyg.nn.SAGEConv(12, 16).double()), x, weights.coalesce().to_sparse_csr())
+
+
+class TwoLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(12, 12)
+        self.conv = pyg.nn.SAGEConv(12, 16)
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.lin(x), edge_index)
+
+
+def test_converted_model_refuses_torchscript():
+    model = TwoLayers()
+    torch.jit.script(model)  # PyG's layer scripts
+    convert(model)
+    with pytest.raises(RuntimeError, match="SAGEConv: TorchScript .* not supported"):
+        torch.jit.script(model)
 
 
 class DeeperGCN(torch.nn.Module):
