@@ -179,7 +179,7 @@ class GENConv(PygFallback, pyg_nn.GENConv):
         if hasattr(self, "lin_src"):
             x_src = self.lin_src(x_src)
         if encoder is None and edge_attr is not None and hasattr(self, "lin_edge"):
-            if torch.nn.parameter.is_lazy(self.lin_edge.weight):  # edge_dim=-1: sized by the first edge_attr
+            if isinstance(self.lin_edge.weight, torch.nn.UninitializedParameter):  # edge_dim=-1: sized on first use
                 self.lin_edge.initialize_parameters(self.lin_edge, (edge_attr,))
             encoder = (self.lin_edge.weight, self.lin_edge.bias)
         graph = as_graph(edge_index, node_counts(x_src, x_dst, size, edge_index))
