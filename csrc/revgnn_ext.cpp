@@ -1,6 +1,5 @@
 // revgnn_ext._C: every op schema in one place. Contracts: csrc/ops/<op>.h; kernels:
 // csrc/cpu/<op>_cpu.cpp and csrc/cuda/<op>_cuda.cu; autograd and fake kernels: revgnn_ext/ops.py.
-#include <ATen/SequenceNumber.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -32,21 +31,23 @@ TORCH_LIBRARY(revgnn_ext, m) {
   m.def("rev_subtract_(Tensor(a!) y, Tensor f, int group, int num_groups, Tensor(b!)? sum_out) -> ()");
 }
 
-// The autograd engine runs, of the nodes that are ready, the one made last (highest sequence
-// number) first. GroupAddRev keeps one node per block that gathers the parameters' gradients and
-// reuses it at every step (revgnn_ext/nn/group_add_rev.py, _Parameters); each forward renews its
-// number, so that in backward it runs as soon as its block's gradients arrive, as a node made in
-// that forward would, instead of after every newer node (which would keep all blocks' parameter
-// gradients alive until the end of backward).
-static void renew_sequence_nr(const at::Tensor& tensor) {
-  const auto& node = tensor.grad_fn();
-  TORCH_CHECK(node, "renew_sequence_nr: the tensor has no grad_fn");
-  node->set_sequence_nr(at::sequence_number::get_and_increment());
+// Whether a tensor is the sole owner of all of its memory: (references to its TensorImpl,
+// references to its storage, whether it spans the whole storage). GroupAddRev releases its input
+// until backward only when nothing else holds it (no operation that saved it for backward, no view
+// of it), which a tensor held by its Python object alone shows (revgnn_ext/nn/group_add_rev.py).
+// Computed here, not from Python: a Python storage object, once made, holds the storage for the
+// tensor's life.
+static std::tuple<int64_t, int64_t, bool> ownership(const at::Tensor& tensor) {
+  const auto& storage = tensor.storage();
+  const bool whole = tensor.is_contiguous() && tensor.storage_offset() == 0 &&
+                     static_cast<size_t>(tensor.numel()) * tensor.element_size() == storage.nbytes();
+  return {static_cast<int64_t>(tensor.use_count()), static_cast<int64_t>(storage.use_count()), whole};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "revgnn_ext compiled ops (registered under torch.ops.revgnn_ext)";
-  m.def("renew_sequence_nr", &renew_sequence_nr, "Gives tensor.grad_fn the next autograd sequence number.");
+  m.def("ownership", &ownership,
+        "(references to the tensor's TensorImpl, references to its storage, whether it spans the whole storage)");
   m.attr("torch_version") = REVGNN_EXT_TORCH_VERSION;
 #ifdef WITH_CUDA
   m.attr("with_cuda") = true;

@@ -1,11 +1,10 @@
 """DistributedDataParallel over revgnn_ext's GroupAddRev: 2 gloo processes on CPU, each on its own
 half of a graph, get the average of the single-process gradients of the two halves.
 
-GroupAddRev's backward is a custom autograd.Function whose inputs include one token per
-(device, dtype) of the block's parameters; it returns the tokens' gradients (the parameters'
-gradients from torch.autograd.grad, which accumulates nothing, flattened), and each token's gather
-node hands them to the parameters' AccumulateGrad nodes, so each of those runs once per backward
-and DDP's hooks on it fire once, as for any module. DDP's defaults work (no
+GroupAddRev's backward is a custom autograd.Function whose inputs include the block's parameters;
+it returns their gradients (from torch.autograd.grad, which accumulates nothing), so each
+parameter's AccumulateGrad node runs once per backward and DDP's hooks on it fire once, as for any
+module. DDP's defaults work (no
 find_unused_parameters or static_graph needed); so do both options, and a block applied twice in
 one forward (weight tying).
 """

@@ -1,5 +1,6 @@
 """GroupAddRev: gradients equal plain autograd, inversion, one F per group in backward, RNG
 replay, BatchNorm statistics, released activations, PyG compatibility."""
+import contextlib
 import copy
 
 import pytest
@@ -224,12 +225,17 @@ def test_released_activation_and_emptied_output_fail_loudly():
     x = torch.randn(n, 8, requires_grad=True)
     h = x * 2.0
     y = block(h, ei)
-    assert h.numel() == 0  # released until backward
+    # released until backward: every read names GroupAddRev instead of giving 0, NaN or nothing
+    for read in (lambda: h.sum(), lambda: torch.cat([h, y]), lambda: h.numel(), lambda: h + 1, lambda: print(h),
+                 lambda: h.numpy(), lambda: h[0]):
+        with pytest.raises(RuntimeError, match="GroupAddRev: this tensor is the input of a reversible block"):
+            read()
     y.sum().backward()
     assert h.shape == (n, 8) and torch.allclose(h, x.detach() * 2.0, atol=1e-5)  # rebuilt
-    assert y.numel() == 0  # its storage became h's
-    with pytest.raises(RuntimeError):
-        y + h
+    with pytest.raises(RuntimeError, match="output of a reversible block after its last backward"):
+        y + h  # its storage became h's
+    with pytest.raises(RuntimeError, match="output of a reversible block after its last backward"):
+        y.sum()
 
 
 def test_bad_arguments():
@@ -264,11 +270,8 @@ class ScaledLinear(torch.nn.Module):
 
 
 @pytest.mark.parametrize("make", [gen_block, ScaledLinear], ids=["one-dtype", "two-dtypes"])
-def test_parameters_reach_the_block_through_one_token_per_dtype(make):
-    """The block's autograd node has an input per tensor argument and per (device, dtype) of its
-    parameters, not per parameter (each input costs ~100 bytes until backward, per layer); the
-    tokens' gather nodes are made once and reused by every step, and gradients equal plain
-    autograd over several steps, through .backward() and torch.autograd.grad."""
+def test_gradients_over_several_steps_equal_plain_autograd(make):
+    """Parameters of two dtypes, several steps, through .backward() and torch.autograd.grad."""
     ei, n = make_graph("random")
     torch.manual_seed(0)
     block = GroupAddRev(make(4), num_groups=2)
@@ -276,20 +279,13 @@ def test_parameters_reach_the_block_through_one_token_per_dtype(make):
     plain.disable = True
     args = (torch.randn(ei.size(1), 4),) if make is gen_block else ()
     x = torch.randn(n, 8)
-    dtypes = {p.dtype for p in block.parameters()}
-    nodes = set()
     for step in range(2):
         for b in (block, plain):
             torch.manual_seed(step)  # the same dropout masks
-            y = b(x * 1.0, ei, *args)
-            if b is block:
-                # tensor inputs: edge_index, x, args, tokens
-                assert len(y.grad_fn.next_functions) == 2 + len(args) + len(dtypes)
-                nodes |= {f for f, _ in y.grad_fn.next_functions[2 + len(args):]}
-            y.square().sum().backward()
+            b(x * 1.0, ei, *args).square().sum().backward()
         for p, q in zip(block.parameters(), plain.parameters()):
             torch.testing.assert_close(p.grad, q.grad)
-    assert len(nodes) == len(dtypes)  # the same gather nodes at both steps
+
     def grads(b):
         torch.manual_seed(2)
         return torch.autograd.grad(b(x * 1.0, ei, *args).square().sum(), list(b.parameters()))
@@ -337,9 +333,8 @@ def test_copy_pickle_and_functional_call_after_a_step():
         torch.testing.assert_close(g.grad, h.grad)
 
 
-def test_parameters_converted_in_place_get_new_tokens():
-    """.double() changes each parameter's data in place (the same Parameter objects): the next
-    forward gathers them anew, in their new dtype."""
+def test_parameters_converted_in_place():
+    """.double() changes each parameter's data in place (the same Parameter objects)."""
     ei, n = make_graph("random")
     torch.manual_seed(0)
     block = GroupAddRev(Block(4, pyg.nn.SAGEConv(4, 4), dropout=0.0), num_groups=2)
@@ -348,27 +343,6 @@ def test_parameters_converted_in_place_get_new_tokens():
     block.double().zero_grad()
     _same_gradients_as_plain(block, x.double(), ei)
     assert all(p.grad.dtype == torch.float64 for p in block.parameters())
-
-
-def test_each_gather_node_runs_right_after_its_block_at_every_step():
-    """The gather nodes are made at the first step and reused; backward runs the ready node with
-    the highest sequence number first, so without renewal each forward they would all wait for
-    the end of backward, holding every block's parameter gradients until then."""
-    ei, n = make_graph("random")
-    blocks = torch.nn.ModuleList(GroupAddRev(Block(4, pyg.nn.SAGEConv(4, 4), dropout=0.0), num_groups=2)
-                                 for _ in range(3))
-    order = []
-    for step in range(2):
-        order.clear()
-        h = torch.randn(n, 8, requires_grad=True) * 1.0
-        for k, b in enumerate(blocks):
-            h = b(h, ei)
-            h.grad_fn.register_hook(lambda *_, k=k: order.append(f"block {k}"))
-            if step == 0:  # the same gather node at both steps
-                gather = h.grad_fn.next_functions[-1][0]
-                gather.register_hook(lambda *_, k=k: order.append(f"gather {k}"))
-        h.sum().backward()
-        assert order == ["block 2", "gather 2", "block 1", "gather 1", "block 0", "gather 0"], step
 
 
 class WithUnused(torch.nn.Module):
@@ -389,3 +363,213 @@ def test_unused_parameters_get_no_gradient(all_unused):
     block = GroupAddRev(WithUnused(4, all_unused), num_groups=2)
     _same_gradients_as_plain(block, torch.randn(n, 8, requires_grad=True), ei)
     assert sum(p.grad is None for p in block.parameters()) == (8 if all_unused else 4)
+
+
+# ---------------------------------------------------------------------------- never silently wrong
+def _block_and_plain(dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    block = GroupAddRev(Block(4, pyg.nn.SAGEConv(4, 4), dropout=dropout), num_groups=2).double()
+    plain = copy.deepcopy(block)
+    plain.disable = True
+    return block, plain
+
+
+@pytest.mark.parametrize("modify", ["relu_", "ReLU(inplace=True)", "mul_"])
+def test_output_modified_in_place_before_backward_raises(modify):
+    ei, n = make_graph("random")
+    block, _ = _block_and_plain()
+    x = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
+    y = block(x * 1.0, ei)
+    if modify == "relu_":
+        y = y.relu_()
+    elif modify == "mul_":
+        y.mul_(torch.rand_like(y) > 0.5)
+    else:
+        y = torch.nn.ReLU(inplace=True)(y)
+    with pytest.raises(RuntimeError, match="GroupAddRev: the block's output was modified in place"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("what", ["parameter", "argument", "kept input"])
+def test_tensors_modified_between_forward_and_backward_raise(what):
+    ei, n = make_graph("random")
+    torch.manual_seed(0)
+    block = GroupAddRev(gen_block(4), num_groups=2)
+    e = torch.randn(ei.size(1), 4, requires_grad=True)
+    x = torch.randn(n, 8, requires_grad=True)
+    opt = torch.optim.SGD(block.parameters(), lr=0.1)
+    h = x * 1.0 if what != "kept input" else x  # a leaf is kept, not released
+    y = block(h, ei, e)
+    if what == "parameter":
+        for p in block.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()  # before backward
+    elif what == "argument":
+        with torch.no_grad():
+            e.mul_(2)
+    else:
+        with torch.no_grad():
+            x.add_(1)
+    with pytest.raises(RuntimeError, match="modified in place between the block's forward and its backward"):
+        y.square().sum().backward()
+
+
+def test_input_also_saved_by_another_operation_trains_with_plain_gradients():
+    """h = relu(lin(x)): ReLU saved h for its backward, and lin2 (a parallel branch) saved it
+    too; the block keeps h (warning once) and the gradients are plain autograd's."""
+    import revgnn_ext.nn.group_add_rev as gar
+    ei, n = make_graph("random")
+    block, plain = _block_and_plain()
+    lin, lin2 = torch.nn.Linear(8, 8).double(), torch.nn.Linear(8, 8).double()
+    x = torch.randn(n, 8, dtype=torch.float64)
+    grads = []
+    for b in (block, plain):
+        gar._warned_kept = False
+        with pytest.warns(UserWarning, match="also held by another operation") if b is block else \
+                contextlib.nullcontext():
+            h = torch.relu(lin(x))
+            out = b(h, ei) + lin2(h)
+            h2 = lin(x)
+            skip = lin2(h2)
+            out = out + b(h2, ei) * skip
+        grads.append(torch.autograd.grad(out.square().sum(), [*b.parameters(), *lin.parameters(),
+                                                             *lin2.parameters()]))
+        assert h.shape == (n, 8)  # kept, readable
+    for g, h in zip(*grads):
+        torch.testing.assert_close(g, h)
+
+
+def test_view_of_the_input_keeps_it():
+    import revgnn_ext.nn.group_add_rev as gar
+    ei, n = make_graph("random")
+    block, _ = _block_and_plain()
+    x = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
+    h = x * 1.0
+    first_row = h[0]  # a view the user keeps
+    gar._warned_kept = False
+    with pytest.warns(UserWarning, match="also held by another operation"):
+        y = block(h, ei)
+    torch.testing.assert_close(first_row, x[0].detach())
+    y.sum().backward()
+
+
+class DrawingF(torch.nn.Module):
+    """F with dropout that records the mask of every call (forward, then the replay in backward)."""
+
+    def __init__(self, c, extra_draw_in_forward=False):
+        super().__init__()
+        self.lin = torch.nn.Linear(c, c)
+        self.masks = []
+        self.extra = extra_draw_in_forward
+
+    def forward(self, x, edge_index):
+        mask = torch.rand_like(x) > 0.3
+        if self.extra and len(self.masks) % 2 == 0:  # as if another thread drew meanwhile
+            torch.rand(3)
+        self.masks.append(mask)
+        return self.lin(x * mask)
+
+
+def test_dropout_replay_from_two_threads():
+    """Two threads train the same block with dropout inside F: each step either replays exactly
+    the mask its forward drew, or refuses with a clear error; a wrong mask never goes unnoticed."""
+    import threading
+    ei, n = make_graph("random")
+    block = GroupAddRev(torch.nn.ModuleList([DrawingF(4), DrawingF(4)]))
+    refused, failures = [], []
+
+    def train(steps):
+        for _ in range(steps):
+            try:
+                block(torch.randn(n, 8, requires_grad=True) * 1.0, ei).square().sum().backward()
+            except RuntimeError as err:
+                (refused if "GroupAddRev" in str(err) and "thread" in str(err) else failures).append(err)
+
+    threads = [threading.Thread(target=train, args=(15,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures
+    # After the threads: one thread trains as usual, and every replayed mask is its forward's.
+    for f in block.convs:
+        f.masks.clear()
+    train(3)
+    assert not failures and all(torch.equal(f.masks[k], f.masks[k + 1]) for f in block.convs for k in (0, 2, 4))
+
+
+def test_replay_that_draws_other_numbers_raises():
+    ei, n = make_graph("random")
+    block = GroupAddRev(torch.nn.ModuleList([DrawingF(4, extra_draw_in_forward=True), DrawingF(4)]))
+    y = block(torch.randn(n, 8, requires_grad=True) * 1.0, ei)
+    with pytest.raises(RuntimeError, match="drew other random numbers than its forward"):
+        y.sum().backward()
+
+
+def test_forward_mode_ad_equals_plain():
+    import torch.autograd.forward_ad as fwAD
+    ei, n = make_graph("random")
+    block, plain = _block_and_plain()
+    x = torch.randn(n, 8, dtype=torch.float64)
+    v = torch.randn_like(x)
+    tangents = []
+    for b in (block, plain):
+        with fwAD.dual_level():
+            out = b(fwAD.make_dual(x * 1.0, v), ei)
+            tangents.append(fwAD.unpack_dual(out).tangent)
+    torch.testing.assert_close(tangents[0], tangents[1])
+    _, t_func = torch.func.jvp(lambda t: block(t, ei), (x,), (v,))
+    torch.testing.assert_close(t_func, tangents[1])
+
+
+def test_torch_func_grad_and_vmap():
+    ei, n = make_graph("random")
+    block, plain = _block_and_plain()
+    x = torch.randn(n, 8, dtype=torch.float64)
+    g = torch.func.grad(lambda t: block(t, ei).square().sum())(x)
+    g_plain = torch.func.grad(lambda t: plain(t, ei).square().sum())(x)
+    torch.testing.assert_close(g, g_plain)
+    xs = torch.randn(3, n, 8, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.vmap(lambda t: block(t, ei))(xs),
+                               torch.stack([plain(t, ei) for t in xs]))
+
+
+def test_jit_trace_says_what_to_do():
+    ei, n = make_graph("random")
+    block, _ = _block_and_plain()
+    x = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="torch.jit.trace cannot record"):
+        torch.jit.trace(lambda t: block(t * 1.0, ei), (x,))
+
+
+def test_column_major_input_identity_f_and_nested_blocks():
+    ei, n = make_graph("random")
+
+    class Identity(torch.nn.Module):
+        def forward(self, x, edge_index):
+            return x
+
+    class Nested(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = GroupAddRev(Block(2, pyg.nn.SAGEConv(2, 2), dropout=0.0), num_groups=2)
+
+        def forward(self, x, edge_index):
+            return self.inner(x, edge_index)
+
+    torch.manual_seed(0)
+    cases = {"column-major": (Block(4, pyg.nn.SAGEConv(4, 4), dropout=0.0), lambda x: x.t().contiguous().t()),
+             "identity F": (Identity(), lambda x: x * 1.0),
+             "nested": (Nested(), lambda x: x * 1.0)}
+    for name, (f, prepare) in cases.items():
+        block = GroupAddRev(f, num_groups=2).double()
+        plain = copy.deepcopy(block)
+        plain.disable = True
+        x = torch.randn(n, 8, dtype=torch.float64)
+        grads = []
+        for b in (block, plain):
+            leaf = x.clone().requires_grad_()
+            out = b(prepare(leaf), ei)
+            grads.append(torch.autograd.grad(out.square().sum(), [leaf, *b.parameters()]))
+        for g, h in zip(*grads):
+            torch.testing.assert_close(g, h, msg=name)

@@ -2,7 +2,8 @@
 import contextlib
 import copy
 import functools
-import weakref
+import threading
+import warnings
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -18,28 +19,83 @@ def _batch_norms(module: torch.nn.Module) -> List[torch.nn.modules.batchnorm._Ba
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
 
 
+# The random generators are global: a thread that draws while another block's F records or
+# replays its draws shifts that F's numbers. One process-wide lock serializes the recordings and
+# replays; blocks whose F drew and whose backward is still to come are counted per thread, and a
+# block that records draws while another thread has such blocks refuses (its replay could not be
+# trusted); a replay that ends elsewhere than its forward raises (see _RngState.replay).
+_RNG_LOCK = threading.RLock()
+_PENDING_DRAWS: dict = {}  # thread id -> number of its blocks whose F drew, backward pending
+
+
+class _PendingDraws:
+    """Counts one block of this thread whose F drew, until backward drops it (or its graph goes)."""
+
+    def __init__(self):
+        self.thread = None
+        thread = threading.get_ident()
+        with _RNG_LOCK:
+            alive = {t.ident for t in threading.enumerate()}
+            others = [t for t, n in _PENDING_DRAWS.items() if n and t != thread and t in alive]
+            if others:
+                raise RuntimeError(
+                    "GroupAddRev: F drew random numbers (e.g. dropout inside F) while another thread has reversible "
+                    "blocks whose F drew and whose backward has not run yet. The recomputation in backward replays "
+                    "F's draws from the global random generators, which threads share, so the model cannot be "
+                    "trained from several threads at once: train it from one thread, or draw the masks outside F "
+                    "and pass them as arguments (as RevGNN's SharedDropout does).")
+            _PENDING_DRAWS[thread] = _PENDING_DRAWS.get(thread, 0) + 1
+            self.thread = thread
+
+    def __del__(self):
+        if self.thread is not None:
+            with _RNG_LOCK:
+                _PENDING_DRAWS[self.thread] -= 1
+
+
+def _rng_fingerprint(device: torch.device) -> Tuple[int, Optional[int]]:
+    cpu = hash(torch.get_rng_state().numpy().tobytes())
+    return cpu, (hash(torch.cuda.get_rng_state(device).numpy().tobytes()) if device.type == "cuda" else None)
+
+
 class _RngState:
     """The CPU and (if used) CUDA generator states before a group's function, so that its
-    recomputation in backward draws the same random numbers (dropout, edge dropping)."""
+    recomputation in backward draws the same random numbers (dropout, edge dropping), and a
+    fingerprint of the states after it, so that a replay that drew other numbers (another thread
+    drew from the global generators meanwhile) raises instead of giving wrong gradients."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.cpu = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.after = None
 
     def drawn(self) -> bool:
-        """Whether any random number was drawn since: if not, the state need not be kept (the
-        CPU state is 5 KB, per group and layer, which would otherwise grow with depth)."""
-        return not torch.equal(torch.get_rng_state(), self.cpu) or (
+        """Whether any random number was drawn since (if so, records the fingerprint of the
+        states now); if not, the state need not be kept (the CPU state is 5 KB, per group and
+        layer, which would otherwise grow with depth)."""
+        drawn = not torch.equal(torch.get_rng_state(), self.cpu) or (
             self.cuda is not None and not torch.equal(torch.cuda.get_rng_state(self.device), self.cuda))
+        if drawn:
+            self.after = _rng_fingerprint(self.device)
+        return drawn
 
     @contextlib.contextmanager
     def replay(self):
-        with torch.random.fork_rng(devices=[self.device] if self.cuda is not None else []):
+        with _RNG_LOCK, torch.random.fork_rng(devices=[self.device] if self.cuda is not None else []):
             torch.set_rng_state(self.cpu)
             if self.cuda is not None:
                 torch.cuda.set_rng_state(self.cuda, self.device)
+            start = _rng_fingerprint(self.device)
             yield
+            end = _rng_fingerprint(self.device)
+            if end != start and end != self.after:
+                raise RuntimeError(
+                    "GroupAddRev: the recomputation of F in backward drew other random numbers than its forward "
+                    "(another thread drew from the global random generators while this block's F ran). Random "
+                    "draws inside F cannot be replayed when the model runs in several threads at once: run it from "
+                    "one thread, or draw the masks outside F and pass them as arguments (as RevGNN's SharedDropout "
+                    "does).")
 
 
 def _replay(states: Sequence[Optional[_RngState]], i: int):
@@ -63,172 +119,186 @@ def _statistics_frozen(module: torch.nn.Module):
                     v.copy_(buffers[k])
 
 
+class _Released(torch.Tensor):
+    """The class a tensor takes while GroupAddRev holds its memory: any use raises `message`."""
+
+    message = ""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        raise RuntimeError(cls.message)
+
+
+class _ReleasedInput(_Released):
+    message = ("GroupAddRev: this tensor is the input of a reversible block, which released its memory until "
+               "backward (backward rebuilds it from the block's output). Read it before the block runs, or give the "
+               "block a copy (block(x.clone(), ...)) or construct the block with disable=True.")
+
+
+class _SpentOutput(_Released):
+    message = ("GroupAddRev: this tensor is the output of a reversible block after its last backward pass: its "
+               "memory now holds the block's input. Read the output before backward (or copy it), or raise "
+               "num_bwd_passes for more backward passes.")
+
+
+def _release(t: Tensor, kind: type) -> None:
+    """Frees t's memory (its version counter is left as it is) and makes every later use raise."""
+    t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+    t.__class__ = kind
+
+
+def _restore(t: Tensor, cls: type, data: Tensor) -> None:
+    """Undoes _release: t becomes a tensor of class cls over data's memory."""
+    t.__class__ = cls
+    t.data = data
+
+
+_KEEP_INPUTS = threading.local()  # depth > 0: inside a plain block's F, whose inputs the block reads again
+_SOLE = None  # ownership() of a tensor held by its Python object alone (measured once)
+_warned_kept = False
+
+
 def _releasable(x: Tensor) -> bool:
     """Whether the block may release x until backward: an activation computed inside the model
-    (a user's leaf tensor is left alone) that is the only view of its storage."""
-    return (x.grad_fn is not None and x.is_contiguous() and x.storage_offset() == 0
-            and x.untyped_storage().nbytes() == x.numel() * x.element_size())
+    (a user's leaf tensor is left alone) that spans its whole storage and that nothing else
+    holds (an operation that saved it for its own backward, a view). When something else holds
+    it, it is kept (warned once): releasing it would break that operation's backward."""
+    global _SOLE, _warned_kept
+    if x.grad_fn is None or type(x) is not torch.Tensor or getattr(_KEEP_INPUTS, "depth", 0):
+        return False
+    if _SOLE is None:
+        _SOLE = _C.ownership(torch.empty(1))
+    owners = _C.ownership(x)
+    if owners == _SOLE:
+        return True
+    if owners[2] and not _warned_kept:  # a whole-storage activation that something else holds
+        _warned_kept = True
+        warnings.warn("GroupAddRev: a block's input is also held by another operation (saved for its backward, e.g. "
+                      "by a ReLU or a Linear that read it, or a view of it), so the block keeps it until backward "
+                      "instead of releasing it: memory grows by one input per such block. Feed the block a tensor "
+                      "that nothing else uses to get the memory saving. (Warned once.)", stacklevel=4)
+    return False
 
 
-class _Gather(torch.autograd.Function):
-    """params -> a token: an [n] tensor over one zero (no storage of its own), whose gradient is
-    the n values of the params' gradients, flattened and concatenated, which backward splits. The
-    block's backward names the parameters that got no gradient (`unused`: F did not use them),
-    which get none here either, as under plain autograd."""
-
-    @staticmethod
-    def forward(ctx, *params: Tensor) -> Tensor:
-        ctx.shapes = [p.shape for p in params]
-        ctx.unused = ()
-        ctx.set_materialize_grads(False)
-        return params[0].new_zeros(()).expand(sum(p.numel() for p in params))
-
-    @staticmethod
-    def backward(ctx, flat: Optional[Tensor]):
-        if flat is None:
-            return (None,) * len(ctx.shapes)
-        grads = [g.view(shape) for g, shape in zip(flat.split([s.numel() for s in ctx.shapes]), ctx.shapes)]
-        for i in ctx.unused:
-            grads[i] = None
-        return tuple(grads)
+def _forward_ad(x: Tensor, args) -> bool:
+    """Whether forward-mode AD is tracking x or an argument: the block then runs its plain
+    computation, which autograd differentiates in both modes."""
+    return any(isinstance(t, Tensor) and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+               for t in (x, *args))
 
 
-def _layout(params: Sequence[Tensor]) -> Tuple[Any, ...]:
-    return tuple((p.device, p.dtype, p.shape) for p in params)
-
-
-class _Parameters:
-    """A block's trainable parameters as autograd inputs of the block's function: one token (see
-    _Gather) per (device, dtype) instead of one input per parameter. Each input of an autograd
-    node costs about 100 bytes until backward (its edge and recorded shape): 2.3 KB per block of
-    22 parameter tensors, which a 1001-layer model would hold at every step. The tokens' gather
-    nodes are made once per parameter set and reused by every step, like autograd's own
-    per-parameter gradient accumulators; each forward renews their sequence numbers (`tokens`),
-    so that backward runs each of them right after its block (see csrc/revgnn_ext.cpp)."""
-
-    def __init__(self, named: Tuple[Tuple[str, Tensor], ...]):
-        self.names = tuple(name for name, _ in named)
-        self.params = params = tuple(p for _, p in named)
-        self.layout = _layout(params)
-        groups = {}
-        for k, p in enumerate(params):
-            groups.setdefault((p.device, p.dtype), []).append(k)
-        self.groups = list(groups.values())
-        self._tokens = tuple(_Gather.apply(*(params[k] for k in ks)) for ks in self.groups)
-
-    def tokens(self) -> Tuple[Tensor, ...]:
-        """The tokens, their gather nodes renewed as if made now."""
-        for token in self._tokens:
-            _C.renew_sequence_nr(token)
-        return self._tokens
-
-    def matches(self, named: Tuple[Tuple[str, Tensor], ...]) -> bool:
-        """Whether these are still the block's parameters: the same tensors, with the same device,
-        dtype and shape (`.to()` changes a parameter's data in place, and autograd then gives it
-        a new gradient accumulator)."""
-        params = tuple(p for _, p in named)
-        return (len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
-                and _layout(params) == self.layout)
-
-    def flat_grads(self, grads: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:
-        """Per token, its gradient from the parameters' (None where none of them has one); tells
-        its gather node which parameters have none."""
-        out = []
-        for ks, token in zip(self.groups, self._tokens):
-            token.grad_fn.unused = unused = tuple(i for i, k in enumerate(ks) if grads[k] is None)
-            if len(unused) == len(ks):
-                out.append(None)
-                continue
-            out.append(torch.cat([(grads[k] if grads[k] is not None else torch.zeros_like(self.params[k])).reshape(-1)
-                                  for k in ks]))
-        return out
-
-
-# block -> its _Parameters, made again when the block's trainable parameters are other tensors.
-# Outside the module so that deepcopy and pickling of a block do not meet the (non-leaf) tokens.
-_PARAMETERS: "weakref.WeakKeyDictionary[torch.nn.Module, _Parameters]" = weakref.WeakKeyDictionary()
-
-
-def _parameters(block: "GroupAddRev") -> _Parameters:
-    """The block's trainable parameters (none at all: no tokens)."""
-    named = tuple((name, p) for name, p in block.named_parameters() if p.requires_grad)
-    cached = _PARAMETERS.get(block)
-    if cached is not None and cached.matches(named):
-        return cached
-    made = _Parameters(named)
-    if all(isinstance(p, torch.nn.Parameter) and p.is_leaf for _, p in named):
-        _PARAMETERS[block] = made  # a non-leaf (functional_call) belongs to this call's graph only
-    return made
-
-
-@contextlib.contextmanager
-def _parameters_of_forward(block: torch.nn.Module, params: _Parameters):
-    """The block holds the tensors it ran with in forward while backward recomputes; they differ
-    from its own when forward ran under torch.func.functional_call, which has returned since."""
-    current = dict(block.named_parameters())
-    swapped = []
-    try:
-        for name, p in zip(params.names, params.params):
-            if current.get(name) is not p:
-                module_name, _, attr = name.rpartition(".")
-                module = block.get_submodule(module_name)
-                swapped.append((module, attr, module._parameters[attr]))
-                module._parameters[attr] = p
-        yield
-    finally:
-        for module, attr, p in reversed(swapped):
-            module._parameters[attr] = p
+def _versions(tensors: Sequence[Tensor]) -> Tuple[int, ...]:
+    return tuple(t._version for t in tensors)
 
 
 class _GroupAddRevFunction(torch.autograd.Function):
-    """y = block(x). x (an activation: see _releasable) is released after the forward: it becomes
-    an empty tensor, so that a stray read fails with a shape error rather than reading freed
-    memory; backward rebuilds it from y, in y's own storage, group by group, and gives it back."""
+    """y = block(x). x (see _releasable) is released after the forward; backward rebuilds it
+    from y, in y's own storage, group by group, and gives it back. The block's parameters
+    (all of them, in named_parameters order) are inputs after the tensor arguments, so that
+    autograd delivers their gradients as for any other operation."""
 
     @staticmethod
-    def forward(ctx, block: "GroupAddRev", edge_index, num_args: int, params: _Parameters, x: Tensor,
-                *rest):
+    def forward(ctx, block: "GroupAddRev", edge_index, num_args: int, release: bool, x: Tensor, *rest):
         # The context holds as little as it can: a 1001-layer model keeps 1001 of them until
         # backward.
-        args = rest[:num_args]
+        args, params = rest[:num_args], rest[num_args:]
         ctx.block, ctx.edge_index, ctx.args, ctx.params = block, edge_index, args, params
         ctx.passes_left = block.num_bwd_passes
-        with torch.no_grad():
+        with torch.no_grad(), _RNG_LOCK:
             y, ctx.rng = block._forward_groups(x.detach(), edge_index, args, rng=None)
+            ctx.pending = _PendingDraws() if ctx.rng else None
         ctx.x, ctx.y = x, y
-        ctx.freed = _releasable(x)
-        if ctx.freed:
-            x.set_(torch.empty(0, dtype=x.dtype, device=x.device))
+        ctx.x_class = type(x) if release else None  # x's class while it is released, else None
+        if release:
+            _release(x, _ReleasedInput)
+        ctx.checked = tuple(t for t in (*params, *args, x) if isinstance(t, Tensor) and type(t) is not _ReleasedInput)
+        ctx.versions = _versions(ctx.checked)
+        ctx.y_version = y._version
         return y
+
+    @staticmethod
+    def _check_unchanged(ctx) -> None:
+        """Raises, as plain autograd does, when a tensor backward needs was modified in place."""
+        block = ctx.block
+        if ctx.y._version != ctx.y_version:
+            raise RuntimeError("GroupAddRev: the block's output was modified in place before backward (e.g. by "
+                               "ReLU(inplace=True) or y.mul_(...) after the block); backward rebuilds the block's "
+                               "input from its output, so its gradients would be wrong. Use the out-of-place op "
+                               "(torch.relu(y), y * mask) on a reversible block's output.")
+        if _versions(ctx.checked) != ctx.versions:
+            changed = [t for t, v in zip(ctx.checked, ctx.versions) if t._version != v]
+            names = {id(p): name for name, p in block.named_parameters()}
+            what = ", ".join(f"parameter {names[id(t)]}" if id(t) in names else
+                             ("the block's input" if t is ctx.x else "a tensor argument of the block")
+                             for t in changed)
+            raise RuntimeError(f"GroupAddRev: {what} was modified in place between the block's forward and its "
+                               "backward (e.g. optimizer.step() before loss.backward()); the gradients would be "
+                               "wrong. Run backward before modifying them.")
+        current = tuple(block.parameters())
+        if len(current) != len(ctx.params):
+            raise RuntimeError("GroupAddRev: the block's parameters were added or removed between forward and "
+                               "backward")
+        for p, need in zip(ctx.params, ctx.needs_input_grad[5 + len(ctx.args):]):
+            if need and not p.requires_grad:
+                raise RuntimeError("GroupAddRev: a parameter of the block stopped requiring grad between forward and "
+                                   "backward")
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         if ctx.passes_left == 0:
             raise RuntimeError("GroupAddRev: backward ran more often than num_bwd_passes allows; raise "
                                "num_bwd_passes")
+        try:
+            return _GroupAddRevFunction._backward(ctx, grad_y)
+        except BaseException:
+            ctx.pending = None  # a failed backward leaves no pending draws behind
+            raise
+
+    @staticmethod
+    def _backward(ctx, grad_y: Tensor):
+        _GroupAddRevFunction._check_unchanged(ctx)
         ctx.passes_left -= 1
-        block, x, y, params = ctx.block, ctx.x, ctx.y, ctx.params
-        if not all(p.requires_grad for p in params.params):
-            raise RuntimeError("GroupAddRev: a parameter of the block stopped requiring grad between forward and "
-                               "backward")
-        with _parameters_of_forward(block, params):
-            if x.numel() > 0:  # x is intact (a later pass, or not released): recompute y
+        block, x, y = ctx.block, ctx.x, ctx.y
+        num_args = len(ctx.args)
+        trainable = [p for p, need in zip(ctx.params, ctx.needs_input_grad[5 + num_args:]) if need]
+        with _parameters_of_forward(block, ctx.params):
+            if ctx.x_class is None:  # x is intact (not released, or a later pass): recompute y
                 with torch.no_grad(), _statistics_frozen(block):
                     y, _ = block._forward_groups(x.detach(), ctx.edge_index, ctx.args, rng=ctx.rng)
             elif ctx.passes_left > 0:  # y stays as it is for the passes still to come
-                y = y.clone()
-            grad_x, grad_args, grad_params = block._backward_groups(
-                y, grad_y, ctx.edge_index, ctx.args, params.params, ctx.rng)
-        if ctx.freed and x.numel() == 0:  # y's storage now holds x: hand it over
-            with torch.no_grad():
-                x.set_(y.untyped_storage(), y.storage_offset(), y.size(), y.stride())
+                y = y.detach().clone()
+            grad_x, grad_args, grad_trainable = block._backward_groups(
+                y, grad_y, ctx.edge_index, ctx.args, trainable, ctx.rng)
+        if ctx.x_class is not None:  # y's storage now holds x: hand it over
+            _restore(x, ctx.x_class, y.detach())
+            ctx.x_class = None
         if ctx.passes_left == 0:
-            # The output's storage now holds the input: leave the output tensor empty, so that a
-            # read after the last backward fails loudly instead of seeing the input's values.
-            with torch.no_grad():
-                ctx.y.set_(torch.empty(0, dtype=y.dtype, device=y.device))
-            ctx.y = ctx.x = None
-        return (None, None, None, None, grad_x, *grad_args, *params.flat_grads(grad_params))
+            # The output's storage now holds the input: a read of the output fails loudly instead
+            # of seeing the input's values.
+            if y is ctx.y:
+                _release(ctx.y, _SpentOutput)
+            ctx.y = ctx.x = ctx.checked = ctx.pending = None
+        it = iter(grad_trainable)
+        grad_params = [next(it) if need else None for need in ctx.needs_input_grad[5 + num_args:]]
+        return (None, None, None, None, grad_x, *grad_args, *grad_params)
+
+
+@contextlib.contextmanager
+def _parameters_of_forward(block: torch.nn.Module, params: Sequence[Tensor]):
+    """The block holds the tensors it ran with in forward while backward recomputes; they differ
+    from its own when forward ran under torch.func.functional_call, which has returned since."""
+    swapped = []
+    try:
+        for (name, own), p in zip(block.named_parameters(), params):
+            if own is not p:
+                module_name, _, attr = name.rpartition(".")
+                module = block.get_submodule(module_name)
+                swapped.append((module, attr, own))
+                module._parameters[attr] = p
+        yield
+    finally:
+        for module, attr, p in reversed(swapped):
+            module._parameters[attr] = p
 
 
 class GroupAddRev(torch.nn.Module):
@@ -249,10 +319,11 @@ class GroupAddRev(torch.nn.Module):
     - random draws inside F (dropout) are replayed in the recomputation from the saved RNG
       state; BatchNorm running statistics are updated once per step, not once per evaluation;
     - under ``torch.no_grad()`` / ``inference_mode`` it runs without any bookkeeping;
-    - what a training step keeps per block until backward does not grow with the block's number
-      of parameter tensors: they reach autograd through one input per (device, dtype), whose
-      gather node is made once and reused by every step (2.3 KB per block in all, 4.6 KB with
-      one input per parameter tensor, for the 22 of a 2-group GENConv block).
+    - the input is released only when nothing else holds it (another operation that saved it for
+      its backward, a view): otherwise it is kept, with a warning, and gradients stay right; any
+      use of a released input raises (so does a use of the output after the last backward);
+    - modifying the output, a parameter, a tensor argument or a kept input in place between
+      forward and backward raises in backward, as plain autograd does.
     """
 
     def __init__(self, conv: Union[torch.nn.Module, torch.nn.ModuleList], split_dim: int = -1,
@@ -332,6 +403,8 @@ class GroupAddRev(torch.nn.Module):
         For i = 1 of more than 2 groups, also returns X'_0 = X_1 + ... + X_{C-1}. A plain F_i's
         output is subtracted by the fused op rev_subtract_, which forms X'_0 in the same pass."""
         total = i == 1 and self.num_groups > 2
+        if 0 <= f.data_ptr() - y.data_ptr() < y.numel() * y.element_size():
+            f = f.clone()  # F returned (a view of) its input, which lies in y's buffer
         if last is not None:
             y_i = ys[i]
             y_i.addmm_(f, last.weight.t(), alpha=-1.0)
@@ -352,7 +425,7 @@ class GroupAddRev(torch.nn.Module):
         channels = self._check(x)
         xs = torch.chunk(x, self.num_groups, dim=self.split_dim)
         group_args = self._group_args(args, channels)
-        y = torch.empty_like(x)
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # row-major, whatever x's layout
         ys = torch.chunk(y, self.num_groups, dim=self.split_dim)
         record = rng is None
         states = []
@@ -429,10 +502,21 @@ class GroupAddRev(torch.nn.Module):
 
     # ------------------------------------------------------------------ public
     def forward(self, x: Tensor, edge_index, *args) -> Tensor:
-        if self.disable or not torch.is_grad_enabled():
+        if not isinstance(x, Tensor):
+            raise TypeError(f"GroupAddRev: x must be a tensor, got {type(x).__name__}")
+        if torch.jit.is_tracing():
+            raise RuntimeError("GroupAddRev: torch.jit.trace cannot record a reversible block's backward (it runs in "
+                               "Python); trace the model with disable=True on its GroupAddRev blocks (the same "
+                               "outputs and gradients with plain autograd), or use torch.compile")
+        if self.disable or not torch.is_grad_enabled() or _forward_ad(x, args):
             return self._plain(x, edge_index, args)
-        params = _parameters(self)
-        return _GroupAddRevFunction.apply(self, edge_index, len(args), params, x, *args, *params.tokens())
+        params = tuple(self.parameters())
+        try:
+            return _GroupAddRevFunction.apply(self, edge_index, len(args), _releasable(x), x, *args, *params)
+        except RuntimeError as err:  # torch.func.grad / vmap / jvp: the plain computation, which they transform
+            if "functorch transforms" not in str(err):
+                raise
+        return self._plain(x, edge_index, args)
 
     def _plain(self, x: Tensor, edge_index, args) -> Tensor:
         channels = self._check(x)
@@ -440,9 +524,13 @@ class GroupAddRev(torch.nn.Module):
         group_args = self._group_args(args, channels)
         ys = []
         inp = functools.reduce(torch.add, xs[1:])
-        for i, conv in enumerate(self.convs):
-            inp = xs[i] + conv(inp, edge_index, *group_args[i])
-            ys.append(inp)
+        _KEEP_INPUTS.depth = getattr(_KEEP_INPUTS, "depth", 0) + 1  # a nested block must not release ys[i]
+        try:
+            for i, conv in enumerate(self.convs):
+                inp = xs[i] + conv(inp, edge_index, *group_args[i])
+                ys.append(inp)
+        finally:
+            _KEEP_INPUTS.depth -= 1
         return torch.cat(ys, dim=self.split_dim)
 
     def inverse(self, y: Tensor, edge_index, *args) -> Tensor:
