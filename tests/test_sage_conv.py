@@ -116,6 +116,25 @@ def test_weighted_sparse_adjacency(layout, aggr):
     assert not torch.allclose(out_o, unweighted)
 
 
+@pytest.mark.parametrize("aggr", ["sum", "mean", "max"])
+def test_uncoalesced_sparse_adjacency(aggr):
+    """Duplicate entries of an uncoalesced COO adj_t count as one edge of summed weight, as in
+    PyG (which multiplies by its CSR form); the gradient reaches the values."""
+    ei = torch.tensor([[0, 0, 1, 2, 2], [1, 1, 2, 0, 1]])
+    ours, ref = _pair(dict(aggr=aggr), 8, 8, "cpu")
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    values = torch.tensor([1.0, 2.0, 0.5, 1.5, 1.0], dtype=torch.float64, requires_grad=True)
+    gout = torch.randn(3, 8, dtype=torch.float64)
+    results = []
+    for module in (ours, ref):
+        out = module(x, torch.sparse_coo_tensor(ei.flip(0), values, (3, 3)))
+        results.append((out, torch.autograd.grad(out, [x, values], gout)))
+    (out_o, grads_o), (out_r, grads_r) = results
+    torch.testing.assert_close(out_o, out_r, rtol=1e-10, atol=1e-10)
+    for a, b in zip(grads_o, grads_r):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_torch_sparse_values_are_dropped_as_in_pyg():
     torch_sparse = pytest.importorskip("torch_sparse")
     ei, n = make_graph("random")

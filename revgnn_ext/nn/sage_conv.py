@@ -1,6 +1,7 @@
 """SAGEConv on the fused spmm op (no [num_edges, channels] message tensor)."""
 from typing import Optional, Tuple, Union
 
+import torch
 import torch.nn.functional as F
 import torch_geometric.nn as pyg_nn
 from torch import Tensor
@@ -39,6 +40,9 @@ class SAGEConv(PygFallback, pyg_nn.SAGEConv):
         x_src, x_dst = x
         if self.project and hasattr(self, "lin"):
             x_src = self.lin(x_src).relu()
+        if isinstance(edge_index, Tensor) and edge_index.layout == torch.sparse_coo and not edge_index.is_coalesced():
+            # PyG multiplies by the adjacency's CSR form, whose duplicate entries are summed into one.
+            edge_index = edge_index.coalesce()
         graph = as_graph(edge_index, node_counts(x_src, x_dst, size, edge_index))
         # A torch.sparse adjacency's values weight the messages, as in PyG (which drops a SparseTensor's).
         weight = edge_values(edge_index) if isinstance(edge_index, Tensor) else None
