@@ -8,6 +8,17 @@ edge features between its nodes only), the loss over its training nodes. --full-
 takes one step per epoch on the whole graph. Evaluation runs on the whole graph under
 torch.no_grad, where the reversible blocks keep no state for backward.
 
+The proteins model's node input includes each node's sum of its edge features: as in the
+paper, those sums are computed once over the whole graph (Task.node_inputs) and every part looks
+its nodes' sums up, rather than summing over the part's own (about --num-parts times fewer) edges.
+
+Work is not lost: paths are checked before training (a missing --checkpoint directory is
+created, a missing --root refused), a checkpoint is written atomically after every epoch, a
+step that leaves non-finite weights (a diverging run) stops the run before the next checkpoint,
+so the one on disk keeps the last good epoch, and a resumed run takes a new --lr, --epochs,
+--eval-every, --device or --root but refuses other changed arguments, which would make it a
+different run. Unreadable checkpoints and dataset directories end the run with one line.
+
 Under torchrun (WORLD_SIZE > 1) every process trains on its own share of each epoch's parts
 (part i on rank i % world_size) through DistributedDataParallel (gloo on CPU, nccl on GPU), so
 one optimizer step averages the gradients of world_size parts. Every process evaluates; rank 0
@@ -15,6 +26,7 @@ alone logs and writes the checkpoint. All randomness of an epoch is drawn from (
 rank), so a run resumed from its checkpoint continues exactly as an uninterrupted one.
 """
 import argparse
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -30,6 +42,9 @@ from revgnn_ext.datasets import NodeData
 
 # --synthetic on CPU defaults to a small graph and one epoch (a few optimizer steps).
 CPU_SYNTHETIC_SCALE = 0.01
+# The arguments a resumed run may change (it uses the new values); any other must be the
+# checkpoint's, or the resumed run would be a different run.
+RESUMABLE = ("lr", "epochs", "eval_every", "checkpoint", "device", "root")
 
 
 @dataclass
@@ -41,6 +56,9 @@ class Task:
     synthetic: Callable[..., NodeData]      # revgnn_ext.datasets generator: (scale, seed=, device=)
     loss: Callable[[Tensor, Tensor], Tensor]      # (logits, labels) of the training nodes -> summed loss
     prediction: Callable[[Tensor], Tensor]        # logits -> the Evaluator's y_pred
+    # Per-node model inputs computed once on the whole graph, passed to the model as keyword
+    # arguments; each part gets its nodes' rows (the paper's whole-graph edge sums on proteins).
+    node_inputs: Callable[[NodeData], Dict[str, Tensor]] = lambda data: {}
 
 
 def _number(cast, valid: Callable[..., bool], requirement: str):
@@ -94,6 +112,31 @@ def model_overrides(args) -> dict:
     return {k: v for k, v in given.items() if v is not None}
 
 
+def _one_line(err: BaseException) -> str:
+    """The exception's type and the first sentence of its message."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return type(err).__name__ + (f": {lines[0].strip().split('. ')[0]}" if lines else "")
+
+
+def _check_paths(task: Task, args) -> None:
+    """Before any work: the dataset root exists, and the checkpoint's directory exists (created
+    here) and is writable, so that a run never fails after its first epoch for want of a path."""
+    if not args.synthetic and not os.path.isdir(args.root):
+        raise SystemExit(f"--root {args.root}: no such directory. Create it (ogb then downloads {task.name} into "
+                         f"it), point --root at the directory that holds {task.name.replace('-', '_')}/, "
+                         "or train with --synthetic")
+    if args.checkpoint:
+        folder = os.path.dirname(os.path.abspath(args.checkpoint))
+        if os.path.isdir(args.checkpoint):
+            raise SystemExit(f"--checkpoint {args.checkpoint} is a directory: give a file path")
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as err:
+            raise SystemExit(f"--checkpoint {args.checkpoint}: cannot create its directory ({_one_line(err)})")
+        if not os.access(folder, os.W_OK):
+            raise SystemExit(f"--checkpoint {args.checkpoint}: its directory {folder} is not writable")
+
+
 def _setup(args) -> Tuple[int, int, torch.device]:
     """(rank, world_size, device): one process, or torchrun's (it sets WORLD_SIZE, RANK, LOCAL_RANK)."""
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -126,8 +169,11 @@ def _load(task: Task, args, rank: int, world: int, device: torch.device) -> Node
         dist.barrier()  # rank 0 processes the raw files first, once
     # ogb 1.3.6 reads its processed file with a bare torch.load, which torch >= 2.6 makes a
     # weights_only load; that refuses the PyG classes pickled in it. Allow exactly those, only here.
-    with torch.serialization.safe_globals([DataEdgeAttr, DataTensorAttr, GlobalStorage]):
-        dataset = PygNodePropPredDataset(task.name, root=args.root)
+    try:
+        with torch.serialization.safe_globals([DataEdgeAttr, DataTensorAttr, GlobalStorage]):
+            dataset = PygNodePropPredDataset(task.name, root=args.root)
+    except Exception as err:  # a failed download, missing or damaged files: one line, no traceback
+        raise SystemExit(f"{task.name} in --root {args.root}: cannot load it ({_one_line(err)})") from None
     if rank == 0 and world > 1:
         dist.barrier()
     data = dataset[0]
@@ -149,24 +195,33 @@ def _parts(data: NodeData, args, epoch: int, rank: int, world: int) -> Iterator[
         yield nodes, edge_index, edge_attr
 
 
-def _train_epoch(task: Task, model, optimizer, data: NodeData, is_train: Tensor, args, epoch: int,
-                 rank: int, world: int) -> Tuple[float, int]:
-    """(mean loss over the epoch's steps of all processes, steps of this process)."""
+def _train_epoch(task: Task, model, optimizer, data: NodeData, inputs: Dict[str, Tensor], is_train: Tensor, args,
+                 epoch: int, rank: int, world: int) -> Tuple[float, int]:
+    """(mean loss over the epoch's steps of all processes, steps of this process). A step that
+    leaves a non-finite weight ends the run (SystemExit) before the epoch's checkpoint."""
     model.train()
     torch.manual_seed(hash((args.seed, epoch, rank)) % 2**63)  # dropout
     steps = 1 if args.full_graph else args.num_parts // world
     losses = []
-    for nodes, edge_index, edge_attr in tqdm(_parts(data, args, epoch, rank, world), total=steps,
-                                             desc=f"epoch {epoch}", leave=False, disable=rank > 0):
+    for step, (nodes, edge_index, edge_attr) in enumerate(tqdm(
+            _parts(data, args, epoch, rank, world), total=steps, desc=f"epoch {epoch}", leave=False,
+            disable=rank > 0), 1):
         x, y, train = (data.x, data.y, is_train) if nodes is None else (data.x[nodes], data.y[nodes], is_train[nodes])
+        part_inputs = inputs if nodes is None else {name: value[nodes] for name, value in inputs.items()}
         optimizer.zero_grad()
         target = y[train]
         # The mean over the labels; a part without training nodes adds a zero loss, and every
         # DDP process still takes its step.
-        loss = task.loss(model(x, edge_index, edge_attr)[train], target) / max(target.numel(), 1)
+        loss = task.loss(model(x, edge_index, edge_attr, **part_inputs)[train], target) / max(target.numel(), 1)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        # The weights are the same in every DDP process, so all of them stop here together.
+        if not torch.nn.utils.get_total_norm(model.parameters(), math.inf).isfinite():
+            then = (f"; {args.checkpoint} keeps epoch {epoch - 1}: resume from it with a lower --lr"
+                    if args.checkpoint and epoch > 1 else ": lower --lr")
+            raise SystemExit(f"epoch {epoch}, step {step}: training diverged (loss {loss.item():.4g}, gradient norm "
+                             f"{norm.item():.4g}), the weights are no longer finite. Stopped{then}")
         losses.append(loss.item())
     total = torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=data.x.device)
     if world > 1:
@@ -175,11 +230,54 @@ def _train_epoch(task: Task, model, optimizer, data: NodeData, is_train: Tensor,
 
 
 @torch.no_grad()
-def _evaluate(task: Task, model, data: NodeData, evaluator) -> Dict[str, float]:
+def _evaluate(task: Task, model, data: NodeData, inputs: Dict[str, Tensor], evaluator) -> Dict[str, float]:
     model.eval()
-    prediction = task.prediction(model(data.x, data.edge_index, data.edge_attr))
+    prediction = task.prediction(model(data.x, data.edge_index, data.edge_attr, **inputs))
     return {split: evaluator.eval({"y_true": data.y[idx], "y_pred": prediction[idx]})[task.metric]
             for split, idx in data.split_idx.items()}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _flags(values: dict, names) -> str:
+    """The arguments ``names`` as a command line would give them ((default) for an omitted one)."""
+    return " ".join(f"{_flag(name)} {'(default)' if values.get(name) is None else values[name]}" for name in names)
+
+
+def _read_checkpoint(task: Task, args, device: torch.device) -> dict:
+    """args.checkpoint's state, read before any work. A file that is no checkpoint of this task,
+    or one written with other arguments than RESUMABLE (a different run), ends the run with one line."""
+    path = args.checkpoint
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        saved_task, saved = state["task"], state["args"]
+    except Exception as err:
+        raise SystemExit(f"--checkpoint {path} is not a checkpoint of this script ({_one_line(err)}): "
+                         "delete it or give another path") from None
+    if saved_task != task.name:
+        raise SystemExit(f"--checkpoint {path} holds a run on {saved_task}, not {task.name}: give another path")
+    now = vars(args)
+    changed = [name for name in sorted(saved.keys() | now.keys())
+               if name not in RESUMABLE and saved.get(name) != now.get(name)]
+    if changed:
+        raise SystemExit(f"--checkpoint {path} was written with {_flags(saved, changed)}, this run has "
+                         f"{_flags(now, changed)}: repeat those to resume it (only {', '.join(map(_flag, RESUMABLE))} "
+                         "may change), or give another --checkpoint")
+    return state
+
+
+def _restore(state: dict, args, module, optimizer) -> None:
+    """Load a checkpoint's state into module and optimizer; the optimizer takes the new --lr."""
+    try:
+        module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except Exception as err:
+        raise SystemExit(f"--checkpoint {args.checkpoint} does not fit this model ({_one_line(err)}): "
+                         "give another path") from None
+    for group in optimizer.param_groups:
+        group["lr"] = args.lr
 
 
 def run(task: Task, args, build_model: Callable[[], torch.nn.Module]) -> None:
@@ -189,6 +287,7 @@ def run(task: Task, args, build_model: Callable[[], torch.nn.Module]) -> None:
 
     if args.scale is not None and not args.synthetic:
         raise SystemExit("--scale needs --synthetic")
+    _check_paths(task, args)
     rank, world, device = _setup(args)
     cpu_synthetic = args.synthetic and device.type == "cpu"
     if args.synthetic and args.scale is None:
@@ -196,8 +295,10 @@ def run(task: Task, args, build_model: Callable[[], torch.nn.Module]) -> None:
     if args.epochs is None:
         args.epochs = 1 if cpu_synthetic else task.epochs
     log = print if rank == 0 else (lambda *a, **k: None)
+    resumed = _read_checkpoint(task, args, device) if args.checkpoint and os.path.exists(args.checkpoint) else None
 
     data = _load(task, args, rank, world, device)
+    inputs = task.node_inputs(data)
     is_train = torch.zeros(data.num_nodes, dtype=torch.bool, device=device)
     is_train[data.split_idx["train"]] = True
     torch.manual_seed(args.seed)
@@ -214,22 +315,22 @@ def run(task: Task, args, build_model: Callable[[], torch.nn.Module]) -> None:
         + ("whole graph per step" if args.full_graph else f"{args.num_parts} random partitions per epoch"))
 
     start, best = 1, None  # best: {"epoch", "valid", "test"}
-    if args.checkpoint and os.path.exists(args.checkpoint):
-        state = torch.load(args.checkpoint, map_location=device, weights_only=True)
-        module.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, best = state["epoch"] + 1, state["best"]
-        log(f"resumed from {args.checkpoint} after epoch {state['epoch']}")
+    if resumed is not None:
+        _restore(resumed, args, module, optimizer)
+        start, best, saved_lr = resumed["epoch"] + 1, resumed["best"], resumed["args"]["lr"]
+        log(f"resumed from {args.checkpoint} after epoch {start - 1}"
+            + (f", with --lr {args.lr} (it was trained with {saved_lr})" if args.lr != saved_lr else ""))
+        del resumed  # the model and the optimizer hold their own copies
 
     m = task.metric
     for epoch in range(start, args.epochs + 1):
         began = time.perf_counter()
-        loss, steps = _train_epoch(task, model, optimizer, data, is_train, args, epoch, rank, world)
+        loss, steps = _train_epoch(task, model, optimizer, data, inputs, is_train, args, epoch, rank, world)
         trained = time.perf_counter()
         line = f"epoch {epoch} | loss {loss:.4f}"
         timing = f"{trained - began:.1f} s train ({(trained - began) / steps:.2f} s/step)"
         if epoch % args.eval_every == 0 or epoch == args.epochs:
-            result = _evaluate(task, module, data, evaluator)
+            result = _evaluate(task, module, data, inputs, evaluator)
             line += "".join(f" | {split} {m} {value:.4f}" for split, value in result.items())
             timing += f", {time.perf_counter() - trained:.1f} s eval"
             if best is None or result["valid"] > best["valid"]:
@@ -237,7 +338,8 @@ def run(task: Task, args, build_model: Callable[[], torch.nn.Module]) -> None:
         line += f" | {timing}"
         log(line, flush=True)
         if args.checkpoint and rank == 0:
-            state = {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "best": best}
+            state = {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "best": best,
+                     "task": task.name, "args": vars(args)}
             torch.save(state, args.checkpoint + ".tmp")
             os.replace(args.checkpoint + ".tmp", args.checkpoint)  # never a half-written checkpoint
     if best is None:

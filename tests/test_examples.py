@@ -1,21 +1,29 @@
 """The OGB examples end to end, as subprocesses, with tiny models: through ogb's real loader and
 Evaluator on dataset directories written here in ogb's raw format (no download), with
---synthetic, resuming from a checkpoint, and as 2 gloo processes under torchrun."""
+--synthetic, resuming from a checkpoint, and as 2 gloo processes under torchrun; the paper's
+whole-graph edge sums in the proteins partitions; runs that never lose work (checkpoint paths,
+diverging runs, changed arguments on resume, unreadable files: one-line errors)."""
 import gzip
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("ogb")
 pytest.importorskip("tqdm")
 
+from revgnn_ext.datasets import synthetic_proteins  # noqa: E402
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SCRIPTS = {"ogbn-proteins": ("ogbn_proteins.py", "rocauc"), "ogbn-products": ("ogbn_products.py", "acc")}
 TINY = ["--epochs", "1", "--num-layers", "2", "--hidden-channels", "16", "--num-parts", "2"]
+SYNTHETIC = [sys.executable, str(EXAMPLES / "ogbn_proteins.py"), "--synthetic", "--scale", "0.001", "--device", "cpu",
+             *TINY]
 
 
 def _csv(path: Path, rows, fmt: str):
@@ -57,6 +65,14 @@ def run(command) -> str:
     return result.stdout
 
 
+def fails(command) -> tuple:
+    """(message, stdout) of a command that must fail with a one-line message and no traceback."""
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode != 0, f"{command} succeeded:\n{result.stdout}"
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.stderr.splitlines()[-1], result.stdout  # splitlines also ends tqdm's \r-lines
+
+
 def final_metric(out: str, metric: str) -> float:
     """The last line, ``test <metric> 0.xxxx``; once only (rank 0 alone prints)."""
     found = re.findall(rf"^test {metric} (\d\.\d{{4}})$", out, re.MULTILINE)
@@ -89,6 +105,19 @@ def test_ogb_directory_and_resume(tmp_path, name):
     assert epoch_line(second, 2) == epoch_line(uninterrupted, 2)
     assert final_metric(second, metric) == final_metric(uninterrupted, metric)
 
+    processed = tmp_path / name.replace("-", "_") / "processed" / "geometric_data_processed.pt"
+    processed.write_bytes(processed.read_bytes()[:1000])  # a damaged dataset file
+    message, _ = fails(command)
+    assert message.startswith(f"{name} in --root {tmp_path}: cannot load it ("), message
+
+
+def test_missing_root_is_one_line(tmp_path):
+    message, out = fails([sys.executable, str(EXAMPLES / "ogbn_products.py"), "--root", str(tmp_path / "missing")])
+    assert message == (f"--root {tmp_path / 'missing'}: no such directory. Create it (ogb then downloads "
+                       "ogbn-products into it), point --root at the directory that holds ogbn_products/, or train "
+                       "with --synthetic"), message
+    assert out == "" and not (tmp_path / "missing").exists()
+
 
 @pytest.mark.parametrize("name, extra", [("ogbn-proteins", ["--scale", "0.001"]),
                                          ("ogbn-products", ["--scale", "0.0002", "--full-graph"])])
@@ -107,3 +136,122 @@ def test_torchrun_two_processes():
     assert "2 process(es)" in out
     assert out.count("epoch 1 |") == 1
     final_metric(out, metric)
+
+
+def test_proteins_partitions_look_up_whole_graph_edge_sums(monkeypatch):
+    """The paper's recipe, through the example's partition training: each part's nodes get their
+    edge-feature sums over the whole graph (the paper's scatter-add over edge_index[0], computed
+    here from its description), not over the part's own edges; evaluation gets the same sums."""
+    from torch_geometric.utils import subgraph
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import ogbn_proteins
+
+    calls = []
+
+    class Recording(ogbn_proteins.RevGNN):
+        def forward(self, x, edge_index, edge_attr=None, edge_sums=None):
+            calls.append((self.training, x, edge_index, edge_attr, edge_sums))
+            return super().forward(x, edge_index, edge_attr, edge_sums)
+
+    monkeypatch.setattr(ogbn_proteins, "RevGNN", Recording)
+    monkeypatch.setattr(sys, "argv", ["ogbn_proteins.py", "--synthetic", "--scale", "0.0005", "--device", "cpu", *TINY])
+    ogbn_proteins.main()
+
+    data = synthetic_proteins(0.0005, seed=0)
+    sums = torch.zeros(data.num_nodes, 8).index_add_(0, data.edge_index[0], data.edge_attr)
+    parts = [call[1:] for call in calls if call[0]]
+    assert len(parts) == 2
+    seen = []
+    for x, edge_index, edge_attr, edge_sums in parts:
+        nodes = torch.cdist(edge_sums, sums).argmin(dim=1)  # whose whole-graph sums the part was given
+        torch.testing.assert_close(edge_sums, sums[nodes], rtol=1e-5, atol=1e-5)  # float32 sums of ~600 edges
+        # The part is the subgraph induced by those nodes, in their order.
+        assert torch.equal(x, data.x[nodes])
+        sub_index, sub_attr = subgraph(nodes, data.edge_index, data.edge_attr, relabel_nodes=True,
+                                       num_nodes=data.num_nodes)
+        assert torch.equal(edge_index, sub_index) and torch.equal(edge_attr, sub_attr)
+        own = torch.zeros(nodes.numel(), 8).index_add_(0, sub_index[0], sub_attr)
+        assert own.sum() < 0.75 * edge_sums.sum()  # the part's own sums: about half, with 2 parts
+        seen.append(nodes)
+    assert torch.equal(torch.cat(seen).sort().values, torch.arange(data.num_nodes))  # a partition
+    (_, x, edge_index, edge_attr, edge_sums), = [call for call in calls if not call[0]]
+    assert x.size(0) == data.num_nodes
+    torch.testing.assert_close(edge_sums, sums, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A one-epoch checkpoint of the synthetic proteins run, written into directories that did not exist."""
+    path = tmp_path_factory.mktemp("trained") / "new" / "dir" / "checkpoint.pt"
+    run(SYNTHETIC + ["--checkpoint", str(path)])
+    return path
+
+
+@pytest.fixture
+def checkpoint(trained, tmp_path) -> Path:
+    """A copy of the trained checkpoint for one test to resume from."""
+    return Path(shutil.copy(trained, tmp_path / "checkpoint.pt"))
+
+
+def test_checkpoint_directory_is_made_before_training(trained, tmp_path):
+    assert trained.is_file()  # its directories were created
+    (tmp_path / "file").write_text("")
+    message, out = fails(SYNTHETIC + ["--checkpoint", str(tmp_path / "file" / "checkpoint.pt")])
+    assert message.startswith("--checkpoint") and "cannot create its directory" in message, message
+    assert out == ""  # nothing trained, nothing even loaded
+    message, out = fails(SYNTHETIC + ["--checkpoint", str(tmp_path)])
+    assert message == f"--checkpoint {tmp_path} is a directory: give a file path" and out == ""
+
+
+def test_diverging_run_keeps_the_good_checkpoint(checkpoint):
+    good = checkpoint.read_bytes()
+    message, out = fails(SYNTHETIC + ["--checkpoint", str(checkpoint), "--epochs", "3", "--lr", "1e30"])
+    assert re.fullmatch(rf"epoch 2, step [12]: training diverged \(loss \S+, gradient norm \S+\), the weights are "
+                        rf"no longer finite\. Stopped; {re.escape(str(checkpoint))} keeps epoch 1: resume from it "
+                        rf"with a lower --lr", message), message
+    assert "epoch 2 |" not in out
+    assert checkpoint.read_bytes() == good and list(checkpoint.parent.iterdir()) == [checkpoint]
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["epoch"] == 1 and all(value.isfinite().all() for value in state["model"].values())
+
+
+def test_resume_takes_a_new_lr(checkpoint):
+    out = run(SYNTHETIC + ["--checkpoint", str(checkpoint), "--epochs", "2", "--lr", "0.01"])
+    assert f"resumed from {checkpoint} after epoch 1, with --lr 0.01 (it was trained with 0.001)" in out
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["epoch"] == 2 and state["args"]["lr"] == 0.01
+    assert [group["lr"] for group in state["optimizer"]["param_groups"]] == [0.01]  # what Adam stepped with
+
+
+@pytest.mark.parametrize("change, was, now", [
+    (["--dropout", "0.3", "--seed", "1"], "--dropout (default) --seed 0", "--dropout 0.3 --seed 1"),
+    (["--hidden-channels", "32"], "--hidden-channels 16", "--hidden-channels 32"),
+])
+def test_resume_refuses_other_changed_arguments(checkpoint, change, was, now):
+    good = checkpoint.read_bytes()
+    message, out = fails(SYNTHETIC + ["--checkpoint", str(checkpoint), "--epochs", "2", *change])
+    assert message.startswith(f"--checkpoint {checkpoint} was written with {was}, this run has {now}: repeat those "
+                              "to resume it (only --lr, --epochs, --eval-every, --checkpoint, --device, --root may "
+                              "change)"), message
+    assert out == "" and checkpoint.read_bytes() == good
+
+
+@pytest.mark.parametrize("content", ["text", "truncated", "other format", "other task"])
+def test_unreadable_checkpoint_is_one_line(trained, tmp_path, content):
+    path = tmp_path / "checkpoint.pt"
+    if content == "text":
+        path.write_text("not a checkpoint\n")
+    elif content == "truncated":
+        path.write_bytes(trained.read_bytes()[:2000])
+    elif content == "other format":
+        torch.save({"model": {}, "epoch": 1}, path)
+    else:
+        torch.save({**torch.load(trained, weights_only=True), "task": "ogbn-products"}, path)
+    message, out = fails(SYNTHETIC + ["--checkpoint", str(path)])
+    if content == "other task":
+        assert message == f"--checkpoint {path} holds a run on ogbn-products, not ogbn-proteins: give another path"
+    else:
+        assert re.fullmatch(rf"--checkpoint {re.escape(str(path))} is not a checkpoint of this script \(\w+: .*\): "
+                            "delete it or give another path", message), message
+    assert out == ""

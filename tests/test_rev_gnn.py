@@ -49,10 +49,18 @@ def test_weight_tied_holds_one_block():
     assert len(tied.layers) == 1 and tied.num_layers == 1001
 
 
-def explicit_forward(model, x, edge_index, edge_attr):
+def paper_edge_sums(edge_index, edge_attr, num_nodes):
+    """The paper's node input (deep_gcns_torch, ogb_eff/ogbn_proteins/dataset.py): scatter-add
+    of the edge features over edge_index[0]."""
+    return torch.zeros(num_nodes, edge_attr.size(1), dtype=edge_attr.dtype).index_add_(0, edge_index[0], edge_attr)
+
+
+def explicit_forward(model, x, edge_index, edge_attr, sums=None):
     """The proteins model written out the unfused way: the [E, hidden] edge embedding is formed
-    and handed to PyG's own GENConv computation in every group; plain residual groups."""
-    sums = torch.zeros(x.size(0), 8, dtype=x.dtype).index_add_(0, edge_index[0], edge_attr)
+    and handed to PyG's own GENConv computation in every group; plain residual groups. The node
+    input's edge sums are the given edges' unless ``sums`` is given."""
+    if sums is None:
+        sums = paper_edge_sums(edge_index, edge_attr, x.size(0))
     h = model.node_encoder(torch.cat([sums, model.input_encoder(x)], dim=-1))
     emb = model.edge_encoder(edge_attr)
     for i in range(model.num_layers):
@@ -100,6 +108,32 @@ def test_reversible_equals_plain_autograd(name, overrides):
         torch.testing.assert_close(g_rev[key], g_plain[key], rtol=1e-9, atol=1e-12, msg=key)
 
 
+def test_partition_looks_up_whole_graph_edge_sums():
+    """The paper's recipe: edge-feature sums computed once over the whole graph, each random
+    partition's nodes looking theirs up; against the unfused model fed those sums."""
+    model = small("proteins-deep", num_layers=3, hidden_channels=16).eval()
+    x, edge_index, edge_attr = proteins_like()
+    sums = paper_edge_sums(edge_index, edge_attr, x.size(0))
+    torch.testing.assert_close(RevGNN.out_edge_sums(edge_index, edge_attr, x.size(0)), sums, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(RevGNN.out_edge_sums(CSRGraph.from_edge_index(edge_index, x.size(0)), edge_attr,
+                                                    x.size(0)), sums, rtol=1e-12, atol=1e-12)
+    nodes = torch.randperm(x.size(0), generator=torch.Generator().manual_seed(1))[:40]
+    sub_index, sub_attr = torch_geometric.utils.subgraph(nodes, edge_index, edge_attr, relabel_nodes=True,
+                                                         num_nodes=x.size(0))
+    out, ours = grads(model, x[nodes], sub_index, sub_attr, sums[nodes])
+    model.zero_grad()
+    ref = explicit_forward(model, x[nodes], sub_index, sub_attr, sums=sums[nodes])
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, rtol=1e-9, atol=1e-10, msg=name)
+    with torch.no_grad():
+        # The partition's own sums (about a third of the edges here) are a different input...
+        assert not torch.allclose(model(x[nodes], sub_index, sub_attr), out)
+        # ...and on the whole graph the looked-up sums are the default ones.
+        torch.testing.assert_close(model(x, edge_index, edge_attr, edge_sums=sums), model(x, edge_index, edge_attr))
+
+
 def test_accepts_csr_graph_and_matches_edge_index():
     model = small("proteins-deep", num_layers=2, hidden_channels=16).eval()
     x, edge_index, edge_attr = proteins_like()
@@ -135,6 +169,11 @@ def test_bad_arguments():
         model(x, edge_index, edge_attr[:, :4])
     with pytest.raises(ValueError, match="one entry per edge"):
         model(x, edge_index, edge_attr[:-1])
+    with pytest.raises(ValueError, match=r"edge_sums must have shape \[num_nodes, edge_dim\] = \[120, 8\]"):
+        model(x, edge_index, edge_attr, edge_sums=torch.zeros(119, 8, dtype=x.dtype))
+    products = small("products-112", num_layers=1, in_channels=8, hidden_channels=16)
+    with pytest.raises(ValueError, match="built with edge_sums=True"):
+        products(x, edge_index, edge_sums=torch.zeros(120, 8, dtype=x.dtype))
 
 
 def test_float32_drift_of_1001_reversible_blocks():

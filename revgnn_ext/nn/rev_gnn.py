@@ -70,6 +70,13 @@ class ResPlusGroup(torch.nn.Module):
         return self.conv.forward_split(h, graph, edge_attr, encoder)
 
 
+def _out_edge_sums(graph: CSRGraph, edge_attr: Tensor) -> Tensor:
+    """Each source node's sum of its out-edges' rows of ``edge_attr`` (given in CSR order): a
+    deterministic segment sum over the transposed CSR."""
+    rowptr_t, _, perm_t = graph.transposed()
+    return torch.segment_reduce(edge_attr[perm_t.long()], "sum", offsets=rowptr_t.long(), axis=0)
+
+
 PRESETS = {
     # ogbn-proteins: 8 species (one-hot) per node, 8 edge features, 112 binary tasks. Dropout as in
     # the paper's training commands (0.1 Deep, 0.2 Wide).
@@ -95,13 +102,18 @@ class RevGNN(torch.nn.Module):
       embedding is never formed, and gradients reach both original layers.
     - ``conv="sage"``: SAGEConv(c, c) (mean aggregation, root weight).
     - ``edge_sums=True`` (ogbn-proteins): the node input is [sum of each node's out-edge
-      features, Linear(in, in)(x)], as in the paper.
+      features, Linear(in, in)(x)], as in the paper. By default the sums are taken over the
+      graph given to ``forward``. The paper computes them once over the whole graph and every
+      partition looks its nodes' sums up: compute ``sums = RevGNN.out_edge_sums(edge_index,
+      edge_attr, num_nodes)`` on the whole graph and pass ``edge_sums=sums[nodes]`` with a
+      partition's subgraph (on the whole graph, ``edge_sums=sums`` changes nothing).
     - ``weight_tied=True`` (RevGNN-WT): one block's weights are used at every depth.
     - ``reversible=False``: the same function with plain autograd (every activation stored),
       for comparison.
 
-    Build the paper's models with :meth:`preset`. ``forward(x, edge_index, edge_attr=None)``
-    accepts any adjacency our layers do (edge_index, CSRGraph, torch.sparse, SparseTensor).
+    Build the paper's models with :meth:`preset`. ``forward(x, edge_index, edge_attr=None,
+    edge_sums=None)`` accepts any adjacency our layers do (edge_index, CSRGraph, torch.sparse,
+    SparseTensor).
     """
 
     def __init__(self, in_channels: int, hidden_channels: int, out_channels: int, num_layers: int, *,
@@ -175,7 +187,26 @@ class RevGNN(torch.nn.Module):
         b2 = torch.cat([group.conv.lin_edge.bias for group in layer.convs])
         return (w2 @ self.edge_encoder.weight).t(), torch.addmv(b2, w2, self.edge_encoder.bias)
 
-    def forward(self, x: Tensor, edge_index, edge_attr: Optional[Tensor] = None) -> Tensor:
+    @staticmethod
+    def out_edge_sums(edge_index, edge_attr: Tensor, num_nodes: int) -> Tensor:
+        """[num_nodes, F]: each node's sum of the features ``edge_attr`` [E, F] of its out-edges
+        (edge_index row 0, the source: the paper's scatter-add over ``edge_index[0]``), the node
+        input of an ``edge_sums`` model. Takes any adjacency ``forward`` accepts."""
+        graph = as_graph(edge_index, (num_nodes, num_nodes))
+        return _out_edge_sums(graph, graph.edges_to_csr(edge_attr, "RevGNN.out_edge_sums: edge_attr"))
+
+    def forward(self, x: Tensor, edge_index, edge_attr: Optional[Tensor] = None,
+                edge_sums: Optional[Tensor] = None) -> Tensor:
+        """``edge_sums`` [N, edge_dim]: the node-input edge-feature sums of an ``edge_sums=True``
+        model, precomputed (e.g. over the whole graph, see :meth:`out_edge_sums`); by default
+        they are summed over the edges given here."""
+        if edge_sums is not None:
+            if self.input_encoder is None:
+                raise ValueError("RevGNN: edge_sums is the node input of a model built with edge_sums=True "
+                                 "(the proteins presets); this model takes none")
+            if edge_sums.shape != (x.size(0), self.edge_dim):
+                raise ValueError(f"RevGNN: edge_sums must have shape [num_nodes, edge_dim] = [{x.size(0)}, "
+                                 f"{self.edge_dim}], got {list(edge_sums.shape)}")
         graph = as_graph(edge_index, (x.size(0), x.size(0)))
         extra = ()
         if self.edge_dim is not None:
@@ -187,8 +218,7 @@ class RevGNN(torch.nn.Module):
             graph = graph.csr_ordered()
             extra = (edge_attr,)
         if self.input_encoder is not None:
-            rowptr_t, _, perm_t = graph.transposed()
-            sums = torch.segment_reduce(edge_attr[perm_t.long()], "sum", offsets=rowptr_t.long(), axis=0)
+            sums = _out_edge_sums(graph, edge_attr) if edge_sums is None else edge_sums
             x = torch.cat([sums, self.input_encoder(x)], dim=-1)
         h = self.node_encoder(x)
         mask = self.dropout.mask(h)
