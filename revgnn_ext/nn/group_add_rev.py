@@ -120,13 +120,17 @@ def _statistics_frozen(module: torch.nn.Module):
 
 
 class _Released(torch.Tensor):
-    """The class a tensor takes while GroupAddRev holds its memory: any use raises `message`."""
+    """The class a tensor takes while GroupAddRev holds its memory: any use that reads its data
+    raises `message`; autograd calls that take it as an input, and its (empty) storage, work."""
 
     message = ""
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        raise RuntimeError(cls.message)
+        if func not in _NOT_READS:
+            raise RuntimeError(cls.message)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
 
 
 class _ReleasedInput(_Released):
@@ -139,6 +143,10 @@ class _SpentOutput(_Released):
     message = ("GroupAddRev: this tensor is the output of a reversible block after its last backward pass: its "
                "memory now holds the block's input. Read the output before backward (or copy it), or raise "
                "num_bwd_passes for more backward passes.")
+
+
+_NOT_READS = {torch.autograd.grad, torch.autograd.backward, Tensor.untyped_storage, Tensor.__hash__,
+              *(getattr(Tensor, name).__get__ for name in ("grad", "grad_fn", "requires_grad", "is_leaf"))}
 
 
 def _release(t: Tensor, kind: type) -> None:
@@ -187,8 +195,11 @@ def _forward_ad(x: Tensor, args) -> bool:
                for t in (x, *args))
 
 
-def _versions(tensors: Sequence[Tensor]) -> Tuple[int, ...]:
-    return tuple(t._version for t in tensors)
+def _version(ctx) -> int:
+    """The sum of the version counters of what a block's backward reads as it was in forward: its
+    parameters, tensor arguments and input unless released (an in-place edit raises the sum)."""
+    kept = (ctx.x,) if ctx.x_class is None else ()
+    return sum(t._version for t in (*ctx.params, *ctx.args, *kept) if isinstance(t, Tensor))
 
 
 class _GroupAddRevFunction(torch.autograd.Function):
@@ -211,8 +222,7 @@ class _GroupAddRevFunction(torch.autograd.Function):
         ctx.x_class = type(x) if release else None  # x's class while it is released, else None
         if release:
             _release(x, _ReleasedInput)
-        ctx.checked = tuple(t for t in (*params, *args, x) if isinstance(t, Tensor) and type(t) is not _ReleasedInput)
-        ctx.versions = _versions(ctx.checked)
+        ctx.version = _version(ctx)
         ctx.y_version = y._version
         return y
 
@@ -225,15 +235,10 @@ class _GroupAddRevFunction(torch.autograd.Function):
                                "ReLU(inplace=True) or y.mul_(...) after the block); backward rebuilds the block's "
                                "input from its output, so its gradients would be wrong. Use the out-of-place op "
                                "(torch.relu(y), y * mask) on a reversible block's output.")
-        if _versions(ctx.checked) != ctx.versions:
-            changed = [t for t, v in zip(ctx.checked, ctx.versions) if t._version != v]
-            names = {id(p): name for name, p in block.named_parameters()}
-            what = ", ".join(f"parameter {names[id(t)]}" if id(t) in names else
-                             ("the block's input" if t is ctx.x else "a tensor argument of the block")
-                             for t in changed)
-            raise RuntimeError(f"GroupAddRev: {what} was modified in place between the block's forward and its "
-                               "backward (e.g. optimizer.step() before loss.backward()); the gradients would be "
-                               "wrong. Run backward before modifying them.")
+        if _version(ctx) != ctx.version:
+            raise RuntimeError("GroupAddRev: a parameter, a tensor argument or the kept input of the block was modified "
+                               "in place between the block's forward and its backward (e.g. optimizer.step() before "
+                               "loss.backward()); the gradients would be wrong. Run backward before modifying them.")
         current = tuple(block.parameters())
         if len(current) != len(ctx.params):
             raise RuntimeError("GroupAddRev: the block's parameters were added or removed between forward and "
@@ -272,12 +277,13 @@ class _GroupAddRevFunction(torch.autograd.Function):
         if ctx.x_class is not None:  # y's storage now holds x: hand it over
             _restore(x, ctx.x_class, y.detach())
             ctx.x_class = None
+            ctx.version = _version(ctx)  # now with x's
         if ctx.passes_left == 0:
             # The output's storage now holds the input: a read of the output fails loudly instead
             # of seeing the input's values.
             if y is ctx.y:
                 _release(ctx.y, _SpentOutput)
-            ctx.y = ctx.x = ctx.checked = ctx.pending = None
+            ctx.y = ctx.x = ctx.pending = None
         it = iter(grad_trainable)
         grad_params = [next(it) if need else None for need in ctx.needs_input_grad[5 + num_args:]]
         return (None, None, None, None, grad_x, *grad_args, *grad_params)
