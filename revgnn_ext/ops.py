@@ -193,6 +193,7 @@ def _check_call(where: str, graph: CSRGraph, x: Tensor) -> None:
     if not isinstance(graph, CSRGraph):
         raise TypeError(f"{where}: graph must be a revgnn_ext.CSRGraph (build one with "
                         f"CSRGraph.from_edge_index), got {type(graph).__name__}")
+    graph.check_unmodified(where)
     if not isinstance(x, Tensor) or x.dim() != 2:
         shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"{where}: x must be a 2-D tensor [num_src, channels], got {shape}")
@@ -202,6 +203,23 @@ def _check_call(where: str, graph: CSRGraph, x: Tensor) -> None:
         raise ValueError(f"{where}: x is on {x.device} but the graph is on {graph.device} (use graph.to(device))")
     if not x.dtype.is_floating_point:
         raise TypeError(f"{where}: x must be a floating-point tensor, got {x.dtype}")
+
+
+def _differentiable_call(where: str, op, *args):
+    """op(*args), for the user functions of the differentiable ops: they have reverse-mode
+    autograd only, so forward-mode AD and torch.func transforms raise a clear error instead of
+    giving zero tangents or an error that does not name the op."""
+    if any(isinstance(a, Tensor) and torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args):
+        raise NotImplementedError(f"{where}: forward-mode AD is not supported by the fused op; use reverse mode "
+                                  "(loss.backward(), torch.autograd.grad) or revgnn_ext.reference's twin of the op")
+    try:
+        return op(*args)
+    except RuntimeError as err:
+        if "functorch transforms" not in str(err):
+            raise
+        raise NotImplementedError(f"{where}: torch.func transforms (grad, jvp, vjp, jacrev) are not supported by "
+                                  "the fused op; use torch.autograd.grad / loss.backward(), or revgnn_ext.reference's "
+                                  "twin of the op") from None
 
 
 def _check_reduce(where: str, reduce: str) -> None:
@@ -233,7 +251,7 @@ def spmm(graph: CSRGraph, x: Tensor, edge_weight: Optional[Tensor] = None, reduc
     _check_reduce(where, reduce)
     weight = _csr_weight(where, graph, x, edge_weight)
     transposed = graph.transposed() if (torch.is_grad_enabled() and x.requires_grad) else (None, None, None)
-    return _ops.spmm(graph.rowptr, graph.col, *transposed, weight, x, reduce)[0]
+    return _differentiable_call(where, _ops.spmm, graph.rowptr, graph.col, *transposed, weight, x, reduce)[0]
 
 
 def spmm_accumulate_(out: Tensor, graph: CSRGraph, x: Tensor, edge_weight: Optional[Tensor] = None,
@@ -286,12 +304,17 @@ def gen_aggregate(graph: CSRGraph, x: Tensor, edge_attr: Optional[Tensor] = None
     an ``nn.Linear(F, D)`` weight); without ``edge_weight``, ``edge_attr`` [num_edges, D] is the
     embedding itself; without ``edge_attr``, e = 0. ``aggr``: softmax (inverse temperature ``t``:
     a float or a tensor of 1 or D values, learnable), max, mean, sum, powermean (power ``p``,
-    likewise), as PyG's aggregations compute them. Differentiable in x, edge_attr, edge_weight,
+    likewise), as PyG's aggregations compute them: a softmax is finite for any finite messages;
+    powermean clamps to [1e-4, 100] as PyG does, except for a plain number ``p == 1``, which PyG
+    (and this op) takes as a plain mean; ``p = 0`` gives PyG's values (1, or 0 for a node without
+    in-edges) and, as PyG, NaN gradients. Differentiable in x, edge_attr, edge_weight,
     edge_bias, t and p (first order); deterministic.
     """
     where = "revgnn_ext.ops.gen_aggregate"
     if aggr not in GEN_AGGRS:
         raise ValueError(f"{where}: aggr must be one of {GEN_AGGRS}, got {aggr!r}")
+    if aggr == "powermean" and not isinstance(p, Tensor) and p == 1:
+        aggr = "mean"  # PyG's PowerMeanAggregation skips the power and its clamps for a fixed p = 1
     _check_call(where, graph, x)
     if edge_attr is not None:
         if not isinstance(edge_attr, Tensor) or edge_attr.dim() != 2:
@@ -321,8 +344,8 @@ def gen_aggregate(graph: CSRGraph, x: Tensor, edge_attr: Optional[Tensor] = None
     grads = torch.is_grad_enabled() and any(
         v is not None and v.requires_grad for v in (x, edge_attr, edge_weight, edge_bias, t, p))
     transposed = graph.transposed() if grads else (None, None, None)
-    return _ops.gen_aggregate(graph.rowptr, graph.col, *transposed, x, edge_attr, edge_weight, edge_bias, t, p,
-                              aggr, float(eps))[0]
+    return _differentiable_call(where, _ops.gen_aggregate, graph.rowptr, graph.col, *transposed, x, edge_attr,
+                                edge_weight, edge_bias, t, p, aggr, float(eps))[0]
 
 
 # ---------------------------------------------------------------------------- reversible inversion

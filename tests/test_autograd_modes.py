@@ -1,0 +1,48 @@
+"""The fused ops have reverse-mode autograd only: forward-mode AD and torch.func's
+differentiating transforms raise an error naming the op (never zero or None tangents); vmap,
+which needs no derivative, gives the per-sample results."""
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from revgnn_ext import CSRGraph, ops
+
+OPS = {
+    "spmm": lambda g, t: ops.spmm(g, t, reduce="mean"),
+    "gen_aggregate": lambda g, t: ops.gen_aggregate(g, t, aggr="softmax"),
+}
+
+
+@pytest.fixture
+def graph():
+    torch.manual_seed(0)
+    return CSRGraph.from_edge_index(torch.randint(0, 10, (2, 40)), 10)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_forward_mode_ad_raises(name, graph):
+    fn = OPS[name]
+    x = torch.randn(10, 4, dtype=torch.float64)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match=f"revgnn_ext.ops.{name}: forward-mode AD"):
+        fn(graph, fwAD.make_dual(x, torch.randn_like(x)))
+    with pytest.raises(NotImplementedError, match=f"revgnn_ext.ops.{name}: forward-mode AD"):
+        torch.func.jvp(lambda t: fn(graph, t), (x,), (torch.randn_like(x),))
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_func_grad_raises_and_vmap_works(name, graph):
+    fn = OPS[name]
+    x = torch.randn(10, 4, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match=f"revgnn_ext.ops.{name}: torch.func transforms"):
+        torch.func.grad(lambda t: fn(graph, t).sum())(x)
+    xs = torch.randn(3, 10, 4, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.vmap(lambda t: fn(graph, t))(xs), torch.stack([fn(graph, t) for t in xs]))
+
+
+def test_modules_name_the_op_under_forward_ad(graph):
+    pytest.importorskip("torch_geometric")
+    from revgnn_ext.nn import GENConv, GroupAddRev
+    block = GroupAddRev(GENConv(4, 4), num_groups=2).double()
+    x = torch.randn(10, 8, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="revgnn_ext.ops.gen_aggregate: forward-mode AD"):
+        torch.func.jvp(lambda t: block(t, graph), (x,), (torch.randn_like(x),))
