@@ -63,10 +63,13 @@ def gen_aggregate(graph: CSRGraph, x: Tensor, edge_attr: Optional[Tensor] = None
     """GENConv's aggregation, as PyG computes it: per in-edge j -> i, the message
     m = relu(x[j] + e_ji) + eps with e = edge_attr @ edge_weight.T + edge_bias (or edge_attr
     itself without edge_weight, or 0 without edge_attr), then AGG over j of m. Softmax and
-    powermean follow PyG's SoftmaxAggregation and PowerMeanAggregation (clamps included).
+    powermean follow PyG's SoftmaxAggregation and PowerMeanAggregation (clamps included, and a
+    plain number p == 1 taken as a plain mean).
     Per-edge tensors are in the caller's edge order."""
     if aggr not in GEN_AGGRS:
         raise ValueError(f"aggr must be one of {GEN_AGGRS}, got {aggr!r}")
+    if aggr == "powermean" and not isinstance(p, Tensor) and p == 1:
+        aggr = "mean"  # as PyG's PowerMeanAggregation: no power and no clamps for a fixed p = 1
     dst = _destinations(graph)
     msg = x.index_select(0, graph.col.long())
     if edge_attr is not None:

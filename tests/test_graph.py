@@ -1,8 +1,15 @@
-"""CSRGraph: construction from every accepted format, validation, transpose, devices."""
+"""CSRGraph: construction from every accepted format, validation, transpose, devices; clear errors;
+inference mode; as_graph's cache."""
+import subprocess
+import sys
+import warnings
+
 import pytest
 import torch
 
 from revgnn_ext import CSRGraph
+from revgnn_ext.graph import as_graph
+from revgnn_ext.nn import GENConv, RevGNN, SAGEConv
 
 from conftest import SHAPES, make_graph
 
@@ -150,3 +157,122 @@ def test_to_device_and_repr():
     assert m.device.type == "meta" and m.transposed()[0].device.type == "meta"
     assert g.to("cpu") is g
     assert "num_edges=300" in repr(g) and "int32" in repr(g)
+
+
+# ---------------------------------------------------------------------------- clear errors
+def test_huge_num_nodes_is_refused_at_once():
+    ei = torch.tensor([[0, 1], [1, 2]])
+    with pytest.raises(ValueError, match=r"num_nodes must be the number of nodes"):
+        CSRGraph.from_edge_index(ei, num_nodes=10**13)
+    with pytest.raises(ValueError, match=r"num_nodes must be the number of nodes"):
+        CSRGraph.from_edge_index(torch.tensor([[0, 10**13], [1, 2]]))  # inferred from a stray index
+
+
+def test_meta_edge_index_gives_a_shape_only_graph():
+    ei = torch.empty(2, 7, dtype=torch.long, device="meta")
+    g = CSRGraph.from_edge_index(ei, (5, 3))
+    assert (g.num_src, g.num_dst, g.num_edges, g.device.type) == (5, 3, 7, "meta")
+    assert g.perm.shape == (7,) and g.transposed()[0].shape == (6,)
+    assert as_graph(ei, (5, 3)).num_edges == 7
+    with pytest.raises(ValueError, match="meta tensors hold no index values.*pass num_nodes"):
+        CSRGraph.from_edge_index(ei)
+    with pytest.raises(ValueError, match="meta tensors hold no index values"):
+        CSRGraph.from_csr(torch.zeros(4, dtype=torch.long, device="meta"), ei[0])
+    assert CSRGraph.from_csr(torch.zeros(4, dtype=torch.long, device="meta"), ei[0], 9).num_dst == 3
+
+
+@pytest.mark.parametrize("adj", [
+    torch.ones(2, 3, 3).to_sparse(),        # a batch of adjacencies, COO
+    torch.ones(2, 3, 3).to_sparse_csr(),    # batched CSR
+    torch.ones(3, 3).to_sparse(1),          # one sparse dimension
+], ids=["coo_3d", "csr_batched", "coo_1d"])
+def test_sparse_input_that_is_not_one_adjacency(adj):
+    with pytest.raises(ValueError, match=r"expected a 2-D adjacency .*block-diagonal"):
+        CSRGraph.from_sparse(adj)
+    with pytest.raises(ValueError, match=r"expected a 2-D adjacency"):
+        as_graph(adj, (3, 3))
+
+
+def test_hybrid_sparse_adjacency_with_edge_features_is_accepted():
+    ei, n = make_graph("random")
+    hybrid = torch.sparse_coo_tensor(ei.flip(0), torch.randn(ei.size(1), 4), (n, n, 4))  # values [E, 4]
+    g = CSRGraph.from_sparse(hybrid)
+    assert (g.num_dst, g.num_src, g.num_edges) == (n, n, ei.size(1))
+
+
+# ---------------------------------------------------------------------------- inference mode
+def _train_step(model, x, adj):
+    model.zero_grad()
+    model(x, adj).square().sum().backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: GENConv(8, 8, aggr="softmax", learn_t=True), lambda: SAGEConv(8, 8), lambda: RevGNN(8, 16, 3, 2, dropout=0.0)],
+    ids=["GENConv", "SAGEConv", "RevGNN"])
+def test_inference_mode_edge_index_trains_afterwards(make):
+    model = make()
+    x = torch.randn(20, 8)
+    with torch.inference_mode():
+        ei = torch.randint(0, 20, (2, 60))  # an inference tensor
+        model(x, ei)  # evaluated under inference mode: a cached conversion would be inference tensors
+    expected = _train_step(model, x, ei.clone())
+    for got, want in zip(_train_step(model, x, ei), expected):
+        torch.testing.assert_close(got, want)
+    fresh = torch.randint(0, 20, (2, 60))
+    with torch.inference_mode():
+        model(x, fresh)  # evaluated under inference mode, then trained on the same edge_index
+    _train_step(model, x, fresh)
+
+
+def test_graph_built_under_inference_mode_holds_normal_tensors():
+    ei, n = make_graph("random")
+    with torch.inference_mode():
+        graphs = [CSRGraph.from_edge_index(ei, n), CSRGraph.from_csr(torch.tensor([0, 1, 2]), torch.tensor([1, 0]))]
+        graphs[0].transposed()
+    for g in graphs:
+        assert not any(t.is_inference() for t in (g.rowptr, g.col, *g.transposed()))
+
+
+# ---------------------------------------------------------------------------- as_graph's cache
+def test_as_graph_converts_once_and_again_after_any_edit():
+    ei, n = make_graph("random")
+    g = as_graph(ei, (n, n))
+    assert as_graph(ei, (n, n)) is g  # one conversion for many layers
+    assert as_graph(ei, (n, n + 1)) is not g  # node counts are part of the key
+    edits = {
+        "in_place": lambda: ei[0, 0].fill_((int(ei[0, 0]) + 1) % n),
+        "data": lambda: ei.data[1, 3].fill_((int(ei[1, 3]) + 1) % n),  # bypasses the version counter
+        "numpy": lambda: ei.numpy().__setitem__((0, 5), (int(ei[0, 5]) + 1) % n),  # likewise
+        "swap": lambda: ei.data.copy_(ei[:, torch.cat([torch.tensor([1, 0]), torch.arange(2, ei.size(1))])]),
+    }
+    for name, edit in edits.items():
+        before = as_graph(ei, (n, n))
+        edit()
+        after = as_graph(ei, (n, n))
+        assert after is not before, name
+        assert torch.equal(after.to_edge_index(), ei), name
+
+
+def test_saved_edge_index_loads_without_revgnn_ext(tmp_path):
+    ei, n = make_graph("random")
+    GENConv(8, 8)(torch.randn(n, 8), ei)  # converted and cached
+    path = tmp_path / "edge_index.pt"
+    torch.save(ei, path)
+    code = ("import sys, torch; t = torch.load(sys.argv[1], weights_only=True); "
+            "assert 'revgnn_ext' not in sys.modules; print(t.sum().item())")
+    run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout.split()[-1]) == int(ei.sum())
+
+
+@pytest.mark.parametrize("make", [lambda: GENConv(8, 8), lambda: SAGEConv(8, 8)], ids=["GENConv", "SAGEConv"])
+def test_jit_trace_follows_the_edge_index_it_is_given(make):
+    conv = make()
+    x = torch.randn(20, 8)
+    first, second = torch.randint(0, 20, (2, 60)), torch.randint(0, 20, (2, 60))
+    conv(x, first)  # an eager call first: its cached conversion must not be baked into the trace
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings about the conversion's checks
+        traced = torch.jit.trace(conv, (x, first))
+    torch.testing.assert_close(traced(x, second), conv(x, second))

@@ -23,7 +23,8 @@ struct Math<at::vec::Vectorized<scalar_t>> {
   static V select(const Mask& c, const V& a, const V& b) { return V::blendv(b, a, c); }
   static Mask lt(const V& a, const V& b) { return a < b; }
   static Mask gt(const V& a, const V& b) { return a > b; }
-  static Mask in_closed(const V& v, const V& lo, const V& hi) { return (v >= lo) & (v <= hi); }
+  static Mask eq(const V& a, const V& b) { return a == b; }
+  static Mask in_open(const V& v, const V& lo, const V& hi) { return (v > lo) & (v < hi); }
   static V abs(const V& v) { return v.abs(); }
   // exp_u20 is the fast SIMD exp (about 2x the cost of a multiply-add per lane, within float
   // accuracy); it does not propagate NaN by itself.
@@ -119,13 +120,14 @@ void forward_kernel(const GenInputs& in, const at::Tensor& out_t, const at::Tens
   const index_t* rowptr = in.rowptr.data_ptr<index_t>();
   const index_t* col = in.col.data_ptr<index_t>();
   const scalar_t* x = in.x.data_ptr<scalar_t>();
-  const int64_t ldx = in.x.stride(0), num_src = in.x.size(0), d = in.d, n = in.num_dst;
+  const int64_t ldx = in.x.stride(0), num_src = in.x.size(0), d = in.d, n = in.num_dst, num_edges = in.col.numel();
   const V eps(static_cast<scalar_t>(in.eps));
   scalar_t* out = out_t.data_ptr<scalar_t>();
-  at::parallel_for(0, n, grain_for(n, in.col.numel(), d), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, grain_for(n, num_edges, d), [&](int64_t begin, int64_t end) {
     scalar_t lanes[VS];
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t e0 = rowptr[i], e1 = rowptr[i + 1], deg = e1 - e0;
+      const auto [e0, e1] = checked_row(rowptr, i, n, num_edges, op, "rowptr");
+      const int64_t deg = e1 - e0;
       for (int64_t v0 = 0; v0 < d; v0 += VS) {
         const int64_t cnt = std::min(VS, d - v0);
         const V t = V::loadu(prm.t.data() + v0), p = V::loadu(prm.p.data() + v0);
@@ -165,7 +167,7 @@ void forward_kernel(const GenInputs& in, const at::Tensor& out_t, const at::Tens
           store(deg ? acc / degv : V(0), o, cnt);
         } else if constexpr (A == Aggr::Softmax) {
           scalar_t* s = state_t.data_ptr<scalar_t>() + i * d + v0;
-          store(deg ? acc / sum : V(0), o, cnt);
+          store(deg ? acc : V(0), o, cnt);
           store(deg ? mx + M::log(sum) : V(0), s, cnt);
         } else if constexpr (A == Aggr::PowerMean) {
           scalar_t* s = state_t.data_ptr<scalar_t>() + i * d + v0;
@@ -202,14 +204,19 @@ struct RowSource {
   const scalar_t* out;
   const scalar_t* state;      // softmax, powermean
   const index_t* arg;         // max
-  int64_t d;
+  int64_t d, num_dst, num_edges;
 
   RowSource(const GenInputs& in, const at::Tensor& out_t, const at::Tensor& state_t, const at::Tensor& grad_out_t)
       : rowptr(in.rowptr.data_ptr<index_t>()), grad_out(grad_out_t.data_ptr<scalar_t>()),
         out(out_t.data_ptr<scalar_t>()),
         state(in.aggr == Aggr::Softmax || in.aggr == Aggr::PowerMean ? state_t.data_ptr<scalar_t>() : nullptr),
         arg(in.aggr == Aggr::Max ? state_t.data_ptr<index_t>() : nullptr),
-        d(in.d) {}
+        d(in.d), num_dst(in.num_dst), num_edges(in.col.numel()) {}
+
+  int64_t degree(int64_t i) const {
+    const auto [e0, e1] = checked_row(rowptr, i, num_dst, num_edges, "revgnn_ext.gen_aggregate_backward", "rowptr");
+    return e1 - e0;
+  }
 };
 
 template <typename scalar_t, typename index_t, Aggr A>
@@ -217,8 +224,8 @@ inline RowGrad<scalar_t, index_t> row_grad(const RowSource<scalar_t, index_t>& s
                                            int64_t cnt) {
   using V = Vectorized<scalar_t>;
   const int64_t off = i * src.d + v0;
-  RowGrad<scalar_t, index_t> r{load(src.grad_out + off, cnt), V(0), V(0),
-                               V(static_cast<scalar_t>(src.rowptr[i + 1] - src.rowptr[i])), nullptr, cnt};
+  RowGrad<scalar_t, index_t> r{load(src.grad_out + off, cnt), V(0), V(0), V(static_cast<scalar_t>(src.degree(i))),
+                               nullptr, cnt};
   if constexpr (A == Aggr::Softmax || A == Aggr::PowerMean) {
     r.out = load(src.out + off, cnt);
     r.state = load(src.state + off, cnt);
@@ -228,7 +235,7 @@ inline RowGrad<scalar_t, index_t> row_grad(const RowSource<scalar_t, index_t>& s
 }
 
 // The gradient at m of edge e's message m; `extra` gets the edge's term of the row sums that
-// give the t or p gradient (softmax: a m; powermean: q log(clamp m)).
+// give the t or p gradient (softmax: a m (m - out); powermean: q log(clamp m)).
 template <typename scalar_t, typename index_t, Aggr A>
 inline Vectorized<scalar_t> message_grad(const RowGrad<scalar_t, index_t>& row, int64_t e,
                                          const Vectorized<scalar_t>& m, const Vectorized<scalar_t>& t,
@@ -272,7 +279,8 @@ void backward_x_kernel(const GenInputs& in, const at::Tensor& out_t, const at::T
         const V t = V::loadu(prm.t.data() + v0), p = V::loadu(prm.p.data() + v0);
         const V xv = load(x + j * ldx + v0, cnt);
         V acc(0), extra;
-        for (int64_t k = rowptr_t[j]; k < rowptr_t[j + 1]; ++k) {
+        const auto [t0, t1] = checked_row(rowptr_t, j, num_src, num_edges, op, "rowptr_t");
+        for (int64_t k = t0; k < t1; ++k) {
           const int64_t i = checked(col_t[k], in.num_dst, op, "col_t");
           const int64_t e = checked(perm_t[k], num_edges, op, "perm_t");
           const V pre = prm.pre(e, xv, v0, cnt);
@@ -312,8 +320,8 @@ void backward_params_kernel(const GenInputs& in, const at::Tensor& out_t, const 
   std::vector<double> partial(static_cast<size_t>(blocks * stride), 0.0);
   at::parallel_for(0, blocks, 1, [&](int64_t bb, int64_t be) {
     std::vector<V> ga_acc(static_cast<size_t>(want_w || ga ? f : 0));
-    // Per-row sums of the edges' terms for d/dt (s1 = sum a m, s2 = sum a m^2) or d/dp (s1 = sum q log m).
-    std::vector<scalar_t> s1(static_cast<size_t>(dpad)), s2(static_cast<size_t>(dpad));
+    // Per-row sums of the edges' terms for d/dt (sum a m (m - out)) or d/dp (sum q log m).
+    std::vector<scalar_t> s1(static_cast<size_t>(dpad));
     std::vector<scalar_t> row_sum(static_cast<size_t>(stride));
     scalar_t* pw = row_sum.data();
     scalar_t* pb = pw + f * dpad;
@@ -327,8 +335,8 @@ void backward_params_kernel(const GenInputs& in, const at::Tensor& out_t, const 
       std::fill(row_sum.begin(), row_sum.end(), scalar_t(0));
       for (int64_t i = b * kRowBlock; i < std::min(n, (b + 1) * kRowBlock); ++i) {
         std::fill(s1.begin(), s1.end(), scalar_t(0));
-        std::fill(s2.begin(), s2.end(), scalar_t(0));
-        for (int64_t e = rowptr[i]; e < rowptr[i + 1]; ++e) {
+        const auto [e0, e1] = checked_row(rowptr, i, n, in.col.numel(), op, "rowptr");
+        for (int64_t e = e0; e < e1; ++e) {
           const scalar_t* xr = x + checked(col[e], num_src, op, "col") * ldx;
           const scalar_t* a = prm.has_attr && !prm.direct ? prm.attr + e * f : nullptr;
           for (auto& v : ga_acc) v = V(0);
@@ -353,11 +361,10 @@ void backward_params_kernel(const GenInputs& in, const at::Tensor& out_t, const 
             }
             if (want_b) (V::loadu(pb + v0) + dpre).store(pb + v0);
             if constexpr (kParam) (V::loadu(s1.data() + v0) + extra).store(s1.data() + v0);
-            if constexpr (A == Aggr::Softmax) at::vec::fmadd(extra, m, V::loadu(s2.data() + v0)).store(s2.data() + v0);
           }
           if (ga != nullptr && a != nullptr)
             for (int64_t k = 0; k < f; ++k) ga[e * f + k] = lane_sum(ga_acc[k]);
-          if ((e - rowptr[i] + 1) % kFlush == 0) flush();
+          if ((e - e0 + 1) % kFlush == 0) flush();
         }
         if constexpr (kParam) {  // every row, empty ones included
           for (int64_t v0 = 0; v0 < d; v0 += VS) {
@@ -365,7 +372,7 @@ void backward_params_kernel(const GenInputs& in, const at::Tensor& out_t, const 
             const auto row = row_grad<scalar_t, index_t, A>(rows, i, v0, cnt);
             const V r1 = V::loadu(s1.data() + v0);
             const V dparam = A == Aggr::Softmax
-                                 ? softmax_grad_t<V>(row.g, r1, V::loadu(s2.data() + v0))
+                                 ? row.g * r1
                                  : power_grad_p<V, M>(row.g, row.out, V::loadu(prm.p.data() + v0), row.state, r1, row.deg);
             (V::loadu(pp + v0) + dparam).store(pp + v0);
           }

@@ -43,14 +43,14 @@ inline void prefetch_row(const scalar_t* p, int64_t width) {
 
 // out[i] (= or += alpha *) reduce_e w_e x[col_e] for sum/mean: vectorized over channels.
 template <typename scalar_t, typename index_t, Reduce R>
-void forward_sum(const index_t* rowptr, const index_t* col, const scalar_t* w, const scalar_t* x,
-                 int64_t ldx, int64_t num_src, scalar_t* out, int64_t ldo, int64_t n, int64_t d,
+void forward_sum(const index_t* rowptr, const index_t* col, int64_t num_edges, const scalar_t* w,
+                 const scalar_t* x, int64_t ldx, int64_t num_src, scalar_t* out, int64_t ldo, int64_t n, int64_t d,
                  scalar_t alpha, bool accumulate) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t VS = Vec::size(), NV = Block<scalar_t>::kVecs, BW = Block<scalar_t>::kWidth;
-  at::parallel_for(0, n, grain_size(n, rowptr[n], d), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, grain_size(n, num_edges, d), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t e0 = rowptr[i], e1 = rowptr[i + 1];
+      const auto [e0, e1] = checked_row(rowptr, i, n, num_edges, "revgnn_ext.spmm", "rowptr");
       scalar_t* o = out + i * ldo;
       for (int64_t cb = 0; cb < d; cb += BW) {
         const int64_t width = std::min(BW, d - cb), nv = width / VS, rem = width % VS;
@@ -85,15 +85,15 @@ void forward_sum(const index_t* rowptr, const index_t* col, const scalar_t* w, c
 
 // Max/min: per channel selection with its CSR edge position (see `replaces`).
 template <typename scalar_t, typename index_t, Reduce R>
-void forward_select(const index_t* rowptr, const index_t* col, const scalar_t* w, const scalar_t* x,
-                    int64_t ldx, int64_t num_src, scalar_t* out, int64_t ldo, index_t* arg, int64_t n,
+void forward_select(const index_t* rowptr, const index_t* col, int64_t num_edges, const scalar_t* w,
+                    const scalar_t* x, int64_t ldx, int64_t num_src, scalar_t* out, int64_t ldo, index_t* arg, int64_t n,
                     int64_t d, scalar_t alpha, bool accumulate) {
   constexpr int64_t BW = Block<scalar_t>::kWidth;
-  at::parallel_for(0, n, grain_size(n, rowptr[n], d), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, grain_size(n, num_edges, d), [&](int64_t begin, int64_t end) {
     scalar_t best[BW];
     index_t sel[BW];
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t e0 = rowptr[i], e1 = rowptr[i + 1];
+      const auto [e0, e1] = checked_row(rowptr, i, n, num_edges, "revgnn_ext.spmm", "rowptr");
       for (int64_t cb = 0; cb < d; cb += BW) {
         const int64_t width = std::min(BW, d - cb);
         for (int64_t c = 0; c < width; ++c) {
@@ -133,7 +133,7 @@ void backward_x_kernel(const index_t* rowptr, const index_t* rowptr_t, const ind
   constexpr const char* op = "revgnn_ext.spmm_backward_x";
   at::parallel_for(0, n_src, grain_size(n_src, num_edges, d), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
-      const int64_t t0 = rowptr_t[j], t1 = rowptr_t[j + 1];
+      const auto [t0, t1] = checked_row(rowptr_t, j, n_src, num_edges, op, "rowptr_t");
       for (int64_t cb = 0; cb < d; cb += BW) {
         const int64_t width = std::min(BW, d - cb);
         scalar_t* out = gx + j * d + cb;
@@ -156,7 +156,8 @@ void backward_x_kernel(const index_t* rowptr, const index_t* rowptr_t, const ind
           for (int64_t t = t0; t < t1; ++t) {
             const int64_t i = checked(col_t[t], n_dst, op, "col_t");
             const int64_t e = checked(perm_t[t], num_edges, op, "perm_t");
-            const scalar_t s = grad_scale<R, scalar_t>(w ? w[e] : scalar_t(1), rowptr[i + 1] - rowptr[i]);
+            const auto [e0, e1] = checked_row(rowptr, i, n_dst, num_edges, op, "rowptr");
+            const scalar_t s = grad_scale<R, scalar_t>(w ? w[e] : scalar_t(1), e1 - e0);
             const scalar_t* gr = g + i * ldg + cb;
             const Vec sv(s);
             if (nv == NV) {
@@ -176,14 +177,14 @@ void backward_x_kernel(const index_t* rowptr, const index_t* rowptr_t, const ind
 
 // grad_w[e] = <x[col_e], grad_out[i]> (scaled for mean, gated by arg for max/min).
 template <typename scalar_t, typename index_t, Reduce R>
-void backward_weight_kernel(const index_t* rowptr, const index_t* col, const scalar_t* x, int64_t ldx,
-                            int64_t num_src, const scalar_t* g, int64_t ldg, const index_t* arg, int64_t n,
+void backward_weight_kernel(const index_t* rowptr, const index_t* col, int64_t num_edges, const scalar_t* x,
+                            int64_t ldx, int64_t num_src, const scalar_t* g, int64_t ldg, const index_t* arg, int64_t n,
                             int64_t d, scalar_t* gw) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t VS = Vec::size();
-  at::parallel_for(0, n, grain_size(n, rowptr[n], d), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, grain_size(n, num_edges, d), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t e0 = rowptr[i], e1 = rowptr[i + 1];
+      const auto [e0, e1] = checked_row(rowptr, i, n, num_edges, "revgnn_ext.spmm_backward_weight", "rowptr");
       const scalar_t* gr = g + i * ldg;
       for (int64_t e = e0; e < e1; ++e) {
         const scalar_t* xr = x + checked(col[e], num_src, "revgnn_ext.spmm_backward_weight", "col") * ldx;
@@ -229,12 +230,12 @@ struct CpuSpmm {
           const auto* cl = col.data_ptr<index_t>();
           const int64_t n = rowptr.numel() - 1, d = x.size(1);
           if constexpr (selects_edge<REDUCE>()) {
-            forward_select<scalar_t, index_t, REDUCE>(rp, cl, ptr_or_null<scalar_t>(w), x.data_ptr<scalar_t>(),
+            forward_select<scalar_t, index_t, REDUCE>(rp, cl, col.numel(), ptr_or_null<scalar_t>(w), x.data_ptr<scalar_t>(),
                                                       x.stride(0), x.size(0), out.data_ptr<scalar_t>(), out.stride(0),
                                                       arg.defined() ? arg.data_ptr<index_t>() : nullptr, n, d,
                                                       static_cast<scalar_t>(alpha), accumulate);
           } else {
-            forward_sum<scalar_t, index_t, REDUCE>(rp, cl, ptr_or_null<scalar_t>(w), x.data_ptr<scalar_t>(),
+            forward_sum<scalar_t, index_t, REDUCE>(rp, cl, col.numel(), ptr_or_null<scalar_t>(w), x.data_ptr<scalar_t>(),
                                                    x.stride(0), x.size(0), out.data_ptr<scalar_t>(), out.stride(0),
                                                    n, d, static_cast<scalar_t>(alpha), accumulate);
           }
@@ -267,7 +268,8 @@ struct CpuSpmm {
       REVGNN_DISPATCH_INDEX(rowptr.scalar_type(), "revgnn_ext.spmm_backward_weight", [&] {
         REVGNN_DISPATCH_REDUCE(reduce, [&] {
           backward_weight_kernel<scalar_t, index_t, REDUCE>(
-              rowptr.data_ptr<index_t>(), col.data_ptr<index_t>(), x.data_ptr<scalar_t>(), x.stride(0), x.size(0),
+              rowptr.data_ptr<index_t>(), col.data_ptr<index_t>(), col.numel(), x.data_ptr<scalar_t>(), x.stride(0),
+              x.size(0),
               grad_out.data_ptr<scalar_t>(), grad_out.stride(0),
               selects_edge<REDUCE>() ? arg.data_ptr<index_t>() : nullptr, rowptr.numel() - 1, x.size(1),
               grad_weight.data_ptr<scalar_t>());

@@ -154,7 +154,7 @@ struct RowSource {
 };
 
 // The gradient at the message m of edge e (times grad_out); `extra` gets the edge's term of the
-// row sums for d/dt (softmax: a m) or d/dp (powermean: q log(clamp m)).
+// row sums for d/dt (softmax: a m (m - out)) or d/dp (powermean: q log(clamp m)).
 template <Aggr A, typename acc_t>
 __device__ __forceinline__ acc_t message_grad(const RowVals<acc_t>& r, int64_t e, acc_t m, acc_t t, acc_t p,
                                               acc_t& extra) {
@@ -202,7 +202,7 @@ T* mut_ptr_or_null(const at::Tensor& t) {
 // out[i, c] and state[i, c] = the aggregation over the CSR edges of row i of their messages.
 template <typename scalar_t, typename index_t, Aggr A>
 __global__ void __launch_bounds__(kBlock)
-    gen_forward_kernel(const index_t* __restrict__ rowptr, const index_t* __restrict__ col,
+    gen_forward_kernel(const index_t* __restrict__ rowptr, const index_t* __restrict__ col, int64_t num_edges,
                        const scalar_t* __restrict__ x, int64_t ldx, int64_t num_src, const EdgeEmb<scalar_t> emb,
                        const scalar_t* __restrict__ t, const scalar_t* __restrict__ p, at::opmath_type<scalar_t> eps,
                        scalar_t* __restrict__ out, at::opmath_type<scalar_t>* __restrict__ stat,
@@ -214,14 +214,14 @@ __global__ void __launch_bounds__(kBlock)
   acc_t* tile = smem + static_cast<int64_t>(g.index) * g.size * kMaxF;
   const bool staged = emb.mode == EmbMode::Staged;
   for (int64_t i = g.first_row(); i < n; i += g.row_stride()) {
-    const int64_t e0 = rowptr[i], e1 = rowptr[i + 1];
+    const auto [e0, e1] = row_range(rowptr, i, n, num_edges);
     for (int64_t c0 = 0; c0 < d; c0 += g.size) {
       const int64_t c = c0 + g.lane;
       const bool active = c < d;
       const LaneWeights<acc_t> lw = emb.lane_weights(0, c, active);
       const acc_t tc = A == Aggr::Softmax && active ? static_cast<acc_t>(t[c]) : acc_t(1);
       const acc_t pc = A == Aggr::PowerMean && active ? static_cast<acc_t>(p[c]) : acc_t(1);
-      // sum/mean/powermean: the sum; max: the best value; softmax: the weighted sum of messages.
+      // sum/mean/powermean: the sum; max: the best value; softmax: the weighted mean of messages.
       acc_t acc = acc_t(0), mx = acc_t(0), sum = acc_t(0);
       index_t sel = -1;
       bool seen = false;  // whether an edge has been aggregated
@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(kBlock)
         out[o] = static_cast<scalar_t>(acc);  // 0 when no edge was seen
         arg[o] = sel;
       } else if constexpr (A == Aggr::Softmax) {
-        out[o] = static_cast<scalar_t>(seen ? acc / sum : acc_t(0));
+        out[o] = static_cast<scalar_t>(seen ? acc : acc_t(0));
         stat[o] = seen ? mx + M::log(sum) : acc_t(0);
       } else {
         const acc_t r = e1 > e0 ? acc / deg : acc_t(0);
@@ -306,7 +306,7 @@ __global__ void __launch_bounds__(kBlock)
   acc_t* tile = smem + static_cast<int64_t>(g.index) * g.size * kMaxF;
   const bool staged = emb.mode == EmbMode::Staged;
   for (int64_t j = g.first_row(); j < n_src; j += g.row_stride()) {
-    const int64_t t0 = rowptr_t[j], t1 = rowptr_t[j + 1];
+    const auto [t0, t1] = row_range(rowptr_t, j, n_src, num_edges);
     for (int64_t c0 = 0; c0 < d; c0 += g.size) {
       const int64_t c = c0 + g.lane;
       const bool active = c < d;
@@ -328,7 +328,10 @@ __global__ void __launch_bounds__(kBlock)
           if (ok_i && ok_e) {
             dst = i;
             edge = e;
-            if (kDeg) deg = rowptr[i + 1] - rowptr[i];
+            if (kDeg) {
+              const auto [e0, e1] = row_range(rowptr, i, n_dst, num_edges);
+              deg = static_cast<index_t>(e1 - e0);
+            }
           }
         }
         if (staged) {
@@ -375,7 +378,7 @@ __global__ void __launch_bounds__(kBlock)
 template <typename scalar_t, typename index_t, Aggr A>
 __global__ void __launch_bounds__(kBlock)
     gen_backward_params_kernel(const index_t* __restrict__ rowptr, const index_t* __restrict__ col,
-                               const scalar_t* __restrict__ x, int64_t ldx, int64_t num_src,
+                               int64_t num_edges, const scalar_t* __restrict__ x, int64_t ldx, int64_t num_src,
                                const EdgeEmb<scalar_t> emb, const scalar_t* __restrict__ t,
                                const scalar_t* __restrict__ p, at::opmath_type<scalar_t> eps,
                                const RowSource<scalar_t, index_t> rows, int64_t n, int64_t d,
@@ -409,10 +412,10 @@ __global__ void __launch_bounds__(kBlock)
       for (int k = 0; k < kMaxF; ++k) w_sum[k] = acc_t(0);
       acc_t b_sum = acc_t(0), param_sum = acc_t(0);
       for (int64_t i = row0 + g.index; i < row1; i += g.count) {
-        const int64_t e0 = rowptr[i], e1 = rowptr[i + 1];
+        const auto [e0, e1] = row_range(rowptr, i, n, num_edges);
         const RowVals<acc_t> rv =
             active ? rows.template load<A>(i, c, static_cast<acc_t>(e1 - e0)) : RowVals<acc_t>();
-        acc_t s1 = acc_t(0), s2 = acc_t(0);  // the row's sums for d/dt or d/dp
+        acc_t s1 = acc_t(0);  // the row's sum for d/dt or d/dp
         for (int64_t base = e0; base < e1; base += g.size) {
           const index_t src = fetch_index(col, base + g.lane, e1, num_src);
           const int count = batch_count(base, e1, g.size);
@@ -437,7 +440,6 @@ __global__ void __launch_bounds__(kBlock)
                 acc_t extra;
                 dpre = relu_grad<acc_t>(v, message_grad<A>(rv, edge, m, tc, pc, extra));
                 s1 += extra;
-                if constexpr (A == Aggr::Softmax) s2 += extra * m;
 #pragma unroll
                 for (int kk = 0; kk < kMaxF; ++kk) {
                   if (kk < kf) w_sum[kk] += dpre * a[kk];
@@ -463,7 +465,7 @@ __global__ void __launch_bounds__(kBlock)
           if (has_weight) g.sync();  // the tile is read before the next batch overwrites it
         }
         if (active) {
-          if constexpr (A == Aggr::Softmax) param_sum += softmax_grad_t<acc_t>(rv.g, s1, s2);
+          if constexpr (A == Aggr::Softmax) param_sum += rv.g * s1;
           if constexpr (A == Aggr::PowerMean) param_sum += power_grad_p<acc_t>(rv.g, rv.out, pc, rv.state, s1, rv.deg);
         }
       }
@@ -554,8 +556,8 @@ struct CudaGen {
           constexpr Aggr A = decltype(aggr)::value;
           constexpr bool kFloatingState = A == Aggr::Softmax || A == Aggr::PowerMean;
           gen_forward_kernel<scalar_t, index_t, A><<<num_blocks(in.num_dst, lanes), kBlock, 0, stream>>>(
-              in.rowptr.data_ptr<index_t>(), in.col.data_ptr<index_t>(), in.x.data_ptr<scalar_t>(), in.x.stride(0),
-              in.x.size(0), edge_emb<scalar_t>(in), ptr_or_null<scalar_t>(in.t), ptr_or_null<scalar_t>(in.p),
+              in.rowptr.data_ptr<index_t>(), in.col.data_ptr<index_t>(), in.col.numel(), in.x.data_ptr<scalar_t>(),
+              in.x.stride(0), in.x.size(0), edge_emb<scalar_t>(in), ptr_or_null<scalar_t>(in.t), ptr_or_null<scalar_t>(in.p),
               static_cast<acc_t>(in.eps), out.data_ptr<scalar_t>(), kFloatingState ? state.data_ptr<acc_t>() : nullptr,
               A == Aggr::Max ? state.data_ptr<index_t>() : nullptr, in.num_dst, in.d, lanes);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -605,8 +607,8 @@ struct CudaGen {
                           : at::Tensor();
           if (blocks > 0) {
             gen_backward_params_kernel<scalar_t, index_t, A><<<static_cast<unsigned int>(blocks), kBlock, 0, stream>>>(
-                in.rowptr.data_ptr<index_t>(), in.col.data_ptr<index_t>(), in.x.data_ptr<scalar_t>(), in.x.stride(0),
-                n_src, emb, ptr_or_null<scalar_t>(in.t), ptr_or_null<scalar_t>(in.p), eps, rows, in.num_dst, in.d,
+                in.rowptr.data_ptr<index_t>(), in.col.data_ptr<index_t>(), num_edges, in.x.data_ptr<scalar_t>(),
+                in.x.stride(0), n_src, emb, ptr_or_null<scalar_t>(in.t), ptr_or_null<scalar_t>(in.p), eps, rows, in.num_dst, in.d,
                 in.direct ? mut_ptr_or_null<scalar_t>(grads.edge_attr) : nullptr, mut_ptr_or_null<acc_t>(grad_attr_enc),
                 mut_ptr_or_null<acc_t>(partial), width, lanes);
             C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "ops/spmm.h"
+
 namespace revgnn_ext {
 namespace {
 
@@ -31,6 +33,16 @@ __device__ __forceinline__ index_t fetch_index(const index_t* idx, int64_t e, in
   const bool ok = in_range(v, bound);
   CUDA_KERNEL_ASSERT(ok && "revgnn_ext: graph index out of range (build graphs with revgnn_ext.CSRGraph)");
   return ok ? v : index_t(-1);
+}
+
+// Row i of a CSR with n rows and num_entries entries; a malformed row (see row_ok) fails an
+// assert and reads as empty, so that no kernel follows it out of bounds.
+template <typename index_t>
+__device__ __forceinline__ RowRange row_range(const index_t* rowptr, int64_t i, int64_t n, int64_t num_entries) {
+  const RowRange r{static_cast<int64_t>(rowptr[i]), static_cast<int64_t>(rowptr[i + 1])};
+  const bool ok = row_ok(i, n, r, num_entries);
+  CUDA_KERNEL_ASSERT(ok && "revgnn_ext: malformed row pointer (build graphs with revgnn_ext.CSRGraph)");
+  return ok ? r : RowRange{0, 0};
 }
 
 __device__ __forceinline__ int batch_count(int64_t begin, int64_t end, int size) {

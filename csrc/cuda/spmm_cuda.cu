@@ -52,14 +52,15 @@ __device__ __forceinline__ Pack<scalar_t, VEC> load_pack(const scalar_t* p) {
 template <typename scalar_t, typename index_t, Reduce R, int VEC>
 __global__ void __launch_bounds__(kBlock)
     spmm_forward_kernel(const index_t* __restrict__ rowptr, const index_t* __restrict__ col,
-                        const scalar_t* __restrict__ weight, const scalar_t* __restrict__ x, int64_t ldx,
-                        int64_t num_src, scalar_t* __restrict__ out, int64_t ldo, index_t* __restrict__ arg,
-                        int64_t n, int64_t d, at::opmath_type<scalar_t> alpha, bool accumulate, int group_size) {
+                        int64_t num_edges, const scalar_t* __restrict__ weight, const scalar_t* __restrict__ x,
+                        int64_t ldx, int64_t num_src, scalar_t* __restrict__ out, int64_t ldo,
+                        index_t* __restrict__ arg, int64_t n, int64_t d, at::opmath_type<scalar_t> alpha,
+                        bool accumulate, int group_size) {
   using acc_t = at::opmath_type<scalar_t>;
   const LaneGroup g(group_size);
   const int64_t chunk = static_cast<int64_t>(g.size) * VEC;
   for (int64_t i = g.first_row(); i < n; i += g.row_stride()) {
-    const int64_t e0 = rowptr[i], e1 = rowptr[i + 1];
+    const auto [e0, e1] = row_range(rowptr, i, n, num_edges);
     for (int64_t c0 = 0; c0 < d; c0 += chunk) {
       const int64_t c = c0 + static_cast<int64_t>(g.lane) * VEC;
       const bool active = c < d;  // with VEC > 1, d % VEC == 0: the whole pack is in range
@@ -140,7 +141,7 @@ __global__ void __launch_bounds__(kBlock)
   const LaneGroup g(group_size);
   const int64_t chunk = static_cast<int64_t>(g.size) * VEC;
   for (int64_t j = g.first_row(); j < n_src; j += g.row_stride()) {
-    const int64_t t0 = rowptr_t[j], t1 = rowptr_t[j + 1];
+    const auto [t0, t1] = row_range(rowptr_t, j, n_src, num_edges);
     for (int64_t c0 = 0; c0 < d; c0 += chunk) {
       const int64_t c = c0 + static_cast<int64_t>(g.lane) * VEC;
       const bool active = c < d;
@@ -165,7 +166,11 @@ __global__ void __launch_bounds__(kBlock)
             if constexpr (selects_edge<R>()) {
               s = w;
             } else {
-              const int64_t deg = R == Reduce::Mean ? static_cast<int64_t>(rowptr[i + 1]) - rowptr[i] : 1;
+              int64_t deg = 1;
+              if constexpr (R == Reduce::Mean) {
+                const auto [e0, e1] = row_range(rowptr, i, n_dst, num_edges);
+                deg = e1 - e0;
+              }
               s = grad_scale<R>(w, deg);
             }
           }
@@ -215,14 +220,14 @@ __global__ void __launch_bounds__(kBlock)
 template <typename scalar_t, typename index_t, Reduce R, int VEC>
 __global__ void __launch_bounds__(kBlock)
     spmm_backward_weight_kernel(const index_t* __restrict__ rowptr, const index_t* __restrict__ col,
-                                const scalar_t* __restrict__ x, int64_t ldx, int64_t num_src,
+                                int64_t num_edges, const scalar_t* __restrict__ x, int64_t ldx, int64_t num_src,
                                 const scalar_t* __restrict__ grad_out, int64_t ldg, const index_t* __restrict__ arg,
                                 int64_t n, int64_t d, scalar_t* __restrict__ grad_weight, int group_size) {
   using acc_t = at::opmath_type<scalar_t>;
   const LaneGroup g(group_size);
   const int64_t chunk = static_cast<int64_t>(g.size) * VEC;
   for (int64_t i = g.first_row(); i < n; i += g.row_stride()) {
-    const int64_t e0 = rowptr[i], e1 = rowptr[i + 1];
+    const auto [e0, e1] = row_range(rowptr, i, n, num_edges);
     const scalar_t* grad_row = grad_out + i * ldg;
     for (int64_t base = e0; base < e1; base += g.size) {
       const index_t src = fetch_index(col, base + g.lane, e1, num_src);
@@ -324,7 +329,8 @@ struct CudaSpmm {
             constexpr int VEC = decltype(vec)::value;
             const int lanes = lanes_per_row(d, VEC);
             spmm_forward_kernel<scalar_t, index_t, REDUCE, VEC><<<num_blocks(n, lanes), kBlock, 0, stream>>>(
-                rowptr.data_ptr<index_t>(), col.data_ptr<index_t>(), ptr_or_null<scalar_t>(w), x.data_ptr<scalar_t>(),
+                rowptr.data_ptr<index_t>(), col.data_ptr<index_t>(), col.numel(), ptr_or_null<scalar_t>(w),
+                x.data_ptr<scalar_t>(),
                 x.stride(0), x.size(0), out.data_ptr<scalar_t>(), out.stride(0),
                 selects_edge<REDUCE>() && arg.defined() ? arg.data_ptr<index_t>() : nullptr, n, d,
                 static_cast<acc_t>(alpha), accumulate, lanes);
@@ -383,7 +389,8 @@ struct CudaSpmm {
             constexpr int VEC = decltype(vec)::value;
             const int lanes = lanes_per_row(d, VEC);
             spmm_backward_weight_kernel<scalar_t, index_t, REDUCE, VEC><<<num_blocks(n, lanes), kBlock, 0, stream>>>(
-                rowptr.data_ptr<index_t>(), col.data_ptr<index_t>(), x.data_ptr<scalar_t>(), x.stride(0), x.size(0),
+                rowptr.data_ptr<index_t>(), col.data_ptr<index_t>(), col.numel(), x.data_ptr<scalar_t>(), x.stride(0),
+                x.size(0),
                 grad_out.data_ptr<scalar_t>(), grad_out.stride(0),
                 selects_edge<REDUCE>() ? arg.data_ptr<index_t>() : nullptr, n, d, grad_weight.data_ptr<scalar_t>(),
                 lanes);

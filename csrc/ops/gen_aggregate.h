@@ -13,9 +13,12 @@
 //   sum:       sum_e m                 mean: sum_e m / deg            max: max_e m
 //   softmax:   sum_e a_e m_e, a_e = exp(t_c m_e - L), L = log sum_e exp(t_c m_e)   (PyG's
 //              SoftmaxAggregation), computed in one pass with an online max and rescaling
-//              (softmax_push).
+//              (softmax_push) that keeps the weighted mean itself, never a sum of messages that
+//              could overflow: finite for any finite messages (float32 near 3e38 included), as PyG.
 //   powermean: PyG's PowerMeanAggregation with its clamps to [1e-4, 100]:
-//              r = sum_e clamp(m_e)^p_c / deg,  out = clamp(r)^(1 / p_c).
+//              r = sum_e clamp(m_e)^p_c / deg,  out = clamp(r)^(1 / p_c), the powers as
+//              torch.pow takes them at the edges of the domain (positive_pow): exact for an
+//              exponent of 1, 1^y = 1 (so p = 0 gives 1, and 0 for an empty row, as PyG).
 // Rows with no in-edges give 0 — except powermean, which follows PyG: clamp(0)^(1/p).
 // t (softmax) and p (powermean) are tensors of 1 (shared) or D (per channel) values.
 //
@@ -36,8 +39,9 @@
 //
 // Per (edge, channel) derivative of out_ic with respect to m (times g = grad_out[i, c]):
 //   sum: g;  mean: g / deg;  max: g [arg == e];
-//   softmax: g a (1 + t (m - out));         d/dt (per row): g (s2 - s1^2), s1 = sum_e a m, s2 = sum_e a m^2
-//   powermean: g [1e-4 <= r <= 100] (1/p) r^(1/p - 1) * [1e-4 <= m <= 100] p m^(p-1) / deg;
+//   softmax: g a (1 + t (m - out));         d/dt (per row): g sum_e a m (m - out)
+//   powermean: g [1e-4 < r < 100] (1/p) r^(1/p - 1) * [1e-4 < m < 100] p m^(p-1) / deg (the clamps pass no
+//              gradient at their bounds, as torch.clamp's backward; 0 at p = 0, as torch.pow's);
 //              d/dp: g out (-log(clamp r) / p^2 + [r in range] (sum_e q_e log(clamp m_e) / deg) / (p clamp r)),
 //              q_e = clamp(m_e)^p.
 // then through the ReLU: d pre = d m [x + emb > 0].
@@ -67,7 +71,8 @@ struct Math {
   static C10_HOST_DEVICE T select(Mask c, T a, T b) { return c ? a : b; }
   static C10_HOST_DEVICE Mask lt(T a, T b) { return a < b; }
   static C10_HOST_DEVICE Mask gt(T a, T b) { return a > b; }
-  static C10_HOST_DEVICE Mask in_closed(T v, T lo, T hi) { return v >= lo && v <= hi; }
+  static C10_HOST_DEVICE Mask eq(T a, T b) { return a == b; }
+  static C10_HOST_DEVICE Mask in_open(T v, T lo, T hi) { return v > lo && v < hi; }
   static C10_HOST_DEVICE T abs(T v) { return v < T(0) ? -v : v; }
   static C10_HOST_DEVICE T exp(T v) { return std::exp(v); }
   static C10_HOST_DEVICE T log(T v) { return std::log(v); }
@@ -91,41 +96,41 @@ C10_HOST_DEVICE inline T power_clamp(T v) {
   return M::select(M::lt(v, T(kPowerMin)), T(kPowerMin), M::select(M::gt(v, T(kPowerMax)), T(kPowerMax), v));
 }
 
-// base^e for base > 0.
+// base^e for base > 0, as exp(e log(base)), except where torch.pow (and so PyG) is exact and
+// that formula is not: e = 1 gives base itself (at p = 1 a clamped message stays exactly on the
+// clamp's bound, which decides the gradient of the mean's clamp), and base = 1 gives 1 for any e
+// (p = 0 makes every q = 1 and the exponent 1/p infinite, where exp(inf * 0) would be NaN).
 template <typename T, typename M = Math<T>>
 C10_HOST_DEVICE inline T positive_pow(T base, T e) {
-  return M::exp(e * M::log(base));
+  return M::select(M::eq(e, T(1)), base, M::select(M::eq(base, T(1)), T(1), M::exp(e * M::log(base))));
 }
 
-// Online softmax of one (row, channel): after the row's first edge (max = v, sum = 1, acc = m),
+// Online softmax of one (row, channel): after the row's first edge (max = v, sum = 1, mean = m),
 // each further edge with score v = t m arrives with d = exp(-|v - max|), the only exp needed:
 // a new maximum scales what was summed by d and enters with weight 1; any other value enters
-// with weight d. Branch-free.
+// with weight d. `mean` is the weighted mean of the messages so far (the output at the row's
+// end), updated as mean + (m - mean) w / sum: it never exceeds the largest message, where a
+// weighted sum of messages overflows near the dtype's maximum. Branch-free.
 template <typename T, typename M = Math<T>>
-C10_HOST_DEVICE inline void softmax_push(T v, T m, T& max, T& sum, T& acc) {
+C10_HOST_DEVICE inline void softmax_push(T v, T m, T& max, T& sum, T& mean) {
   const T d = M::exp(-M::abs(v - max));
   const auto bigger = M::gt(v, max);
   const T old_scale = M::select(bigger, d, T(1)), new_weight = M::select(bigger, T(1), d);
   sum = sum * old_scale + new_weight;
-  acc = acc * old_scale + new_weight * m;
+  mean = mean + (m - mean) * (new_weight / sum);
   max = M::select(bigger, v, max);
 }
 
 // Softmax: with a = exp(t m - L) the edge's weight and g the output gradient, the gradient at m
-// (dm) and the edge's weighted message am = a m, whose row sums s1 = sum am, s2 = sum am m give
-// the row's d/dt (softmax_grad_t).
+// (dm) and the edge's term a m (m - out) of the row's d/dt = g sum_e a m (m - out) (as autograd
+// through PyG's softmax computes it; summed per edge, not as sum a m^2 - out^2, which cancels
+// and overflows).
 template <typename T, typename M = Math<T>>
-C10_HOST_DEVICE inline void softmax_grad(T g, T m, T t, T out, T lse, T& dm, T& am) {
+C10_HOST_DEVICE inline void softmax_grad(T g, T m, T t, T out, T lse, T& dm, T& dt_term) {
   const T a = M::exp(t * m - lse);
-  dm = g * a * (T(1) + t * (m - out));
-  am = a * m;
-}
-
-// Softmax: d out / d t for one (row, channel) = g sum_e a m (m - out) = g (s2 - s1^2), from sums
-// over the row's edges in the backward itself (as autograd through PyG's softmax computes it).
-template <typename T>
-C10_HOST_DEVICE inline T softmax_grad_t(T g, T s1, T s2) {
-  return g * (s2 - s1 * s1);
+  const T dev = m - out;
+  dm = g * a * (T(1) + t * dev);
+  dt_term = a * m * dev;
 }
 
 // Power mean: the gradient at m of out = clamp(r)^(1/p), r = mean_e clamp(m_e)^p, and the
@@ -136,17 +141,20 @@ C10_HOST_DEVICE inline void power_grad(T g, T m, T p, T r, T deg, T& dm, T& qlog
   const T log_mc = M::log(mc);
   const T q_over_m = M::exp((p - T(1)) * log_mc);  // clamp(m)^(p - 1)
   qlog = q_over_m * mc * log_mc;
-  const T dr_dm = M::select(M::in_closed(m, T(kPowerMin), T(kPowerMax)), p * q_over_m / deg, T(0));
-  const T dout_dr = M::select(M::in_closed(r, T(kPowerMin), T(kPowerMax)),
-                              positive_pow<T, M>(rc, T(1) / p - T(1)) / p, T(0));
-  dm = g * dout_dr * dr_dm;
+  // In autograd's order through PyG's formula: each clamp passes no gradient outside (and at)
+  // its bounds, and torch.pow none to a base raised to the exponent 0, whatever arrives (at p = 0
+  // the gradient at r is infinite, and the gradient at m is 0, as PyG's).
+  const T dr = M::select(M::in_open(r, T(kPowerMin), T(kPowerMax)), g * positive_pow<T, M>(rc, T(1) / p - T(1)) / p,
+                         T(0));
+  dm = M::select(M::eq(p, T(0)), T(0),
+                 M::select(M::in_open(m, T(kPowerMin), T(kPowerMax)), dr / deg * (p * q_over_m), T(0)));
 }
 
 // Power mean: d out / d p for one (row, channel), from s = sum_e q_e log(clamp m_e).
 template <typename T, typename M = Math<T>>
 C10_HOST_DEVICE inline T power_grad_p(T g, T out, T p, T r, T s, T deg) {
   const T rc = power_clamp<T, M>(r);
-  const T through_r = M::select(M::in_closed(r, T(kPowerMin), T(kPowerMax)), s / (deg * p * rc), T(0));
+  const T through_r = M::select(M::in_open(r, T(kPowerMin), T(kPowerMax)), s / (deg * p * rc), T(0));
   return g * out * (through_r - M::log(rc) / (p * p));
 }
 
@@ -319,6 +327,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               rowptr_t.numel() - 1, " source nodes");
   TORCH_CHECK(col_t.numel() == col.numel() && perm_t.numel() == col.numel(), op,
               ": the transposed graph must have as many entries as the graph (", col.numel(), ")");
+  check_rowptr(rowptr_t, col_t.numel(), op, "rowptr_t");
   in.rowptr_t = rowptr_t;
   in.col_t = col_t;
   in.perm_t = perm_t;

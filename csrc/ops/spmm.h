@@ -2,8 +2,13 @@
 //
 // Graph (see revgnn_ext/graph.py): CSR by destination.
 //   rowptr [num_dst + 1], col [E] (source of each edge, in CSR order); int32 or int64, the
-//   same dtype for both, validated once when the graph is built (0 = rowptr[0] <= ... <=
-//   rowptr[num_dst] = E, 0 <= col < num_src). Kernels trust these contents and check shapes.
+//   same dtype for both: 0 = rowptr[0] <= ... <= rowptr[num_dst] = E, 0 <= col < num_src.
+//   CSRGraph validates this when it is built, but its tensors can still be edited in place
+//   afterwards, and the raw ops take any arrays: so the ops check shapes and dtypes at the
+//   boundary (on CPU also rowptr[0] == 0 and rowptr[-1] == E: two reads), and the kernels check
+//   every row they visit (row_ok) and every index they follow (col against num_src, col_t
+//   against num_dst, perm_t against E). A malformed graph raises a RuntimeError on CPU and fails
+//   a device assert on CUDA (as PyTorch's own index ops do); no kernel reads out of bounds.
 //   Transposed CSR (by source): rowptr_t [num_src + 1], col_t [E] (destination), perm_t [E]
 //   (the CSR position of each transposed entry), same index dtype.
 //   weight: optional [E] in CSR order, dtype of x.
@@ -59,6 +64,18 @@ C10_HOST_DEVICE inline bool replaces(acc_t v, acc_t best, bool has_best) {
   return R == Reduce::Max ? v > best : v < best;
 }
 
+// Row i's entries [begin, end) = [rowptr[i], rowptr[i + 1]) of a CSR with n rows and num_entries entries.
+struct RowRange {
+  int64_t begin, end;
+};
+
+// Whether a row is well formed: inside [0, num_entries], not decreasing, starting at 0 for the
+// first row and ending at num_entries for the last. A compare per row, in every kernel's loop.
+C10_HOST_DEVICE inline bool row_ok(int64_t i, int64_t n, const RowRange& r, int64_t num_entries) {
+  return 0 <= r.begin && r.begin <= r.end && r.end <= num_entries && (i > 0 || r.begin == 0) &&
+         (i < n - 1 || r.end == num_entries);
+}
+
 // The value a row's accumulator becomes in the output: mean divides by the in-degree; an empty
 // row gives 0 whatever the reduction.
 template <Reduce R, typename acc_t>
@@ -83,12 +100,44 @@ inline Reduce parse_reduce(const std::string& reduce, const char* op) {
   TORCH_CHECK(false, op, ": reduce must be one of 'sum', 'mean', 'max', 'min', got '", reduce, "'");
 }
 
+// What the errors of a malformed graph tell the user to do.
+constexpr const char* kRebuildGraph =
+    "; the graph's tensors disagree (edited after the graph was built?): build graphs with "
+    "revgnn_ext.CSRGraph and do not modify their tensors";
+
 // An index a CPU kernel is about to follow, checked against its bound (the CUDA kernels assert).
 template <typename index_t>
 inline int64_t checked(index_t v, int64_t bound, const char* op, const char* what) {
   TORCH_CHECK(static_cast<uint64_t>(v) < static_cast<uint64_t>(bound), op, ": ", what, " index ",
-              static_cast<int64_t>(v), " is out of range [0, ", bound, "); build graphs with revgnn_ext.CSRGraph");
+              static_cast<int64_t>(v), " is out of range [0, ", bound, ")", kRebuildGraph);
   return static_cast<int64_t>(v);
+}
+
+// Row i of a CPU kernel's CSR (`name`: rowptr or rowptr_t), checked with row_ok.
+template <typename index_t>
+inline RowRange checked_row(const index_t* rowptr, int64_t i, int64_t n, int64_t num_entries, const char* op,
+                            const char* name) {
+  const RowRange r{static_cast<int64_t>(rowptr[i]), static_cast<int64_t>(rowptr[i + 1])};
+  TORCH_CHECK(row_ok(i, n, r, num_entries), op, ": ", name, "[", i, "] = ", r.begin, " and ", name, "[", i + 1,
+              "] = ", r.end, " do not delimit a row of a CSR with ", num_entries, " entries (", name,
+              " must rise from 0 to ", num_entries, ")", kRebuildGraph);
+  return r;
+}
+
+// A CSR's row pointer (already checked by check_index) against its entries: more than one row
+// pointer when there are entries and, on CPU (two reads, no device sync), rowptr[0] == 0 and
+// rowptr[-1] == num_entries. The kernels check every row they visit, the first and the last included.
+inline void check_rowptr(const at::Tensor& rowptr, int64_t num_entries, const char* op, const char* name) {
+  TORCH_CHECK(rowptr.numel() >= 1, op, ": ", name, " must have num_rows + 1 >= 1 entries");
+  TORCH_CHECK(rowptr.numel() > 1 || num_entries == 0, op, ": ", name, " describes no rows but the graph has ",
+              num_entries, " edges", kRebuildGraph);
+  if (!rowptr.is_cpu()) return;
+  const auto value = [&](int64_t k) -> int64_t {
+    return rowptr.scalar_type() == at::kInt ? rowptr.data_ptr<int32_t>()[k] : rowptr.data_ptr<int64_t>()[k];
+  };
+  const int64_t first = value(0), last = value(rowptr.numel() - 1);
+  TORCH_CHECK(first == 0 && last == num_entries, op, ": ", name, " must start at 0 and end at the number of edges ",
+              num_entries, ", got ", first, " and ", last, kRebuildGraph);
 }
 
 // Index tensors: 1-D, contiguous, int32 or int64, on `device`, of the graph's index dtype.
@@ -116,13 +165,14 @@ inline at::Tensor check_features(const at::Tensor& t, const char* op, const char
 
 // The graph and the optional per-edge weight of any spmm op.
 inline void check_graph(const at::Tensor& rowptr, const at::Tensor& col,
-                        const c10::optional<at::Tensor>& weight, const at::Tensor& x, const char* op) {
+                        const c10::optional<at::Tensor>& weight, const at::Tensor& x, const char* op,
+                        const char* rowptr_name = "rowptr") {
   const auto device = x.device();
   TORCH_CHECK(rowptr.scalar_type() == at::kInt || rowptr.scalar_type() == at::kLong, op,
               ": rowptr must be int32 or int64, got ", rowptr.scalar_type());
   check_index(rowptr, op, "rowptr", rowptr.scalar_type(), device);
   check_index(col, op, "col", rowptr.scalar_type(), device);
-  TORCH_CHECK(rowptr.numel() >= 1, op, ": rowptr must have num_dst + 1 >= 1 entries");
+  check_rowptr(rowptr, col.numel(), op, rowptr_name);
   if (weight.has_value()) {
     const auto& w = *weight;
     TORCH_CHECK(w.dim() == 1 && w.size(0) == col.size(0), op, ": weight must have shape [",
@@ -182,9 +232,7 @@ inline bool selects_edge(Reduce r) { return r == Reduce::Max || r == Reduce::Min
 //     out = result (accumulate false) or out += alpha * result; arg undefined or [n, D].
 //   K::backward_x(rowptr, rowptr_t, col_t, perm_t, weight, grad_out, arg, reduce, grad_x)
 //   K::backward_weight(rowptr, col, x, grad_out, arg, reduce, grad_weight)
-// Kernels check every index they follow (col against the rows of x, col_t against the rows
-// of grad_out, perm_t against E), so that a malformed graph raises instead of reading out
-// of bounds.
+// Kernels check every row they visit and every index they follow (see the contract above).
 
 template <typename K>
 std::tuple<at::Tensor, at::Tensor> spmm_op(const at::Tensor& rowptr, const at::Tensor& col,
@@ -263,8 +311,9 @@ at::Tensor spmm_backward_x_op(const at::Tensor& rowptr, const at::Tensor& /*col*
   const Reduce r = parse_reduce(std::string(reduce), op);
   const at::Tensor grad_out = check_features(grad_out_in, op, "grad_out", grad_out_in.device());
   K::check_dtype(grad_out.scalar_type(), op);
-  check_graph(rowptr_t, col_t, weight, grad_out, op);
+  check_graph(rowptr_t, col_t, weight, grad_out, op, "rowptr_t");
   check_index(rowptr, op, "rowptr", rowptr_t.scalar_type(), grad_out.device());
+  check_rowptr(rowptr, col_t.numel(), op, "rowptr");
   check_index(perm_t, op, "perm_t", rowptr_t.scalar_type(), grad_out.device());
   TORCH_CHECK(perm_t.numel() == col_t.numel(), op, ": perm_t must have one entry per edge (", col_t.numel(),
               "), got ", perm_t.numel());

@@ -1,0 +1,148 @@
+"""Never crash: a graph whose tensors disagree raises in every op, forward and backward, instead of
+reading out of bounds: a CSRGraph edited after it was built (in place, or behind its version
+counter through ``.data``), and the raw ops given inconsistent arrays (CPU kernels' checks)."""
+import pytest
+import torch
+
+from revgnn_ext import CSRGraph, ops
+
+N, E = 10, 40
+
+
+def _graph():
+    g = CSRGraph.from_edge_index(torch.randint(0, N, (2, E)), N)
+    g.transposed()
+    return g
+
+
+# Edits that make a graph inconsistent: (tensor name, index, value as a function of (N, E)).
+# The row pointer's ends are checked by the op before the kernel runs; a middle row pointer and the
+# indices are checked by the kernel as it follows them.
+CORRUPTIONS = {
+    "rowptr_end": ("rowptr", -1, lambda: E + 5),
+    "rowptr_start": ("rowptr", 0, lambda: 1),
+    "rowptr_middle_huge": ("rowptr", 4, lambda: 10**6),
+    "rowptr_middle_negative": ("rowptr", 4, lambda: -3),
+    "rowptr_decreasing": ("rowptr", 4, lambda: E),  # above rowptr[5] (whose row then runs backwards)
+    "col_huge": ("col", 7, lambda: 10**6),
+    "col_negative": ("col", 0, lambda: -1),
+    "col_t_huge": ("col_t", 3, lambda: N + 2),
+    "perm_t_huge": ("perm_t", 5, lambda: E + 1),
+    "perm_t_negative": ("perm_t", 0, lambda: -7),
+    "rowptr_t_middle": ("rowptr_t", 3, lambda: 10**6),
+}
+
+
+def _raw_arrays(g, corruption=None):
+    """rowptr, col, rowptr_t, col_t, perm_t of g (copies), one of them corrupted."""
+    rowptr_t, col_t, perm_t = g.transposed()
+    arrays = {"rowptr": g.rowptr, "col": g.col, "rowptr_t": rowptr_t, "col_t": col_t, "perm_t": perm_t}
+    arrays = {k: v.clone() for k, v in arrays.items()}
+    if corruption is not None:
+        name, index, value = CORRUPTIONS[corruption]
+        arrays[name][index] = value()
+    return arrays
+
+
+def _raw_calls(a):
+    """Every op, called raw on the arrays a: (name, arrays it reads, thunk)."""
+    x = torch.randn(N, 6, dtype=torch.float64)
+    w = torch.rand(E, dtype=torch.float64)
+    g_out = torch.randn(N, 6, dtype=torch.float64)
+    graph = (a["rowptr"], a["col"], a["rowptr_t"], a["col_t"], a["perm_t"])
+    r = torch.ops.revgnn_ext
+    # A valid max selection for the backward ops (from the uncorrupted graph).
+    ok = _raw_arrays(_GOOD)
+    arg = r.spmm(ok["rowptr"], ok["col"], None, None, None, w, x, "max")[1]
+    gen_kw = (x, None, None, None, torch.tensor([1.3], dtype=torch.float64), None, "softmax", 1e-7)
+    gen_out, gen_state = r.gen_aggregate(*(ok[k] for k in ("rowptr", "col")), None, None, None, *gen_kw)
+    forward = {"rowptr", "col"}
+    backward = {"rowptr", "rowptr_t", "col_t", "perm_t"}
+    return [
+        ("spmm", forward, lambda: r.spmm(*graph, w, x, "mean")),
+        ("spmm_max", forward, lambda: r.spmm(*graph, w, x, "max")),
+        ("spmm_accumulate_", forward, lambda: r.spmm_accumulate_(torch.zeros(N, 6, dtype=torch.float64),
+                                                                  a["rowptr"], a["col"], w, x, "sum", 1.0)),
+        ("spmm_backward_x", backward, lambda: r.spmm_backward_x(*graph, w, g_out, arg, "mean")),
+        ("spmm_backward_x_max", backward - {"rowptr"}, lambda: r.spmm_backward_x(*graph, w, g_out, arg, "max")),
+        ("spmm_backward_weight", forward, lambda: r.spmm_backward_weight(*graph, x, g_out, arg, "mean")),
+        ("gen_aggregate", forward, lambda: r.gen_aggregate(*graph, *gen_kw)),
+        ("gen_aggregate_backward", forward | backward,
+         lambda: r.gen_aggregate_backward(*graph, *gen_kw[:6], gen_out, gen_state, g_out, *gen_kw[6:])),
+    ]
+
+
+_GOOD = _graph()
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_raw_ops_raise_on_inconsistent_arrays(corruption):
+    arrays = _raw_arrays(_GOOD, corruption)
+    tested = 0
+    for name, reads, call in _raw_calls(arrays):
+        if CORRUPTIONS[corruption][0] not in reads:
+            continue
+        tested += 1
+        with pytest.raises(RuntimeError, match="revgnn_ext"):
+            call()
+    assert tested > 0
+
+
+def test_raw_ops_accept_the_consistent_arrays():
+    for name, _, call in _raw_calls(_raw_arrays(_GOOD)):
+        call()  # the corrupted cases above fail because of the corruption alone
+
+
+def _public_calls(g):
+    """Every op through the public API, with its backward: each a thunk."""
+    x = torch.randn(N, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(E, dtype=torch.float64, requires_grad=True)
+    attr = torch.randn(E, 3, dtype=torch.float64, requires_grad=True)
+    lin = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    calls = [lambda r=r: ops.spmm(g, x, w, r).sum().backward() for r in ops.REDUCES]
+    calls += [lambda a=a: ops.gen_aggregate(g, x, attr, lin, aggr=a).sum().backward() for a in ops.GEN_AGGRS]
+    calls.append(lambda: ops.spmm_accumulate_(torch.zeros(N, 6, dtype=torch.float64), g, x.detach(), w.detach()))
+    return calls
+
+
+@pytest.mark.parametrize("corruption", [c for c in CORRUPTIONS if CORRUPTIONS[c][0] in ("rowptr", "col")])
+def test_graph_edited_in_place_raises_in_every_op(corruption):
+    g = _graph()
+    name, index, value = CORRUPTIONS[corruption]
+    getattr(g, name)[index] = value()
+    for call in _public_calls(g):
+        with pytest.raises(RuntimeError, match="modified in place after it was built"):
+            call()
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_graph_edited_behind_its_version_counter_raises_in_every_op(corruption):
+    # .data shares the values but not the version counter: the kernels' own checks catch the edit.
+    g = _graph()
+    name, index, value = CORRUPTIONS[corruption]
+    tensors = {"rowptr": g.rowptr, "col": g.col, **dict(zip(("rowptr_t", "col_t", "perm_t"), g.transposed()))}
+    tensors[name].data[index] = value()
+    raised = 0
+    for call in _public_calls(g):
+        try:
+            call()
+        except RuntimeError as e:
+            assert "revgnn_ext" in str(e) and "CSRGraph" in str(e)
+            raised += 1
+    # Every op reads rowptr and col; the transposed CSR is read by the backward ops.
+    assert raised == len(_public_calls(g)) - (1 if name.endswith("_t") else 0)
+
+
+def test_valid_in_place_edit_is_refused_too():
+    # Even an edit that leaves a valid graph would make the cached transpose stale.
+    g = _graph()
+    g.col[0] = (g.col[0] + 1) % N
+    with pytest.raises(RuntimeError, match="CSRGraph is immutable"):
+        ops.spmm(g, torch.randn(N, 3))
+
+
+def test_attributes_are_read_only():
+    g = _graph()
+    for name in ("rowptr", "col", "perm", "num_src"):
+        with pytest.raises(AttributeError):
+            setattr(g, name, getattr(g, name))
