@@ -9,6 +9,7 @@ import torch
 pyg = pytest.importorskip("torch_geometric")
 
 from revgnn_ext import CSRGraph  # noqa: E402
+from revgnn_ext.graph import as_graph  # noqa: E402
 from revgnn_ext.nn import GENConv  # noqa: E402
 
 from conftest import DEVICES, make_graph  # noqa: E402
@@ -145,13 +146,13 @@ def test_adjacency_forms_and_conversion_cache():
         torch.testing.assert_close(ours(x, pyg.EdgeIndex(ei, sparse_size=(n, n)), edge_attr), expected)
     # One conversion for many layers given the same edge_index, redone after an in-place edit.
     ours(x, ei, edge_attr)
-    cached = ei._revgnn_ext_graph[1]
+    cached = as_graph(ei, (n, n))
     second = GENConv(8, 8, aggr="softmax", edge_dim=2).double()
     second(x, ei, edge_attr)
-    assert ei._revgnn_ext_graph[1] is cached
+    assert as_graph(ei, (n, n)) is cached
     ei[0, 0] = (ei[0, 0] + 1) % n
     ours(x, ei, edge_attr)
-    assert ei._revgnn_ext_graph[1] is not cached
+    assert as_graph(ei, (n, n)) is not cached
 
 
 def test_torch_sparse_adjacency():

@@ -140,8 +140,6 @@ class GENConv(PygFallback, pyg_nn.GENConv):
         if type(module) is pyg_aggr.SoftmaxAggregation and not (module.semi_grad and not module.learn):
             return "softmax", {"t": module.t}
         if type(module) is pyg_aggr.PowerMeanAggregation and (module.min_value, module.max_value) == (1e-4, 100.0):
-            if not isinstance(module.p, Tensor) and module.p == 1:
-                return "mean", {}  # PyG skips the power and its clamps for a fixed p = 1
             return "powermean", {"p": module.p}
         _warn_once(f"GENConv aggregation {module!r} is not fused")
         return None
