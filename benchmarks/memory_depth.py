@@ -1,7 +1,8 @@
 """Peak memory and time of one training step against depth, for four stacks of the same function.
 
     python benchmarks/memory_depth.py [--device cpu|cuda] [--depths 1,10,100,1001]
-        [--stacks plain,checkpoint,PyG,ours] [--hidden 64] [--graph issue-3] [--budget-s 600] [--out DIR]
+        [--stacks plain,checkpoint,PyG,ours] [--hidden 64] [--graph issue-3] [--budget-s 600]
+        [--malloc flat|default] [--out DIR]
 
 The model: Linear(node features, hidden) -> L blocks -> LayerNorm -> ReLU -> Linear(hidden, tasks),
 BCE-with-logits over the tasks, Adam. Each block has 2 groups of c = hidden / 2 channels; each
@@ -29,13 +30,15 @@ weak reference of the parameter: about 480 bytes per parameter tensor, here 22 t
 10.5 KB per layer, which stay allocated between steps like the gradients do), and our
 GroupAddRev's per-block node that gathers its parameters' gradients (made by the first forward,
 reused by every step after: see revgnn_ext/nn/group_add_rev.py, _Parameters). On CPU, each
-(depth, stack) runs in a fresh process: before each step, freed heap memory is handed back to the
-OS (gc, glibc's malloc_trim), the resident set is read (VmRSS) and the kernel's high-water mark
-reset (/proc/self/clear_refs); the peak is VmHWM after the step minus that. The kernel raises
-the mark before any page leaves the resident set, so no peak is missed, and memory that a
-library allocates outside torch (MKL, OpenMP) or that glibc keeps is counted. Cross-check:
-torch's CPU allocator peak (common.peak_memory) from one more step where steps are short. On
-GPU: torch.cuda.max_memory_allocated above the memory allocated before the step, every
+(depth, stack) runs in a fresh process that first calls revgnn_ext.memory.set_malloc_thresholds(),
+as the examples do (--malloc default: it does not, and glibc's dynamic thresholds keep about one
+freed activation per layer resident: see that module); before each step, freed heap memory is
+handed back to the OS (gc, glibc's malloc_trim), the resident set is read (VmRSS) and the
+kernel's high-water mark reset (/proc/self/clear_refs); the peak is VmHWM after the step minus
+that. The kernel raises the mark before any page leaves the resident set, so no peak is missed,
+and memory that a library allocates outside torch (MKL, OpenMP) or that glibc keeps is counted.
+Cross-check: torch's CPU allocator peak (common.peak_memory) from one more step where steps are
+short. On GPU: torch.cuda.max_memory_allocated above the memory allocated before the step, every
 configuration in this process.
 
 Time: the same steps (after the first), wall clock on CPU, CUDA events on GPU; median of up to
@@ -72,6 +75,7 @@ from graphs import PRESETS, make_graph  # noqa: E402
 
 import torch_geometric  # noqa: E402
 from revgnn_ext import CSRGraph  # noqa: E402
+from revgnn_ext.memory import set_malloc_thresholds  # noqa: E402
 from revgnn_ext.nn import GENConv, GroupAddRev  # noqa: E402
 
 STACKS = ("plain", "checkpoint", "PyG", "ours")
@@ -84,10 +88,6 @@ ALLOCATOR_CHECK_S = 30  # CPU: the allocator cross-check runs where a step takes
 # 100 layers at most 1.4; PyG / ours step time at least 5 at every depth.
 MAX_PEAK_GROWTH, MAX_OVERHEAD, MIN_SPEEDUP = 1.1, 1.4, 5.0
 MB = 2**20
-# CPU: glibc serves every block of 64 KiB or more with its own mmap and unmaps it when freed, and
-# trims the heap's free top at once, so that the resident set follows what is allocated (by
-# default, blocks up to 32 MiB come from a heap whose freed holes stay resident).
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 # ---------------------------------------------------------------------------- model and data
@@ -248,6 +248,9 @@ def measure(config: dict) -> dict:
         if not os.path.exists("/proc/self/clear_refs"):
             raise RuntimeError("memory_depth: CPU peak memory needs Linux's /proc/self/clear_refs")
         libc = ctypes.CDLL("libc.so.6")  # glibc, for malloc_trim
+        if config["malloc"] == "flat" and not set_malloc_thresholds():
+            raise RuntimeError("memory_depth: --malloc flat needs glibc and no MALLOC_MMAP_THRESHOLD_ or "
+                               "MALLOC_TRIM_THRESHOLD_ in the environment (or run with --malloc default)")
     stack, depth, hidden, seed = config["stack"], config["depth"], config["hidden"], config["seed"]
     data = make_data(config["graph"], device, seed)
     model = build(stack, depth, data, hidden, seed)
@@ -271,7 +274,7 @@ def measure(config: dict) -> dict:
 def measure_in_child(config: dict) -> dict:
     """measure(config) in a fresh process of this script (CPU: a clean resident set)."""
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(config)],
-                          stdout=subprocess.PIPE, text=True, env=dict(os.environ, **MALLOC_ENV))
+                          stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
         raise RuntimeError(f"measuring process failed ({how}; its error is printed above)")
@@ -318,7 +321,7 @@ def run(args) -> Tuple[Dict[Tuple[int, str], dict], Dict[Tuple[int, str], str]]:
                 print(f"{stack} at {depth} layers: {reason}", flush=True)
                 continue
             config = dict(device=args.device, graph=args.graph, hidden=args.hidden, seed=args.seed, stack=stack,
-                          depth=depth, repeat=args.repeat, repeat_s=args.repeat_s)
+                          depth=depth, repeat=args.repeat, repeat_s=args.repeat_s, malloc=args.malloc)
             try:
                 results[depth, stack] = measure_in_child(config) if args.device == "cpu" else measure(config)
             except (RuntimeError, torch.OutOfMemoryError) as err:
@@ -374,8 +377,12 @@ def tables(args, results, missing) -> Tuple[Table, Table]:
     return table, accept
 
 
-def plot(args, results, path: str) -> None:
-    import matplotlib
+def plot(args, results, path: str) -> str:
+    """Draws the plot to `path`; returns what the report says of it."""
+    try:
+        import matplotlib
+    except ImportError:
+        return "plot: none (matplotlib is not installed)"
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -391,6 +398,7 @@ def plot(args, results, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return f"plot: {os.path.basename(path)}"
 
 
 def main():
@@ -406,6 +414,9 @@ def main():
     p.add_argument("--repeat-s", type=float, default=100,
                    help="a further step only while the configuration's steps total under this")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--malloc", default="flat", choices=["flat", "default"],
+                   help="CPU: flat, revgnn_ext.memory.set_malloc_thresholds() in each measuring process as in "
+                        "the examples (default); default, glibc's own dynamic thresholds")
     p.add_argument("--out", help="results folder (default: benchmarks/results/<date>-<machine>)")
     p.add_argument("--json", help="JSON path (default: <out>/memory_depth.json)")
     p.add_argument("--markdown", help="Markdown path (default: <out>/memory_depth.md; the plot goes beside it)")
@@ -433,12 +444,12 @@ def main():
     print(f"checked: {', '.join(args.stacks)} give ours's loss and gradients at {CHECK_DEPTH} layers", flush=True)
     results, missing = run(args)
     table, accept = tables(args, results, missing)
-    png = os.path.splitext(markdown)[0] + ".png"
-    plot(args, results, png)
+    plotted = plot(args, results, os.path.splitext(markdown)[0] + ".png")
     g = PRESETS[args.graph]
     memory = ("peak resident set (VmHWM) of the step in a fresh process, minus VmRSS before it, after gc and "
-              "malloc_trim; allocator MB: torch's CPU allocator peak over one more step (profiler), where a step "
-              f"takes under {ALLOCATOR_CHECK_S} s" if args.device == "cpu" else
+              f"malloc_trim; glibc's malloc thresholds: --malloc {args.malloc}; allocator MB: torch's CPU "
+              f"allocator peak over one more step (profiler), where a step takes under {ALLOCATOR_CHECK_S} s"
+              if args.device == "cpu" else
               "torch.cuda.max_memory_allocated minus the memory allocated before the step")
     notes = [f"graph {args.graph}: N = {g['num_nodes']:,}, E = {g['num_edges']:,}, {g['edge_features']} edge "
              f"features; hidden {args.hidden} in 2 groups; GENConv softmax (learn_t), LayerNorm MLP; float32; "
@@ -452,7 +463,7 @@ def main():
              f"after the first; {'wall clock' if args.device == 'cpu' else 'CUDA events'}",
              f"skipped: extrapolated from the stack's smaller depths, over {MEMORY_FRACTION:.0%} of available memory "
              f"or --budget-s {args.budget_s:.0f} s",
-             f"whole run (check included): {time.perf_counter() - start:.0f} s; plot: {os.path.basename(png)}"]
+             f"whole run (check included): {time.perf_counter() - start:.0f} s; {plotted}"]
     write_report(f"Memory and time of a training step against depth ({args.device})", machine_info(args.device),
                  {"steps": table, "acceptance (issue 4)": accept}, notes, json_path=json_path, markdown_path=markdown,
                  raw={"measured": [dict(depth=d, stack=s, **r) for (d, s), r in results.items()],
