@@ -39,6 +39,7 @@ from torch_geometric.utils import subgraph
 from tqdm import tqdm
 
 from revgnn_ext.datasets import NodeData
+from revgnn_ext.memory import set_malloc_thresholds
 
 # --synthetic on CPU defaults to a small graph and one epoch (a few optimizer steps).
 CPU_SYNTHETIC_SCALE = 0.01
@@ -285,6 +286,7 @@ def run(task: Task, args, build_model: Callable[[], torch.nn.Module]) -> None:
     the test metric at the best validation epoch (``test rocauc 0.xxxx``)."""
     from ogb.nodeproppred import Evaluator
 
+    set_malloc_thresholds()  # glibc: a resident set flat in depth on CPU (see revgnn_ext/memory.py)
     if args.scale is not None and not args.synthetic:
         raise SystemExit("--scale needs --synthetic")
     _check_paths(task, args)
