@@ -27,9 +27,7 @@ first step's peak, not judged, and the peak is that of the steps after it. The f
 allocates what the process keeps from then on: thread pools and kernels' first-use state, and
 autograd's per-parameter gradient accumulator (made by the first backward and held through a
 weak reference of the parameter: about 480 bytes per parameter tensor, here 22 tensors and
-10.5 KB per layer, which stay allocated between steps like the gradients do), and our
-GroupAddRev's per-block node that gathers its parameters' gradients (made by the first forward,
-reused by every step after: see revgnn_ext/nn/group_add_rev.py, _Parameters). On CPU, each
+10.5 KB per layer, which stay allocated between steps like the gradients do). On CPU, each
 (depth, stack) runs in a fresh process that first calls revgnn_ext.memory.set_malloc_thresholds(),
 as the examples do (--malloc default: it does not, and glibc's dynamic thresholds keep about one
 freed activation per layer resident: see that module); before each step, freed heap memory is
