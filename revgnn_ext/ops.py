@@ -205,17 +205,28 @@ def _check_call(where: str, graph: CSRGraph, x: Tensor) -> None:
         raise TypeError(f"{where}: x must be a floating-point tensor, got {x.dtype}")
 
 
+def forward_ad_tracks(values) -> bool:
+    """Whether forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) tracks a tensor among
+    ``values``."""
+    return any(isinstance(v, Tensor) and torch.autograd.forward_ad.unpack_dual(v).tangent is not None for v in values)
+
+
+def refused_by_functorch(err: RuntimeError) -> bool:
+    """Whether ``err`` is torch.func's refusal of an autograd.Function it cannot transform."""
+    return "functorch transforms" in str(err)
+
+
 def _differentiable_call(where: str, op, *args):
     """op(*args), for the user functions of the differentiable ops: they have reverse-mode
     autograd only, so forward-mode AD and torch.func transforms raise a clear error instead of
     giving zero tangents or an error that does not name the op."""
-    if any(isinstance(a, Tensor) and torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args):
+    if forward_ad_tracks(args):
         raise NotImplementedError(f"{where}: forward-mode AD is not supported by the fused op; use reverse mode "
                                   "(loss.backward(), torch.autograd.grad) or revgnn_ext.reference's twin of the op")
     try:
         return op(*args)
     except RuntimeError as err:
-        if "functorch transforms" not in str(err):
+        if not refused_by_functorch(err):
             raise
         raise NotImplementedError(f"{where}: torch.func transforms (grad, jvp, vjp, jacrev) are not supported by "
                                   "the fused op; use torch.autograd.grad / loss.backward(), or revgnn_ext.reference's "

@@ -188,13 +188,6 @@ def _releasable(x: Tensor) -> bool:
     return False
 
 
-def _forward_ad(x: Tensor, args) -> bool:
-    """Whether forward-mode AD is tracking x or an argument: the block then runs its plain
-    computation, which autograd differentiates in both modes."""
-    return any(isinstance(t, Tensor) and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
-               for t in (x, *args))
-
-
 def _version(ctx) -> int:
     """The sum of the version counters of what a block's backward reads as it was in forward: its
     parameters, tensor arguments and input unless released (an in-place edit raises the sum)."""
@@ -514,13 +507,14 @@ class GroupAddRev(torch.nn.Module):
             raise RuntimeError("GroupAddRev: torch.jit.trace cannot record a reversible block's backward (it runs in "
                                "Python); trace the model with disable=True on its GroupAddRev blocks (the same "
                                "outputs and gradients with plain autograd), or use torch.compile")
-        if self.disable or not torch.is_grad_enabled() or _forward_ad(x, args):
+        # Forward-mode AD: the plain computation, which autograd differentiates in both modes.
+        if self.disable or not torch.is_grad_enabled() or ops.forward_ad_tracks((x, *args)):
             return self._plain(x, edge_index, args)
         params = tuple(self.parameters())
         try:
             return _GroupAddRevFunction.apply(self, edge_index, len(args), _releasable(x), x, *args, *params)
         except RuntimeError as err:  # torch.func.grad / vmap / jvp: the plain computation, which they transform
-            if "functorch transforms" not in str(err):
+            if not ops.refused_by_functorch(err):
                 raise
         return self._plain(x, edge_index, args)
 
