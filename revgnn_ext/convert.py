@@ -6,8 +6,8 @@ import torch
 
 __all__ = ["ConversionReport", "Left", "Replaced", "convert"]
 
-# The instance state every torch.nn.Module has (parameters, buffers, submodules, hooks, mode).
-_MODULE_STATE = frozenset(vars(torch.nn.Module()))
+# The hook tables every torch.nn.Module keeps (forward, backward and state_dict hooks).
+_MODULE_HOOKS = tuple(name for name in vars(torch.nn.Module()) if "hook" in name)
 
 
 def _type_name(cls: type) -> str:
@@ -43,27 +43,56 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _take_over(old: torch.nn.Module, new: torch.nn.Module) -> torch.nn.Module:
-    """`new` takes over `old`'s instance state: the same parameter, buffer and submodule objects
-    (an optimizer or hook holding them stays valid; device, dtype and requires_grad come along),
-    hooks, training flag and attributes. PyG's ``inspector`` is bound to the class, so `new`
-    keeps the one its own constructor built."""
-    new.__dict__.update((k, v) for k, v in vars(old).items() if k != "inspector")
+def _take_place(old: torch.nn.Module, new: torch.nn.Module) -> torch.nn.Module:
+    """`new`, built by its constructor, takes `old`'s place: it gets old's submodules, parameters
+    and buffers themselves (an optimizer or hook holding them stays valid; device, dtype and
+    requires_grad come along), its training flag and its hooks."""
+    for name, _ in list(new.named_children()):
+        delattr(new, name)
+    for name, child in old.named_children():
+        setattr(new, name, child)
+    for name, param in old.named_parameters(recurse=False):
+        new.register_parameter(name, param)
+    buffers = dict(old.named_buffers(recurse=False))
+    if buffers:
+        persistent = old.state_dict(keep_vars=True)
+        for name, buffer in buffers.items():
+            new.register_buffer(name, buffer, persistent=name in persistent)
+    new.training = old.training
+    # PyTorch has no public API to list a module's hooks, and the handle a user holds removes a
+    # hook from the very table it was registered in: new shares old's tables.
+    for name in _MODULE_HOOKS:
+        setattr(new, name, getattr(old, name))
     return new
+
+
+def _conv(cls: type, old: torch.nn.Module, **args) -> torch.nn.Module:
+    """Our drop-in `cls` for the PyG conv `old`, built from old's public attributes; its submodules
+    (the aggregation among them) are old's own, put in by _take_place. It is built on the meta
+    device with a stand-in aggregation, so that building it allocates nothing, draws no random
+    numbers and leaves old's aggregation as it is (SAGEConv's constructor resets the one it is
+    given); ``aggr`` and ``fuse`` are what PyG's constructor derives from the aggregation as the
+    user named it."""
+    with torch.device("meta"):
+        new = cls(old.in_channels, old.out_channels, aggr="sum", flow=old.flow, node_dim=old.node_dim,
+                  decomposed_layers=old.decomposed_layers, **args)
+    new.aggr, new.fuse = old.aggr, old.fuse
+    return _take_place(old, new)
 
 
 def convert(model: torch.nn.Module) -> ConversionReport:
     """Replaces, in place, every ``torch_geometric.nn.GENConv``, ``SAGEConv`` and ``GroupAddRev``
     inside `model` (at any depth: ModuleList, ModuleDict, Sequential, PyG's DeepGCNLayer, a
-    GroupAddRev's ``convs``) by its drop-in from :mod:`revgnn_ext.nn`. The new module takes over
-    the old one's parameters, buffers and submodules themselves, so outputs, gradients, device,
-    dtype, training mode and an optimizer built before the conversion are unchanged. A module
-    shared by several places becomes one new module shared by the same places.
+    GroupAddRev's ``convs``) by its drop-in from :mod:`revgnn_ext.nn`, built with the old one's
+    arguments. The new module takes over the old one's submodules, parameters and buffers
+    themselves, its hooks and its training flag, so outputs, gradients, device, dtype, training
+    mode and an optimizer built before the conversion are unchanged. A module shared by several
+    places becomes one new module shared by the same places.
 
     Left as they are, and listed in the report's ``left``: subclasses of those PyG classes (their
-    own ``forward`` may differ), layers with ``flow="target_to_source"`` or with PyG
-    propagate/message/aggregate hooks registered (the fused computation does not run them), and
-    every other PyG ``MessagePassing`` layer. Modules of revgnn_ext are skipped, so converting
+    own ``forward`` may differ), layers with ``flow="target_to_source"``, in explain mode or with
+    PyG propagate/message/aggregate hooks registered (the fused computation does not run them),
+    and every other PyG ``MessagePassing`` layer. Modules of revgnn_ext are skipped, so converting
     twice replaces nothing the second time. A replaced layer whose aggregation the kernels do
     not fuse still runs, on PyG's computation; the report names it in ``unfused``.
 
@@ -73,16 +102,16 @@ def convert(model: torch.nn.Module) -> ConversionReport:
     from torch_geometric.nn.conv import MessagePassing
 
     from . import nn as ours
-    from .nn.sage_conv import _REDUCES
+    from .nn._pyg import propagate_hooks
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
-    # Each runs our class's constructor (PyG's per-class setup) with arguments it accepts;
-    # _take_over then gives the new module the old one's state.
     builders: Dict[type, Callable[[torch.nn.Module], torch.nn.Module]] = {
-        pyg_nn.GENConv: lambda m: ours.GENConv(m.in_channels, m.out_channels, aggr=m.aggr_module),
-        pyg_nn.SAGEConv: lambda m: ours.SAGEConv(m.in_channels, m.out_channels, aggr=m.aggr_module),
-        pyg_nn.GroupAddRev: lambda m: ours.GroupAddRev(m.convs),
+        pyg_nn.GENConv: lambda m: _conv(ours.GENConv, m, eps=m.eps),
+        pyg_nn.SAGEConv: lambda m: _conv(ours.SAGEConv, m, normalize=m.normalize, root_weight=m.root_weight,
+                                         project=m.project),
+        pyg_nn.GroupAddRev: lambda m: _take_place(m, ours.GroupAddRev(
+            m.convs, split_dim=m.split_dim, disable=m.disable, num_bwd_passes=m.num_bwd_passes)),
     }
     if type(model) in builders:
         raise ValueError(f"convert: model is itself a {_type_name(type(model))}, which cannot be replaced in "
@@ -90,13 +119,9 @@ def convert(model: torch.nn.Module) -> ConversionReport:
     report = ConversionReport()
 
     def unfused(new: torch.nn.Module) -> Optional[str]:
-        if isinstance(new, ours.GENConv):
-            fused = new._fused_aggregation() is not None  # warns once, as the module's forward would
-        elif isinstance(new, ours.SAGEConv):
-            fused = type(new.aggr_module) in _REDUCES
-        else:
+        if isinstance(new, ours.GroupAddRev) or new._fused_aggregation() is not None:  # warns, as its forward would
             return None
-        return None if fused else f"aggregation {' '.join(repr(new.aggr_module).split())} is not fused"
+        return f"aggregation {' '.join(repr(new.aggr_module).split())} is not fused"
 
     def reason_to_leave(module: torch.nn.Module) -> Optional[str]:
         if isinstance(module, (ours.GENConv, ours.SAGEConv, ours.GroupAddRev)):
@@ -110,7 +135,9 @@ def convert(model: torch.nn.Module) -> ConversionReport:
             return "not accelerated by revgnn_ext"
         if module.flow != "source_to_target":
             return f"flow={module.flow!r} is not supported"
-        hooks = sorted(k for k, v in vars(module).items() if k.endswith("_hooks") and v and k not in _MODULE_STATE)
+        if module.explain:
+            return "in explain mode (an explainer's edge masks are set); convert the model before explaining it"
+        hooks = propagate_hooks(module)
         if hooks:
             return f"has PyG hooks registered ({', '.join(hooks)}), which the fused computation does not run"
         return None
@@ -130,7 +157,7 @@ def convert(model: torch.nn.Module) -> ConversionReport:
                     report.left.append(Left(qualified, type(child), reason))
                     done[child] = child
                 elif type(child) in builders:
-                    done[child] = _take_over(child, builders[type(child)](child))
+                    done[child] = builders[type(child)](child)
                     report.replaced.append(Replaced(qualified, type(child), type(done[child]), unfused(done[child])))
                 else:
                     done[child] = child

@@ -12,7 +12,7 @@ pyg = pytest.importorskip("torch_geometric")
 import revgnn_ext  # noqa: E402
 from revgnn_ext import convert, nn as ours  # noqa: E402
 from revgnn_ext.convert import Left, Replaced  # noqa: E402
-from revgnn_ext.nn import gen_conv  # noqa: E402
+from revgnn_ext.nn import _pyg  # noqa: E402
 
 from conftest import DEVICES, make_graph  # noqa: E402
 from test_group_add_rev import Block  # noqa: E402
@@ -36,7 +36,7 @@ SAGE_CONFIGS = [dict(), dict(aggr="sum", normalize=True), dict(aggr="max", root_
 def _own_fallback_warnings(monkeypatch):
     # The modules warn once per process about a configuration they do not fuse, and convert() may
     # be the one to say it: these tests keep their own record, so the modules' tests still warn.
-    monkeypatch.setattr(gen_conv, "_warned", set())
+    monkeypatch.setattr(_pyg, "_warned", set())
 
 
 def _ids(config):
@@ -115,6 +115,39 @@ def test_sage_conv(config):
     assert type(model.conv) is ours.SAGEConv and repr(model.conv) == expected_repr
     assert [(r.name, r.old, r.new) for r in report.replaced] == [("conv", pyg.nn.SAGEConv, ours.SAGEConv)]
     assert (report.replaced[0].unfused is not None) == (config.get("aggr") == "std")
+
+
+def test_aggregation_state_extra_tensors_and_submodule_hooks_carried():
+    """A trained learnable aggregation keeps its values (SAGEConv's constructor resets the
+    aggregation it is given), a parameter and a non-persistent buffer a user registered on the
+    conv come along as they were, the submodules are the same objects (their hooks still fire),
+    and converting draws no random numbers."""
+    conv = pyg.nn.SAGEConv(12, 16, aggr=pyg.nn.aggr.SoftmaxAggregation(learn=True)).double()
+    with torch.no_grad():
+        conv.aggr_module.t.fill_(3.0)
+    conv.register_parameter("scale", torch.nn.Parameter(torch.ones(1, dtype=torch.float64)))
+    conv.register_buffer("counter", torch.zeros(1), persistent=False)
+    calls = []
+    conv.lin_l.register_forward_hook(lambda module, inputs, out: calls.append(module))
+    model = Wrapper(conv)
+    rng = torch.get_rng_state()
+    convert(copy.deepcopy(model))
+    assert torch.equal(torch.get_rng_state(), rng)
+    _convert_and_compare(model, *_graph(12))
+    assert model.conv.aggr_module.t.item() == 3.0 and model.conv.aggr == conv.aggr
+    assert model.conv.lin_l is conv.lin_l and calls[0] is conv.lin_l  # the converted model runs first
+    assert model.conv.counter is conv.counter and "counter" not in model.conv.state_dict()
+
+
+def test_explaining_model_is_left():
+    from torch_geometric.explain.algorithm.utils import set_masks
+    x, ei = _graph(8)
+    model = Wrapper(pyg.nn.GENConv(8, 8))
+    set_masks(model, torch.ones(ei.size(1)), ei)
+    report = convert(model)
+    assert type(model.conv) is pyg.nn.GENConv and report.replaced == []
+    assert report.left == [Left("conv", pyg.nn.GENConv, "in explain mode (an explainer's edge masks are set); "
+                                                        "convert the model before explaining it")]
 
 
 class Lazy(torch.nn.Module):

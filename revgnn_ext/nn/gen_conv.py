@@ -1,5 +1,4 @@
 """GENConv (DeeperGCN) on the fused gen_aggregate op: no [num_edges, channels] tensor."""
-import warnings
 from typing import Optional, Tuple, Union
 
 import torch
@@ -10,102 +9,7 @@ from torch_geometric.typing import OptPairTensor, OptTensor
 
 from .. import ops
 from ..graph import CSRGraph, as_graph
-
-_warned = set()
-# PyG's message-passing hooks, which only its own propagate() calls.
-_PROPAGATE_HOOKS = tuple(f"_{step}_forward{kind}_hooks" for step in
-                         ("propagate", "message", "aggregate", "message_and_aggregate", "edge_update")
-                         for kind in ("_pre", ""))
-
-
-def node_counts(x_src: Tensor, x_dst: Optional[Tensor], size: Optional[Tuple[int, int]], adj=None) -> Tuple[int, int]:
-    """(num_src, num_dst) of a layer call, by PyG's rules: size= wins, else the features' rows;
-    a missing destination side comes from the adjacency ``adj`` where it states one (a sparse
-    adjacency's rows, a CSRGraph, a sized PyG EdgeIndex), else from the source side."""
-    if size is not None:
-        return int(size[0]), int(size[1])
-    if x_dst is not None:
-        return x_src.size(0), x_dst.size(0)
-    num_dst = _stated_num_dst(adj)
-    return x_src.size(0), (x_src.size(0) if num_dst is None else int(num_dst))
-
-
-def _stated_num_dst(adj) -> Optional[int]:
-    """The number of destinations an adjacency states itself; None for a plain edge_index."""
-    if isinstance(adj, CSRGraph):
-        return adj.num_dst
-    if isinstance(adj, Tensor):
-        if adj.layout != torch.strided:  # torch.sparse adj_t: rows are destinations
-            return adj.size(0)
-        return adj.sparse_size(1) if hasattr(adj, "sparse_size") else None  # PyG EdgeIndex (size may be unset)
-    return adj.sparse_size(0) if hasattr(adj, "sparse_size") else None  # torch_sparse.SparseTensor adj_t
-
-
-def edge_values(adj) -> Optional[Tensor]:
-    """The values stored with a sparse adjacency (a ``torch.sparse`` COO or CSR tensor, a
-    ``torch_sparse.SparseTensor``) in the order of its stored entries, which is the edge order of
-    its CSRGraph; None for any other adjacency or a SparseTensor without values."""
-    if isinstance(adj, Tensor) and adj.layout == torch.sparse_coo:
-        if adj.is_coalesced():
-            return adj.values()
-        if adj.requires_grad:  # the stored values of an uncoalesced tensor are detached
-            raise ValueError("revgnn_ext.nn: the values of an uncoalesced sparse COO adjacency that requires grad "
-                             "would get no gradient; pass adj_t.coalesce() (or a sparse CSR tensor)")
-        return adj._values()
-    if isinstance(adj, Tensor) and adj.layout == torch.sparse_csr:
-        return adj.values()
-    if not isinstance(adj, (Tensor, CSRGraph)) and hasattr(adj, "storage"):  # torch_sparse.SparseTensor
-        return adj.storage.value()
-    return None
-
-
-def _warn_once(reason: str) -> None:
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"revgnn_ext.nn: {reason}; falling back to PyG's (unfused) computation", stacklevel=3)
-
-
-class PygFallback:
-    """Mixin of our subclasses of PyG layers: when a layer needs PyG's propagate() (``runs_fused``
-    says when), that propagate behaves as in PyG's own class."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # PyG compiles a propagate per class and keeps the generic one for explain mode as the
-        # class's propagate at its first instance: for a subclass of an already compiled PyG
-        # class that is the parent's compiled one, which ignores edge masks.
-        type(self)._orig_propagate = pyg_nn.MessagePassing.propagate
-
-    def __prepare_scriptable__(self):
-        # torch.jit.script calls this on every module it is given or finds inside one.
-        raise RuntimeError(f"revgnn_ext.nn.{type(self).__name__}: TorchScript (torch.jit.script) is not supported "
-                           "(it is deprecated in current PyTorch); use torch.compile instead, or PyG's own "
-                           f"torch_geometric.nn.{type(self).__name__} where a scripted model is required")
-
-    def runs_fused(self) -> bool:
-        """Whether the layer may skip PyG's propagate() for a fused kernel; if not, warns once
-        with why: the kernels aggregate at edge_index[1] (flow 'source_to_target') and do not
-        apply an explainer's edge mask or call message-passing hooks."""
-        name = type(self).__name__
-        if self.flow != "source_to_target":
-            _warn_once(f"{name} with flow={self.flow!r}")
-        elif self.explain:
-            _warn_once(f"{name} in explain mode (edge masks)")
-        elif any(getattr(self, hooks, None) for hooks in _PROPAGATE_HOOKS):
-            _warn_once(f"{name} with message-passing hooks")
-        else:
-            return True
-        return False
-
-
-def pyg_adjacency(edge_index, x, size: Optional[Tuple[int, int]]):
-    """(edge_index, size) as PyG's own propagate() takes them: a CSRGraph becomes its edge_index
-    in the caller's edge order (the order of its edge features) and gives the size."""
-    if isinstance(edge_index, CSRGraph):
-        x_src, x_dst = x if isinstance(x, tuple) else (x, None)
-        graph = as_graph(edge_index, node_counts(x_src, x_dst, size, edge_index))  # checks the node counts
-        return graph.to_edge_index(), (graph.num_src, graph.num_dst)
-    return edge_index, size
+from ._pyg import PygFallback, edge_values, node_counts, pyg_adjacency, warn_once
 
 
 class GENConv(PygFallback, pyg_nn.GENConv):
@@ -117,7 +21,7 @@ class GENConv(PygFallback, pyg_nn.GENConv):
 
     ``edge_index`` may be a ``revgnn_ext.CSRGraph``, an edge_index tensor or PyG ``EdgeIndex``,
     a ``torch.sparse`` adjacency or a ``torch_sparse.SparseTensor`` (both as ``adj_t``: rows are
-    destinations); it is converted once and cached on the object. Configurations the kernel
+    destinations); it is converted once per adjacency object (see ``revgnn_ext.graph.as_graph``). Configurations the kernel
     does not cover (multi-aggregations, ``softmax_sg``, a custom aggregation module,
     ``flow='target_to_source'``, an explainer's edge masks, message-passing hooks) fall back to
     PyG's computation with a one-time warning.
@@ -141,7 +45,7 @@ class GENConv(PygFallback, pyg_nn.GENConv):
             return "softmax", {"t": module.t}
         if type(module) is pyg_aggr.PowerMeanAggregation and (module.min_value, module.max_value) == (1e-4, 100.0):
             return "powermean", {"p": module.p}
-        _warn_once(f"GENConv aggregation {module!r} is not fused")
+        warn_once(f"GENConv aggregation {module!r} is not fused")
         return None
 
     def forward(self, x: Union[Tensor, Tuple[Tensor, Optional[Tensor]]], edge_index,

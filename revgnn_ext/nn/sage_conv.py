@@ -10,7 +10,7 @@ from torch_geometric.typing import OptPairTensor
 
 from .. import ops
 from ..graph import as_graph
-from .gen_conv import PygFallback, _warn_once, edge_values, node_counts, pyg_adjacency
+from ._pyg import PygFallback, edge_values, node_counts, pyg_adjacency, warn_once
 
 _REDUCES = {pyg_aggr.SumAggregation: "sum", pyg_aggr.MeanAggregation: "mean", pyg_aggr.MaxAggregation: "max",
             pyg_aggr.MinAggregation: "min"}
@@ -20,19 +20,26 @@ class SAGEConv(PygFallback, pyg_nn.SAGEConv):
     """A drop-in for ``torch_geometric.nn.SAGEConv`` (same arguments, submodules, ``state_dict``,
     ``repr``) whose neighbourhood aggregation runs in revgnn_ext's ``spmm`` (sum, mean, max,
     min; deterministic, no per-edge tensor). ``edge_index`` may be anything
-    ``revgnn_ext.graph.as_graph`` accepts; it is converted once and cached. Other aggregations,
-    ``flow='target_to_source'``, an explainer's edge masks and message-passing hooks fall back to
-    PyG's computation with a one-time warning."""
+    ``revgnn_ext.graph.as_graph`` accepts; it is converted once per adjacency object. Other
+    aggregations, ``flow='target_to_source'``, an explainer's edge masks and message-passing hooks
+    fall back to PyG's computation with a one-time warning."""
 
     # The arguments of PyG's propagate(), which PyG otherwise reads off the source of forward().
     propagate_type = {"x": OptPairTensor}
 
-    def forward(self, x: Union[Tensor, Tuple[Tensor, Optional[Tensor]]], edge_index,
-                size: Optional[Tuple[int, int]] = None) -> Tensor:
+    def _fused_aggregation(self) -> Optional[str]:
+        """The spmm reduce of the aggregation, or None with a warning when it cannot run fused."""
+        if not self.runs_fused():
+            return None
         reduce = _REDUCES.get(type(self.aggr_module))
         if reduce is None:
-            _warn_once(f"SAGEConv aggregation {self.aggr_module!r} is not fused")
-        if reduce is None or not self.runs_fused():
+            warn_once(f"SAGEConv aggregation {self.aggr_module!r} is not fused")
+        return reduce
+
+    def forward(self, x: Union[Tensor, Tuple[Tensor, Optional[Tensor]]], edge_index,
+                size: Optional[Tuple[int, int]] = None) -> Tensor:
+        reduce = self._fused_aggregation()
+        if reduce is None:
             adj, size = pyg_adjacency(edge_index, x, size)
             return super().forward(x, adj, size)
         if isinstance(x, Tensor):
