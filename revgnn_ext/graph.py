@@ -294,21 +294,26 @@ class CSRGraph:
     def transposed(self) -> Tuple[Tensor, Tensor, Tensor]:
         """(rowptr_t, col_t, perm_t): CSR by source; col_t holds destinations and perm_t the CSR
         position of each entry. Built on first use, then cached."""
-        if self._transposed is None and self.device.type == "meta":  # a shape-only graph
+        if self._transposed is None:
+            self._transpose()
+        return self._transposed
+
+    @torch.compiler.disable  # data-dependent (the count per source): eager, once per graph
+    def _transpose(self) -> None:
+        if self.device.type == "meta":  # a shape-only graph
             meta = dict(dtype=self.index_dtype, device="meta")
             self._transposed = (torch.empty(self.num_src + 1, **meta), torch.empty(self.num_edges, **meta),
                                 torch.empty(self.num_edges, **meta))
-        if self._transposed is None:
-            with torch.inference_mode(False):  # autograd saves the transpose for backward
-                counts = self.rowptr[1:] - self.rowptr[:-1]
-                dst = torch.repeat_interleave(torch.arange(self.num_dst, device=self.device), counts.long(),
-                                              output_size=self.num_edges)
-                src = self.col.long()
-                perm_t = torch.sort(src, stable=True).indices
-                rowptr_t = _rowptr(src, self.num_src, self.index_dtype)
-                self._transposed = (rowptr_t, dst[perm_t].to(self.index_dtype), perm_t.to(self.index_dtype))
-            self._track(*self._transposed)
-        return self._transposed
+            return
+        with torch.inference_mode(False):  # autograd saves the transpose for backward
+            counts = self.rowptr[1:] - self.rowptr[:-1]
+            dst = torch.repeat_interleave(torch.arange(self.num_dst, device=self.device), counts.long(),
+                                          output_size=self.num_edges)
+            src = self.col.long()
+            perm_t = torch.sort(src, stable=True).indices
+            rowptr_t = _rowptr(src, self.num_src, self.index_dtype)
+            self._transposed = (rowptr_t, dst[perm_t].to(self.index_dtype), perm_t.to(self.index_dtype))
+        self._track(*self._transposed)
 
     def edges_to_csr(self, edge_tensor: Tensor, name: str = "edge tensor") -> Tensor:
         """A per-edge tensor given in the caller's edge order, reordered to CSR order."""
@@ -325,13 +330,18 @@ class CSRGraph:
         Built once and cached; the two share the transpose when it exists."""
         if self.perm is None:
             return self
+        if self._csr_ordered is None or (self._csr_ordered._transposed is None and self._transposed is not None):
+            self._order()
+        return self._csr_ordered
+
+    @torch.compiler.disable  # builds a graph (eager, once; then read from the cache)
+    def _order(self) -> None:
         if self._csr_ordered is None:
             self._csr_ordered = CSRGraph(self.rowptr, self.col, self.num_src)
             self._csr_ordered._versions = [(t, v) for t, v in self._versions if t is not self.perm]
         if self._csr_ordered._transposed is None and self._transposed is not None:
             self._csr_ordered._transposed = self._transposed  # the transpose does not depend on the numbering
             self._csr_ordered._track(*self._transposed)
-        return self._csr_ordered
 
     def to_edge_index(self) -> Tensor:
         """PyG's edge_index [2, num_edges] int64 (row 0 sources, row 1 destinations), with the
@@ -421,16 +431,22 @@ def as_graph(adj, num_nodes: Tuple[int, int]) -> CSRGraph:
     (not on the object: a saved edge_index loads with plain ``torch.load``, and the cache dies
     with it), under a key of the node counts and a fingerprint of its index values (one cheap
     pass, see ``_fingerprint``): any edit of the tensor, in place, through ``.data`` or through
-    numpy, gives a new conversion. Under torch.compile and torch.jit.trace nothing is cached:
-    the conversion is part of the traced code, so that a compiled or traced model follows the
-    edge_index it is given."""
+    numpy, gives a new conversion. Under torch.jit.trace nothing is cached: the conversion is
+    part of the traced code, so that a traced model follows the edge_index it is given. Under
+    torch.compile the conversion runs eagerly (one graph break): it reads the index values (their
+    range, the count per row), which no graph knows ahead; a CSRGraph passes through the graph."""
     num_src, num_dst = (int(v) for v in num_nodes)
     if isinstance(adj, CSRGraph):
         if (adj.num_src, adj.num_dst) != (num_src, num_dst):
             raise ValueError(f"the graph has (num_src, num_dst) = ({adj.num_src}, {adj.num_dst}) but the node "
                              f"features give ({num_src}, {num_dst})")
         return adj
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    return _cached_conversion(adj, num_src, num_dst)
+
+
+@torch.compiler.disable
+def _cached_conversion(adj, num_src: int, num_dst: int) -> CSRGraph:
+    if torch.jit.is_tracing():
         return _convert(adj, num_src, num_dst)
     indices = _index_tensors(adj) if isinstance(adj, Tensor) or hasattr(adj, "csr") else ()
     if not indices or any(t.device.type == "meta" for t in indices):  # unknown type or no values: no cache

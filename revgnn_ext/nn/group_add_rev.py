@@ -188,6 +188,13 @@ def _releasable(x: Tensor) -> bool:
     return False
 
 
+def _autocast_state(device_type: str) -> Tuple[str, bool, torch.dtype, bool]:
+    """What ``torch.autocast`` is doing now for ``device_type``, to be replayed by
+    ``torch.autocast(device_type, dtype, enabled, cache_enabled)``."""
+    return (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type),
+            torch.is_autocast_cache_enabled())
+
+
 def _version(ctx) -> int:
     """The sum of the version counters of what a block's backward reads as it was in forward: its
     parameters, tensor arguments and input unless released (an in-place edit raises the sum)."""
@@ -208,6 +215,7 @@ class _GroupAddRevFunction(torch.autograd.Function):
         args, params = rest[:num_args], rest[num_args:]
         ctx.block, ctx.edge_index, ctx.args, ctx.params = block, edge_index, args, params
         ctx.passes_left = block.num_bwd_passes
+        ctx.autocast = _autocast_state(x.device.type)  # backward recomputes F in the forward's precision
         with torch.no_grad(), _RNG_LOCK:
             y, ctx.rng = block._forward_groups(x.detach(), edge_index, args, rng=None)
             ctx.pending = _PendingDraws() if ctx.rng else None
@@ -259,7 +267,8 @@ class _GroupAddRevFunction(torch.autograd.Function):
         block, x, y = ctx.block, ctx.x, ctx.y
         num_args = len(ctx.args)
         trainable = [p for p, need in zip(ctx.params, ctx.needs_input_grad[5 + num_args:]) if need]
-        with _parameters_of_forward(block, ctx.params):
+        device_type, enabled, dtype, cache = ctx.autocast
+        with _parameters_of_forward(block, ctx.params), torch.autocast(device_type, dtype, enabled, cache):
             if ctx.x_class is None:  # x is intact (not released, or a later pass): recompute y
                 with torch.no_grad(), _statistics_frozen(block):
                     y, _ = block._forward_groups(x.detach(), ctx.edge_index, ctx.args, rng=ctx.rng)
@@ -322,7 +331,14 @@ class GroupAddRev(torch.nn.Module):
       its backward, a view): otherwise it is kept, with a warning, and gradients stay right; any
       use of a released input raises (so does a use of the output after the last backward);
     - modifying the output, a parameter, a tensor argument or a kept input in place between
-      forward and backward raises in backward, as plain autograd does.
+      forward and backward raises in backward, as plain autograd does;
+    - under ``torch.autocast`` F runs in low precision while the carried activations keep the
+      input's dtype; the recomputation replays the forward's autocast state (as the RNG state),
+      so the inversion subtracts the same F bit for bit and reconstruction drifts no more than in
+      the input's dtype;
+    - under ``torch.compile`` the block, F included, runs eagerly (one graph break per block):
+      backward recomputes F outside any compiled region, and a compiled F would round and draw
+      random numbers differently from that recomputation. ``disable=True`` blocks compile whole.
     """
 
     def __init__(self, conv: Union[torch.nn.Module, torch.nn.ModuleList], split_dim: int = -1,
@@ -381,7 +397,9 @@ class GroupAddRev(torch.nn.Module):
         ``forward_split(x, edge_index, *args)`` (our GENConv and RevGNN groups do) and the block
         splits the channels of a 2-D tensor; else (F_i(inp), None)."""
         split = getattr(conv, "forward_split", None)
-        if split is not None and inp.dim() == 2 and self.split_dim in (-1, 1):
+        # Under autocast the final Linear runs in low precision inside F, as in a plain model.
+        if (split is not None and inp.dim() == 2 and self.split_dim in (-1, 1)
+                and not torch.is_autocast_enabled(inp.device.type)):
             return split(inp, edge_index, *group_args)
         return conv(inp, edge_index, *group_args), None
 
@@ -409,7 +427,8 @@ class GroupAddRev(torch.nn.Module):
             y_i.addmm_(f, last.weight.t(), alpha=-1.0)
             if last.bias is not None:
                 y_i.sub_(last.bias)
-        elif y.dim() == 2 and self.split_dim in (-1, 1) and (y.is_cuda or y.dtype in (torch.float32, torch.float64)):
+        elif (y.dim() == 2 and self.split_dim in (-1, 1) and f.dtype == y.dtype
+              and (y.is_cuda or y.dtype in (torch.float32, torch.float64))):
             sum_out = torch.empty_like(ys[i], memory_format=torch.contiguous_format) if total else None
             ops.rev_subtract_(y, f, i, self.num_groups, sum_out)
             return sum_out
@@ -510,6 +529,14 @@ class GroupAddRev(torch.nn.Module):
         # Forward-mode AD: the plain computation, which autograd differentiates in both modes.
         if self.disable or not torch.is_grad_enabled() or ops.forward_ad_tracks((x, *args)):
             return self._plain(x, edge_index, args)
+        return self._reversible(x, edge_index, args)
+
+    # torch.compile leaves the reversible block, F included, to eager mode: autograd runs the
+    # block's backward, which recomputes F, outside any compiled region, and the inversion
+    # X = Y - F must subtract the F of the forward bit for bit (the same rounding, the same
+    # random draws), which a compiled F in forward and an eager one in backward would not give.
+    @torch.compiler.disable
+    def _reversible(self, x: Tensor, edge_index, args) -> Tensor:
         params = tuple(self.parameters())
         try:
             return _GroupAddRevFunction.apply(self, edge_index, len(args), _releasable(x), x, *args, *params)

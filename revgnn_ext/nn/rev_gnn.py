@@ -42,7 +42,8 @@ class SharedDropout(torch.nn.Module):
 class ResPlusGroup(torch.nn.Module):
     """One group's function F_i in a RevGNN block, "res+" pre-activation:
     conv(SharedDropout(ReLU(LayerNorm(x)), mask)). With ``edge_attr``, a GENConv's edge
-    embedding is ``encoder`` = (weight_t [F, c], bias [c]) applied inside the fused kernel."""
+    embedding is the model's edge encoder followed by the conv's ``lin_edge``, applied inside the
+    fused kernel (see forward_split)."""
 
     def __init__(self, channels: int, conv: torch.nn.Module):
         super().__init__()
@@ -59,14 +60,21 @@ class ResPlusGroup(torch.nn.Module):
         return h if last is None else last(h)
 
     def forward_split(self, x: Tensor, graph: CSRGraph, mask: Optional[Tensor] = None,
-                      edge_attr: Optional[Tensor] = None, encoder_weight_t: Optional[Tensor] = None,
+                      edge_attr: Optional[Tensor] = None, encoder_weight: Optional[Tensor] = None,
                       encoder_bias: Optional[Tensor] = None) -> Tuple[Tensor, Optional[torch.nn.Module]]:
         """(h, last) with F(x) = last(h) for a final Linear ``last`` (GENConv), else (F(x), None):
-        GroupAddRev folds its in-place subtraction into that last product."""
+        GroupAddRev folds its in-place subtraction into that last product. ``encoder_weight``
+        [hidden, F] and ``encoder_bias`` [hidden, 1] (a column, so that GroupAddRev passes it
+        whole) are the model's edge encoder, composed here with the conv's ``lin_edge`` into one
+        Linear(F, c) that the fused kernel applies to the raw edge features."""
         h = self.dropout(F.relu(self.norm(x)), mask)
         if not isinstance(self.conv, GENConv):
             return self.conv(h, graph), None
-        encoder = None if encoder_weight_t is None else (encoder_weight_t.t(), encoder_bias)
+        encoder = None
+        if encoder_weight is not None:
+            lin = self.conv.lin_edge
+            bias = (lin.weight @ encoder_bias).squeeze(1)
+            encoder = (lin.weight @ encoder_weight, bias if lin.bias is None else bias + lin.bias)
         return self.conv.forward_split(h, graph, edge_attr, encoder)
 
 
@@ -97,9 +105,10 @@ class RevGNN(torch.nn.Module):
 
     - ``conv="gen"``: GENConv(c, c, aggr, norm="layer", bias=True); with ``edge_dim``, a
       model-level edge encoder Linear(edge_dim, hidden) feeds every group's ``lin_edge``
-      Linear(hidden, c). The two are one affine map Linear(edge_dim, c), composed once per
-      forward and applied by the fused kernel to the raw edge features: the [num_edges, hidden]
-      embedding is never formed, and gradients reach both original layers.
+      Linear(hidden, c). The two are one affine map Linear(edge_dim, c), composed inside each
+      group's F (nothing per layer is kept until backward) and applied by the fused kernel to the
+      raw edge features: the [num_edges, hidden] embedding is never formed, and gradients reach
+      both original layers.
     - ``conv="sage"``: SAGEConv(c, c) (mean aggregation, root weight).
     - ``edge_sums=True`` (ogbn-proteins): the node input is [sum of each node's out-edge
       features, Linear(in, in)(x)], as in the paper. By default the sums are taken over the
@@ -180,13 +189,6 @@ class RevGNN(torch.nn.Module):
                 f"num_layers={self.num_layers}, conv={self.conv!r}, num_groups={self.num_groups}{extra}, "
                 f"dropout={self.dropout.p}, weight_tied={self.weight_tied}, reversible={self.reversible})")
 
-    def _edge_encoder(self, layer: GroupAddRev) -> Tuple[Tensor, Tensor]:
-        """(weight_t [F, hidden], bias [hidden]): the model-level edge encoder composed with each
-        group's lin_edge, groups side by side (GroupAddRev hands group i its columns)."""
-        w2 = torch.cat([group.conv.lin_edge.weight for group in layer.convs])
-        b2 = torch.cat([group.conv.lin_edge.bias for group in layer.convs])
-        return (w2 @ self.edge_encoder.weight).t(), torch.addmv(b2, w2, self.edge_encoder.bias)
-
     @staticmethod
     def out_edge_sums(edge_index, edge_attr: Tensor, num_nodes: int) -> Tensor:
         """[num_nodes, F]: each node's sum of the features ``edge_attr`` [E, F] of its out-edges
@@ -216,16 +218,15 @@ class RevGNN(torch.nn.Module):
             # Reordered once for all layers; from here on edges are numbered in CSR order.
             edge_attr = graph.edges_to_csr(edge_attr, "RevGNN: edge_attr")
             graph = graph.csr_ordered()
-            extra = (edge_attr,)
         if self.input_encoder is not None:
             sums = _out_edge_sums(graph, edge_attr) if edge_sums is None else edge_sums
             x = torch.cat([sums, self.input_encoder(x)], dim=-1)
-        h = self.node_encoder(x)
+            extra = (edge_attr, self.edge_encoder.weight, self.edge_encoder.bias.unsqueeze(1))
+        # The blocks carry the model's dtype (float32 under autocast too: F runs in low precision,
+        # the residual stream and the reversible inversion do not).
+        h = self.node_encoder(x).to(self.norm.weight.dtype)
         mask = self.dropout.mask(h)
         for i in range(self.num_layers):
-            layer = self.layers[0 if self.weight_tied else i]
-            if self.edge_dim is not None and (i == 0 or not self.weight_tied):
-                extra = (edge_attr, *self._edge_encoder(layer))
-            h = layer(h, graph, mask, *extra)
+            h = self.layers[0 if self.weight_tied else i](h, graph, mask, *extra)
         h = F.dropout(F.relu(self.norm(h)), self.dropout.p, self.training)
         return self.head(h)
