@@ -1,0 +1,118 @@
+"""GCNConv on the fused spmm op: the normalized propagation without a [num_edges, channels] tensor."""
+from typing import Optional, Tuple
+
+import torch
+import torch_geometric.nn as pyg_nn
+from torch import Tensor
+from torch_geometric.nn import aggr as pyg_aggr
+from torch_geometric.typing import OptTensor
+
+from .. import ops
+from ..graph import CSRGraph, as_graph
+from ._pyg import PygFallback, edge_values, pyg_adjacency, warn_once
+
+
+def _destinations(graph: CSRGraph) -> Tensor:
+    """The destination of each edge of ``graph``, in CSR order."""
+    return torch.repeat_interleave(torch.arange(graph.num_dst, device=graph.device), graph.rowptr.diff().long(),
+                                   output_size=graph.num_edges)
+
+
+class GCNConv(PygFallback, pyg_nn.GCNConv):
+    """A drop-in for ``torch_geometric.nn.GCNConv`` (same arguments, submodules, ``state_dict``,
+    ``repr``, cache attribute) whose propagation runs in revgnn_ext's ``spmm``: no per-edge
+    message tensor, deterministic. The normalization is PyG's ``gcn_norm``, computed on the CSR
+    form of the adjacency (converted once per adjacency object) with the self loops kept apart as
+    a per-node weight: for an edge_index (or ``revgnn_ext.CSRGraph``), a node's own loop keeps
+    its weight and the others get 2 (``improved``) or 1 with edge weights, 1 without (as
+    PyG's); for a ``torch.sparse`` adjacency, the loop weight is added to the diagonal. With
+    ``cached=True`` the normalized graph of the first call is reused, as in PyG.
+
+    ``flow='target_to_source'``, aggregations other than a sum, an explainer's edge masks,
+    message-passing hooks and ``torch_sparse.SparseTensor`` adjacencies fall back to PyG's
+    computation with a one-time warning."""
+
+    # The arguments of PyG's propagate(), which PyG otherwise reads off the source of forward().
+    propagate_type = {"x": Tensor, "edge_weight": OptTensor}
+
+    def _fused_aggregation(self) -> Optional[str]:
+        """The spmm reduce of the aggregation ("sum"), or None with a warning when it cannot run fused."""
+        if not self.runs_fused():
+            return None
+        if type(self.aggr_module) is not pyg_aggr.SumAggregation:
+            warn_once(f"GCNConv aggregation {self.aggr_module!r} is not fused")
+            return None
+        return "sum"
+
+    def forward(self, x: Tensor, edge_index, edge_weight: Optional[Tensor] = None) -> Tensor:
+        if isinstance(x, (tuple, list)):
+            return super().forward(x, edge_index, edge_weight)  # PyG's error: no bipartite message passing
+        if not isinstance(edge_index, (Tensor, CSRGraph)):
+            warn_once(f"GCNConv with a {type(edge_index).__name__} adjacency")
+            return super().forward(x, edge_index, edge_weight)
+        if self._fused_aggregation() is None:
+            return super().forward(x, pyg_adjacency(edge_index, x, None)[0], edge_weight)
+        num_nodes = x.size(self.node_dim)
+        x = self.lin(x)
+        if isinstance(edge_index, Tensor) and edge_index.layout == torch.sparse_coo and not edge_index.is_coalesced():
+            edge_index = edge_index.coalesce()  # duplicate entries are one edge of summed weight, as in PyG's product
+        if self.normalize:
+            cache = self._cached_edge_index
+            if cache is None:
+                cache = self._normalized(edge_index, edge_weight, num_nodes, x.dtype)
+                if self.cached:
+                    self._cached_edge_index = cache
+            graph, weight, loop_weight = cache
+        else:
+            graph = as_graph(edge_index, (num_nodes, num_nodes))
+            # A torch.sparse adjacency's values are its weights, as in PyG (which ignores edge_weight then).
+            weight = edge_values(edge_index) if isinstance(edge_index, Tensor) else None
+            weight = edge_weight if weight is None else weight
+            weight, loop_weight = (None if weight is None else weight.to(x.dtype)), None
+        out = self._propagate(graph, x, weight, loop_weight)
+        return out if self.bias is None else out + self.bias
+
+    def _normalized(self, adj, edge_weight: Optional[Tensor], num_nodes: int,
+                    dtype: torch.dtype) -> Tuple[CSRGraph, Tensor, Optional[Tensor]]:
+        """(graph, weight, loop_weight): PyG's gcn_norm of ``adj`` with its edges numbered in CSR
+        order (``weight`` [num_edges] in that order, an existing self loop's weight 0) and the self
+        loops as a per-node weight ``loop_weight`` [num_nodes] (None without add_self_loops)."""
+        sparse = isinstance(adj, Tensor) and adj.layout != torch.strided
+        if sparse:
+            edge_weight = edge_values(adj)  # PyG ignores edge_weight with a sparse adjacency
+        graph = as_graph(adj, (num_nodes, num_nodes))
+        if edge_weight is None:
+            weight = torch.ones(graph.num_edges, dtype=dtype, device=graph.device)
+        else:
+            weight = graph.edges_to_csr(edge_weight, "GCNConv: edge_weight").to(dtype)
+        dst = _destinations(graph)
+        loop_weight = None
+        if self.add_self_loops:
+            fill = 2.0 if self.improved else 1.0
+            is_loop = graph.col.long() == dst
+            loops, values = dst[is_loop], weight[is_loop]
+            if sparse:  # PyG adds fill * I to the sparse adjacency
+                loop_weight = torch.full((num_nodes,), fill, dtype=dtype, device=graph.device).index_add(0, loops, values)
+            else:  # PyG's add_remaining_self_loops (without edge weights every edge, loops included, weighs 1)
+                fill = fill if edge_weight is not None else 1.0
+                loop_weight = torch.full((num_nodes,), fill, dtype=dtype, device=graph.device).index_put((loops,), values)
+            weight = weight.masked_fill(is_loop, 0.0)
+        graph = graph.csr_ordered()
+        degree = ops.spmm(graph, weight.new_ones(num_nodes, 1), weight).squeeze(1)
+        if loop_weight is not None:
+            degree = degree + loop_weight
+        scale = degree.pow(-0.5)
+        scale = scale.masked_fill(scale == float("inf"), 0.0)
+        weight = scale.index_select(0, graph.col.long()) * weight * scale.index_select(0, dst)
+        return graph, weight, None if loop_weight is None else scale * loop_weight * scale
+
+    def _propagate(self, graph: CSRGraph, x: Tensor, weight: Optional[Tensor], loop_weight: Optional[Tensor]) -> Tensor:
+        """sum over in-edges j -> i of weight * x[j], plus loop_weight[i] * x[i]; the node dimension
+        is ``node_dim`` (a batch of feature sets on one graph is one spmm over their channels)."""
+        nodes_first = x.movedim(self.node_dim, 0)
+        flat = nodes_first.reshape(nodes_first.size(0), -1)
+        if loop_weight is None:
+            out = ops.spmm(graph, flat, weight)
+        else:
+            out = ops.spmm_accumulate_(flat * loop_weight.unsqueeze(-1), graph, flat, weight)
+        return out.view(nodes_first.shape).movedim(0, self.node_dim)
