@@ -1,4 +1,5 @@
 """Shared fixtures: devices, dtypes and the graph shapes every op is tested on."""
+import copy
 import zlib
 
 import pytest
@@ -66,3 +67,52 @@ SHAPES = ["random", "no_edges", "isolated", "self_loops", "duplicates", "biparti
 def _fresh_seed(request):
     # Fresh, reproducible random inputs per test.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "compile: runs torch.compile (slow to compile; deselect with -m 'not compile')")
+
+
+def _grad_leaves(args):
+    """The arguments, each tensor that requires grad replaced by a fresh leaf of the same values."""
+    return [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) and a.requires_grad else a
+            for a in args]
+
+
+def _signature(args):
+    return tuple((type(a), tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a) for a in args)
+
+
+def check_compiled_training(model, calls, lr=0.05):
+    """``torch.compile(model)`` trains as ``model`` does in eager mode: for each argument tuple of
+    ``calls``, the compiled model and an eager copy each take one SGD step on mean(out ** 2);
+    their losses and the gradients of every parameter and of each input that requires grad agree
+    (float64, 1e-9), so a compiled call follows the graph and the parameters it is given (nothing
+    stale). A call with the argument types and shapes of an earlier call must not recompile."""
+    eager = copy.deepcopy(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=lr) for m in (model, eager)]
+    seen = set()
+    for step, args in enumerate(calls):
+        results = []
+        for module, repeat in ((compiled, _signature(args) in seen), (eager, False)):
+            leaves = _grad_leaves(args)
+            with torch._dynamo.config.patch(error_on_recompile=repeat):
+                loss = module(*leaves).square().mean()
+                loss.backward()
+            results.append([loss] + [a.grad for a in leaves if isinstance(a, torch.Tensor) and a.requires_grad]
+                           + [p.grad for p in module.parameters()])
+        seen.add(_signature(args))
+        for i, (a, b) in enumerate(zip(*results)):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"step {step}, tensor {i}: {m}")
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+
+
+def graph_break_files(model, *args):
+    """The source files of the innermost frames at which torch.compile breaks `model`'s graph."""
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(*args)
+    return {reason.user_stack[-1].filename.rsplit("/", 1)[-1] for reason in explanation.break_reasons}

@@ -12,7 +12,7 @@ from revgnn_ext import CSRGraph  # noqa: E402
 from revgnn_ext.graph import as_graph  # noqa: E402
 from revgnn_ext.nn import GENConv  # noqa: E402
 
-from conftest import DEVICES, make_graph  # noqa: E402
+from conftest import DEVICES, check_compiled_training, graph_break_files, make_graph  # noqa: E402
 
 CONFIGS = [
     dict(aggr="softmax", learn_t=True),
@@ -243,6 +243,39 @@ def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     compiled = torch.compile(ours, fullgraph=True)
     torch.testing.assert_close(compiled(x, graph, edge_attr), ours(x, graph, edge_attr))
+
+
+class UserModel(torch.nn.Module):
+    """A user's model around our GENConv: an encoder, the conv with edge features, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = torch.nn.Linear(6, 8)
+        self.conv = GENConv(8, 8, aggr="softmax", learn_t=True, edge_dim=3, norm="layer")
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, x, edge_index, edge_attr):
+        return self.head(self.conv(self.encoder(x), edge_index, edge_attr).relu())
+
+
+@pytest.mark.compile
+def test_compiled_user_model_trains_as_eager():
+    """torch.compile of a user's model: eager's losses and gradients (of the parameters, x and the
+    edge features) over SGD steps, from an edge_index (converted at each call: a new edge_index
+    of the same shape gives its own graph) and from a CSRGraph; repeated calls do not recompile.
+    The graph breaks are all in revgnn_ext/graph.py, where an edge_index becomes a CSRGraph and a
+    graph builds its transpose on first use: both read index values (range checks, counts per
+    row), which a graph traced ahead of them cannot know; a CSRGraph whose transpose exists
+    compiles whole (test_torch_compile_fullgraph)."""
+    ei, n = make_graph("random")
+    x = torch.randn(n, 6, dtype=torch.float64, requires_grad=True)
+    edge_attr = torch.randn(ei.size(1), 3, dtype=torch.float64, requires_grad=True)
+    other = ei[:, torch.randperm(ei.size(1))].flip(0)
+    graph = CSRGraph.from_edge_index(other, n)
+    model = UserModel().double()
+    check_compiled_training(model, [(x, ei, edge_attr), (x, ei, edge_attr), (x, other, edge_attr),
+                                    (x, graph, edge_attr), (x, graph, edge_attr)])
+    assert graph_break_files(model, x, ei.clone(), edge_attr) == {"graph.py"}
 
 
 def _sparse_adj_t(edge_index, values, num_src, num_dst, layout):

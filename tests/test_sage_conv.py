@@ -7,7 +7,7 @@ pyg = pytest.importorskip("torch_geometric")
 from revgnn_ext import CSRGraph  # noqa: E402
 from revgnn_ext.nn import SAGEConv  # noqa: E402
 
-from conftest import DEVICES, make_graph  # noqa: E402
+from conftest import DEVICES, check_compiled_training, graph_break_files, make_graph  # noqa: E402
 
 CONFIGS = [dict(), dict(aggr="sum"), dict(aggr="max", root_weight=False), dict(aggr="min", bias=False),
            dict(normalize=True), dict(project=True)]
@@ -199,6 +199,33 @@ def test_compiles_without_graph_breaks():
         expected = conv(x, adj)
         torch._dynamo.reset()
         torch.testing.assert_close(torch.compile(conv, backend="eager", fullgraph=True)(x, adj), expected)
+
+
+class UserModel(torch.nn.Module):
+    """A user's GraphSAGE: two of our SAGEConv (mean, then max with normalization)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = SAGEConv(6, 8)
+        self.conv2 = SAGEConv(8, 4, aggr="max", normalize=True)
+
+    def forward(self, x, edge_index):
+        return self.conv2(self.conv1(x, edge_index).relu(), edge_index)
+
+
+@pytest.mark.compile
+def test_compiled_user_model_trains_as_eager():
+    """torch.compile of a user's model: eager's losses and gradients over SGD steps, from an
+    edge_index (a new one of the same shape gives its own graph) and from a CSRGraph; repeated
+    calls do not recompile. The graph breaks are all in revgnn_ext/graph.py (an edge_index
+    becomes a CSRGraph, a graph builds its transpose on first use: both read index values)."""
+    ei, n = make_graph("random")
+    x = torch.randn(n, 6, dtype=torch.float64, requires_grad=True)
+    other = ei[:, torch.randperm(ei.size(1))].flip(0)
+    graph = CSRGraph.from_edge_index(other, n)
+    model = UserModel().double()
+    check_compiled_training(model, [(x, ei), (x, ei), (x, other), (x, graph), (x, graph)])
+    assert graph_break_files(model, x, ei.clone()) == {"graph.py"}
 
 
 def test_torchscript_raises_a_clear_error():
