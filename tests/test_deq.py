@@ -1,0 +1,292 @@
+"""DEQ (RevGNN-DEQ): the fixed point found, implicit gradients equal to the unrolled iteration's
+at convergence, gradcheck, one dropout mask per solve, BatchNorm statistics, non-convergence and
+non-finite values reported, memory independent of the number of iterations."""
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("torch_geometric")
+
+from revgnn_ext.nn import GENConv, SAGEConv  # noqa: E402
+from revgnn_ext.nn.deq import DEQ, anderson, broyden  # noqa: E402
+from revgnn_ext.nn.rev_gnn import ResPlusGroup  # noqa: E402
+
+SOLVERS = ["anderson", "broyden"]
+
+
+class Tanh(torch.nn.Module):
+    """F(h) = tanh(conv(dropout(h))) with the conv's weights scaled by ``scale``: a contraction
+    for small scales."""
+
+    def __init__(self, conv, scale=0.3, dropout=0.0, norm=None):
+        super().__init__()
+        self.conv, self.dropout, self.norm = conv, torch.nn.Dropout(dropout), norm
+        with torch.no_grad():
+            for p in conv.parameters():
+                p.mul_(scale)
+
+    def forward(self, h, edge_index):
+        if self.norm is not None:
+            h = self.norm(h)
+        return torch.tanh(self.conv(self.dropout(h), edge_index))
+
+
+def _graph(n=40, e=200, seed=0):
+    return torch.randint(0, n, (2, e), generator=torch.Generator().manual_seed(seed))
+
+
+def _sage_deq(channels=8, groups=2, dtype=torch.float64, **kw):
+    torch.manual_seed(0)
+    c = channels // groups
+    convs = torch.nn.ModuleList(Tanh(SAGEConv(c, c), **kw.pop("group", {})) for _ in range(groups))
+    return DEQ(convs, **kw).to(dtype)
+
+
+def _unrolled(deq, x, *args, steps=200):
+    """The plain iteration z <- f(z; x) from 0, with autograd through every step."""
+    z = torch.zeros_like(x)
+    for _ in range(steps):
+        z = deq.f(z, x, *args)
+    return z
+
+
+def _grads(out, weight, inputs):
+    return torch.autograd.grad((out * weight).sum(), inputs)
+
+
+def _assert_close_relative(actual, expected, rtol):
+    for a, b in zip(actual, expected):
+        assert ((a - b).norm() / b.norm()).item() <= rtol
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_implicit_gradients_equal_unrolled(solver, groups):
+    deq = _sage_deq(channels=6, groups=groups, solver=solver, tol=1e-12, max_iter=100)
+    ei = _graph()
+    x = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
+    out = deq(x, ei)
+    assert deq.forward_trace.converged and deq.forward_trace.residual < 1e-12
+    # The fixed point: f(out) = out.
+    assert ((deq.f(out, x, ei) - out).norm() / out.norm()).item() < 1e-11
+    inputs = [x, *deq.parameters()]
+    weight = torch.randn_like(out)
+    implicit = _grads(out, weight, inputs)
+    assert deq.backward_trace.converged
+    unrolled_out = _unrolled(deq, x, ei)
+    assert torch.allclose(out, unrolled_out, rtol=1e-10, atol=1e-12)
+    _assert_close_relative(implicit, _grads(unrolled_out, weight, inputs), 1e-6)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_fused_gen_conv_block(solver):
+    """RevGNN's res+ groups around our fused GENConv (softmax, learnable t, edge features)."""
+    torch.manual_seed(0)
+    ei = _graph(30, 150)
+    edge_attr = torch.rand(150, 4, dtype=torch.float64)
+    groups = torch.nn.ModuleList(
+        ResPlusGroup(4, GENConv(4, 4, aggr="softmax", learn_t=True, edge_dim=4, norm="layer", bias=True))
+        for _ in range(2))
+    deq = DEQ(groups, solver=solver, tol=1e-12, max_iter=200).double()
+    x = torch.randn(30, 8, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(30, 8, dtype=torch.float64)
+    out = deq(x, ei, mask, edge_attr)
+    assert deq.forward_trace.converged
+    inputs = [x, *deq.parameters()]
+    weight = torch.randn_like(out)
+    _assert_close_relative(_grads(out, weight, inputs), _grads(_unrolled(deq, x, ei, mask, edge_attr, steps=60),
+                                                                    weight, inputs), 1e-6)
+
+
+def test_gradcheck():
+    deq = _sage_deq(channels=4, tol=1e-14, max_iter=100)
+    ei = _graph(12, 40)
+    x = torch.randn(12, 4, dtype=torch.float64, requires_grad=True)
+    weight = deq.convs[0].conv.lin_l.weight
+    assert torch.autograd.gradcheck(lambda x, w: deq(x, ei), (x, weight), eps=1e-6, atol=1e-7)
+
+
+def test_solvers_on_a_linear_system():
+    """z = A z + b with ||A|| < 1: both solvers reach the exact solution (I - A)^-1 b."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(30, 30, dtype=torch.float64, generator=gen) * 0.9 / 30 ** 0.5
+    b = torch.randn(30, dtype=torch.float64, generator=gen)
+    exact = torch.linalg.solve(torch.eye(30, dtype=torch.float64) - a, b)
+    for solve in (anderson, broyden):
+        z, fz, trace = solve(lambda z: a @ z + b, torch.zeros(30, dtype=torch.float64), 100, 1e-13)
+        assert trace.converged
+        assert torch.allclose(z, exact, atol=1e-10) and torch.allclose(fz, a @ z + b)
+
+
+def test_no_grad_and_eval_give_the_fixed_point():
+    deq = _sage_deq()
+    ei = _graph()
+    x = torch.randn(40, 8, dtype=torch.float64)
+    with torch.no_grad():
+        plain = deq(x, ei)
+    assert torch.allclose(deq(x.requires_grad_(), ei), plain, rtol=1e-6)
+
+
+def test_dropout_one_mask_per_solve():
+    """Dropout inside F draws one mask per forward: the solve converges (fresh masks at every
+    evaluation would move the fixed point), the generators end where one evaluation of f leaves
+    them, and the gradients are those of the unrolled iteration under that one mask."""
+    deq = _sage_deq(tol=1e-12, max_iter=100, group={"dropout": 0.5}).train()
+    ei = _graph()
+    x = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(5)
+    out = deq(x, ei)
+    after = torch.rand(3)
+    assert deq.forward_trace.converged
+    weight = torch.randn_like(out)
+    implicit = _grads(out, weight, [x, *deq.parameters()])
+
+    torch.manual_seed(5)
+    deq.f(torch.zeros_like(x), x, ei)
+    assert torch.equal(torch.rand(3), after)
+
+    z = torch.zeros_like(x)
+    for _ in range(200):
+        torch.manual_seed(5)  # the same mask at every step
+        z = deq.f(z, x, ei)
+    assert torch.allclose(out, z, rtol=1e-10)
+    _assert_close_relative(implicit, _grads(z, weight, [x, *deq.parameters()]), 1e-6)
+
+    # Fresh masks at every step never settle: the replay is what makes the solve converge.
+    with torch.no_grad():
+        z = _unrolled(deq, x, ei, steps=50)
+        assert ((deq.f(z, x, ei) - z).norm() / z.norm()).item() > 1e-2
+
+
+def test_batch_norm_statistics_moved_once_per_forward():
+    torch.manual_seed(0)
+    convs = torch.nn.ModuleList(Tanh(SAGEConv(4, 4), norm=torch.nn.BatchNorm1d(4)) for _ in range(2))
+    deq = DEQ(convs, tol=1e-10, max_iter=100).double().train()
+    x = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
+    out = deq(x, _graph())
+    assert deq.forward_trace.iterations > 3
+    norms = [conv.norm for conv in deq.convs]
+    assert [n.num_batches_tracked.item() for n in norms] == [1, 1]
+    out.sum().backward()
+    assert [n.num_batches_tracked.item() for n in norms] == [1, 1]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_non_convergence_is_reported(solver):
+    deq = _sage_deq(solver=solver, tol=1e-14, max_iter=3)
+    x = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match=rf"{solver} solver of the forward solve did not converge in 3 "
+                                            r"iterations: relative residual [\d.e-]+ > tol 1e-14"):
+        out = deq(x, _graph())
+    assert deq.forward_trace.iterations == 3 and not deq.forward_trace.converged
+    with pytest.warns(RuntimeWarning, match="backward \\(adjoint\\) solve did not converge"):
+        out.sum().backward()
+    assert x.grad.isfinite().all()
+
+
+class Exploding(torch.nn.Module):
+    """Finite at 0 only."""
+
+    def forward(self, h, edge_index):
+        return torch.where(h == 0, 0.0, float("inf"))
+
+
+def test_non_finite_values_never_pass_silently():
+    deq = DEQ(Exploding(), max_iter=50)
+    x = torch.ones(5, 2, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="stopped at a non-finite residual"):
+        out = deq(x, None)
+    assert out.isfinite().all()
+    broken = _sage_deq()
+    with torch.no_grad():
+        broken.convs[0].conv.lin_l.weight.fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="DEQ: f returned non-finite values at the solver's first evaluation"):
+        broken(torch.randn(40, 8, dtype=torch.float64), _graph())
+
+
+def test_arguments_are_checked():
+    with pytest.raises(ValueError, match="DEQ: solver must be one of anderson, broyden"):
+        DEQ(Exploding(), solver="newton")
+    with pytest.raises(ValueError, match="DEQ: 7 channels do not split into 2 equal groups"):
+        _sage_deq()(torch.randn(40, 7, dtype=torch.float64), _graph())
+
+
+def test_saved_tensors_do_not_grow_with_iterations():
+    """What a training step keeps for backward is one evaluation of f, whatever the iterations."""
+    ei = _graph(200, 2000)
+
+    def saved_bytes(iterations):
+        deq = _sage_deq(dtype=torch.float32, tol=0.0, max_iter=iterations)
+        x = torch.randn(200, 8, requires_grad=True)
+        total = []
+
+        def pack(t):
+            total.append(t.untyped_storage().nbytes())
+            return t
+        with warnings.catch_warnings(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            warnings.simplefilter("ignore")
+            deq(x, ei)
+        assert deq.forward_trace.iterations == iterations
+        return sum(total)
+
+    assert saved_bytes(40) == saved_bytes(2) > 0
+
+
+# A training step's resident-set peak in a fresh process (revgnn_ext.memory's thresholds, as the
+# examples set them), after one step that allocates what the process keeps.
+SCRIPT = """
+import json, sys, warnings
+from revgnn_ext.memory import set_malloc_thresholds
+if not set_malloc_thresholds():
+    sys.exit(3)
+import torch
+from revgnn_ext import CSRGraph
+from revgnn_ext.nn.deq import DEQ
+from revgnn_ext.nn import GENConv
+from revgnn_ext.nn.rev_gnn import ResPlusGroup
+warnings.simplefilter("ignore")
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+iterations, nodes, hidden = map(int, sys.argv[1:])
+torch.manual_seed(0)
+graph = CSRGraph.from_edge_index(torch.randint(0, nodes, (2, 5 * nodes)), nodes)
+c = hidden // 2
+deq = DEQ(torch.nn.ModuleList(ResPlusGroup(c, GENConv(c, c, aggr="softmax", norm="layer")) for _ in range(2)),
+          tol=0.0, max_iter=iterations)
+x = torch.randn(nodes, hidden, requires_grad=True)
+peaks = []
+for step in range(2):
+    before = status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    deq(x, graph).square().mean().backward()
+    peaks.append(status("VmHWM") - before)
+print(json.dumps([peaks[-1], deq.forward_trace.iterations, deq.backward_trace.iterations]))
+"""
+
+
+def test_step_memory_independent_of_iterations():
+    """The resident peak of a step at 30 solver iterations is within 10% (+ 1 MB) of that at 5:
+    the solver keeps nothing per iteration (one [N, D] tensor an iteration would add 25 x 1 MB)."""
+    def peak(iterations):
+        result = subprocess.run([sys.executable, "-c", SCRIPT, str(iterations), "4000", "64"], capture_output=True,
+                                text=True, timeout=300,
+                                env={k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")})
+        if result.returncode == 3:
+            pytest.skip("set_malloc_thresholds does nothing here (not glibc)")
+        assert result.returncode == 0, result.stderr
+        value, forward, backward = json.loads(result.stdout.strip().splitlines()[-1])
+        assert forward == backward == iterations
+        print(f"step peak at {iterations} iterations: {value / 2**20:.1f} MB")
+        return value
+
+    few, many = peak(5), peak(30)
+    assert many <= 1.1 * few + 2**20, (few, many)
