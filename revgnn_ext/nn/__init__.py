@@ -9,10 +9,11 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("revgnn_ext.nn provides drop-ins for PyTorch Geometric modules and needs torch_geometric "
                       "(pip install torch_geometric, a pure-Python package); revgnn_ext.ops works without it") from err
 
+from .gat_conv import GATConv
 from .gcn_conv import GCNConv
 from .gen_conv import GENConv
 from .group_add_rev import GroupAddRev
 from .rev_gnn import RevGNN, SharedDropout
 from .sage_conv import SAGEConv
 
-__all__ = ["GCNConv", "GENConv", "GroupAddRev", "RevGNN", "SAGEConv", "SharedDropout"]
+__all__ = ["GATConv", "GCNConv", "GENConv", "GroupAddRev", "RevGNN", "SAGEConv", "SharedDropout"]

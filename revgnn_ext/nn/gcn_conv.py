@@ -18,6 +18,17 @@ def _destinations(graph: CSRGraph) -> Tensor:
                                    output_size=graph.num_edges)
 
 
+def fused_sum(module: pyg_nn.MessagePassing) -> Optional[str]:
+    """"sum" where ``module``, a conv whose kernel sums its messages, may run fused; else None,
+    with the one-time warning that says why."""
+    if not module.runs_fused():
+        return None
+    if type(module.aggr_module) is not pyg_aggr.SumAggregation:
+        warn_once(f"{type(module).__name__} aggregation {module.aggr_module!r} is not fused")
+        return None
+    return "sum"
+
+
 class GCNConv(PygFallback, pyg_nn.GCNConv):
     """A drop-in for ``torch_geometric.nn.GCNConv`` (same arguments, submodules, ``state_dict``,
     ``repr``, cache attribute) whose propagation runs in revgnn_ext's ``spmm``: no per-edge
@@ -37,12 +48,7 @@ class GCNConv(PygFallback, pyg_nn.GCNConv):
 
     def _fused_aggregation(self) -> Optional[str]:
         """The spmm reduce of the aggregation ("sum"), or None with a warning when it cannot run fused."""
-        if not self.runs_fused():
-            return None
-        if type(self.aggr_module) is not pyg_aggr.SumAggregation:
-            warn_once(f"GCNConv aggregation {self.aggr_module!r} is not fused")
-            return None
-        return "sum"
+        return fused_sum(self)
 
     def forward(self, x: Tensor, edge_index, edge_weight: Optional[Tensor] = None) -> Tensor:
         if isinstance(x, (tuple, list)):

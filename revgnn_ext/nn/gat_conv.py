@@ -1,0 +1,120 @@
+"""GATConv on revgnn_ext's GAT attention op (``gat_aggregate``, called in one place: ``_attend``)."""
+from typing import Optional, Tuple, Union
+
+import torch
+import torch_geometric.nn as pyg_nn
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+from torch_geometric.typing import OptPairTensor, OptTensor
+from torch_geometric.utils import add_self_loops, remove_self_loops
+
+from .. import reference
+from ..graph import CSRGraph, as_graph
+from ._pyg import PygFallback, node_counts, pyg_adjacency, warn_once
+from .gcn_conv import fused_sum
+
+# A graph -> (number of self loops, the graph without its loops and with that many added), so that
+# a model that passes one edge_index to every layer builds the looped graph once.
+_LOOPED = WeakIdKeyDictionary()
+
+
+def _attend(graph: CSRGraph, x: Tensor, src_score: Tensor, dst_score: Optional[Tensor], edge_attr: Optional[Tensor],
+            edge_weight: Optional[Tensor], negative_slope: float, attn_dropout: float, seed: int) -> Tensor:
+    """The attention and aggregation of every GATConv: ``gat_aggregate``'s contract (see
+    revgnn_ext.reference.gat_aggregate). Today its pure-PyTorch reference, which materializes
+    per-edge tensors; the fused op replaces this one call."""
+    return reference.gat_aggregate(graph, x, src_score, dst_score, edge_attr, edge_weight, negative_slope,
+                                   attn_dropout=attn_dropout, seed=seed)
+
+
+def _with_self_loops(graph: CSRGraph, num_loops: int) -> CSRGraph:
+    """``graph`` without its self loops and with one loop at each node i < num_loops, its edges
+    numbered as PyG's remove_self_loops + add_self_loops number them (the kept edges in the
+    caller's order, then the loops by node). Built once per graph and number of loops."""
+    cached = _LOOPED.get(graph)
+    if cached is not None and cached[0] == num_loops:
+        return cached[1]
+    edge_index = graph.to_edge_index()
+    loops = torch.arange(num_loops, device=graph.device).repeat(2, 1)
+    edge_index = torch.cat([edge_index[:, edge_index[0] != edge_index[1]], loops], 1)
+    looped = CSRGraph.from_edge_index(edge_index, (graph.num_src, graph.num_dst))
+    if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        _LOOPED[graph] = (num_loops, looped)
+    return looped
+
+
+class GATConv(PygFallback, pyg_nn.GATConv):
+    """A drop-in for ``torch_geometric.nn.GATConv`` (same arguments, submodules, parameters,
+    ``state_dict``, ``repr``) whose attention and aggregation run in revgnn_ext's
+    ``gat_aggregate``: the edge scores come from the raw edge features through one [heads,
+    edge_dim] map (``lin_edge`` folded with ``att_edge``), and the self loops PyG adds are built
+    into the graph once per adjacency object.
+
+    ``edge_index`` may be an edge_index tensor or PyG ``EdgeIndex``, a ``revgnn_ext.CSRGraph`` or
+    a ``torch.sparse`` adj_t; ``edge_attr`` is in its edge order. In eval mode (or with
+    ``dropout=0``) outputs and gradients are PyG's. In training mode the attention dropout is the
+    op's counter-based draw from a seed taken from torch's random generator (so
+    ``torch.manual_seed`` and an RNG replay reproduce it), not ``F.dropout``'s: the same
+    distribution of masks, not the same masks as PyG's for a given seed.
+    ``return_attention_weights``, ``flow='target_to_source'``, aggregations other than a sum, an
+    explainer's edge masks, message-passing hooks and ``torch_sparse.SparseTensor`` adjacencies
+    fall back to PyG's computation with a one-time warning."""
+
+    # The arguments of PyG's propagate() and edge_updater(), which PyG otherwise reads off the source of forward().
+    propagate_type = {"x": OptPairTensor, "alpha": Tensor}
+    edge_updater_type = {"alpha": OptPairTensor, "edge_attr": OptTensor}
+
+    def _fused_aggregation(self) -> Optional[str]:
+        """"sum" (the attention-weighted sum), or None with a warning when it cannot run fused."""
+        return fused_sum(self)
+
+    def forward(self, x: Union[Tensor, Tuple[Tensor, Optional[Tensor]]], edge_index, edge_attr: Optional[Tensor] = None,
+                size: Optional[Tuple[int, int]] = None, return_attention_weights: Optional[bool] = None):
+        if return_attention_weights is not None:
+            warn_once("GATConv with return_attention_weights")
+        elif not isinstance(edge_index, (Tensor, CSRGraph)):
+            warn_once(f"GATConv with a {type(edge_index).__name__} adjacency")
+        if (return_attention_weights is not None or not isinstance(edge_index, (Tensor, CSRGraph))
+                or self._fused_aggregation() is None):
+            adj, size = pyg_adjacency(edge_index, x, size)
+            return super().forward(x, adj, edge_attr, size, return_attention_weights)
+        heads, channels = self.heads, self.out_channels
+        x_src, x_dst = (x, x) if isinstance(x, Tensor) else x
+        if x_src.dim() != 2:
+            raise ValueError(f"GATConv: node features must be 2-D [num_nodes, channels], got {list(x_src.shape)} "
+                             "(static graphs are not supported, as in PyG)")
+        res = None if self.res is None or x_dst is None else self.res(x_dst)
+        if self.lin is not None:
+            h_src = self.lin(x_src)
+            h_dst = h_src if x_dst is x_src else (None if x_dst is None else self.lin(x_dst))
+        else:
+            h_src, h_dst = self.lin_src(x_src), (None if x_dst is None else self.lin_dst(x_dst))
+        src_score = (h_src.view(-1, heads, channels) * self.att_src).sum(-1)
+        dst_score = None if h_dst is None else (h_dst.view(-1, heads, channels) * self.att_dst).sum(-1)
+
+        graph = as_graph(edge_index, node_counts(x_src, None if x_dst is x_src else x_dst, size, edge_index))
+        if self.lin_edge is None:
+            edge_attr = None  # as PyG: edge features weigh in only with edge_dim
+        if self.add_self_loops:
+            num_loops = min(graph.num_src, graph.num_dst)
+            if edge_attr is not None:  # PyG's own loop features (fill_value: a value, a tensor or a reduction)
+                pyg_edges = edge_index if isinstance(edge_index, Tensor) and edge_index.layout == torch.strided \
+                    else graph.to_edge_index()
+                edge_attr = add_self_loops(*remove_self_loops(pyg_edges, edge_attr), fill_value=self.fill_value,
+                                           num_nodes=num_loops)[1]
+            graph = _with_self_loops(graph, num_loops)
+        edge_weight = None
+        if edge_attr is not None:
+            edge_attr = edge_attr.view(-1, 1) if edge_attr.dim() == 1 else edge_attr
+            if isinstance(self.lin_edge.weight, torch.nn.UninitializedParameter):  # edge_dim=-1: sized on first use
+                self.lin_edge.initialize_parameters(self.lin_edge, (edge_attr,))
+            # lin_edge then att_edge, folded into one [heads, edge_dim] map of the raw edge features
+            edge_weight = (self.lin_edge.weight.view(heads, channels, -1) * self.att_edge.view(heads, channels, 1)).sum(1)
+        dropout = self.dropout if self.training else 0.0
+        seed = int(torch.randint(2**62, ())) if dropout > 0 else 0
+        out = _attend(graph, h_src, src_score, dst_score, edge_attr, edge_weight, self.negative_slope, dropout, seed)
+        if not self.concat:
+            out = out.view(-1, heads, channels).mean(1)
+        if res is not None:
+            out = out + res
+        return out if self.bias is None else out + self.bias
