@@ -60,6 +60,21 @@ def make_graph(shape, seed=0):
     raise ValueError(shape)
 
 
+def assert_error_within_twice(ours, same_dtype, exact, rtol, name="result"):
+    """The rule for a result not computed in float64: its error against the float64 truth `exact`
+    is at most twice that of a reference computed in the same precision (`same_dtype`), plus
+    `rtol` (a few units of rounding) at the scale of `exact`. NaNs must be where exact's are."""
+    exact = exact.double()
+    ours, same_dtype = ours.double(), same_dtype.double()
+    assert torch.equal(torch.isnan(ours), torch.isnan(exact)), f"{name}: NaNs differ"
+    if exact.numel() == 0:
+        return
+    err = (ours - exact).abs().nan_to_num().max().item()
+    err_ref = (same_dtype - exact).abs().nan_to_num().max().item()
+    slack = rtol * (1 + exact.abs().nan_to_num().max().item())
+    assert err <= 2 * err_ref + slack, f"{name}: error {err:.3g}, the reference's {err_ref:.3g} (+ {slack:.3g})"
+
+
 SHAPES = ["random", "no_edges", "isolated", "self_loops", "duplicates", "bipartite", "power_law"]
 
 
