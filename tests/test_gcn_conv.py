@@ -148,3 +148,18 @@ def test_no_edge_by_channel_allocation():
         step()
     largest = max(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
     assert largest < ei.size(1) * 128 * 4 / 8
+
+
+def test_compiles_without_graph_breaks_on_a_graph():
+    """torch.compile(fullgraph=True) of the normalization and propagation, on a CSRGraph whose
+    derived forms (its transpose, its CSR numbering) a first eager call built."""
+    ei, n = _weighted_loops("random")
+    graph = CSRGraph.from_edge_index(ei, n)
+    x = torch.randn(n, 12, dtype=torch.float64)
+    weight = torch.rand(ei.size(1), dtype=torch.float64)
+    for config in (dict(), dict(add_self_loops=False), dict(normalize=False)):
+        ours, ref = _pair(config)
+        expected = ours(x, graph, weight)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(ours, backend="eager", fullgraph=True)(x, graph, weight), expected)
+        torch.testing.assert_close(expected, ref(x, ei, weight))

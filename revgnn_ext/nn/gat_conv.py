@@ -6,7 +6,7 @@ import torch_geometric.nn as pyg_nn
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 from torch_geometric.typing import OptPairTensor, OptTensor
-from torch_geometric.utils import add_self_loops, remove_self_loops
+from torch_geometric.utils import add_self_loops
 
 from .. import reference
 from ..graph import CSRGraph, as_graph
@@ -27,20 +27,24 @@ def _attend(graph: CSRGraph, x: Tensor, src_score: Tensor, dst_score: Optional[T
                                    attn_dropout=attn_dropout, seed=seed)
 
 
-def _with_self_loops(graph: CSRGraph, num_loops: int) -> CSRGraph:
-    """``graph`` without its self loops and with one loop at each node i < num_loops, its edges
-    numbered as PyG's remove_self_loops + add_self_loops number them (the kept edges in the
-    caller's order, then the loops by node). Built once per graph and number of loops."""
+@torch.compiler.disable  # builds a graph (eager, once per graph; then read from the cache)
+def _with_self_loops(graph: CSRGraph, num_loops: int) -> Tuple[CSRGraph, Tensor, Tensor]:
+    """(looped, kept, kept_edge_index): ``graph`` without its self loops and with one loop at each
+    node i < num_loops, its edges numbered as PyG's remove_self_loops + add_self_loops number
+    them (the kept edges in the caller's order, then the loops by node); ``kept`` [E'] the
+    caller's positions of the kept edges and ``kept_edge_index`` [2, E'] those edges. Built
+    once per graph and number of loops."""
     cached = _LOOPED.get(graph)
     if cached is not None and cached[0] == num_loops:
         return cached[1]
     edge_index = graph.to_edge_index()
+    kept = (edge_index[0] != edge_index[1]).nonzero().view(-1)
+    kept_edge_index = edge_index[:, kept]
     loops = torch.arange(num_loops, device=graph.device).repeat(2, 1)
-    edge_index = torch.cat([edge_index[:, edge_index[0] != edge_index[1]], loops], 1)
-    looped = CSRGraph.from_edge_index(edge_index, (graph.num_src, graph.num_dst))
-    if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
-        _LOOPED[graph] = (num_loops, looped)
-    return looped
+    looped = CSRGraph.from_edge_index(torch.cat([kept_edge_index, loops], 1), (graph.num_src, graph.num_dst))
+    if not torch.jit.is_tracing():
+        _LOOPED[graph] = (num_loops, (looped, kept, kept_edge_index))
+    return looped, kept, kept_edge_index
 
 
 class GATConv(PygFallback, pyg_nn.GATConv):
@@ -97,12 +101,10 @@ class GATConv(PygFallback, pyg_nn.GATConv):
             edge_attr = None  # as PyG: edge features weigh in only with edge_dim
         if self.add_self_loops:
             num_loops = min(graph.num_src, graph.num_dst)
+            graph, kept, kept_edge_index = _with_self_loops(graph, num_loops)
             if edge_attr is not None:  # PyG's own loop features (fill_value: a value, a tensor or a reduction)
-                pyg_edges = edge_index if isinstance(edge_index, Tensor) and edge_index.layout == torch.strided \
-                    else graph.to_edge_index()
-                edge_attr = add_self_loops(*remove_self_loops(pyg_edges, edge_attr), fill_value=self.fill_value,
-                                           num_nodes=num_loops)[1]
-            graph = _with_self_loops(graph, num_loops)
+                edge_attr = add_self_loops(kept_edge_index, edge_attr.index_select(0, kept), self.fill_value,
+                                           num_loops)[1]
         edge_weight = None
         if edge_attr is not None:
             edge_attr = edge_attr.view(-1, 1) if edge_attr.dim() == 1 else edge_attr

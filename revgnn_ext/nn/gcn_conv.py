@@ -96,12 +96,14 @@ class GCNConv(PygFallback, pyg_nn.GCNConv):
         if self.add_self_loops:
             fill = 2.0 if self.improved else 1.0
             is_loop = graph.col.long() == dst
-            loops, values = dst[is_loop], weight[is_loop]
+            fill = fill if sparse or edge_weight is not None else 1.0  # without edge weights PyG's loops weigh 1
+            # Each loop edge writes its node's slot, every other edge the spare slot num_nodes (static shapes).
+            slots = torch.where(is_loop, dst, num_nodes)
+            loop_weight = torch.full((num_nodes + 1,), fill, dtype=dtype, device=graph.device)
             if sparse:  # PyG adds fill * I to the sparse adjacency
-                loop_weight = torch.full((num_nodes,), fill, dtype=dtype, device=graph.device).index_add(0, loops, values)
-            else:  # PyG's add_remaining_self_loops (without edge weights every edge, loops included, weighs 1)
-                fill = fill if edge_weight is not None else 1.0
-                loop_weight = torch.full((num_nodes,), fill, dtype=dtype, device=graph.device).index_put((loops,), values)
+                loop_weight = loop_weight.index_add(0, slots, weight)[:num_nodes]
+            else:  # PyG's add_remaining_self_loops: a node's loop keeps its weight (the last loop's), others get fill
+                loop_weight = loop_weight.index_put((slots,), weight)[:num_nodes]
             weight = weight.masked_fill(is_loop, 0.0)
         graph = graph.csr_ordered()
         degree = ops.spmm(graph, weight.new_ones(num_nodes, 1), weight).squeeze(1)
