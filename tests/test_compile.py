@@ -1,0 +1,115 @@
+"""torch.compile over whole models: RevGNN presets (reversible and plain) and a user's model of
+GroupAddRev blocks give eager's losses, gradients and parameters after several optimizer steps
+(float64), compile a fixed number of frames whatever the depth (not one per layer), and break
+the graph only where the docs say (graph building from an edge_index; each reversible block,
+which runs eagerly so that backward's recomputation of F matches the forward bit for bit)."""
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("torch_geometric")
+from torch._dynamo.utils import counters  # noqa: E402
+
+from revgnn_ext.nn import GroupAddRev, RevGNN  # noqa: E402
+
+from test_rev_gnn import proteins_like  # noqa: E402
+
+
+def train(model, inputs, steps=2, seed=10):
+    """Losses and final parameters of `steps` Adam steps; the same dropout draws for every model."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for step in range(steps):
+        optimizer.zero_grad()
+        torch.manual_seed(seed + step)
+        loss = model(*inputs).square().mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    return torch.stack(losses), [p.detach().clone() for p in model.parameters()]
+
+
+def compiled_frames(model, inputs, **kwargs):
+    """(eager's training, the compiled copy's training, frames dynamo compiled, graph breaks)."""
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(copy.deepcopy(model), **kwargs)
+    eager = train(model, inputs)
+    result = train(compiled, inputs)
+    return eager, result, counters["frames"]["ok"], sum(counters["graph_break"].values())
+
+
+@pytest.mark.parametrize("reversible, depths", [(True, (4, 100)), (False, (4, 12))])
+def test_revgnn_trains_as_eager_and_compiles_once_for_any_depth(reversible, depths):
+    """A 100-layer reversible RevGNN compiles as many frames as a 4-layer one (no compilation
+    per layer) and trains as in eager mode: same losses and parameters after two steps (dropout
+    on). The plain model compiles into one graph whatever the depth (checked at 12 layers)."""
+    x, edge_index, edge_attr = proteins_like(num_nodes=24, num_edges=120)
+    frames = {}
+    for depth in depths:
+        torch.manual_seed(0)
+        model = RevGNN.preset("proteins-deep", num_layers=depth, hidden_channels=12, reversible=reversible).double()
+        (loss, params), (loss_c, params_c), frames[depth], breaks = compiled_frames(
+            model, (x, edge_index, edge_attr), backend="aot_eager")
+        torch.testing.assert_close(loss_c, loss, rtol=1e-12, atol=0)
+        for p, q in zip(params_c, params):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+        # Graph building from edge_index; each reversible block (eager, one break wherever it runs).
+        assert breaks <= 3, breaks
+    assert frames[depths[1]] == frames[depths[0]], frames
+
+
+def test_revgnn_with_inductor():
+    """The default backend (inductor) on the reversible proteins model: eager's training."""
+    x, edge_index, edge_attr = proteins_like(num_nodes=40, num_edges=300)
+    torch.manual_seed(0)
+    model = RevGNN.preset("proteins-deep", num_layers=3, hidden_channels=16).double()
+    (loss, params), (loss_c, params_c), _, _ = compiled_frames(model, (x, edge_index, edge_attr))
+    torch.testing.assert_close(loss_c, loss, rtol=1e-10, atol=0)
+    for p, q in zip(params_c, params):
+        torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-10)
+
+
+class DropoutF(torch.nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.lin = torch.nn.Linear(channels, channels)
+        self.dropout = torch.nn.Dropout(0.5)
+
+    def forward(self, x, edge_index):
+        return self.dropout(torch.tanh(self.lin(x)))
+
+
+class UserNet(torch.nn.Module):
+    def __init__(self, depth, reversible=True):
+        super().__init__()
+        self.encoder = torch.nn.Linear(8, 16)
+        self.blocks = torch.nn.ModuleList(GroupAddRev(DropoutF(8), num_groups=2, disable=not reversible)
+                                          for _ in range(depth))
+
+    def forward(self, x, edge_index):
+        h = self.encoder(x)
+        for block in self.blocks:
+            h = block(h, edge_index)
+        return h
+
+
+def test_dropout_inside_f_replays_under_inductor():
+    """Dropout inside F: a compiled model rebuilds each block's input from the forward's exact
+    mask (inductor draws its own random numbers, so F runs eagerly inside the block); the
+    compiled model trains as the eager one does (it raised, or rebuilt wrongly, before)."""
+    torch.manual_seed(0)
+    model = UserNet(depth=3).double()
+    x = torch.randn(20, 8, dtype=torch.float64)
+    (loss, params), (loss_c, params_c), _, _ = compiled_frames(model, (x, None))
+    torch.testing.assert_close(loss_c, loss, rtol=1e-12, atol=0)
+    for p, q in zip(params_c, params):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_plain_blocks_compile_whole():
+    """disable=True blocks are plain autograd: no graph break at all in a user's model."""
+    model = UserNet(depth=4, reversible=False).double().eval()
+    explanation = torch._dynamo.explain(model)(torch.randn(20, 8, dtype=torch.float64), None)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
