@@ -129,6 +129,14 @@ def test_synthetic(name, extra):
     final_metric(out, metric)
 
 
+def test_synthetic_deq():
+    """RevGNN-DEQ (--model deq: the proteins-deq preset) trains end to end and prints its test ROC-AUC."""
+    out = run([sys.executable, str(EXAMPLES / "ogbn_proteins.py"), "--synthetic", "--scale", "0.001", "--device",
+               "cpu", "--model", "deq", "--epochs", "1", "--hidden-channels", "16", "--num-parts", "2"])
+    assert "num_layers=1, conv='gen'" in out and "equilibrium=True" in out
+    final_metric(out, "rocauc")
+
+
 def test_torchrun_two_processes():
     script, metric = SCRIPTS["ogbn-proteins"]
     out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..graph import CSRGraph, as_graph
+from .deq import DEQ
 from .gen_conv import GENConv
 from .group_add_rev import GroupAddRev
 from .sage_conv import SAGEConv
@@ -95,6 +96,10 @@ PRESETS = {
     # ogbn-products: 100 node features, 47 classes.
     "products-112": dict(in_channels=100, hidden_channels=160, out_channels=47, num_layers=112, conv="sage",
                          dropout=0.5),
+    # RevGNN-DEQ (the paper's equilibrium variant; its code was never released): the proteins
+    # model's GENConv block at its fixed point, 64 channels.
+    "proteins-deq": dict(in_channels=8, hidden_channels=64, out_channels=112, num_layers=1, conv="gen",
+                         aggr="max", edge_dim=8, edge_sums=True, dropout=0.1, equilibrium=True),
 }
 
 
@@ -119,6 +124,9 @@ class RevGNN(torch.nn.Module):
     - ``weight_tied=True`` (RevGNN-WT): one block's weights are used at every depth.
     - ``reversible=False``: the same function with plain autograd (every activation stored),
       for comparison.
+    - ``equilibrium=True`` (RevGNN-DEQ): each block is a :class:`~revgnn_ext.nn.deq.DEQ` of the
+      same groups, solved to its fixed point with the block's input injected (Anderson, 50
+      iterations at most, tol 1e-4; change them on ``model.layers[i]``).
 
     Build the paper's models with :meth:`preset`. ``forward(x, edge_index, edge_attr=None,
     edge_sums=None)`` accepts any adjacency our layers do (edge_index, CSRGraph, torch.sparse,
@@ -127,7 +135,8 @@ class RevGNN(torch.nn.Module):
 
     def __init__(self, in_channels: int, hidden_channels: int, out_channels: int, num_layers: int, *,
                  conv: str = "gen", aggr: str = "max", edge_dim: Optional[int] = None, edge_sums: bool = False,
-                 num_groups: int = 2, dropout: float = 0.1, weight_tied: bool = False, reversible: bool = True):
+                 num_groups: int = 2, dropout: float = 0.1, weight_tied: bool = False, reversible: bool = True,
+                 equilibrium: bool = False):
         super().__init__()
         if conv not in ("gen", "sage"):
             raise ValueError(f"RevGNN: conv must be 'gen' or 'sage', got {conv!r}")
@@ -159,9 +168,12 @@ class RevGNN(torch.nn.Module):
                 layer = SAGEConv(c, c)
             return ResPlusGroup(c, layer)
 
-        self.layers = torch.nn.ModuleList(
-            GroupAddRev(torch.nn.ModuleList(group() for _ in range(num_groups)), disable=not reversible)
-            for _ in range(1 if weight_tied else num_layers))
+        def block(groups: torch.nn.ModuleList) -> torch.nn.Module:
+            return DEQ(groups) if equilibrium else GroupAddRev(groups, disable=not reversible)
+
+        self.equilibrium = equilibrium
+        self.layers = torch.nn.ModuleList(block(torch.nn.ModuleList(group() for _ in range(num_groups)))
+                                          for _ in range(1 if weight_tied else num_layers))
         self.dropout = SharedDropout(dropout)
         self.norm = torch.nn.LayerNorm(hidden_channels)
         self.head = torch.nn.Linear(hidden_channels, out_channels)
@@ -170,8 +182,9 @@ class RevGNN(torch.nn.Module):
     def preset(cls, name: str, **overrides) -> "RevGNN":
         """The paper's models: ``proteins-deep`` (RevGNN-Deep, 1001 x 80, 20,031,384 parameters),
         ``proteins-wide`` (RevGNN-Wide, 448 x 224, 68,471,608), ``products-112`` (RevGNN-112,
-        112 x 160, 2,945,007); ``overrides`` replace any constructor argument (e.g. num_layers,
-        hidden_channels, weight_tied)."""
+        112 x 160, 2,945,007), ``proteins-deq`` (RevGNN-DEQ, one 64-channel equilibrium block);
+        ``overrides`` replace any constructor argument (e.g. num_layers, hidden_channels,
+        weight_tied)."""
         if name not in PRESETS:
             raise ValueError(f"RevGNN.preset: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
@@ -187,7 +200,8 @@ class RevGNN(torch.nn.Module):
         extra = f", edge_dim={self.edge_dim}" if self.edge_dim is not None else ""
         return (f"{self.__class__.__name__}({self.in_channels}, {self.hidden_channels}, {self.out_channels}, "
                 f"num_layers={self.num_layers}, conv={self.conv!r}, num_groups={self.num_groups}{extra}, "
-                f"dropout={self.dropout.p}, weight_tied={self.weight_tied}, reversible={self.reversible})")
+                f"dropout={self.dropout.p}, weight_tied={self.weight_tied}, reversible={self.reversible}"
+                + (", equilibrium=True)" if self.equilibrium else ")"))
 
     @staticmethod
     def out_edge_sums(edge_index, edge_attr: Tensor, num_nodes: int) -> Tensor:
