@@ -577,3 +577,61 @@ def test_column_major_input_identity_f_and_nested_blocks():
             grads.append(torch.autograd.grad(out.square().sum(), [leaf, *b.parameters()]))
         for g, h in zip(*grads):
             torch.testing.assert_close(g, h, msg=name)
+
+
+class TanhLinear(torch.nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.lin = torch.nn.Linear(channels, channels)
+
+    def forward(self, x, edge_index):
+        return torch.tanh(self.lin(x))
+
+
+def _autocast_stack(depth, reversible, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.ModuleList([torch.nn.Linear(12, 32)] + [
+        GroupAddRev(TanhLinear(16), num_groups=2, disable=not reversible) for _ in range(depth)])
+
+
+def _autocast_gradients(stack, inp, autocast):
+    """Parameter gradients of sum(out * w) with the forward under bfloat16 autocast (or not) and
+    backward outside it, as users write it; the blocks carry float32."""
+    stack.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        h = stack[0](inp).float()
+        for block in stack[1:]:
+            h = block(h, None)
+    (h * torch.linspace(-1, 1, h.size(1))).sum().backward()
+    return torch.cat([p.grad.flatten() for p in stack.parameters()])
+
+
+def test_autocast_state_replayed_in_backward():
+    """The forward ran under bfloat16 autocast, backward outside it: the recomputation replays the
+    forward's autocast state, so the released input is rebuilt from the same bfloat16 F to
+    float32 rounding (recomputing F in float32 would leave errors of bfloat16's size)."""
+    block = GroupAddRev(TanhLinear(16), num_groups=2)
+    encoder = torch.nn.Linear(12, 32)
+    inp = torch.randn(50, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = encoder(inp).float()  # a float32 activation held by nothing else: released
+        expected = x.detach().clone()
+        y = block(x, None)
+    assert y.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="released its memory"):
+        x.sum()
+    y.sum().backward()
+    torch.testing.assert_close(x, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("depth", [8, 64])
+def test_autocast_gradients_as_close_as_plain_autograd(depth):
+    """Under bfloat16 autocast, a reversible stack's gradients are within 2x of the plain stack's
+    (disable=True, same autocast) error against float32."""
+    inp = torch.randn(60, 12)
+    exact = _autocast_gradients(_autocast_stack(depth, reversible=False), inp, autocast=False)
+    error = {}
+    for reversible in (True, False):
+        grads = _autocast_gradients(_autocast_stack(depth, reversible), inp, autocast=True)
+        error[reversible] = ((grads - exact).norm() / exact.norm()).item()
+    assert 0 < error[False] and error[True] <= 2 * error[False], error
