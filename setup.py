@@ -7,7 +7,7 @@ Environment:
   FORCE_ONLY_CPU=1             skip the CUDA kernels.
   TORCH_CUDA_ARCH_LIST         CUDA architectures (default "8.0;9.0").
   REVGNN_EXT_CPU_CAPABILITY    "avx2" or "default" SIMD for the CPU kernels; by default avx2
-                               when the building machine has AVX2 and FMA.
+                               when the building machine has AVX2, FMA and F16C.
 """
 import glob
 import os
@@ -89,11 +89,11 @@ def _cpu_capability_flags():
         if platform.machine() in ("x86_64", "AMD64") and os.path.exists("/proc/cpuinfo"):
             with open("/proc/cpuinfo") as f:
                 flags = f.read()
-        choice = "avx2" if (" avx2" in flags and " fma" in flags) else "default"
+        choice = "avx2" if all(f" {flag}" in flags for flag in ("avx2", "fma", "f16c")) else "default"
     if choice == "avx2":
         # at::vec selects its SIMD by these macros and keeps each choice in its own inline
-        # namespace, as ATen's own kernels do.
-        return ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+        # namespace, as ATen's own kernels do (F16C: its float16 conversions).
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     if choice != "default":
         sys.exit(f"revgnn_ext: REVGNN_EXT_CPU_CAPABILITY must be 'avx2' or 'default', got {choice!r}")
     return []

@@ -1,17 +1,18 @@
 // CPU kernels of gen_aggregate (contract and shared formulas: csrc/ops/gen_aggregate.h).
 // Threaded over rows with at::parallel_for. Channels go one SIMD vector (at::vec::Vectorized) at
-// a time: the shared formulas are instantiated for vectors through the Math specialization
-// below, so exp, log, max and FMA run in SIMD and a (row, vector) state stays in registers while
-// the row's edges stream by. The edge embedding is recomputed from the raw edge features.
+// a time, in float32 for float16/bfloat16 (cpu/common.h): the shared formulas are instantiated for
+// vectors through the Math specialization below, so exp, log, max and FMA run in SIMD and a
+// (row, vector) state stays in registers while the row's edges stream by. The edge embedding is
+// recomputed from the raw edge features.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
 
+#include "cpu/common.h"
 #include "ops/gen_aggregate.h"
 
 namespace revgnn_ext {
@@ -34,85 +35,64 @@ struct Math<at::vec::Vectorized<scalar_t>> {
 
 namespace {
 
-using at::vec::Vectorized;
+using cpu::AccVec;
+using cpu::load_acc;
+using cpu::store_acc;
 
 constexpr int64_t kRowBlock = 64;  // rows per partial sum of the parameter gradients
 constexpr int64_t kFlush = 16;     // edges summed in the working precision before a float64 add
-
-template <typename scalar_t>
-inline Vectorized<scalar_t> load(const scalar_t* p, int64_t count) {
-  using V = Vectorized<scalar_t>;
-  return count == V::size() ? V::loadu(p) : V::loadu(p, count);
-}
-
-template <typename scalar_t>
-inline void store(const Vectorized<scalar_t>& v, scalar_t* p, int64_t count) {
-  if (count == Vectorized<scalar_t>::size()) v.store(p);
-  else v.store(p, count);
-}
-
-template <typename scalar_t>
-inline scalar_t lane_sum(const Vectorized<scalar_t>& v) {
-  scalar_t buf[Vectorized<scalar_t>::size()];
-  v.store(buf);
-  scalar_t total = 0;
-  for (int64_t l = 0; l < Vectorized<scalar_t>::size(); ++l) total += buf[l];
-  return total;
-}
 
 // Per-channel parameters, copied once per call into arrays padded to whole vectors (padding:
 // weight 0, bias 0, t 1, p 1), so that every vector load of them is in bounds and harmless.
 template <typename scalar_t>
 struct Params {
-  using V = Vectorized<scalar_t>;
+  using V = AccVec<scalar_t>;
+  using acc_t = typename V::value_type;
   int64_t d, dpad, f;
   bool direct, has_attr;
   const scalar_t* attr;  // [E, F] (F = D when direct)
-  std::vector<scalar_t> wt, bias, t, p;
+  std::vector<acc_t> wt, bias, t, p;
 
   explicit Params(const GenInputs& in)
       : d(in.d), dpad((in.d + V::size() - 1) / V::size() * V::size()), f(in.f), direct(in.direct),
         has_attr(in.edge_attr.defined()), attr(has_attr ? in.edge_attr.data_ptr<scalar_t>() : nullptr) {
-    auto padded = [&](const at::Tensor& src, int64_t rows, scalar_t fill) {
-      std::vector<scalar_t> out(static_cast<size_t>(rows * dpad), fill);
+    auto padded = [&](const at::Tensor& src, int64_t rows, acc_t fill) {
+      std::vector<acc_t> out(static_cast<size_t>(rows * dpad), fill);
       if (src.defined()) {
         const scalar_t* s = src.data_ptr<scalar_t>();
         for (int64_t r = 0; r < rows; ++r) std::copy(s + r * d, s + (r + 1) * d, out.begin() + r * dpad);
       }
       return out;
     };
-    wt = padded(in.weight_t, in.weight_t.defined() ? f : 0, scalar_t(0));
-    bias = padded(in.bias, 1, scalar_t(0));
-    t = padded(in.t, 1, scalar_t(1));
-    p = padded(in.p, 1, scalar_t(1));
+    wt = padded(in.weight_t, in.weight_t.defined() ? f : 0, acc_t(0));
+    bias = padded(in.bias, 1, acc_t(0));
+    t = padded(in.t, 1, acc_t(1));
+    p = padded(in.p, 1, acc_t(1));
   }
 
   // x + emb for channels [v0, v0 + count) of edge e, given x's vector.
   V pre(int64_t e, const V& x, int64_t v0, int64_t count) const {
     if (!has_attr) return x;
-    if (direct) return x + load(attr + e * d + v0, count);
+    if (direct) return x + load_acc(attr + e * d + v0, count);
     // Two independent multiply-add chains: half the latency of one.
     V even = x + V::loadu(bias.data() + v0), odd(0);
     const scalar_t* a = attr + e * f;
-    const scalar_t* w = wt.data() + v0;
+    const acc_t* w = wt.data() + v0;
     int64_t k = 0;
     for (; k + 1 < f; k += 2) {
-      even = at::vec::fmadd(V(a[k]), V::loadu(w + k * dpad), even);
-      odd = at::vec::fmadd(V(a[k + 1]), V::loadu(w + (k + 1) * dpad), odd);
+      even = at::vec::fmadd(V(static_cast<acc_t>(a[k])), V::loadu(w + k * dpad), even);
+      odd = at::vec::fmadd(V(static_cast<acc_t>(a[k + 1])), V::loadu(w + (k + 1) * dpad), odd);
     }
-    if (k < f) even = at::vec::fmadd(V(a[k]), V::loadu(w + k * dpad), even);
+    if (k < f) even = at::vec::fmadd(V(static_cast<acc_t>(a[k])), V::loadu(w + k * dpad), even);
     return even + odd;
   }
 };
 
-int64_t grain_for(int64_t rows, int64_t entries, int64_t d) {
-  return std::max<int64_t>(1, (int64_t{1} << 13) / ((entries / std::max<int64_t>(rows, 1) + 1) * d));
-}
-
 // ---------------------------------------------------------------------------------- forward
 template <typename scalar_t, typename index_t, Aggr A>
 void forward_kernel(const GenInputs& in, const at::Tensor& out_t, const at::Tensor& state_t) {
-  using V = Vectorized<scalar_t>;
+  using V = AccVec<scalar_t>;
+  using acc_t = typename V::value_type;
   using M = Math<V>;
   constexpr int64_t VS = V::size();
   constexpr const char* op = "revgnn_ext.gen_aggregate";
@@ -121,10 +101,10 @@ void forward_kernel(const GenInputs& in, const at::Tensor& out_t, const at::Tens
   const index_t* col = in.col.data_ptr<index_t>();
   const scalar_t* x = in.x.data_ptr<scalar_t>();
   const int64_t ldx = in.x.stride(0), num_src = in.x.size(0), d = in.d, n = in.num_dst, num_edges = in.col.numel();
-  const V eps(static_cast<scalar_t>(in.eps));
+  const V eps(static_cast<acc_t>(in.eps));
   scalar_t* out = out_t.data_ptr<scalar_t>();
-  at::parallel_for(0, n, grain_for(n, num_edges, d), [&](int64_t begin, int64_t end) {
-    scalar_t lanes[VS];
+  at::parallel_for(0, n, cpu::grain_size(n, num_edges, d), [&](int64_t begin, int64_t end) {
+    acc_t lanes[VS];
     for (int64_t i = begin; i < end; ++i) {
       const auto [e0, e1] = checked_row(rowptr, i, n, num_edges, op, "rowptr");
       const int64_t deg = e1 - e0;
@@ -132,11 +112,11 @@ void forward_kernel(const GenInputs& in, const at::Tensor& out_t, const at::Tens
         const int64_t cnt = std::min(VS, d - v0);
         const V t = V::loadu(prm.t.data() + v0), p = V::loadu(prm.p.data() + v0);
         V acc(0), mx(0), sum(0);
-        scalar_t best[VS];
+        acc_t best[VS];
         index_t sel[VS];
         for (int64_t e = e0; e < e1; ++e) {
           const scalar_t* xr = x + checked(col[e], num_src, op, "col") * ldx + v0;
-          const V m = gen_message<V, M>(prm.pre(e, load(xr, cnt), v0, cnt), eps);
+          const V m = gen_message<V, M>(prm.pre(e, load_acc(xr, cnt), v0, cnt), eps);
           if constexpr (A == Aggr::Sum || A == Aggr::Mean) {
             acc = acc + m;
           } else if constexpr (A == Aggr::Softmax) {
@@ -160,24 +140,24 @@ void forward_kernel(const GenInputs& in, const at::Tensor& out_t, const at::Tens
           }
         }
         scalar_t* o = out + i * d + v0;
-        const V degv(static_cast<scalar_t>(deg));
+        const V degv(static_cast<acc_t>(deg));
         if constexpr (A == Aggr::Sum) {
-          store(acc, o, cnt);
+          store_acc(acc, o, cnt);
         } else if constexpr (A == Aggr::Mean) {
-          store(deg ? acc / degv : V(0), o, cnt);
+          store_acc(deg ? acc / degv : V(0), o, cnt);
         } else if constexpr (A == Aggr::Softmax) {
-          scalar_t* s = state_t.data_ptr<scalar_t>() + i * d + v0;
-          store(deg ? acc : V(0), o, cnt);
-          store(deg ? mx + M::log(sum) : V(0), s, cnt);
+          acc_t* s = state_t.data_ptr<acc_t>() + i * d + v0;
+          store_acc(deg ? acc : V(0), o, cnt);
+          store_acc(deg ? mx + M::log(sum) : V(0), s, cnt);
         } else if constexpr (A == Aggr::PowerMean) {
-          scalar_t* s = state_t.data_ptr<scalar_t>() + i * d + v0;
+          acc_t* s = state_t.data_ptr<acc_t>() + i * d + v0;
           const V r = deg ? acc / degv : V(0);
-          store(r, s, cnt);
-          store(positive_pow<V, M>(power_clamp<V, M>(r), V(1) / p), o, cnt);
+          store_acc(r, s, cnt);
+          store_acc(positive_pow<V, M>(power_clamp<V, M>(r), V(1) / p), o, cnt);
         } else {
           index_t* s = state_t.data_ptr<index_t>() + i * d + v0;
           for (int64_t l = 0; l < cnt; ++l) {
-            o[l] = deg ? best[l] : scalar_t(0);
+            o[l] = static_cast<scalar_t>(deg ? best[l] : acc_t(0));
             s[l] = deg ? sel[l] : index_t(-1);
           }
         }
@@ -190,7 +170,7 @@ void forward_kernel(const GenInputs& in, const at::Tensor& out_t, const at::Tens
 // Row i's values that the derivative of its edges' messages reads, for one channel vector.
 template <typename scalar_t, typename index_t>
 struct RowGrad {
-  using V = Vectorized<scalar_t>;
+  using V = AccVec<scalar_t>;
   V g, out, state, deg;      // state: L (softmax) or r (powermean)
   const index_t* arg;        // max: the selected edge per channel (row i, from v0)
   int64_t cnt;
@@ -202,14 +182,15 @@ struct RowSource {
   const index_t* rowptr;
   const scalar_t* grad_out;
   const scalar_t* out;
-  const scalar_t* state;      // softmax, powermean
+  const at::opmath_type<scalar_t>* state;  // softmax, powermean
   const index_t* arg;         // max
   int64_t d, num_dst, num_edges;
 
   RowSource(const GenInputs& in, const at::Tensor& out_t, const at::Tensor& state_t, const at::Tensor& grad_out_t)
       : rowptr(in.rowptr.data_ptr<index_t>()), grad_out(grad_out_t.data_ptr<scalar_t>()),
         out(out_t.data_ptr<scalar_t>()),
-        state(in.aggr == Aggr::Softmax || in.aggr == Aggr::PowerMean ? state_t.data_ptr<scalar_t>() : nullptr),
+        state(in.aggr == Aggr::Softmax || in.aggr == Aggr::PowerMean ? state_t.data_ptr<at::opmath_type<scalar_t>>()
+                                                                      : nullptr),
         arg(in.aggr == Aggr::Max ? state_t.data_ptr<index_t>() : nullptr),
         d(in.d), num_dst(in.num_dst), num_edges(in.col.numel()) {}
 
@@ -222,13 +203,14 @@ struct RowSource {
 template <typename scalar_t, typename index_t, Aggr A>
 inline RowGrad<scalar_t, index_t> row_grad(const RowSource<scalar_t, index_t>& src, int64_t i, int64_t v0,
                                            int64_t cnt) {
-  using V = Vectorized<scalar_t>;
+  using V = AccVec<scalar_t>;
   const int64_t off = i * src.d + v0;
-  RowGrad<scalar_t, index_t> r{load(src.grad_out + off, cnt), V(0), V(0), V(static_cast<scalar_t>(src.degree(i))),
+  RowGrad<scalar_t, index_t> r{load_acc(src.grad_out + off, cnt), V(0), V(0),
+                               V(static_cast<typename V::value_type>(src.degree(i))),
                                nullptr, cnt};
   if constexpr (A == Aggr::Softmax || A == Aggr::PowerMean) {
-    r.out = load(src.out + off, cnt);
-    r.state = load(src.state + off, cnt);
+    r.out = load_acc(src.out + off, cnt);
+    r.state = load_acc(src.state + off, cnt);
   }
   if constexpr (A == Aggr::Max) r.arg = src.arg + off;
   return r;
@@ -237,10 +219,10 @@ inline RowGrad<scalar_t, index_t> row_grad(const RowSource<scalar_t, index_t>& s
 // The gradient at m of edge e's message m; `extra` gets the edge's term of the row sums that
 // give the t or p gradient (softmax: a m (m - out); powermean: q log(clamp m)).
 template <typename scalar_t, typename index_t, Aggr A>
-inline Vectorized<scalar_t> message_grad(const RowGrad<scalar_t, index_t>& row, int64_t e,
-                                         const Vectorized<scalar_t>& m, const Vectorized<scalar_t>& t,
-                                         const Vectorized<scalar_t>& p, Vectorized<scalar_t>& extra) {
-  using V = Vectorized<scalar_t>;
+inline AccVec<scalar_t> message_grad(const RowGrad<scalar_t, index_t>& row, int64_t e, const AccVec<scalar_t>& m,
+                                     const AccVec<scalar_t>& t, const AccVec<scalar_t>& p, AccVec<scalar_t>& extra) {
+  using V = AccVec<scalar_t>;
+  using acc_t = typename V::value_type;
   using M = Math<V>;
   if constexpr (A == Aggr::Sum) return row.g;
   if constexpr (A == Aggr::Mean) return row.g / row.deg;
@@ -248,8 +230,8 @@ inline Vectorized<scalar_t> message_grad(const RowGrad<scalar_t, index_t>& row, 
   if constexpr (A == Aggr::Softmax) softmax_grad<V, M>(row.g, m, t, row.out, row.state, dm, extra);
   if constexpr (A == Aggr::PowerMean) power_grad<V, M>(row.g, m, p, row.state, row.deg, dm, extra);
   if constexpr (A == Aggr::Max) {
-    scalar_t gate[V::size()] = {};
-    for (int64_t l = 0; l < row.cnt; ++l) gate[l] = row.arg[l] == e ? scalar_t(1) : scalar_t(0);
+    acc_t gate[V::size()] = {};
+    for (int64_t l = 0; l < row.cnt; ++l) gate[l] = row.arg[l] == e ? acc_t(1) : acc_t(0);
     dm = row.g * V::loadu(gate);
   }
   return dm;
@@ -259,7 +241,8 @@ inline Vectorized<scalar_t> message_grad(const RowGrad<scalar_t, index_t>& row, 
 template <typename scalar_t, typename index_t, Aggr A>
 void backward_x_kernel(const GenInputs& in, const at::Tensor& out_t, const at::Tensor& state,
                        const at::Tensor& grad_out, const at::Tensor& grad_x) {
-  using V = Vectorized<scalar_t>;
+  using V = AccVec<scalar_t>;
+  using acc_t = typename V::value_type;
   using M = Math<V>;
   constexpr int64_t VS = V::size();
   constexpr const char* op = "revgnn_ext.gen_aggregate_backward";
@@ -270,14 +253,14 @@ void backward_x_kernel(const GenInputs& in, const at::Tensor& out_t, const at::T
   const scalar_t* x = in.x.data_ptr<scalar_t>();
   const RowSource<scalar_t, index_t> rows(in, out_t, state, grad_out);
   const int64_t ldx = in.x.stride(0), num_src = in.x.size(0), d = in.d, num_edges = in.col.numel();
-  const V eps(static_cast<scalar_t>(in.eps));
+  const V eps(static_cast<acc_t>(in.eps));
   scalar_t* gx = grad_x.data_ptr<scalar_t>();
-  at::parallel_for(0, num_src, grain_for(num_src, num_edges, d), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_src, cpu::grain_size(num_src, num_edges, d), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       for (int64_t v0 = 0; v0 < d; v0 += VS) {
         const int64_t cnt = std::min(VS, d - v0);
         const V t = V::loadu(prm.t.data() + v0), p = V::loadu(prm.p.data() + v0);
-        const V xv = load(x + j * ldx + v0, cnt);
+        const V xv = load_acc(x + j * ldx + v0, cnt);
         V acc(0), extra;
         const auto [t0, t1] = checked_row(rowptr_t, j, num_src, num_edges, op, "rowptr_t");
         for (int64_t k = t0; k < t1; ++k) {
@@ -288,7 +271,7 @@ void backward_x_kernel(const GenInputs& in, const at::Tensor& out_t, const at::T
           const V dm = message_grad<scalar_t, index_t, A>(row, e, gen_message<V, M>(pre, eps), t, p, extra);
           acc = acc + relu_grad<V, M>(pre, dm);
         }
-        store(acc, gx + j * d + v0, cnt);
+        store_acc(acc, gx + j * d + v0, cnt);
       }
     }
   });
@@ -301,7 +284,8 @@ void backward_x_kernel(const GenInputs& in, const at::Tensor& out_t, const at::T
 template <typename scalar_t, typename index_t, Aggr A>
 void backward_params_kernel(const GenInputs& in, const at::Tensor& out_t, const at::Tensor& state,
                             const at::Tensor& grad_out, const GenGrads& grads) {
-  using V = Vectorized<scalar_t>;
+  using V = AccVec<scalar_t>;
+  using acc_t = typename V::value_type;
   using M = Math<V>;
   constexpr int64_t VS = V::size();
   constexpr const char* op = "revgnn_ext.gen_aggregate_backward";
@@ -312,7 +296,7 @@ void backward_params_kernel(const GenInputs& in, const at::Tensor& out_t, const 
   const scalar_t* x = in.x.data_ptr<scalar_t>();
   const RowSource<scalar_t, index_t> rows(in, out_t, state, grad_out);
   const int64_t ldx = in.x.stride(0), num_src = in.x.size(0), d = in.d, dpad = prm.dpad, f = in.f, n = in.num_dst;
-  const V eps(static_cast<scalar_t>(in.eps));
+  const V eps(static_cast<acc_t>(in.eps));
   scalar_t* ga = grads.edge_attr.defined() ? grads.edge_attr.data_ptr<scalar_t>() : nullptr;
   const bool want_w = grads.weight_t.defined(), want_b = grads.bias.defined();
   // Partials per block: [F rows of the weight | bias | t or p], each dpad wide.
@@ -321,20 +305,20 @@ void backward_params_kernel(const GenInputs& in, const at::Tensor& out_t, const 
   at::parallel_for(0, blocks, 1, [&](int64_t bb, int64_t be) {
     std::vector<V> ga_acc(static_cast<size_t>(want_w || ga ? f : 0));
     // Per-row sums of the edges' terms for d/dt (sum a m (m - out)) or d/dp (sum q log m).
-    std::vector<scalar_t> s1(static_cast<size_t>(dpad));
-    std::vector<scalar_t> row_sum(static_cast<size_t>(stride));
-    scalar_t* pw = row_sum.data();
-    scalar_t* pb = pw + f * dpad;
-    scalar_t* pp = pb + dpad;
+    std::vector<acc_t> s1(static_cast<size_t>(dpad));
+    std::vector<acc_t> row_sum(static_cast<size_t>(stride));
+    acc_t* pw = row_sum.data();
+    acc_t* pb = pw + f * dpad;
+    acc_t* pp = pb + dpad;
     for (int64_t b = bb; b < be; ++b) {
       double* block_sum = partial.data() + b * stride;
       auto flush = [&] {
         for (int64_t k = 0; k < stride; ++k) block_sum[k] += static_cast<double>(row_sum[k]);
-        std::fill(row_sum.begin(), row_sum.end(), scalar_t(0));
+        std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
       };
-      std::fill(row_sum.begin(), row_sum.end(), scalar_t(0));
+      std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
       for (int64_t i = b * kRowBlock; i < std::min(n, (b + 1) * kRowBlock); ++i) {
-        std::fill(s1.begin(), s1.end(), scalar_t(0));
+        std::fill(s1.begin(), s1.end(), acc_t(0));
         const auto [e0, e1] = checked_row(rowptr, i, n, in.col.numel(), op, "rowptr");
         for (int64_t e = e0; e < e1; ++e) {
           const scalar_t* xr = x + checked(col[e], num_src, op, "col") * ldx;
@@ -343,19 +327,19 @@ void backward_params_kernel(const GenInputs& in, const at::Tensor& out_t, const 
           for (int64_t v0 = 0; v0 < d; v0 += VS) {
             const int64_t cnt = std::min(VS, d - v0);
             const V t = V::loadu(prm.t.data() + v0), p = V::loadu(prm.p.data() + v0);
-            const V pre = prm.pre(e, load(xr + v0, cnt), v0, cnt);
+            const V pre = prm.pre(e, load_acc(xr + v0, cnt), v0, cnt);
             const auto row = row_grad<scalar_t, index_t, A>(rows, i, v0, cnt);
             V extra;
             const V m = gen_message<V, M>(pre, eps);
             const V dpre = relu_grad<V, M>(pre, message_grad<scalar_t, index_t, A>(row, e, m, t, p, extra));
-            if (ga != nullptr && prm.direct) store(dpre, ga + e * d + v0, cnt);
+            if (ga != nullptr && prm.direct) store_acc(dpre, ga + e * d + v0, cnt);
             if (a != nullptr) {
               for (int64_t k = 0; k < f; ++k) {
                 const V w = V::loadu(prm.wt.data() + k * dpad + v0);
                 ga_acc[k] = at::vec::fmadd(dpre, w, ga_acc[k]);
                 if (want_w) {
-                  scalar_t* pwk = pw + k * dpad + v0;
-                  at::vec::fmadd(V(a[k]), dpre, V::loadu(pwk)).store(pwk);
+                  acc_t* pwk = pw + k * dpad + v0;
+                  at::vec::fmadd(V(static_cast<acc_t>(a[k])), dpre, V::loadu(pwk)).store(pwk);
                 }
               }
             }
@@ -363,7 +347,7 @@ void backward_params_kernel(const GenInputs& in, const at::Tensor& out_t, const 
             if constexpr (kParam) (V::loadu(s1.data() + v0) + extra).store(s1.data() + v0);
           }
           if (ga != nullptr && a != nullptr)
-            for (int64_t k = 0; k < f; ++k) ga[e * f + k] = lane_sum(ga_acc[k]);
+            for (int64_t k = 0; k < f; ++k) ga[e * f + k] = static_cast<scalar_t>(cpu::lane_sum(ga_acc[k]));
           if ((e - e0 + 1) % kFlush == 0) flush();
         }
         if constexpr (kParam) {  // every row, empty ones included
@@ -396,14 +380,9 @@ void backward_params_kernel(const GenInputs& in, const at::Tensor& out_t, const 
 }
 
 struct CpuGen {
-  static void check_dtype(at::ScalarType dtype, const char* op) {
-    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op, ": CPU kernels support float32 and float64, got ",
-                dtype);
-  }
-
   static void forward(const GenInputs& in, const at::Tensor& out, const at::Tensor& state) {
-    AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "revgnn_ext.gen_aggregate", [&] {
-      REVGNN_DISPATCH_INDEX(in.rowptr.scalar_type(), "revgnn_ext.gen_aggregate", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "revgnn_ext.gen_aggregate", [&] {
+      AT_DISPATCH_INDEX_TYPES(in.rowptr.scalar_type(), "revgnn_ext.gen_aggregate", [&] {
         dispatch_aggr(in.aggr, [&](auto aggr) {
           forward_kernel<scalar_t, index_t, decltype(aggr)::value>(in, out, state);
         });
@@ -413,8 +392,8 @@ struct CpuGen {
 
   static void backward(const GenInputs& in, const at::Tensor& out, const at::Tensor& state,
                        const at::Tensor& grad_out, const GenGrads& grads) {
-    AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "revgnn_ext.gen_aggregate_backward", [&] {
-      REVGNN_DISPATCH_INDEX(in.rowptr.scalar_type(), "revgnn_ext.gen_aggregate_backward", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "revgnn_ext.gen_aggregate_backward", [&] {
+      AT_DISPATCH_INDEX_TYPES(in.rowptr.scalar_type(), "revgnn_ext.gen_aggregate_backward", [&] {
         dispatch_aggr(in.aggr, [&](auto aggr) {
           constexpr Aggr AG = decltype(aggr)::value;
           backward_x_kernel<scalar_t, index_t, AG>(in, out, state, grad_out, grads.x);

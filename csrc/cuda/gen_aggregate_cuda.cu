@@ -37,7 +37,7 @@
 #include <limits>
 #include <type_traits>
 
-#include "cuda/lane_group.cuh"
+#include "cuda/common.cuh"
 #include "ops/gen_aggregate.h"
 
 namespace revgnn_ext {
@@ -174,7 +174,6 @@ __device__ __forceinline__ acc_t message_grad(const RowVals<acc_t>& r, int64_t e
   return dm;
 }
 
-
 // One unrolled step over a batch of a row's edges: the sources of edges k .. k + kUnroll - 1 of
 // the batch (broadcast from the lanes that fetched them; -1 past the row or out of range) and
 // x[src, c] + the direct edge embedding, every gather issued before any is used.
@@ -191,11 +190,6 @@ __device__ __forceinline__ void gather_step(const LaneGroup& g, index_t src, int
       xe[u] = static_cast<acc_t>(x[static_cast<int64_t>(js[u]) * ldx + c]) + emb.direct(base + k + u, c);
     }
   }
-}
-
-template <typename T>
-T* mut_ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
 // ---------------------------------------------------------------------------------- forward
@@ -537,13 +531,7 @@ RowSource<scalar_t, index_t> row_source(const GenInputs& in, const at::Tensor& o
           in.aggr == Aggr::Max ? state.data_ptr<index_t>() : nullptr, in.d};
 }
 
-
 struct CudaGen {
-  static void check_dtype(at::ScalarType dtype, const char* op) {
-    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
-                ": CUDA kernels support float32, float64, float16 and bfloat16, got ", dtype);
-  }
-
   static void forward(const GenInputs& in, const at::Tensor& out, const at::Tensor& state) {
     const at::cuda::OptionalCUDAGuard guard(in.x.device());
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -551,7 +539,7 @@ struct CudaGen {
     const int lanes = lanes_per_row(in.d);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), op, [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      REVGNN_DISPATCH_INDEX(in.rowptr.scalar_type(), op, [&] {
+      AT_DISPATCH_INDEX_TYPES(in.rowptr.scalar_type(), op, [&] {
         dispatch_aggr(in.aggr, [&](auto aggr) {
           constexpr Aggr A = decltype(aggr)::value;
           constexpr bool kFloatingState = A == Aggr::Softmax || A == Aggr::PowerMean;
@@ -577,7 +565,7 @@ struct CudaGen {
                              grads.p.defined();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), op, [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      REVGNN_DISPATCH_INDEX(in.rowptr.scalar_type(), op, [&] {
+      AT_DISPATCH_INDEX_TYPES(in.rowptr.scalar_type(), op, [&] {
         dispatch_aggr(in.aggr, [&](auto aggr) {
           constexpr Aggr A = decltype(aggr)::value;
           const EdgeEmb<scalar_t> emb = edge_emb<scalar_t>(in);
@@ -609,16 +597,16 @@ struct CudaGen {
             gen_backward_params_kernel<scalar_t, index_t, A><<<static_cast<unsigned int>(blocks), kBlock, 0, stream>>>(
                 in.rowptr.data_ptr<index_t>(), in.col.data_ptr<index_t>(), num_edges, in.x.data_ptr<scalar_t>(),
                 in.x.stride(0), n_src, emb, ptr_or_null<scalar_t>(in.t), ptr_or_null<scalar_t>(in.p), eps, rows, in.num_dst, in.d,
-                in.direct ? mut_ptr_or_null<scalar_t>(grads.edge_attr) : nullptr, mut_ptr_or_null<acc_t>(grad_attr_enc),
-                mut_ptr_or_null<acc_t>(partial), width, lanes);
+                in.direct ? ptr_or_null<scalar_t>(grads.edge_attr) : nullptr, ptr_or_null<acc_t>(grad_attr_enc),
+                ptr_or_null<acc_t>(partial), width, lanes);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           }
           if (want_params) {  // with no row block, the sums are 0
             const int64_t grid = std::min<int64_t>((width + kBlock - 1) / kBlock, std::numeric_limits<int32_t>::max());
             sum_partials_kernel<scalar_t><<<static_cast<unsigned int>(grid), kBlock, 0, stream>>>(
-                partial.data_ptr<acc_t>(), blocks, width, fw * in.d, in.d, mut_ptr_or_null<scalar_t>(grads.weight_t),
-                mut_ptr_or_null<scalar_t>(grads.bias),
-                mut_ptr_or_null<scalar_t>(A == Aggr::Softmax ? grads.t : grads.p));
+                partial.data_ptr<acc_t>(), blocks, width, fw * in.d, in.d, ptr_or_null<scalar_t>(grads.weight_t),
+                ptr_or_null<scalar_t>(grads.bias),
+                ptr_or_null<scalar_t>(A == Aggr::Softmax ? grads.t : grads.p));
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           }
           if (grad_attr_enc.defined() && !grad_attr_enc.is_same(grads.edge_attr)) grads.edge_attr.copy_(grad_attr_enc);

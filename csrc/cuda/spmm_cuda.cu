@@ -23,12 +23,9 @@
 #include <c10/macros/Macros.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
-#include <limits>
-#include <type_traits>
 
-#include "cuda/lane_group.cuh"
+#include "cuda/common.cuh"
 #include "ops/spmm.h"
 
 namespace revgnn_ext {
@@ -36,17 +33,6 @@ namespace {
 
 constexpr int kUnroll = 8;    // gathered rows loaded together, before any is consumed
 static_assert(kMinGroup % kUnroll == 0, "a batch of edges must hold whole unrolled steps");
-
-// VEC consecutive elements, loaded or stored with one instruction (16 bytes when VEC > 1).
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <int VEC, typename scalar_t>
-__device__ __forceinline__ Pack<scalar_t, VEC> load_pack(const scalar_t* p) {
-  return *reinterpret_cast<const Pack<scalar_t, VEC>*>(p);
-}
 
 // out[i, c] (= or += alpha *) R over CSR edges e of row i of w_e * x[col_e, c]; arg for max/min.
 template <typename scalar_t, typename index_t, Reduce R, int VEC>
@@ -97,7 +83,7 @@ __global__ void __launch_bounds__(kBlock)
 #pragma unroll
             for (int v = 0; v < VEC; ++v) {
               const acc_t val = ws[u] * static_cast<acc_t>(xs[u].v[v]);
-              if constexpr (selects_edge<R>()) {
+              if constexpr (selects_edge(R)) {
                 if (replaces<R>(val, acc[v], has_best)) {
                   acc[v] = val;
                   sel[v] = static_cast<index_t>(base + k + u);
@@ -117,7 +103,7 @@ __global__ void __launch_bounds__(kBlock)
           const acc_t r = finalize<R>(acc[v], e1 - e0);
           o[v] = accumulate ? static_cast<scalar_t>(static_cast<acc_t>(o[v]) + alpha * r) : static_cast<scalar_t>(r);
         }
-        if constexpr (selects_edge<R>()) {
+        if constexpr (selects_edge(R)) {
           if (arg != nullptr) {
 #pragma unroll
             for (int v = 0; v < VEC; ++v) arg[i * d + c + v] = sel[v];
@@ -163,7 +149,7 @@ __global__ void __launch_bounds__(kBlock)
             dst = i;
             edge = e;
             const acc_t w = weight != nullptr ? static_cast<acc_t>(weight[e]) : acc_t(1);
-            if constexpr (selects_edge<R>()) {
+            if constexpr (selects_edge(R)) {
               s = w;
             } else {
               int64_t deg = 1;
@@ -184,7 +170,7 @@ __global__ void __launch_bounds__(kBlock)
           for (int u = 0; u < kUnroll; ++u) {
             is[u] = g.shfl(dst, k + u);
             ss[u] = g.shfl(s, k + u);
-            if constexpr (selects_edge<R>()) es[u] = g.shfl(edge, k + u);
+            if constexpr (selects_edge(R)) es[u] = g.shfl(edge, k + u);
           }
 #pragma unroll
           for (int u = 0; u < kUnroll; ++u) {
@@ -196,7 +182,7 @@ __global__ void __launch_bounds__(kBlock)
 #pragma unroll
             for (int v = 0; v < VEC; ++v) {
               const acc_t gv = static_cast<acc_t>(gs[u].v[v]);
-              if constexpr (selects_edge<R>()) {
+              if constexpr (selects_edge(R)) {
                 acc[v] += arg[static_cast<int64_t>(is[u]) * d + c + v] == es[u] ? ss[u] * gv : acc_t(0);
               } else {
                 acc[v] += ss[u] * gv;
@@ -209,7 +195,7 @@ __global__ void __launch_bounds__(kBlock)
         Pack<scalar_t, VEC> res;
 #pragma unroll
         for (int v = 0; v < VEC; ++v) res.v[v] = static_cast<scalar_t>(acc[v]);
-        *reinterpret_cast<Pack<scalar_t, VEC>*>(grad_x + j * d + c) = res;
+        store_pack(grad_x + j * d + c, res);
       }
     }
   }
@@ -245,7 +231,7 @@ __global__ void __launch_bounds__(kBlock)
           if (c >= d) continue;  // no shuffles in this loop: lanes may leave it early
           const Pack<scalar_t, VEC> gp = load_pack<VEC>(grad_row + c);
           index_t sel[VEC];
-          if constexpr (selects_edge<R>()) {
+          if constexpr (selects_edge(R)) {
 #pragma unroll
             for (int v = 0; v < VEC; ++v) sel[v] = arg[i * d + c + v];
           }
@@ -260,7 +246,7 @@ __global__ void __launch_bounds__(kBlock)
 #pragma unroll
             for (int v = 0; v < VEC; ++v) {
               const acc_t prod = static_cast<acc_t>(xs[u].v[v]) * static_cast<acc_t>(gp.v[v]);
-              if constexpr (selects_edge<R>()) {
+              if constexpr (selects_edge(R)) {
                 dot[u] += static_cast<int64_t>(sel[v]) == base + k + u ? prod : acc_t(0);
               } else {
                 dot[u] += prod;
@@ -275,7 +261,7 @@ __global__ void __launch_bounds__(kBlock)
           const acc_t total = g.sum(dot[u]);
           if (g.lane == u && k + u < count) {
             grad_weight[base + k + u] =
-                static_cast<scalar_t>(selects_edge<R>() ? total : grad_scale<R>(total, e1 - e0));
+                static_cast<scalar_t>(selects_edge(R) ? total : grad_scale<R>(total, e1 - e0));
           }
         }
       }
@@ -285,32 +271,7 @@ __global__ void __launch_bounds__(kBlock)
 
 // ---- host side ----
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// Whether every row of the 2-D matrix t (channels contiguous) can be read in 16-byte packs.
-bool packs_ok(const at::Tensor& t) {
-  const int64_t bytes = t.element_size();
-  return aligned16(t.data_ptr()) && (t.size(1) * bytes) % 16 == 0 &&
-         (t.size(0) <= 1 || (t.stride(0) * bytes) % 16 == 0);
-}
-
-// Calls f(std::integral_constant<int, VEC>) with VEC = 16 / sizeof(scalar_t) when packs_ok,
-// else 1.
-template <typename scalar_t, typename F>
-void with_vec(bool packs, const F& f) {
-  if (packs) {
-    f(std::integral_constant<int, static_cast<int>(16 / sizeof(scalar_t))>{});
-  } else {
-    f(std::integral_constant<int, 1>{});
-  }
-}
-
 struct CudaSpmm {
-  static void check_dtype(at::ScalarType dtype, const char* op) {
-    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
-                ": CUDA kernels support float32, float64, float16 and bfloat16, got ", dtype);
-  }
-
   static void forward(const at::Tensor& rowptr, const at::Tensor& col, const c10::optional<at::Tensor>& weight,
                       const at::Tensor& x, Reduce reduce, const at::Tensor& out, const at::Tensor& arg,
                       double alpha, bool accumulate) {
@@ -323,8 +284,9 @@ struct CudaSpmm {
     constexpr const char* op = "revgnn_ext.spmm";
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      REVGNN_DISPATCH_INDEX(rowptr.scalar_type(), op, [&] {
-        REVGNN_DISPATCH_REDUCE(reduce, [&] {
+      AT_DISPATCH_INDEX_TYPES(rowptr.scalar_type(), op, [&] {
+        dispatch_reduce(reduce, [&](auto r) {
+          constexpr Reduce REDUCE = decltype(r)::value;
           with_vec<scalar_t>(packs, [&](auto vec) {
             constexpr int VEC = decltype(vec)::value;
             const int lanes = lanes_per_row(d, VEC);
@@ -332,7 +294,7 @@ struct CudaSpmm {
                 rowptr.data_ptr<index_t>(), col.data_ptr<index_t>(), col.numel(), ptr_or_null<scalar_t>(w),
                 x.data_ptr<scalar_t>(),
                 x.stride(0), x.size(0), out.data_ptr<scalar_t>(), out.stride(0),
-                selects_edge<REDUCE>() && arg.defined() ? arg.data_ptr<index_t>() : nullptr, n, d,
+                selects_edge(REDUCE) && arg.defined() ? arg.data_ptr<index_t>() : nullptr, n, d,
                 static_cast<acc_t>(alpha), accumulate, lanes);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
@@ -348,19 +310,20 @@ struct CudaSpmm {
     const int64_t n_src = rowptr_t.numel() - 1, d = grad_out.size(1);
     if (n_src <= 0 || d == 0) return;
     const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
-    const bool packs = packs_ok(grad_out) && aligned16(grad_x.data_ptr());
+    const bool packs = packs_ok(grad_out) && packs_ok(grad_x);
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     constexpr const char* op = "revgnn_ext.spmm_backward_x";
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), op, [&] {
-      REVGNN_DISPATCH_INDEX(rowptr_t.scalar_type(), op, [&] {
-        REVGNN_DISPATCH_REDUCE(reduce, [&] {
+      AT_DISPATCH_INDEX_TYPES(rowptr_t.scalar_type(), op, [&] {
+        dispatch_reduce(reduce, [&](auto r) {
+          constexpr Reduce REDUCE = decltype(r)::value;
           with_vec<scalar_t>(packs, [&](auto vec) {
             constexpr int VEC = decltype(vec)::value;
             const int lanes = lanes_per_row(d, VEC);
             spmm_backward_x_kernel<scalar_t, index_t, REDUCE, VEC><<<num_blocks(n_src, lanes), kBlock, 0, stream>>>(
                 rowptr.data_ptr<index_t>(), rowptr_t.data_ptr<index_t>(), col_t.data_ptr<index_t>(),
                 perm_t.data_ptr<index_t>(), ptr_or_null<scalar_t>(w), grad_out.data_ptr<scalar_t>(),
-                grad_out.stride(0), selects_edge<REDUCE>() ? arg.data_ptr<index_t>() : nullptr, grad_out.size(0),
+                grad_out.stride(0), selects_edge(REDUCE) ? arg.data_ptr<index_t>() : nullptr, grad_out.size(0),
                 col_t.numel(), grad_x.data_ptr<scalar_t>(), n_src, d, lanes);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
@@ -383,8 +346,9 @@ struct CudaSpmm {
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     constexpr const char* op = "revgnn_ext.spmm_backward_weight";
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
-      REVGNN_DISPATCH_INDEX(rowptr.scalar_type(), op, [&] {
-        REVGNN_DISPATCH_REDUCE(reduce, [&] {
+      AT_DISPATCH_INDEX_TYPES(rowptr.scalar_type(), op, [&] {
+        dispatch_reduce(reduce, [&](auto r) {
+          constexpr Reduce REDUCE = decltype(r)::value;
           with_vec<scalar_t>(packs, [&](auto vec) {
             constexpr int VEC = decltype(vec)::value;
             const int lanes = lanes_per_row(d, VEC);
@@ -392,7 +356,7 @@ struct CudaSpmm {
                 rowptr.data_ptr<index_t>(), col.data_ptr<index_t>(), col.numel(), x.data_ptr<scalar_t>(), x.stride(0),
                 x.size(0),
                 grad_out.data_ptr<scalar_t>(), grad_out.stride(0),
-                selects_edge<REDUCE>() ? arg.data_ptr<index_t>() : nullptr, n, d, grad_weight.data_ptr<scalar_t>(),
+                selects_edge(REDUCE) ? arg.data_ptr<index_t>() : nullptr, n, d, grad_weight.data_ptr<scalar_t>(),
                 lanes);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });

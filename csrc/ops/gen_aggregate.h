@@ -47,9 +47,9 @@
 // then through the ReLU: d pre = d m [x + emb > 0].
 #pragma once
 
-#include <c10/macros/Macros.h>
+#include <ATen/OpMathType.h>
+
 #include <cmath>
-#include <type_traits>
 
 #include "ops/spmm.h"
 
@@ -158,36 +158,19 @@ C10_HOST_DEVICE inline T power_grad_p(T g, T out, T p, T r, T s, T deg) {
   return g * out * (through_r - M::log(rc) / (p * p));
 }
 
-}  // namespace revgnn_ext
-
-#ifndef __CUDACC_RTC__
-namespace revgnn_ext {
-
-inline Aggr parse_aggr(const std::string& aggr, const char* op) {
-  if (aggr == "sum") return Aggr::Sum;
-  if (aggr == "mean") return Aggr::Mean;
-  if (aggr == "max") return Aggr::Max;
-  if (aggr == "softmax") return Aggr::Softmax;
-  if (aggr == "powermean") return Aggr::PowerMean;
-  TORCH_CHECK(false, op, ": aggr must be one of 'softmax', 'max', 'mean', 'sum', 'powermean', got '", aggr, "'");
+inline Aggr parse_aggr(c10::string_view aggr, const char* op) {
+  static constexpr std::pair<const char*, Aggr> names[] = {{"softmax", Aggr::Softmax},
+                                                           {"max", Aggr::Max},
+                                                           {"mean", Aggr::Mean},
+                                                           {"sum", Aggr::Sum},
+                                                           {"powermean", Aggr::PowerMean}};
+  return parse_enum(std::string(aggr), names, op, "aggr");
 }
 
 // Calls f(std::integral_constant<Aggr, aggr>{}): the aggregation as a compile-time constant.
 template <typename F>
 void dispatch_aggr(Aggr aggr, const F& f) {
-  switch (aggr) {
-    case Aggr::Sum:
-      return f(std::integral_constant<Aggr, Aggr::Sum>{});
-    case Aggr::Mean:
-      return f(std::integral_constant<Aggr, Aggr::Mean>{});
-    case Aggr::Max:
-      return f(std::integral_constant<Aggr, Aggr::Max>{});
-    case Aggr::Softmax:
-      return f(std::integral_constant<Aggr, Aggr::Softmax>{});
-    case Aggr::PowerMean:
-      return f(std::integral_constant<Aggr, Aggr::PowerMean>{});
-  }
-  TORCH_CHECK(false, "revgnn_ext: unknown aggregation ", static_cast<int>(aggr));
+  dispatch_enum<Aggr, Aggr::Sum, Aggr::Mean, Aggr::Max, Aggr::Softmax, Aggr::PowerMean>(aggr, f);
 }
 
 // The checked inputs of either op, in the form the kernels read them.
@@ -210,9 +193,7 @@ inline at::Tensor per_channel(const c10::optional<at::Tensor>& v, const at::Tens
   TORCH_CHECK(v.has_value(), op, ": ", name, " is required for this aggregation");
   TORCH_CHECK(v->dim() <= 1 && (v->numel() == 1 || v->numel() == x.size(1)), op, ": ", name,
               " must hold 1 or D = ", x.size(1), " values, got shape ", v->sizes());
-  TORCH_CHECK(v->scalar_type() == x.scalar_type(), op, ": ", name, " dtype ", v->scalar_type(),
-              " differs from x dtype ", x.scalar_type());
-  TORCH_CHECK(v->device() == x.device(), op, ": ", name, " is on ", v->device(), ", expected ", x.device());
+  check_like_x(*v, x, op, name);
   return v->reshape({-1}).expand({x.size(1)}).contiguous();
 }
 
@@ -222,7 +203,7 @@ inline GenInputs check_gen_inputs(const char* op, const at::Tensor& rowptr, cons
                                   const c10::optional<at::Tensor>& edge_bias, const c10::optional<at::Tensor>& t,
                                   const c10::optional<at::Tensor>& p, c10::string_view aggr, double eps) {
   GenInputs in;
-  in.aggr = parse_aggr(std::string(aggr), op);
+  in.aggr = parse_aggr(aggr, op);
   in.eps = eps;
   in.x = check_features(x_in, op, "x", x_in.device());
   check_graph(rowptr, col, c10::nullopt, in.x, op);
@@ -231,22 +212,18 @@ inline GenInputs check_gen_inputs(const char* op, const at::Tensor& rowptr, cons
   in.num_dst = rowptr.numel() - 1;
   in.d = in.x.size(1);
   const int64_t num_edges = col.numel();
-  const auto dev = in.x.device();
-  const auto dtype = in.x.scalar_type();
   if (edge_attr.has_value()) {
     const auto& a = *edge_attr;
     TORCH_CHECK(a.dim() == 2 && a.size(0) == num_edges, op, ": edge_attr must have shape [num_edges = ",
                 num_edges, ", F], got ", a.sizes());
-    TORCH_CHECK(a.scalar_type() == dtype, op, ": edge_attr dtype ", a.scalar_type(), " differs from x dtype ", dtype);
-    TORCH_CHECK(a.device() == dev, op, ": edge_attr is on ", a.device(), ", expected ", dev);
+    check_like_x(a, in.x, op, "edge_attr");
     in.edge_attr = a.contiguous();
     in.f = a.size(1);
     if (edge_weight.has_value()) {
       const auto& w = *edge_weight;
       TORCH_CHECK(w.dim() == 2 && w.size(0) == in.d && w.size(1) == in.f, op, ": edge_weight must have shape [D = ",
                   in.d, ", F = ", in.f, "] (an nn.Linear(F, D) weight), got ", w.sizes());
-      TORCH_CHECK(w.scalar_type() == dtype, op, ": edge_weight dtype ", w.scalar_type(), " differs from x dtype ", dtype);
-      TORCH_CHECK(w.device() == dev, op, ": edge_weight is on ", w.device(), ", expected ", dev);
+      check_like_x(w, in.x, op, "edge_weight");
       in.weight_t = w.t().contiguous();
     } else {
       TORCH_CHECK(in.f == in.d, op, ": without edge_weight, edge_attr is the edge embedding and must have D = ",
@@ -260,8 +237,7 @@ inline GenInputs check_gen_inputs(const char* op, const at::Tensor& rowptr, cons
     TORCH_CHECK(in.weight_t.defined(), op, ": edge_bias needs edge_attr and edge_weight");
     const auto& b = *edge_bias;
     TORCH_CHECK(b.dim() == 1 && b.size(0) == in.d, op, ": edge_bias must have shape [D = ", in.d, "], got ", b.sizes());
-    TORCH_CHECK(b.scalar_type() == dtype, op, ": edge_bias dtype ", b.scalar_type(), " differs from x dtype ", dtype);
-    TORCH_CHECK(b.device() == dev, op, ": edge_bias is on ", b.device(), ", expected ", dev);
+    check_like_x(b, in.x, op, "edge_bias");
     in.bias = b.contiguous();
   }
   if (in.aggr == Aggr::Softmax) in.t = per_channel(t, in.x, op, "t");
@@ -270,9 +246,7 @@ inline GenInputs check_gen_inputs(const char* op, const at::Tensor& rowptr, cons
 }
 
 inline at::ScalarType gen_state_dtype(const GenInputs& in) {
-  if (in.aggr == Aggr::Max) return in.rowptr.scalar_type();
-  const auto dtype = in.x.scalar_type();
-  return (dtype == at::kHalf || dtype == at::kBFloat16) ? at::kFloat : dtype;
+  return in.aggr == Aggr::Max ? in.rowptr.scalar_type() : at::toOpMathType(in.x.scalar_type());
 }
 
 inline bool gen_has_state(Aggr aggr) {
@@ -280,7 +254,6 @@ inline bool gen_has_state(Aggr aggr) {
 }
 
 // K holds one device's kernels (cpu/gen_aggregate_cpu.cpp, cuda/gen_aggregate_cuda.cu):
-//   K::check_dtype(dtype, op)
 //   K::forward(in, out, state)        out [num_dst, D] and state (as documented above) written
 //   K::backward(in, out, state, grad_out, grads)   grads: the six gradients, pre-allocated;
 //     grads.x [num_src, D] contiguous, fully written; grads.edge_attr [E, F] or undefined;
@@ -297,7 +270,6 @@ std::tuple<at::Tensor, at::Tensor> gen_aggregate_op(
     const c10::optional<at::Tensor>& edge_bias, const c10::optional<at::Tensor>& t, const c10::optional<at::Tensor>& p,
     c10::string_view aggr, double eps) {
   constexpr const char* op = "revgnn_ext.gen_aggregate";
-  K::check_dtype(x.scalar_type(), op);
   GenInputs in = check_gen_inputs(op, rowptr, col, x, edge_attr, edge_weight, edge_bias, t, p, aggr, eps);
   TORCH_CHECK(!rowptr_t.has_value() || rowptr_t->numel() == in.x.size(0) + 1, op, ": x has ", in.x.size(0),
               " rows but the graph has ", rowptr_t.has_value() ? rowptr_t->numel() - 1 : 0, " source nodes");
@@ -317,7 +289,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& t, const c10::optional<at::Tensor>& p, const at::Tensor& out,
     const at::Tensor& state, const at::Tensor& grad_out_in, c10::string_view aggr, double eps) {
   constexpr const char* op = "revgnn_ext.gen_aggregate_backward";
-  K::check_dtype(x.scalar_type(), op);
   GenInputs in = check_gen_inputs(op, rowptr, col, x, edge_attr, edge_weight, edge_bias, t, p, aggr, eps);
   const auto dev = in.x.device();
   check_index(rowptr_t, op, "rowptr_t", rowptr.scalar_type(), dev);
@@ -379,4 +350,3 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
 
 }  // namespace revgnn_ext
-#endif  // __CUDACC_RTC__

@@ -4,7 +4,8 @@
 //   y [N, D], floating, D = num_groups * c, num_groups >= 2: the block's output Y = [Y_0 .. Y_{C-1}]
 //   (0-based groups of c channels each), read and written in place. Channels contiguous and rows
 //   that do not overlap (stride(1) == 1, stride(0) >= D): y may be a column slice of a wider buffer.
-//   f [N, c], dtype and device of y, any layout (the op copies it when its channels are strided).
+//   f [N, c], device of y, any layout (the op copies it when its channels are strided); y's dtype
+//   or a lower precision (bfloat16 beside a float32 y: converted to y's dtype, exactly).
 //     y[:, group * c : (group + 1) * c] -= f                          (0 <= group < num_groups)
 //   sum_out [N, c], optional, dtype and device of y, channels contiguous; only with group >= 1:
 //   then, in the same pass over each row,
@@ -13,17 +14,12 @@
 //   X'_0, the input of F_1, once the last of groups C-1 .. 1 has been rebuilt.
 //   Neither f (as read) nor sum_out may share elements with y, nor sum_out with f; other column
 //   slices of y's buffer are fine.
-// float16/bfloat16 (CUDA) are computed in float32 and rounded once per stored value; the sum adds
+// float16/bfloat16 are computed in float32 and rounded once per stored value; the sum adds
 // the stored (rounded) group values. Every element is computed by one thread in a fixed order:
 // results are bitwise identical across runs, thread counts and launch shapes.
 #pragma once
 
-#include <c10/macros/Macros.h>
-#include <cstdint>
-
-#ifndef __CUDACC_RTC__
-#include "ops/spmm.h"
-#endif
+#include "ops/common.h"
 
 namespace revgnn_ext {
 
@@ -42,35 +38,15 @@ C10_HOST_DEVICE inline T rev_group_sum(int64_t num_groups, const Group& group) {
   return sum;
 }
 
-}  // namespace revgnn_ext
-
-#ifndef __CUDACC_RTC__
-namespace revgnn_ext {
-
-// A tensor the op writes in place: 2-D, floating, on `device`, channels contiguous and rows that
-// do not overlap (a column slice of a wider buffer is fine).
-inline void check_written(const at::Tensor& t, const char* op, const char* name, const at::Device& device) {
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [nodes, channels], got shape ", t.sizes());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating-point tensor, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(), ", expected ", device);
-  TORCH_CHECK((t.size(1) <= 1 || t.stride(1) == 1) && (t.size(0) <= 1 || t.stride(0) >= t.size(1)), op, ": ",
-              name, " must have contiguous channels and non-overlapping rows (a column slice is fine), got strides ",
-              t.strides());
-}
-
-// f and sum_out: one group's width of y's rows, in y's dtype.
+// f and sum_out: one group's width of y's rows.
 inline void check_group_shape(const at::Tensor& t, const at::Tensor& y, int64_t c, const char* op,
                               const char* name) {
   TORCH_CHECK(t.size(0) == y.size(0) && t.size(1) == c, op, ": ", name, " must have shape [", y.size(0), ", ", c,
               "] (y's rows, one group's channels), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == y.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(),
-              " differs from y dtype ", y.scalar_type());
 }
 
 // The op layer, shared by the devices: argument checks. K holds one device's kernels
 // (cpu/rev_subtract_cpu.cpp, cuda/rev_subtract_cuda.cu):
-//   K::check_dtype(dtype, op)
 //   K::subtract(y, f, group, num_groups, sum_out)   with n > 0, c > 0; sum_out undefined or [n, c].
 template <typename K>
 void rev_subtract_op(const at::Tensor& y, const at::Tensor& f_in, int64_t group, int64_t num_groups,
@@ -79,12 +55,13 @@ void rev_subtract_op(const at::Tensor& y, const at::Tensor& f_in, int64_t group,
   TORCH_CHECK(num_groups >= 2, op, ": num_groups must be at least 2, got ", num_groups);
   TORCH_CHECK(group >= 0 && group < num_groups, op, ": group must be in [0, ", num_groups, "), got ", group);
   check_written(y, op, "y", y.device());
-  K::check_dtype(y.scalar_type(), op);
   TORCH_CHECK(y.size(1) % num_groups == 0, op, ": y has ", y.size(1), " channels, which do not split into ",
               num_groups, " equal groups");
   const int64_t c = y.size(1) / num_groups;
   const at::Tensor f = check_features(f_in, op, "f", y.device());
   check_group_shape(f, y, c, op, "f");
+  TORCH_CHECK(at::promoteTypes(f.scalar_type(), y.scalar_type()) == y.scalar_type(), op, ": f (", f.scalar_type(),
+              ") must have y's dtype ", y.scalar_type(), " or a lower precision that converts to it exactly");
   TORCH_CHECK(!shares_elements(f, y), op, ": f shares elements with y; it may be a column slice of y's buffer, "
               "but its columns must not overlap y's");
   at::Tensor sum;
@@ -94,11 +71,14 @@ void rev_subtract_op(const at::Tensor& y, const at::Tensor& f_in, int64_t group,
                 "subtraction into a group >= 1, got group 0");
     check_written(sum, op, "sum_out", y.device());
     check_group_shape(sum, y, c, op, "sum_out");
+    check_like_x(sum, y, op, "sum_out");
     TORCH_CHECK(!shares_elements(sum, y), op, ": sum_out shares elements with y; it may be a column slice of "
                 "y's buffer, but its columns must not overlap y's");
     TORCH_CHECK(!shares_elements(sum, f), op, ": sum_out shares elements with f");
   }
-  if (y.size(0) > 0 && c > 0) K::subtract(y, f, group, num_groups, sum);
+  // A lower-precision f (F run under autocast beside float32 carried activations) is converted,
+  // exactly: the subtraction runs in y's precision.
+  if (y.size(0) > 0 && c > 0) K::subtract(y, f.to(y.scalar_type()), group, num_groups, sum);
 }
 
 // One registration for a device's kernels.
@@ -108,4 +88,3 @@ void rev_subtract_op(const at::Tensor& y, const at::Tensor& f_in, int64_t group,
   }
 
 }  // namespace revgnn_ext
-#endif  // __CUDACC_RTC__

@@ -1,5 +1,6 @@
-// Lane groups: the thread mapping shared by the CUDA kernels. A group of G lanes (a power of
-// two in [kMinGroup, 32]) owns one row at a time; rows are visited with grid-stride loops.
+// What the CUDA kernels share: lane groups, the thread mapping (a group of G lanes, a power of
+// two in [kMinGroup, 32], owns one row at a time; rows are visited with grid-stride loops), the
+// graph's index checks on the device, 16-byte packs and the choice of their width.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -8,8 +9,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
-#include "ops/spmm.h"
+#include "ops/common.h"
 
 namespace revgnn_ext {
 namespace {
@@ -104,8 +106,64 @@ inline unsigned int num_blocks(int64_t rows, int lanes) {
 }
 
 template <typename T>
-const T* ptr_or_null(const at::Tensor& t) {
+T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// N consecutive values, loaded or stored with one instruction (16 bytes when N > 1); elementwise
+// arithmetic, so that the shared formulas take a pack of accumulators like a scalar.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+
+  template <typename U>
+  C10_HOST_DEVICE Pack<U, N> as() const {
+    Pack<U, N> r;
+#pragma unroll
+    for (int k = 0; k < N; ++k) r.v[k] = static_cast<U>(v[k]);
+    return r;
+  }
+  C10_HOST_DEVICE Pack operator-(const Pack& o) const {
+    Pack r;
+#pragma unroll
+    for (int k = 0; k < N; ++k) r.v[k] = v[k] - o.v[k];
+    return r;
+  }
+  C10_HOST_DEVICE Pack operator+(const Pack& o) const {
+    Pack r;
+#pragma unroll
+    for (int k = 0; k < N; ++k) r.v[k] = v[k] + o.v[k];
+    return r;
+  }
+};
+
+template <int N, typename T>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, N>*>(p);
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) {
+  *reinterpret_cast<Pack<T, N>*>(p) = v;
+}
+
+// Whether every row of the 2-D matrix t (channels contiguous) can be read in 16-byte packs: its
+// start, its row stride and its width are 16-byte multiples.
+inline bool packs_ok(const at::Tensor& t) {
+  const int64_t bytes = t.element_size();
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && (t.size(1) * bytes) % 16 == 0 &&
+         (t.size(0) <= 1 || (t.stride(0) * bytes) % 16 == 0);
+}
+
+// Calls f(std::integral_constant<int, VEC>{}) with VEC = 16 / sizeof(scalar_t) (16-byte packs)
+// when `packs`, else VEC = 1.
+template <typename scalar_t, typename F>
+void with_vec(bool packs, const F& f) {
+  if (packs) {
+    f(std::integral_constant<int, static_cast<int>(16 / sizeof(scalar_t))>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
 }
 
 }  // namespace
