@@ -34,8 +34,9 @@ bench: build
 	$(PY) benchmarks/spmm.py
 	$(PY) benchmarks/gen_conv.py
 
-# On a GPU machine, with its own python (torch with CUDA, torch_geometric; no venv, no network):
-# build for the local GPU, run the tests with their CUDA cases and the GPU benchmarks, and write
+# On a GPU machine, with its own python (torch with CUDA, torch_geometric; no venv, no network), in
+# at most 8 minutes: build for the local GPU, every CUDA test case, the headline, spmm and GENConv
+# at full proteins scale; ONLY=memory_depth,spmm_more,gen_conv_more runs the second group. Writes
 # benchmarks/results/<date>-<gpu>/ (RESULTS_DIR=... elsewhere). Without a GPU, a CPU dry run.
 GPU_PYTHON ?= python3
 RESULTS_DIR ?=

@@ -1,34 +1,27 @@
-"""GENConv forward+backward: revgnn_ext.nn.GENConv against PyG's GENConv (same state_dict),
-time and peak memory, on seeded synthetic graphs.
+"""How fast and how lean is one revgnn_ext.nn.GENConv layer, forward+backward, against PyG's
+GENConv with the same state_dict?
 
-    python benchmarks/gen_conv.py [--device cpu|cuda] [--graphs issue-3,...] [--aggr softmax,max]
+    python benchmarks/gen_conv.py [--device cpu|cuda] [--graphs powerlaw-20k-d30,...] [--aggr softmax,max]
 
-Each configuration first checks that both layers give the same output and gradients; then
-times forward+backward (median after warm-up) and measures the peak memory of one step above
-the inputs. A peer that does not fit in memory is reported as n/a. On GPU, the full proteins
-scale (79M edges) runs for ours, with PyG's estimated footprint shown instead when it cannot fit.
+Each configuration first checks that both layers give the same output and gradients, then times
+forward+backward (median after a warm-up, the two layers in interleaved rounds) and measures the
+peak memory of one step above the inputs. Where PyG's layer would not fit in memory (on GPU, the
+full proteins scale) its estimated footprint is shown instead.
 """
 import argparse
-import os
-import sys
 
 import torch
+import torch_geometric
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import available_memory, machine_info, peak_memory, time_fn, Table, write_report  # noqa: E402
-from graphs import PRESETS, make_graph  # noqa: E402
+from revgnn_ext import CSRGraph
+from revgnn_ext.nn import GENConv
 
-import torch_geometric  # noqa: E402
-from revgnn_ext import CSRGraph  # noqa: E402
-from revgnn_ext.nn import GENConv  # noqa: E402
+from graphs import PRESETS, make_graph
+from measure import PeakMemory, available_memory, median_seconds, report, set_malloc_thresholds
 
 AGGRS = {"softmax": dict(aggr="softmax", learn_t=True), "max": dict(aggr="max")}
-
-
-def pyg_bytes_estimate(num_edges: int, width: int) -> int:
-    """PyG's GENConv keeps about 6 [E, D] float32 tensors alive for softmax backward
-    (edge embedding, message, scores, exp, weights, weighted message)."""
-    return 6 * num_edges * width * 4
+PYG_EDGE_COPIES = 6  # [E, D] float32 tensors PyG's GENConv keeps for softmax's backward (embedding,
+# message, scores, exp, weights, weighted message)
 
 
 def step(conv, x, adj, edge_attr, grad):
@@ -37,11 +30,24 @@ def step(conv, x, adj, edge_attr, grad):
     return out
 
 
-def run(graph_name, aggr, device, width, repeat, budget, seed):
-    g = make_graph(graph_name, device, seed)
-    n, num_edges = g.num_nodes, g.edge_index.size(1)
+def check_same(ours, pyg, x, graph, g, grad) -> None:
+    """Same output; same gradients, except where one is round-off (a bias before a norm)."""
+    out_ours, out_pyg = step(ours, x, graph, g.edge_attr, grad), step(pyg, x, g.edge_index, g.edge_attr, grad)
+    torch.testing.assert_close(out_ours, out_pyg, rtol=1e-4, atol=1e-4)
+    largest = max(q.grad.norm().item() for q in pyg.parameters())
+    for (name, p), q in zip(ours.named_parameters(), pyg.parameters()):
+        if q.grad.norm().item() >= 1e-3 * largest:
+            rel = ((p.grad - q.grad).norm() / q.grad.norm()).item()
+            # t's gradient is a sum over N x D terms that cancel: float32 leaves ~1e-3 in both.
+            assert rel < (1e-2 if name == "aggr_module.t" else 1e-4), \
+                f"{name}: gradients differ from PyG's by {rel:.2e} (relative norm)"
+
+
+def run(graph_name: str, aggr: str, device, args) -> list:
+    g = make_graph(graph_name, device, args.seed)
+    n, num_edges, width = g.num_nodes, g.edge_index.size(1), args.width
     edge_dim = g.edge_attr.size(1) if g.edge_attr is not None else None
-    torch.manual_seed(seed)
+    torch.manual_seed(args.seed)
     pyg = torch_geometric.nn.GENConv(width, width, edge_dim=edge_dim, bias=True, **AGGRS[aggr]).to(device)
     ours = GENConv(width, width, edge_dim=edge_dim, bias=True, **AGGRS[aggr]).to(device)
     ours.load_state_dict(pyg.state_dict())
@@ -49,42 +55,38 @@ def run(graph_name, aggr, device, width, repeat, budget, seed):
     grad = torch.randn(n, width, device=device)
     graph = CSRGraph.from_edge_index(g.edge_index, n)
     graph.transposed()
-    fits = pyg_bytes_estimate(num_edges, width) < 0.8 * available_memory(device)
-    rows = []
+    pyg_bytes = PYG_EDGE_COPIES * num_edges * width * 4
+    fits = pyg_bytes < 0.8 * available_memory(device)
+    peers = {"revgnn_ext": (ours, graph)} | ({"PyG GENConv": (pyg, g.edge_index)} if fits else {})
     if fits:  # correctness first
-        a, b = step(ours, x, graph, g.edge_attr, grad), step(pyg, x, g.edge_index, g.edge_attr, grad)
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-        largest = max(q.grad.norm().item() for q in pyg.parameters())
-        for (name, p), q in zip(ours.named_parameters(), pyg.parameters()):
-            if q.grad.norm().item() < 1e-3 * largest:
-                continue  # zero in exact arithmetic (a bias before a BatchNorm): round-off in both
-            rel = ((p.grad - q.grad).norm() / q.grad.norm()).item()
-            # t's gradient is a sum over N x D terms that cancel: float32 leaves ~1e-3 in both.
-            assert rel < (1e-2 if name == "aggr_module.t" else 1e-4), \
-                f"{name}: gradients differ from PyG's by {rel:.2e} (relative norm)"
-    peers = [("revgnn_ext", ours, graph)] + ([("PyG GENConv", pyg, g.edge_index)] if fits else [])
-    results = {}
-    for name, conv, adj in peers:
-        seconds = time_fn(lambda: step(conv, x, adj, g.edge_attr, grad), warmup=1, repeat=repeat, device=device,
-                          budget_s=budget)
-        results[name] = (seconds, peak_memory(lambda: step(conv, x, adj, g.edge_attr, grad), device))
-    ours_s, ours_b = results["revgnn_ext"]
+        check_same(ours, pyg, x, graph, g, grad)
+    fns = {name: (lambda conv=conv, adj=adj: step(conv, x, adj, g.edge_attr, grad))
+           for name, (conv, adj) in peers.items()}
+    medians, errors = median_seconds(fns, device, warmup=1, repeat=args.repeat, budget_s=args.budget)
+    if errors:
+        raise RuntimeError(f"gen_conv: {errors}")
+    peaks = {}
+    for name, fn in fns.items():
+        with PeakMemory(device) as memory:
+            fn()
+        peaks[name] = memory.peak
+    rows = []
     for name in ("revgnn_ext", "PyG GENConv"):
-        seconds, nbytes = results.get(name, (None, None))
-        rows.append(dict(graph=graph_name, nodes=n, edges=num_edges, width=width, aggr=aggr, peer=name,
-                         ms=seconds * 1e3 if seconds else None, peak_mb=nbytes / 2**20 if nbytes else None,
-                         est_mb=pyg_bytes_estimate(num_edges, width) / 2**20 if name != "revgnn_ext" and not seconds
-                         else None,
-                         speedup=seconds / ours_s if seconds else None,
-                         mem_ratio=nbytes / ours_b if nbytes else None))
+        row = dict(graph=graph_name, nodes=n, edges=num_edges, width=width, aggr=aggr, peer=name)
+        if name in medians:
+            row.update(ms=medians[name] * 1e3, peak_mb=peaks[name] / 2**20,
+                       speedup=medians[name] / medians["revgnn_ext"], mem_ratio=peaks[name] / peaks["revgnn_ext"])
+        else:
+            row.update(est_mb=pyg_bytes / 2**20)
+        rows.append(row)
     return rows
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--graphs", help=f"comma-separated presets from {', '.join(PRESETS)} (default: issue-3 on cpu; "
-                                    "issue-3, proteins-like, products-like, proteins on cuda)")
+    p.add_argument("--graphs", help=f"comma-separated presets from {', '.join(PRESETS)} (default: powerlaw-20k-d30 "
+                                    "on cpu; powerlaw-20k-d30, proteins-10k-d600, products-100k-d50, proteins on cuda)")
     p.add_argument("--aggr", default="softmax,max")
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--repeat", type=int, default=10)
@@ -96,22 +98,23 @@ def main():
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no GPU: skipping the CUDA GENConv benchmark")
         return
-    graphs = args.graphs.split(",") if args.graphs else (
-        ["issue-3"] if args.device == "cpu" else ["issue-3", "proteins-like", "products-like", "proteins"])
-    table = Table([("graph", "graph", ""), ("nodes", "N", ","), ("edges", "E", ","), ("width", "D", "d"),
-                   ("aggr", "aggr", ""), ("peer", "peer", ""), ("ms", "fwd+bwd ms", ".1f"),
-                   ("peak_mb", "peak MB", ".1f"), ("est_mb", "PyG est. MB", ".0f"),
-                   ("speedup", "peer ms / ours", ".2f"), ("mem_ratio", "peer MB / ours", ".1f")])
-    for graph_name in graphs:
-        for aggr in args.aggr.split(","):
-            for row in run(graph_name, aggr, args.device, args.width, args.repeat, args.budget, args.seed):
-                table.add(**row)
-    notes = ["forward+backward of one GENConv layer (MLP included), ours vs PyG's with the same state_dict; "
-             "outputs and gradients checked equal first",
-             "peak MB: one step's allocations above the inputs; PyG est.: 6 [E, D] float32 tensors, shown "
-             "where PyG is not run because it would not fit"]
-    write_report(f"GENConv forward+backward ({args.device})", machine_info(args.device), {"GENConv": table}, notes,
-                 json_path=args.json, markdown_path=args.markdown)
+    set_malloc_thresholds()  # CPU: a freed block leaves the resident set, so each peak is the step's own
+    graphs = args.graphs.split(",") if args.graphs else ["powerlaw-20k-d30"] + (
+        ["proteins-10k-d600", "products-100k-d50", "proteins"] if args.device == "cuda" else [])
+    rows = [row for name in graphs for aggr in args.aggr.split(",") for row in run(name, aggr, args.device, args)]
+    columns = [("graph", "graph", ""), ("nodes", "N", ","), ("edges", "E", ","), ("width", "D", "d"),
+               ("aggr", "aggr", ""), ("peer", "peer", ""), ("ms", "fwd+bwd ms", ".1f"),
+               ("peak_mb", "peak MB", ".1f"), ("est_mb", "PyG est. MB", ".0f"), ("speedup", "peer ms / ours", ".2f"),
+               ("mem_ratio", "peer MB / ours", ".1f")]
+    memory = ("torch.cuda.max_memory_allocated" if args.device == "cuda" else
+              "the process's resident-set high-water mark (revgnn_ext.memory.PeakMemory, malloc thresholds fixed)")
+    notes = ["forward+backward of one GENConv layer (MLP included), ours vs PyG's with the same state_dict; outputs "
+             f"and gradients checked equal first; median of up to {args.repeat} runs after 1 warm-up, the two in "
+             f"interleaved rounds",
+             f"peak MB: one step above the inputs, {memory}; PyG est.: {PYG_EDGE_COPIES} [E, D] float32 tensors, "
+             "shown where PyG is not run because it would not fit"]
+    report(f"GENConv forward+backward ({args.device})", args.device, {"GENConv": (rows, columns)}, notes,
+           json_path=args.json, markdown_path=args.markdown)
 
 
 if __name__ == "__main__":

@@ -13,18 +13,16 @@ __all__ = ["PRESETS", "SyntheticGraph", "power_law_graph", "make_graph"]
 
 # exponent: of the degree distribution P(k) ~ k^-exponent; for the OGB shapes it is picked so
 # that the largest in-degree over the mean is near the real dataset's (proteins ~13, a wide but
-# light tail; products ~350). full_scale: the real sizes, too large for a CPU benchmark.
+# light tail; products ~350). Named by shape: <degree model>-<nodes>-d<mean degree>; the OGB
+# datasets' full sizes keep their names (too large for a CPU benchmark).
 PRESETS = {
-    "issue-2": dict(num_nodes=100_000, num_edges=2_000_000, exponent=2.5, edge_features=0,
-                    full_scale=False),
-    "issue-3": dict(num_nodes=20_000, num_edges=600_000, exponent=2.5, edge_features=8, full_scale=False),
-    "products-like": dict(num_nodes=100_000, num_edges=5_000_000, exponent=3.2, edge_features=0,
-                          node_features=100, classes=47, full_scale=False),
-    "proteins-like": dict(num_nodes=10_000, num_edges=6_000_000, exponent=5.0, edge_features=8,
-                          tasks=112, full_scale=False),
-    "products": dict(**OGB_SHAPES["ogbn-products"], edge_features=0, node_features=100, classes=47,
-                     full_scale=True),
-    "proteins": dict(**OGB_SHAPES["ogbn-proteins"], edge_features=8, tasks=112, full_scale=True),
+    "powerlaw-100k-d20": dict(num_nodes=100_000, num_edges=2_000_000, exponent=2.5, edge_features=0),
+    "powerlaw-20k-d30": dict(num_nodes=20_000, num_edges=600_000, exponent=2.5, edge_features=8),
+    "products-100k-d50": dict(num_nodes=100_000, num_edges=5_000_000, exponent=3.2, edge_features=0,
+                              node_features=100),
+    "proteins-10k-d600": dict(num_nodes=10_000, num_edges=6_000_000, exponent=5.0, edge_features=8, tasks=112),
+    "products": dict(**OGB_SHAPES["ogbn-products"], edge_features=0, node_features=100),
+    "proteins": dict(**OGB_SHAPES["ogbn-proteins"], edge_features=8, tasks=112),
 }
 
 

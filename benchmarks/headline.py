@@ -4,29 +4,27 @@ GENConv max; 20,031,384 parameters) on the full proteins-scale synthetic graph (
 (10 random node partitions: one epoch is 10 partition steps) and PyG's GroupAddRev with PyG's
 GENConv (the model-level edge embedding materialized as [E, 80], as the paper's code does).
 
-    python benchmarks/headline.py [--device cuda] [--scale 1] [--layers 1001] [--parts 10]
+    python benchmarks/headline.py [--device cuda] [--scale 1] [--layers 1001] [--parts 10] [--autocast bf16]
 
 Each step: forward, BCE over the 112 tasks on the training nodes, backward, gradient clipping
 at 1.0, Adam. Time of one step after a warm-up step; peak memory above the model, graph and
-optimizer state (torch.cuda.max_memory_allocated; on CPU torch's allocator, see common.py).
-PyG runs at growing depths until it runs out of memory or its predicted step time passes
---budget-s; the table shows the largest depth measured and what it needed. Without a GPU the
-defaults shrink to a smoke run (--scale 0.001, 20 layers) that only shows the script works.
+optimizer state (revgnn_ext.memory.PeakMemory: the allocator on GPU, the resident set on CPU).
+--autocast bf16 adds one step of ours on the full graph under torch.autocast(bfloat16), after the
+float32 ones. PyG runs at growing depths until it runs out of memory or its predicted step time
+passes --budget-s; the table shows the largest depth measured and what it needed. Without a GPU
+the defaults shrink to a smoke run (--scale 0.001, 20 layers) that only shows the script works.
 """
 import argparse
-import os
-import sys
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import torch
 import torch.nn.functional as F
+import torch_geometric
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info, peak_memory, wall_clock, Table, write_report  # noqa: E402
+from revgnn_ext.datasets import NodeData, synthetic_proteins
+from revgnn_ext.nn import RevGNN
 
-import torch_geometric  # noqa: E402
-from revgnn_ext.datasets import NodeData, synthetic_proteins  # noqa: E402
-from revgnn_ext.nn import RevGNN  # noqa: E402
+from measure import PeakMemory, report, set_malloc_thresholds, short, timed
 
 
 class PygGroup(torch.nn.Module):
@@ -76,18 +74,20 @@ def subgraph(data: NodeData, nodes: torch.Tensor) -> NodeData:
     return NodeData(data.x[nodes], edge_index, edge_attr, data.y[nodes], {"train": train[nodes].nonzero().flatten()})
 
 
-def make_step(model: torch.nn.Module) -> Callable[[NodeData], float]:
-    """One training step on a graph, with the gradients and Adam state already allocated."""
+def make_step(model: torch.nn.Module) -> Callable[..., float]:
+    """One training step on a graph (under bf16 autocast if asked), with the gradients and Adam
+    state already allocated."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     optimizer.step()
 
-    def step(data: NodeData) -> float:
+    def step(data: NodeData, bf16: bool = False) -> float:
         train = data.split_idx["train"]
         optimizer.zero_grad(set_to_none=False)
-        out = model(data.x, data.edge_index, data.edge_attr)
-        loss = F.binary_cross_entropy_with_logits(out[train], data.y[train])
+        with torch.autocast(data.x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(data.x, data.edge_index, data.edge_attr)
+            loss = F.binary_cross_entropy_with_logits(out[train], data.y[train])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -95,17 +95,11 @@ def make_step(model: torch.nn.Module) -> Callable[[NodeData], float]:
     return step
 
 
-def measure(step: Callable[[NodeData], float], data: NodeData, device) -> Dict[str, float]:
-    """Seconds and peak memory of one step (on CPU, of two: the profiler that counts memory
-    there slows the step down)."""
-    seconds = []
-    timed = lambda: seconds.append(wall_clock(lambda: step(data), device)[1])  # noqa: E731
-    if device.type == "cuda":
-        peak = peak_memory(timed, device)
-    else:
-        timed()
-        peak = peak_memory(lambda: step(data), device)
-    return dict(seconds=seconds[0], peak=peak)
+def measure(step: Callable[..., float], data: NodeData, device, bf16: bool = False) -> Dict[str, float]:
+    """Seconds and peak memory of one step."""
+    with PeakMemory(device) as memory:
+        _, seconds = timed(step, device, data, bf16)
+    return dict(seconds=seconds, peak=memory.peak)
 
 
 def out_of_memory(err: BaseException) -> bool:
@@ -151,7 +145,8 @@ def pyg_largest_depth(data: NodeData, layers: int, device, budget_s: float) -> D
             break
         nxt = min(depth * 10, layers)
         if m["seconds"] * nxt / depth > budget_s:
-            result["note"] = f"{nxt} layers would take ~{m['seconds'] * nxt / depth:.0f} s per step (budget {budget_s:.0f} s)"
+            result["note"] = (f"{nxt} layers would take ~{m['seconds'] * nxt / depth:.0f} s per step "
+                              f"(budget {budget_s:.0f} s)")
             break
         depth = nxt
     return result
@@ -160,10 +155,12 @@ def pyg_largest_depth(data: NodeData, layers: int, device, budget_s: float) -> D
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
-    p.add_argument("--scale", type=float, help="fraction of the proteins node and edge counts (default 1; 0.001 on cpu)")
+    p.add_argument("--scale", type=float,
+                   help="fraction of the proteins node and edge counts (default 1; 0.001 on cpu)")
     p.add_argument("--layers", type=int, help="depth (default 1001; 20 on cpu)")
     p.add_argument("--parts", type=int, default=10, help="random node partitions of the paper's setup")
     p.add_argument("--budget-s", type=float, default=60.0, help="largest predicted PyG step time to attempt")
+    p.add_argument("--autocast", choices=["bf16"], help="also one step of ours under torch.autocast(bfloat16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json")
     p.add_argument("--markdown")
@@ -171,6 +168,7 @@ def main():
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no GPU: skipping the headline run (--device cpu runs a smoke-size version)")
         return
+    set_malloc_thresholds()  # CPU: a freed block leaves the resident set, so each peak is the step's own
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     scale = args.scale if args.scale is not None else (1.0 if gpu else 0.001)
@@ -178,38 +176,49 @@ def main():
     torch.manual_seed(args.seed)
 
     notes = [check_against_pyg(device)]
-    data, seconds = wall_clock(lambda: synthetic_proteins(scale, seed=args.seed, device=device), device)
+    data, seconds = timed(lambda: synthetic_proteins(scale, seed=args.seed, device=device), device)
     n, e = data.num_nodes, data.edge_index.size(1)
     notes.append(f"graph: synthetic ogbn-proteins at scale {scale:g}: {n:,} nodes, {e:,} edges, 8 edge features, "
                  f"112 tasks, generated on {device} in {seconds:.1f} s")
-    table = Table([("setup", "setup", ""), ("model", "model", ""), ("layers", "layers", "d"),
-                   ("edges", "edges per step", ",d"), ("step_s", "step s", ".2f"), ("epoch_s", "epoch s", ".2f"),
-                   ("peak_mb", "peak MB", ",.0f"), ("note", "note", "")])
-
+    rows = []
     ours = RevGNN.preset("proteins-deep", num_layers=layers).to(device)
     notes.append(f"RevGNN-Deep at {layers} layers: {sum(q.numel() for q in ours.parameters()):,} parameters")
     step = make_step(ours)
     step(data)  # warm-up: also builds and caches the CSR graph
     full = measure(step, data, device)
-    table.add(setup="full graph", model="revgnn_ext RevGNN", layers=layers, edges=e, step_s=full["seconds"],
-              epoch_s=full["seconds"], peak_mb=full["peak"] / 2**20, note="no partitioning")
+    rows.append(dict(setup="full graph", model="revgnn_ext RevGNN", layers=layers, edges=e, step_s=full["seconds"],
+                     epoch_s=full["seconds"], peak_mb=full["peak"] / 2**20, note="no partitioning"))
+    if args.autocast:
+        row = dict(setup="full graph", model="revgnn_ext RevGNN, bf16 autocast", layers=layers, edges=e)
+        try:
+            bf16 = measure(step, data, device, bf16=True)
+            row.update(step_s=bf16["seconds"], epoch_s=bf16["seconds"], peak_mb=bf16["peak"] / 2**20,
+                       note="no partitioning; after the float32 steps")
+        except Exception as err:  # e.g. an op without autocast support: its message goes in the table
+            row["note"] = f"failed: {short(err)}"
+        rows.append(row)
 
     parts = [subgraph(data, part) for part in torch.randperm(n, device=device).chunk(args.parts)]
     step(parts[0])  # warm-up
     runs = [measure(step, part, device) for part in parts]
-    table.add(setup=f"{args.parts} partitions (paper)", model="revgnn_ext RevGNN", layers=layers,
-              edges=parts[0].edge_index.size(1), step_s=sorted(r["seconds"] for r in runs)[len(runs) // 2],
-              epoch_s=sum(r["seconds"] for r in runs), peak_mb=max(r["peak"] for r in runs) / 2**20,
-              note="median step; epoch = all partitions")
+    rows.append(dict(setup=f"{args.parts} partitions (paper)", model="revgnn_ext RevGNN", layers=layers,
+                     edges=parts[0].edge_index.size(1), step_s=sorted(r["seconds"] for r in runs)[len(runs) // 2],
+                     epoch_s=sum(r["seconds"] for r in runs), peak_mb=max(r["peak"] for r in runs) / 2**20,
+                     note="median step; epoch = all partitions"))
     del step, ours
     for setup, graph in (("full graph", data), (f"{args.parts} partitions (paper)", parts[0])):
         r = pyg_largest_depth(graph, layers, device, args.budget_s)
         epoch = None if r["depth"] is None or graph is data else r["seconds"] * args.parts
-        table.add(setup=setup, model="PyG GroupAddRev + GENConv", layers=r["depth"], edges=graph.edge_index.size(1),
-                  step_s=r.get("seconds"), epoch_s=r.get("seconds") if graph is data else epoch,
-                  peak_mb=r["peak"] / 2**20 if "peak" in r else None, note=r["note"] or "largest depth measured")
-    write_report("Headline: RevGNN-Deep on the proteins-scale graph", machine_info(device), {"one training step": table},
-                 notes, json_path=args.json, markdown_path=args.markdown)
+        rows.append(dict(setup=setup, model="PyG GroupAddRev + GENConv", layers=r["depth"],
+                         edges=graph.edge_index.size(1), step_s=r.get("seconds"),
+                         epoch_s=r.get("seconds") if graph is data else epoch,
+                         peak_mb=r["peak"] / 2**20 if "peak" in r else None,
+                         note=r["note"] or "largest depth measured"))
+    columns = [("setup", "setup", ""), ("model", "model", ""), ("layers", "layers", "d"),
+               ("edges", "edges per step", ","), ("step_s", "step s", ".2f"), ("epoch_s", "epoch s", ".2f"),
+               ("peak_mb", "peak MB", ",.0f"), ("note", "note", "")]
+    report("Headline: RevGNN-Deep on the proteins-scale graph", device, {"one training step": (rows, columns)}, notes,
+           json_path=args.json, markdown_path=args.markdown)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,10 @@ same network without reversibility (plain autograd, every activation stored) whe
 Defaults: 200 layers on a 5,000-node graph on CPU, 1001 layers on a 50,000-node graph on GPU.
 Before training, the reversible model's gradients are checked against plain autograd on a small
 graph in float64. Prints the loss, step time and peak memory above the model, graph and
-optimizer state (CPU: the process's resident set, its high-water mark read from Linux's
-/proc/self/status; GPU: the allocator). It first fixes glibc's malloc thresholds
-(revgnn_ext.memory.set_malloc_thresholds): with glibc's dynamic ones the resident set keeps about
-one freed activation per layer although the bytes allocated stay flat (the default CPU run's
-first step peaks at 550 MB and its second at 234 MB, instead of 38 and 20 MB).
+optimizer state (revgnn_ext.memory.PeakMemory: on CPU the process's resident set, on GPU the
+allocator). It first fixes glibc's malloc thresholds (revgnn_ext.memory.set_malloc_thresholds):
+with glibc's dynamic ones the resident set keeps about one freed activation per layer although
+the bytes allocated stay flat.
 """
 import argparse
 import time
@@ -21,42 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from revgnn_ext.datasets import synthetic_proteins
-from revgnn_ext.memory import set_malloc_thresholds
+from revgnn_ext.memory import PeakMemory, available_memory, set_malloc_thresholds
 from revgnn_ext.nn import RevGNN
-
-
-def _resident(field: str) -> int:
-    """VmRSS (the resident set) or VmHWM (its high-water mark) of this process, in bytes."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-
-class PeakMemory:
-    """Peak memory of a code region above what was in use when it started: on GPU the caching
-    allocator's; on CPU the process's resident set (the kernel's high-water mark, reset at the
-    start through /proc/self/clear_refs, so no peak between two reads is missed)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak = device, 0
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self._start = _resident("VmRSS")
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # VmHWM := VmRSS
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            high = torch.cuda.max_memory_allocated(self.device)
-        else:
-            high = _resident("VmHWM")
-        self.peak = max(high - self._start, 0)
 
 
 def check_gradients():
@@ -105,14 +70,6 @@ def train(data, args, device, reversible: bool, steps: int, num_layers: int, qui
     return dict(time=min(times[steady]), peak=max(peaks[steady]), loss=losses[-1], params=params)
 
 
-def available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    with open("/proc/meminfo") as f:
-        info = dict(line.split(":") for line in f)
-    return int(info["MemAvailable"].split()[0]) * 1024
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -144,7 +101,7 @@ def main():
         probe_layers = min(layers, 8)
         probe = train(data, args, device, False, 1, probe_layers, quiet=True)
         predicted = probe["peak"] * layers / probe_layers
-        if predicted < 0.6 * available_bytes(device):
+        if predicted < 0.6 * available_memory(device):
             print(f"plain residual stack (same function, no reversibility): {layers} layers")
             rows.append(("plain autograd", train(data, args, device, False, args.steps, layers)))
         else:

@@ -1,39 +1,40 @@
-"""glibc malloc settings under which a deep model's resident set on CPU follows what it allocates.
+"""Memory on CPU as the operating system sees it: glibc malloc settings under which a deep
+model's resident set follows what it allocates, and the peak memory of a code region.
 
-PyTorch's CPU tensors come from malloc. glibc maps a block on its own, and unmaps it when freed,
+PyTorch's CPU tensors come from malloc. glibc maps a block on its own (and unmaps it when freed)
 only from M_MMAP_THRESHOLD up, and raises that threshold to the size of every mapped block freed,
-up to 32 MiB: importing torch and revgnn_ext.nn leaves it near 2 MiB, and any larger block
-freed later raises it again. Smaller blocks come from the heap, which goes back to the OS only from its top (past
-M_TRIM_THRESHOLD, raised alongside). There a reversible forward, which frees each layer's input
-as it goes, leaves one freed hole per layer under blocks still in use that the next layer's
-blocks do not fit: the heap grows by 1.1 MB per layer of a 5,000 x 64 stack during the forward
-while the bytes in use grow by 40 KB (mallinfo2), and the process keeps about one activation per
-layer resident. Measured on a 2-core VM: benchmarks/memory_depth.py's GENConv stack (5,000
-nodes, 100k edges, hidden 64) keeps +148 MB after its first step at 100 layers and +285 MB at
-200; examples/demo.py's 200 layers peak 550 MB above the model in the first step, 234 MB in the
-second. Fixed thresholds (fixing either one stops glibc raising both) of 64 KiB and 0 map every
-block of 64 KiB or more on its own and trim the heap's top at once: the stack keeps +7 MB at 50
-layers as at 100, the demo peaks at 38 and 20 MB.
-
-The price is page faults: a block's pages go back to the OS when it is freed and are faulted in
-again for the next one, 0.95 us per 4 KiB page on that VM. The stack's step took 20-30% longer
-at 50 layers on the 5,000-node graph (14,500 pages per layer and step), and 13% more CPU time at
-30 layers on a 20,000-node, 600k-edge graph. So importing revgnn_ext changes nothing:
-examples/demo.py, the OGB examples and benchmarks/memory_depth.py call
-``set_malloc_thresholds()`` at start-up, as a training script may (or start it with
-``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0``); either variable in the environment,
-e.g. ``MALLOC_MMAP_THRESHOLD_=33554432``, opts a run out.
+up to 32 MiB; smaller blocks come from the heap, which goes back to the OS only from its top
+(past M_TRIM_THRESHOLD, raised alongside). A reversible forward frees each layer's input as it
+goes and so leaves one freed hole per layer under blocks still in use: with glibc's dynamic
+thresholds the process keeps about one activation per layer resident although the bytes in use
+stay flat in depth. Fixed thresholds of 64 KiB and 0 map every block of 64 KiB or more on its own
+and trim the heap's top at once, so the resident set stays flat in depth; the price is page
+faults, as a freed block's pages go back to the OS and are faulted in again for the next one.
+Importing revgnn_ext changes nothing: an entry point calls ``set_malloc_thresholds()`` at
+start-up (the demo, the OGB examples and the benchmarks do), or starts with
+``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0``. benchmarks/README.md has the numbers.
 """
 import ctypes
+import gc
 import os
 import sys
 
-__all__ = ["set_malloc_thresholds"]
+import torch
+
+__all__ = ["set_malloc_thresholds", "PeakMemory", "available_memory"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (glibc's malloc.h)
 _MAX_MMAP_THRESHOLD = 32 * 2**20  # the largest glibc takes on 64-bit
 # glibc reads these at start-up; a process started with either keeps what its user chose.
 _ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def _glibc():
+    """The C library of this process if it is glibc, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None)
+    return libc if hasattr(libc, "gnu_get_libc_version") else None
 
 
 def set_malloc_thresholds(mmap_threshold: int = 64 * 1024, trim_threshold: int = 0) -> bool:
@@ -49,9 +50,70 @@ def set_malloc_thresholds(mmap_threshold: int = 64 * 1024, trim_threshold: int =
     if not (0 < mmap_threshold <= _MAX_MMAP_THRESHOLD and 0 <= trim_threshold < 2**31):
         raise ValueError(f"set_malloc_thresholds: mmap_threshold must be in (0, 32 MiB] and trim_threshold in "
                          f"[0, 2 GiB) bytes, got {mmap_threshold} and {trim_threshold}")
-    if not sys.platform.startswith("linux") or any(name in os.environ for name in _ENV):
-        return False
-    libc = ctypes.CDLL(None)  # the C library this process runs on
-    if not hasattr(libc, "gnu_get_libc_version"):
+    libc = _glibc()
+    if libc is None or any(name in os.environ for name in _ENV):
         return False
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+class PeakMemory:
+    """The peak memory of a code region above what was in use when it began:
+
+        with PeakMemory(device) as memory:
+            train_step()
+        memory.peak, memory.start   # bytes
+
+    CUDA: the caching allocator's (torch.cuda.max_memory_allocated above memory_allocated at the
+    start). CPU: the process's resident set, what a system monitor shows: Linux's high-water mark
+    VmHWM, reset to the resident set VmRSS at the start through /proc/self/clear_refs, minus that.
+    The kernel raises the mark before any page leaves the resident set, so no peak between two
+    reads is missed, and memory that libraries allocate outside torch (MKL, OpenMP) counts. Freed
+    memory is handed back first (gc, glibc's malloc_trim) so that the start is what is in use; under
+    set_malloc_thresholds() a freed block leaves the resident set at once, so regions measured one
+    after another see only their own allocations. CPU needs Linux.
+    """
+
+    def __init__(self, device="cpu"):
+        self.device = torch.device(device)
+        self.start = self.peak = 0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        if not os.path.exists("/proc/self/clear_refs"):
+            raise RuntimeError("revgnn_ext.memory.PeakMemory: CPU peak memory needs Linux's /proc/self/clear_refs")
+        gc.collect()
+        libc = _glibc()
+        if libc is not None:
+            libc.malloc_trim(0)
+        self.start = _status_bytes("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            high = torch.cuda.max_memory_allocated(self.device)
+        else:
+            high = _status_bytes("VmHWM")
+        self.peak = max(high - self.start, 0)
+
+
+def available_memory(device="cpu") -> int:
+    """Bytes that new tensors on ``device`` can still take: on CUDA the free memory plus what
+    PyTorch's caching allocator holds unused; on CPU, Linux's MemAvailable."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))

@@ -1,0 +1,165 @@
+"""What the benchmarks measure, one way each: time (median of runs, CUDA events on GPU), peak
+memory (revgnn_ext.memory.PeakMemory: the allocator on GPU, the process's resident set on CPU),
+copy bandwidth, the machine; and the report (Markdown and JSON)."""
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from revgnn_ext.memory import PeakMemory, available_memory, set_malloc_thresholds
+
+__all__ = ["PeakMemory", "available_memory", "set_malloc_thresholds", "timed", "median_seconds", "short",
+           "copy_bandwidth", "machine", "results_dir", "plot", "report"]
+
+MIN_REPEAT = 3  # a time budget never cuts a measurement below this many runs
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def timed(fn: Callable, device, *args) -> Tuple[object, float]:
+    """(fn(*args), seconds): CUDA events around the call on GPU, perf_counter on CPU."""
+    if torch.device(device).type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        result = fn(*args)
+        end.record()
+        end.synchronize()
+        return result, begin.elapsed_time(end) / 1e3
+    begin = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - begin
+
+
+def short(err: BaseException) -> str:
+    """An exception as one short line, for a table's note."""
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:160]}"
+
+
+def median_seconds(fns: Dict[str, Callable], device, *, inputs: Sequence[tuple] = ((),), warmup: int = 1,
+                   repeat: int = 10, budget_s: Optional[float] = None) -> Tuple[Dict[str, float], Dict[str, str]]:
+    """Median seconds of each fn over up to ``repeat`` runs after ``warmup`` runs, in interleaved
+    rounds (each fn once per round, on the same args) so that all see the same machine load;
+    round i takes ``inputs[i % len(inputs)]`` as args (rotating inputs are not cache-hot). A fn
+    whose runs would take over ``budget_s`` seconds, judged from its warm-up, gets fewer (at least
+    MIN_REPEAT). Returns (medians, short errors of the fns that raised)."""
+    errors, runs = {}, {}
+    for name, fn in fns.items():
+        try:
+            _, seconds = timed(lambda: [fn(*inputs[i % len(inputs)]) for i in range(warmup)], device)
+        except Exception as err:  # reported to the caller
+            errors[name] = short(err)
+            continue
+        fits = repeat if budget_s is None or warmup == 0 else int(budget_s * warmup / max(seconds, 1e-9))
+        runs[name] = min(repeat, max(MIN_REPEAT, fits))
+    times: Dict[str, List[float]] = {name: [] for name in runs}
+    for i in range(max(runs.values(), default=0)):
+        for name, n in runs.items():
+            if name not in errors and i < n:
+                try:
+                    times[name].append(timed(fns[name], device, *inputs[(warmup + i) % len(inputs)])[1])
+                except Exception as err:
+                    errors[name] = short(err)
+    return {name: statistics.median(t) for name, t in times.items() if name not in errors}, errors
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes per second (read + written) of a large tensor copy: the practical ceiling of a
+    memory-bound kernel. 1 GiB on GPU (well past any L2), 256 MiB on CPU."""
+    nbytes = 2**30 if torch.device(device).type == "cuda" else 2**28
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    medians, _ = median_seconds({"copy": lambda: dst.copy_(src)}, device, warmup=2, repeat=10)
+    return 2 * nbytes / medians["copy"]
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def machine(device) -> str:
+    """One line: the device (GPU name, or CPU model and logical CPUs), torch, CUDA, threads, date."""
+    device = torch.device(device)
+    parts = [torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{_cpu_name()} ({os.cpu_count()} logical CPUs)", f"torch {torch.__version__}"]
+    if device.type == "cuda":
+        parts.append(f"CUDA {torch.version.cuda}")
+    parts += [f"{torch.get_num_threads()} threads", datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")]
+    return " · ".join(parts)
+
+
+def results_dir(device) -> str:
+    """benchmarks/results/<date>-<machine>: the GPU's name, or the CPU model and its logical CPU
+    count (e.g. 2026-11-24-cpu-xeon-2core)."""
+    if torch.device(device).type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        model = re.sub(r"\((r|tm)\)|\b(intel|amd|processor|cpu)\b|@.*", " ", _cpu_name().lower())
+        name = f"cpu {model} {os.cpu_count()}core"
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return os.path.join(RESULTS, f"{datetime.date.today().isoformat()}-{slug}")
+
+
+def plot(path: str, panels: Sequence[tuple], title: str = "") -> str:
+    """Line plots side by side, log-scaled, to `path` (with matplotlib); returns what a report says
+    of it. panels: (xlabel, ylabel, {label: (xs, ys)}, x scale "log" or "linear") each."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plot: none (matplotlib is not installed)"
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (xlabel, ylabel, lines, xscale) in zip(axes[0], panels):
+        for label, (xs, ys) in lines.items():
+            ax.plot(xs, ys, "o-", label=label)
+        ax.set(xscale=xscale, yscale="log", xlabel=xlabel, ylabel=ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"plot: {os.path.basename(path)}"
+
+
+def _cell(value, spec: str) -> str:
+    if value is None:
+        return "n/a"
+    return format(value, spec) if spec and isinstance(value, (int, float)) else str(value)
+
+
+def markdown_table(rows: List[dict], columns: Sequence[Tuple[str, str, str]]) -> str:
+    """rows as a Markdown table; columns: (key, title, format spec; "" for text)."""
+    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |",
+             "| " + " | ".join("---:" if spec else "---" for _, _, spec in columns) + " |"]
+    lines += ["| " + " | ".join(_cell(row.get(key), spec) for key, _, spec in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(title: str, device, tables: Dict[str, Tuple[List[dict], Sequence[Tuple[str, str, str]]]],
+           notes: Sequence[str], *, markdown_path: Optional[str] = None, json_path: Optional[str] = None,
+           raw: Optional[dict] = None) -> None:
+    """Prints the report (title, machine, notes, one section per table of (rows, columns)) and
+    writes it to ``markdown_path``, and the rows (with ``raw`` under "raw") to ``json_path``."""
+    line = machine(device)
+    parts = [f"## {title}", "", line, ""] + [f"- {note}" for note in notes]
+    for name, (rows, columns) in tables.items():
+        parts += ["", f"### {name}", "", markdown_table(rows, columns)]
+    text = "\n".join(parts) + "\n"
+    print(text, flush=True)
+    if markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write(text)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(dict(title=title, machine=line, notes=list(notes), raw=raw,
+                           tables={name: rows for name, (rows, _) in tables.items()}), f, indent=1)
