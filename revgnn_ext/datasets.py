@@ -17,11 +17,13 @@ from torch import Tensor
 from . import ops
 from .graph import CSRGraph
 
-__all__ = ["NodeData", "OGB_SHAPES", "power_law_graph", "synthetic_proteins", "synthetic_products"]
+__all__ = ["NodeData", "OGB_SHAPES", "power_law_graph", "synthetic_arxiv", "synthetic_proteins", "synthetic_products"]
 
 # The real datasets' sizes (directed edge counts) and the degree exponent that gives a largest
-# in-degree over the mean near the real one (proteins ~13: a wide but light tail; products ~350).
+# in-degree over the mean near the real one (proteins ~13: a wide but light tail; products ~350;
+# arxiv ~1900, its most cited paper).
 OGB_SHAPES = {
+    "ogbn-arxiv": dict(num_nodes=169_343, num_edges=1_166_243, exponent=2.4),
     "ogbn-proteins": dict(num_nodes=132_534, num_edges=79_122_504, exponent=5.0),
     "ogbn-products": dict(num_nodes=2_449_029, num_edges=123_718_280, exponent=3.2),
 }
@@ -82,8 +84,9 @@ def _sizes(name: str, scale: float, num_nodes: Optional[int], mean_degree: Optio
     return n, round(n * degree), shape["exponent"]
 
 
-def _split(n: int, fractions, gen: torch.Generator, device) -> Dict[str, Tensor]:
-    order = torch.randperm(n, generator=gen).to(device)
+def _split(order: Tensor, fractions) -> Dict[str, Tensor]:
+    """The first fractions[0] of ``order`` train, the next fractions[1] valid, the rest test."""
+    n = order.numel()
     train, valid = round(fractions[0] * n), round(fractions[1] * n)
     return {"train": order[:train], "valid": order[train:train + valid], "test": order[train + valid:]}
 
@@ -108,7 +111,7 @@ def synthetic_proteins(scale: float = 1.0, *, num_nodes: Optional[int] = None, m
     features = torch.cat([x, neighbour, edge_mean], dim=1)
     score = features @ torch.randn(24, 112, generator=gen).to(device)
     y = (score > score.median(dim=0).values).float()
-    return NodeData(x, edge_index, edge_attr, y, _split(n, (0.65, 0.16), gen, device))
+    return NodeData(x, edge_index, edge_attr, y, _split(torch.randperm(n, generator=gen).to(device), (0.65, 0.16)))
 
 
 def synthetic_products(scale: float = 1.0, *, num_nodes: Optional[int] = None,
@@ -123,4 +126,25 @@ def synthetic_products(scale: float = 1.0, *, num_nodes: Optional[int] = None,
     graph = CSRGraph.from_edge_index(edge_index, n)
     features = torch.cat([x, ops.spmm(graph, x, None, "mean")], dim=1)
     y = (features @ torch.randn(200, 47, generator=gen).to(device)).argmax(dim=1, keepdim=True)
-    return NodeData(x, edge_index, None, y, _split(n, (0.08, 0.02), gen, device))
+    return NodeData(x, edge_index, None, y, _split(torch.randperm(n, generator=gen).to(device), (0.08, 0.02)))
+
+
+def synthetic_arxiv(scale: float = 1.0, *, num_nodes: Optional[int] = None, mean_degree: Optional[float] = None,
+                    seed: int = 0, device="cpu") -> NodeData:
+    """ogbn-arxiv-shaped: a directed citation graph (each edge from the newer paper to the older
+    one, as ogb gives it; the RevGAT example makes it bidirected), 128 node features, 40 classes;
+    ``scale`` multiplies the real node count (169,343) at the real mean degree (6.9, 1,166,243
+    edges at scale 1), or give ``num_nodes`` / ``mean_degree``. Time-based split as the real one:
+    every paper gets a publication time, the oldest 53.7% train, the next 17.6% valid, the newest
+    28.7% test."""
+    n, e, exponent = _sizes("ogbn-arxiv", scale, num_nodes, mean_degree)
+    gen = torch.Generator().manual_seed(seed)
+    edge_index = power_law_graph(n, e, exponent=exponent, seed=seed, device=device)
+    time = torch.randperm(n, generator=gen).to(device)  # node i is the time[i]-th paper published
+    newer_first = time[edge_index[0]] >= time[edge_index[1]]
+    edge_index = torch.where(newer_first, edge_index, edge_index.flip(0))
+    x = torch.randn(n, 128, generator=gen).to(device)
+    graph = CSRGraph.from_edge_index(edge_index, n)
+    features = torch.cat([x, ops.spmm(graph, x, None, "mean")], dim=1)
+    y = (features @ torch.randn(256, 40, generator=gen).to(device)).argmax(dim=1, keepdim=True)
+    return NodeData(x, edge_index, None, y, _split(time.argsort(), (0.537, 0.176)))  # oldest first

@@ -13,7 +13,8 @@ from .gat_conv import GATConv
 from .gcn_conv import GCNConv
 from .gen_conv import GENConv
 from .group_add_rev import GroupAddRev
+from .rev_gat import RevGAT
 from .rev_gnn import RevGNN, SharedDropout
 from .sage_conv import SAGEConv
 
-__all__ = ["GATConv", "GCNConv", "GENConv", "GroupAddRev", "RevGNN", "SAGEConv", "SharedDropout"]
+__all__ = ["GATConv", "GCNConv", "GENConv", "GroupAddRev", "RevGAT", "RevGNN", "SAGEConv", "SharedDropout"]
