@@ -1,6 +1,7 @@
-"""What examples/ogbn_proteins.py and examples/ogbn_products.py share: arguments, the dataset
-(ogb's PygNodePropPredDataset, or revgnn_ext.datasets with --synthetic), random node partitions,
-DistributedDataParallel under torchrun, checkpoints, and the training loop.
+"""What the OGB examples share: arguments, the dataset (ogb's PygNodePropPredDataset, or
+revgnn_ext.datasets with --synthetic), DistributedDataParallel under torchrun, checkpoints, and
+the training loop; and, as the default Recipe, the training of ogbn_proteins.py and
+ogbn_products.py with random node partitions (ogbn_arxiv.py brings its own Recipe).
 
 The recipe is the paper's: Adam, gradient clipping at 1.0, and each epoch a fresh random split of
 the nodes into --num-parts parts, one optimizer step per part on its induced subgraph (edges and
@@ -60,6 +61,7 @@ class Task:
     # Per-node model inputs computed once on the whole graph, passed to the model as keyword
     # arguments; each part gets its nodes' rows (the paper's whole-graph edge sums on proteins).
     node_inputs: Callable[[NodeData], Dict[str, Tensor]] = lambda data: {}
+    lr: float = 1e-3                        # default learning rate (the paper's)
 
 
 def _number(cast, valid: Callable[..., bool], requirement: str):
@@ -78,7 +80,9 @@ POSITIVE_FLOAT = _number(float, lambda v: v > 0, "> 0")
 PROBABILITY = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
-def parser(task: Task, doc: str) -> argparse.ArgumentParser:
+def parser(task: Task, doc: str, partitions: bool = True) -> argparse.ArgumentParser:
+    """The examples' arguments; ``partitions``: with --num-parts and --full-graph (the default
+    Recipe's)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="dataset", help="ogb dataset root (default: dataset)")
     p.add_argument("--synthetic", action="store_true",
@@ -91,12 +95,13 @@ def parser(task: Task, doc: str) -> argparse.ArgumentParser:
     p.add_argument("--num-layers", type=POSITIVE_INT, help="default: the paper's")
     p.add_argument("--hidden-channels", type=POSITIVE_INT, help="default: the paper's")
     p.add_argument("--dropout", type=PROBABILITY, help="default: the paper's")
-    p.add_argument("--lr", type=POSITIVE_FLOAT, default=1e-3, help="Adam's learning rate (default 1e-3)")
-    parts = p.add_mutually_exclusive_group()
-    parts.add_argument("--num-parts", type=POSITIVE_INT, default=10,
-                       help="random node partitions per epoch, one optimizer step each (default 10)")
-    parts.add_argument("--full-graph", action="store_true",
-                       help="one optimizer step per epoch on the whole graph instead of partitions")
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=task.lr, help=f"learning rate (default {task.lr})")
+    if partitions:
+        parts = p.add_mutually_exclusive_group()
+        parts.add_argument("--num-parts", type=POSITIVE_INT, default=10,
+                           help="random node partitions per epoch, one optimizer step each (default 10)")
+        parts.add_argument("--full-graph", action="store_true",
+                           help="one optimizer step per epoch on the whole graph instead of partitions")
     p.add_argument("--eval-every", type=POSITIVE_INT, default=1,
                    help="evaluate every N epochs (and after the last)")
     p.add_argument("--checkpoint", help="save after every epoch here; resume from it when it exists")
@@ -145,18 +150,21 @@ def _setup(args) -> Tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
         return 0, 1, torch.device(args.device)
-    if args.full_graph:
-        raise SystemExit("--full-graph trains on the whole graph in every step: run it in one process, "
-                         "not under torchrun")
-    if args.num_parts % world:
-        raise SystemExit(f"--num-parts ({args.num_parts}) must be a multiple of the number of processes "
-                         f"({world}), so that every process takes the same number of steps")
     device = torch.device(args.device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world, device
+
+
+def _check_partitions(args, world: int) -> None:
+    if world > 1 and args.full_graph:
+        raise SystemExit("--full-graph trains on the whole graph in every step: run it in one process, "
+                         "not under torchrun")
+    if args.num_parts % world:
+        raise SystemExit(f"--num-parts ({args.num_parts}) must be a multiple of the number of processes "
+                         f"({world}), so that every process takes the same number of steps")
 
 
 def _load(task: Task, args, rank: int, world: int, device: torch.device) -> NodeData:
@@ -196,6 +204,17 @@ def _parts(data: NodeData, args, epoch: int, rank: int, world: int) -> Iterator[
         yield nodes, edge_index, edge_attr
 
 
+def stop_if_diverged(model, loss: Tensor, grad_norm: Tensor, args, epoch: int, step: int) -> None:
+    """After an optimizer step: a weight that is no longer finite ends the run (SystemExit)
+    before the epoch's checkpoint. The weights are the same in every DDP process, so all of
+    them stop here together."""
+    if not torch.nn.utils.get_total_norm(model.parameters(), math.inf).isfinite():
+        then = (f"; {args.checkpoint} keeps epoch {epoch - 1}: resume from it with a lower --lr"
+                if args.checkpoint and epoch > 1 else ": lower --lr")
+        raise SystemExit(f"epoch {epoch}, step {step}: training diverged (loss {loss.item():.4g}, gradient norm "
+                         f"{grad_norm.item():.4g}), the weights are no longer finite. Stopped{then}")
+
+
 def _train_epoch(task: Task, model, optimizer, data: NodeData, inputs: Dict[str, Tensor], is_train: Tensor, args,
                  epoch: int, rank: int, world: int) -> Tuple[float, int]:
     """(mean loss over the epoch's steps of all processes, steps of this process). A step that
@@ -217,12 +236,7 @@ def _train_epoch(task: Task, model, optimizer, data: NodeData, inputs: Dict[str,
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        # The weights are the same in every DDP process, so all of them stop here together.
-        if not torch.nn.utils.get_total_norm(model.parameters(), math.inf).isfinite():
-            then = (f"; {args.checkpoint} keeps epoch {epoch - 1}: resume from it with a lower --lr"
-                    if args.checkpoint and epoch > 1 else ": lower --lr")
-            raise SystemExit(f"epoch {epoch}, step {step}: training diverged (loss {loss.item():.4g}, gradient norm "
-                             f"{norm.item():.4g}), the weights are no longer finite. Stopped{then}")
+        stop_if_diverged(model, loss, norm, args, epoch, step)
         losses.append(loss.item())
     total = torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=data.x.device)
     if world > 1:
@@ -236,6 +250,43 @@ def _evaluate(task: Task, model, data: NodeData, inputs: Dict[str, Tensor], eval
     prediction = task.prediction(model(data.x, data.edge_index, data.edge_attr, **inputs))
     return {split: evaluator.eval({"y_true": data.y[idx], "y_pred": prediction[idx]})[task.metric]
             for split, idx in data.split_idx.items()}
+
+
+class Recipe:
+    """How run() trains and evaluates a task. This class is the paper's recipe for ogbn-proteins
+    and ogbn-products (see the module docstring): the dataset's graph as loaded, Adam, gradient
+    clipping at 1.0, --num-parts random node partitions per epoch (or --full-graph), and the
+    epoch with the best validation metric. examples/ogbn_arxiv.py overrides it."""
+
+    def check(self, args, world: int) -> None:
+        """Refuses arguments that cannot run in ``world`` processes (SystemExit)."""
+        _check_partitions(args, world)
+
+    def prepare(self, data: NodeData) -> NodeData:
+        """The graph the model trains on, from the loaded dataset."""
+        return data
+
+    def describe(self, args) -> str:
+        """What one optimizer step covers, for the log."""
+        return "whole graph per step" if args.full_graph else f"{args.num_parts} random partitions per epoch"
+
+    def optimizer(self, parameters, args) -> torch.optim.Optimizer:
+        return torch.optim.Adam(parameters, lr=args.lr)
+
+    def train_epoch(self, task: Task, model, optimizer, data: NodeData, inputs: Dict[str, Tensor], is_train: Tensor,
+                    args, epoch: int, rank: int, world: int) -> Tuple[float, int]:
+        """(mean loss over the epoch's steps of all processes, steps of this process)."""
+        return _train_epoch(task, model, optimizer, data, inputs, is_train, args, epoch, rank, world)
+
+    def evaluate(self, task: Task, module, data: NodeData, inputs: Dict[str, Tensor],
+                 evaluator) -> Tuple[Dict[str, float], float]:
+        """(the metrics to log by name, each split's "<split> <metric>"; the score that the best
+        epoch maximizes)."""
+        result = _evaluate(task, module, data, inputs, evaluator)
+        return {f"{split} {task.metric}": value for split, value in result.items()}, result["valid"]
+
+    def on_best(self, args, rank: int) -> None:
+        """Called after an evaluation that gave a new best score."""
 
 
 def _flag(name: str) -> str:
@@ -281,9 +332,9 @@ def _restore(state: dict, args, module, optimizer) -> None:
         group["lr"] = args.lr
 
 
-def run(task: Task, args, build_model: Callable[[], torch.nn.Module]) -> None:
-    """Train build_model() on the task as args say; print the metric per epoch and, at the end,
-    the test metric at the best validation epoch (``test rocauc 0.xxxx``)."""
+def run(task: Task, args, build_model: Callable[[], torch.nn.Module], recipe: Recipe = Recipe()) -> None:
+    """Train build_model() on the task as args and the recipe say; print the metric per epoch and,
+    at the end, the test metric at the best epoch (``test rocauc 0.xxxx``)."""
     from ogb.nodeproppred import Evaluator
 
     set_malloc_thresholds()  # glibc: a resident set flat in depth on CPU (see revgnn_ext/memory.py)
@@ -291,6 +342,7 @@ def run(task: Task, args, build_model: Callable[[], torch.nn.Module]) -> None:
         raise SystemExit("--scale needs --synthetic")
     _check_paths(task, args)
     rank, world, device = _setup(args)
+    recipe.check(args, world)
     cpu_synthetic = args.synthetic and device.type == "cpu"
     if args.synthetic and args.scale is None:
         args.scale = CPU_SYNTHETIC_SCALE if cpu_synthetic else 1.0
@@ -299,24 +351,23 @@ def run(task: Task, args, build_model: Callable[[], torch.nn.Module]) -> None:
     log = print if rank == 0 else (lambda *a, **k: None)
     resumed = _read_checkpoint(task, args, device) if args.checkpoint and os.path.exists(args.checkpoint) else None
 
-    data = _load(task, args, rank, world, device)
+    data = recipe.prepare(_load(task, args, rank, world, device))
     inputs = task.node_inputs(data)
     is_train = torch.zeros(data.num_nodes, dtype=torch.bool, device=device)
     is_train[data.split_idx["train"]] = True
     torch.manual_seed(args.seed)
     module = build_model().to(device)
     model = torch.nn.parallel.DistributedDataParallel(module) if world > 1 else module
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = recipe.optimizer(model.parameters(), args)
     evaluator = Evaluator(task.name)
 
     source = f"synthetic, scale {args.scale}" if args.synthetic else args.root
     log(f"{task.name} ({source}): {data.num_nodes:,} nodes, {data.edge_index.size(1):,} edges, "
         f"{data.split_idx['train'].numel():,} training nodes")
     log(f"{module}: {sum(p.numel() for p in module.parameters()):,} parameters")
-    log(f"device {device}, {world} process(es), {torch.get_num_threads()} threads each; "
-        + ("whole graph per step" if args.full_graph else f"{args.num_parts} random partitions per epoch"))
+    log(f"device {device}, {world} process(es), {torch.get_num_threads()} threads each; {recipe.describe(args)}")
 
-    start, best = 1, None  # best: {"epoch", "valid", "test"}
+    start, best = 1, None  # best: {"epoch", "score", "valid", "test"}
     if resumed is not None:
         _restore(resumed, args, module, optimizer)
         start, best, saved_lr = resumed["epoch"] + 1, resumed["best"], resumed["args"]["lr"]
@@ -327,16 +378,17 @@ def run(task: Task, args, build_model: Callable[[], torch.nn.Module]) -> None:
     m = task.metric
     for epoch in range(start, args.epochs + 1):
         began = time.perf_counter()
-        loss, steps = _train_epoch(task, model, optimizer, data, inputs, is_train, args, epoch, rank, world)
+        loss, steps = recipe.train_epoch(task, model, optimizer, data, inputs, is_train, args, epoch, rank, world)
         trained = time.perf_counter()
         line = f"epoch {epoch} | loss {loss:.4f}"
         timing = f"{trained - began:.1f} s train ({(trained - began) / steps:.2f} s/step)"
         if epoch % args.eval_every == 0 or epoch == args.epochs:
-            result = _evaluate(task, module, data, inputs, evaluator)
-            line += "".join(f" | {split} {m} {value:.4f}" for split, value in result.items())
+            result, score = recipe.evaluate(task, module, data, inputs, evaluator)
+            line += "".join(f" | {name} {value:.4f}" for name, value in result.items())
             timing += f", {time.perf_counter() - trained:.1f} s eval"
-            if best is None or result["valid"] > best["valid"]:
-                best = {"epoch": epoch, "valid": result["valid"], "test": result["test"]}
+            if best is None or score > best["score"]:
+                best = {"epoch": epoch, "score": score, "valid": result[f"valid {m}"], "test": result[f"test {m}"]}
+                recipe.on_best(args, rank)
         line += f" | {timing}"
         log(line, flush=True)
         if args.checkpoint and rank == 0:
