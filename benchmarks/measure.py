@@ -15,7 +15,7 @@ import torch
 from revgnn_ext.memory import PeakMemory, available_memory, set_malloc_thresholds
 
 __all__ = ["PeakMemory", "available_memory", "set_malloc_thresholds", "timed", "median_seconds", "short",
-           "copy_bandwidth", "machine", "results_dir", "plot", "report"]
+           "check_gradients", "copy_bandwidth", "machine", "results_dir", "plot", "report"]
 
 MIN_REPEAT = 3  # a time budget never cuts a measurement below this many runs
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -65,6 +65,18 @@ def median_seconds(fns: Dict[str, Callable], device, *, inputs: Sequence[tuple] 
                 except Exception as err:
                     errors[name] = short(err)
     return {name: statistics.median(t) for name, t in times.items() if name not in errors}, errors
+
+
+def check_gradients(ref: Dict[str, torch.Tensor], other: Dict[str, torch.Tensor], who: str, rtol: float) -> None:
+    """`other`'s gradients (by parameter name) equal `ref`'s within `rtol` in relative norm; those
+    under 1e-3 of the largest are round-off in both (a bias before a norm) and not compared, and a
+    GENConv's learnable t gets 1e-2 (its gradient is a sum of N x D terms that cancel)."""
+    largest = max(g.norm().item() for g in ref.values())
+    for name, g in ref.items():
+        if g.norm().item() >= 1e-3 * largest:
+            rel = ((other[name] - g).norm() / g.norm()).item()
+            assert rel < (1e-2 if name.endswith(".t") else rtol), \
+                f"{who}: gradient of {name} differs by {rel:.1e} (relative norm)"
 
 
 def copy_bandwidth(device) -> float:
