@@ -6,6 +6,7 @@ self-distillation)."""
 import copy
 import gzip
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -174,3 +175,122 @@ def test_synthetic_arxiv_shape():
     sizes = [data.split_idx[s].numel() for s in ("train", "valid", "test")]
     assert sizes == [round(0.537 * n), round(0.176 * n), n - round(0.537 * n) - round(0.176 * n)]
     assert torch.equal(torch.cat(list(data.split_idx.values())).sort().values, torch.arange(n))
+
+
+# ---------------------------------------------------------------------------- examples/ogbn_arxiv.py
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ARXIV = [sys.executable, str(EXAMPLES / "ogbn_arxiv.py"), "--device", "cpu", "--num-layers", "3",
+         "--hidden-channels", "8", "--epochs", "2"]
+
+
+@pytest.fixture
+def example(monkeypatch):
+    """The example's module, and test_examples' subprocess helpers."""
+    pytest.importorskip("ogb")
+    pytest.importorskip("tqdm")
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    import ogbn_arxiv
+    import test_examples
+    return ogbn_arxiv, test_examples
+
+
+def write_ogb_arxiv(root: Path, num_nodes: int = 300, num_edges: int = 1500):
+    """A small random graph in the layout ogb 1.3.6 reads for ogbn-arxiv: directed edges, 128
+    node features, 40 classes, node_year, the split in split/time/."""
+    from test_examples import _csv
+
+    rng = np.random.default_rng(0)
+    home = root / "ogbn_arxiv"
+    raw = home / "raw"
+    _csv(raw / "edge.csv.gz", rng.integers(0, num_nodes, (num_edges, 2)), "%d")
+    _csv(raw / "num-node-list.csv.gz", [[num_nodes]], "%d")
+    _csv(raw / "num-edge-list.csv.gz", [[num_edges]], "%d")
+    _csv(raw / "node-feat.csv.gz", rng.standard_normal((num_nodes, 128)), "%.4f")
+    _csv(raw / "node-label.csv.gz", rng.integers(0, 40, (num_nodes, 1)), "%d")
+    _csv(raw / "node_year.csv.gz", rng.integers(2000, 2021, (num_nodes, 1)), "%d")
+    order = rng.permutation(num_nodes)
+    for part, idx in zip(("train", "valid", "test"), np.split(order, [num_nodes // 2, 3 * num_nodes // 4])):
+        _csv(home / "split" / "time" / f"{part}.csv.gz", idx[:, None], "%d")
+    (home / "RELEASE_v1.txt").write_text("written by tests/test_rev_gat.py\n")
+    return torch.from_numpy(np.loadtxt(gzip.open(raw / "edge.csv.gz"), delimiter=",", dtype=np.int64)).T
+
+
+def test_paper_loss_and_distillation(example):
+    ogbn_arxiv, _ = example
+    torch.manual_seed(0)
+    out, teacher, y = torch.randn(30, 40), torch.randn(30, 40), torch.randint(0, 40, (30, 1))
+    eps = 1 - math.log(2)
+    ce = torch.stack([-torch.log_softmax(out[i], 0)[y[i, 0]] for i in range(30)])
+    torch.testing.assert_close(ogbn_arxiv.paper_loss(out, y), (torch.log(eps + ce) - math.log(eps)).sum())
+    t = 0.7
+    p, q = torch.softmax(teacher / t, 1), torch.softmax(out / t, 1)
+    kl = (p * (p.log() - q.log())).mean() * t * t  # the mean over nodes and classes, as nn.KLDivLoss()'s default
+    torch.testing.assert_close(ogbn_arxiv.distillation(out, teacher, t), kl)
+
+
+def test_label_reuse_feeds_labels_then_predictions(example):
+    """The first pass sees the known nodes' one-hot labels and zeros elsewhere; the second the
+    first pass's predicted distribution on the unknown nodes."""
+    ogbn_arxiv, _ = example
+    data = synthetic_arxiv(num_nodes=50, seed=0)
+    seen = []
+
+    def model(inputs, edge_index):
+        seen.append(inputs.clone())
+        return inputs[:, :40] * 3.0  # some logits
+
+    known, unknown = torch.arange(0, 10), torch.arange(20, 50)
+    ogbn_arxiv.label_reuse(model, data, known, unknown)
+    first, second = seen
+    assert torch.equal(first[:, :128], data.x) and torch.equal(second[:, :128], data.x)
+    assert torch.equal(first[known, 128:], torch.nn.functional.one_hot(data.y[known, 0], 40).float())
+    assert not first[10:, 128:].any()
+    torch.testing.assert_close(second[unknown, 128:], torch.softmax(data.x[unknown, :40] * 3.0, 1))
+    assert torch.equal(second[:20], first[:20])
+
+
+def test_synthetic_teacher_then_student(example, tmp_path):
+    _, helpers = example
+    teacher = tmp_path / "teacher.pt"
+    out = helpers.run(ARXIV + ["--synthetic", "--scale", "0.002", "--predictions", str(teacher)])
+    assert "ogbn-arxiv (synthetic, scale 0.002): 339 nodes" in out
+    assert "label reuse (mask rate 0.5, 1 label iteration)" in out
+    assert re.search(r"^epoch 2 \| loss \d+\.\d+ \| train acc 0\.\d+ \| valid acc 0\.\d+ \| test acc 0\.\d+ \| "
+                     r"valid loss \d+\.\d+ \|", out, re.MULTILINE), out
+    helpers.final_metric(out, "acc")
+    assert torch.load(teacher, weights_only=True).shape == (339, 40)
+    out = helpers.run(ARXIV + ["--synthetic", "--scale", "0.002", "--mode", "student", "--teacher", str(teacher)])
+    assert f"self-distillation from {teacher} (alpha 0.95, T 0.7)" in out
+    helpers.final_metric(out, "acc")
+    message, _ = helpers.fails(ARXIV + ["--synthetic", "--scale", "0.001", "--mode", "student", "--teacher",
+                                        str(teacher)])
+    assert message == (f"--teacher {teacher} holds [339, 40], not the [169, 40] predictions of a run with "
+                       "--predictions on this graph"), message
+
+
+def test_ogb_directory_and_resume(example, tmp_path):
+    """Through ogb's loader and Evaluator: the graph made bidirected with one self loop per node,
+    and a resumed run equal to an uninterrupted one."""
+    _, helpers = example
+    edges = write_ogb_arxiv(tmp_path)
+    both = torch.cat([edges, edges.flip(0)], 1)
+    expected = torch.unique(both[:, both[0] != both[1]], dim=1).size(1) + 300
+    command = ARXIV[:-2] + ["--root", str(tmp_path)]
+    checkpoint = ["--checkpoint", str(tmp_path / "checkpoint.pt")]
+    first = helpers.run(command + ["--epochs", "1"] + checkpoint)
+    assert f"ogbn-arxiv ({tmp_path}): 300 nodes, {expected:,} edges, 150 training nodes" in first
+    assert "2,098,256" not in first  # the tiny model
+    second = helpers.run(command + ["--epochs", "2"] + checkpoint)
+    assert "resumed from" in second and "after epoch 1" in second and "epoch 1 |" not in second
+    uninterrupted = helpers.run(command + ["--epochs", "2"])
+    assert helpers.epoch_line(second, 2) == helpers.epoch_line(uninterrupted, 2)
+    assert helpers.final_metric(second, "acc") == helpers.final_metric(uninterrupted, "acc")
+
+
+def test_torchrun_two_processes(example):
+    _, helpers = example
+    out = helpers.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                       *ARXIV[1:-1], "1", "--synthetic", "--scale", "0.002"])
+    assert "2 process(es)" in out and out.count("epoch 1 |") == 1
+    helpers.final_metric(out, "acc")
