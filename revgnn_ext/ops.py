@@ -7,7 +7,7 @@ autograd formula made of ops that have one too (gen_aggregate's backward is firs
 the in-place ops (spmm_accumulate_, rev_subtract_) have none: PyTorch registers autograd for
 functional ops only.
 """
-import operator
+import inspect
 from typing import Optional
 
 import torch
@@ -18,7 +18,6 @@ from .graph import CSRGraph
 
 __all__ = ["spmm", "spmm_accumulate_", "gen_aggregate", "rev_subtract_"]
 
-REDUCES = ("sum", "mean", "max", "min")
 _ops = torch.ops.revgnn_ext
 
 
@@ -188,7 +187,43 @@ torch.library.register_autograd("revgnn_ext::spmm_backward_weight", _backward_we
                                 setup_context=_backward_weight_setup)
 
 
+# ---------------------------------------------------------------------------- autocast
+_lib = torch.library.Library("revgnn_ext", "IMPL")
+
+
+def _register_autocast(name: str, fake, cast) -> None:
+    """Under torch.autocast (CPU or CUDA), op ``name`` casts its arguments named in ``cast`` (the
+    parameters of its fake kernel), when float32, float16 or bfloat16, to the autocast dtype, and
+    runs with autocast off; the kernels compute in float32 and round once per stored value. Its
+    backward ops take the dtypes of the forward. float64 stays float64, as autocast leaves it."""
+    op = getattr(_ops, name).default
+    params = list(inspect.signature(fake).parameters)
+    positions = {params.index(arg) for arg in cast}
+
+    def kernel_for(device_type):
+        def kernel(*args):
+            dtype = torch.get_autocast_dtype(device_type)
+            args = [a.to(dtype) if i in positions and isinstance(a, Tensor) and a.dtype in _AUTOCAST_CASTS else a
+                    for i, a in enumerate(args)]
+            with torch.autocast(device_type, enabled=False):
+                return op(*args)
+        return kernel
+
+    for device_type in ("cpu", "cuda"):
+        _lib.impl(name, kernel_for(device_type), "Autocast" + device_type.upper())
+
+
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+_register_autocast("spmm", _spmm_fake, ("weight", "x"))
+_register_autocast("gen_aggregate", _gen_aggregate_fake, ("x", "edge_attr", "edge_weight", "edge_bias", "t", "p"))
+
+
 # ---------------------------------------------------------------------------- user functions
+# The kernels check what they see (shapes, dtypes, devices, layouts, index ranges, reduce and aggr
+# names) and raise TypeError / ValueError naming the argument; the functions below check only what
+# they cannot: the graph's type and integrity, x's rows against the graph's nodes and device, grad
+# mode, per-edge tensors before they are put in CSR order, and devices (a meta tensor among the
+# arguments sends the call to the fake kernel, past the kernels' checks).
 def _check_call(where: str, graph: CSRGraph, x: Tensor) -> None:
     if not isinstance(graph, CSRGraph):
         raise TypeError(f"{where}: graph must be a revgnn_ext.CSRGraph (build one with "
@@ -201,8 +236,12 @@ def _check_call(where: str, graph: CSRGraph, x: Tensor) -> None:
         raise ValueError(f"{where}: x has {x.size(0)} rows but the graph has {graph.num_src} source nodes")
     if x.device != graph.device:
         raise ValueError(f"{where}: x is on {x.device} but the graph is on {graph.device} (use graph.to(device))")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"{where}: x must be a floating-point tensor, got {x.dtype}")
+
+
+def _check_devices(where: str, name: str, ref: Tensor, **tensors) -> None:
+    for arg, t in tensors.items():
+        if isinstance(t, Tensor) and t.device != ref.device:
+            raise ValueError(f"{where}: {arg} is on {t.device} but {name} is on {ref.device}")
 
 
 def forward_ad_tracks(values) -> bool:
@@ -233,19 +272,12 @@ def _differentiable_call(where: str, op, *args):
                                   "twin of the op") from None
 
 
-def _check_reduce(where: str, reduce: str) -> None:
-    if reduce not in REDUCES:
-        raise ValueError(f"{where}: reduce must be one of {REDUCES}, got {reduce!r}")
-
-
-def _csr_weight(where: str, graph: CSRGraph, x: Tensor, edge_weight: Optional[Tensor]) -> Optional[Tensor]:
+def _csr_weight(where: str, graph: CSRGraph, edge_weight: Optional[Tensor]) -> Optional[Tensor]:
     if edge_weight is None:
         return None
     if not isinstance(edge_weight, Tensor) or edge_weight.dim() != 1:
         shape = list(edge_weight.shape) if isinstance(edge_weight, Tensor) else type(edge_weight).__name__
         raise ValueError(f"{where}: edge_weight must be a 1-D tensor [num_edges], got {shape}")
-    if edge_weight.dtype != x.dtype:
-        raise TypeError(f"{where}: edge_weight dtype {edge_weight.dtype} differs from x dtype {x.dtype}")
     return graph.edges_to_csr(edge_weight, f"{where}: edge_weight")
 
 
@@ -255,12 +287,12 @@ def spmm(graph: CSRGraph, x: Tensor, edge_weight: Optional[Tensor] = None, reduc
     Rows with no in-edges give 0. ``edge_weight`` ([num_edges], caller's edge order) is optional.
     ``x`` may be a column slice of a wider buffer; it is read in place. Differentiable in ``x``
     and ``edge_weight``; max/min route the gradient to the one selected edge (the first edge
-    that attains the extremum). Deterministic: no atomics, forward or backward.
+    that attains the extremum). Deterministic: no atomics, forward or backward. Under
+    ``torch.autocast``, x and edge_weight are cast to the autocast dtype (the sum runs in float32).
     """
     where = "revgnn_ext.ops.spmm"
     _check_call(where, graph, x)
-    _check_reduce(where, reduce)
-    weight = _csr_weight(where, graph, x, edge_weight)
+    weight = _csr_weight(where, graph, edge_weight)
     transposed = graph.transposed() if (torch.is_grad_enabled() and x.requires_grad) else (None, None, None)
     return _differentiable_call(where, _ops.spmm, graph.rowptr, graph.col, *transposed, weight, x, reduce)[0]
 
@@ -273,12 +305,12 @@ def spmm_accumulate_(out: Tensor, graph: CSRGraph, x: Tensor, edge_weight: Optio
 
     The fused in-place op has no autograd (PyTorch registers autograd for functional ops
     only); when gradients are being recorded for any input, this computes the same result as
-    ``out.add_(spmm(...), alpha=alpha)``, which autograd tracks.
+    ``out.add_(spmm(...), alpha=alpha)``, which autograd tracks. No autocast (in place): x and
+    edge_weight may have a lower precision than out (bfloat16 into float32), summed in out's dtype.
     """
     where = "revgnn_ext.ops.spmm_accumulate_"
     _check_call(where, graph, x)
-    _check_reduce(where, reduce)
-    weight = _csr_weight(where, graph, x, edge_weight)
+    weight = _csr_weight(where, graph, edge_weight)
     if not isinstance(out, Tensor) or out.shape != (graph.num_dst, x.size(1)):
         shape = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"{where}: out must have shape [{graph.num_dst}, {x.size(1)}], got {shape}")
@@ -290,17 +322,10 @@ def spmm_accumulate_(out: Tensor, graph: CSRGraph, x: Tensor, edge_weight: Optio
     return out
 
 
-GEN_AGGRS = ("softmax", "max", "mean", "sum", "powermean")
-
-
-def _per_channel(where: str, name: str, value, x: Tensor) -> Tensor:
-    """A float, or a tensor of 1 or D values, as a tensor of x's dtype and device."""
+def _per_channel(value, x: Tensor) -> Tensor:
+    """t or p (a float, or a tensor of 1 or D values) as a tensor of x's dtype."""
     if not isinstance(value, Tensor):
         return torch.tensor([float(value)], dtype=x.dtype, device=x.device)
-    if value.numel() not in (1, x.size(1)) or value.dim() > 1:
-        raise ValueError(f"{where}: {name} must hold 1 or {x.size(1)} (channels) values, got shape {list(value.shape)}")
-    if value.device != x.device:
-        raise ValueError(f"{where}: {name} is on {value.device} but x is on {x.device}")
     return value.to(x.dtype)
 
 
@@ -319,39 +344,18 @@ def gen_aggregate(graph: CSRGraph, x: Tensor, edge_attr: Optional[Tensor] = None
     powermean clamps to [1e-4, 100] as PyG does, except for a plain number ``p == 1``, which PyG
     (and this op) takes as a plain mean; ``p = 0`` gives PyG's values (1, or 0 for a node without
     in-edges) and, as PyG, NaN gradients. Differentiable in x, edge_attr, edge_weight,
-    edge_bias, t and p (first order); deterministic.
+    edge_bias, t and p (first order); deterministic. Under ``torch.autocast``, x, edge_attr,
+    edge_weight, edge_bias, t and p are cast to the autocast dtype (messages and aggregation in float32).
     """
     where = "revgnn_ext.ops.gen_aggregate"
-    if aggr not in GEN_AGGRS:
-        raise ValueError(f"{where}: aggr must be one of {GEN_AGGRS}, got {aggr!r}")
     if aggr == "powermean" and not isinstance(p, Tensor) and p == 1:
         aggr = "mean"  # PyG's PowerMeanAggregation skips the power and its clamps for a fixed p = 1
     _check_call(where, graph, x)
     if edge_attr is not None:
-        if not isinstance(edge_attr, Tensor) or edge_attr.dim() != 2:
-            shape = list(edge_attr.shape) if isinstance(edge_attr, Tensor) else type(edge_attr).__name__
-            raise ValueError(f"{where}: edge_attr must be a 2-D tensor [num_edges, F], got {shape}")
-        if edge_attr.dtype != x.dtype:
-            raise TypeError(f"{where}: edge_attr dtype {edge_attr.dtype} differs from x dtype {x.dtype}")
         edge_attr = graph.edges_to_csr(edge_attr, f"{where}: edge_attr")
-        width = x.size(1) if edge_weight is None else edge_weight.size(-1)
-        if edge_attr.size(1) != width:
-            raise ValueError(f"{where}: edge_attr has {edge_attr.size(1)} features but "
-                             + (f"edge_weight expects {width}" if edge_weight is not None else
-                                f"without edge_weight it must have x's {x.size(1)} channels"))
-    for name, v, shape in (("edge_weight", edge_weight, None), ("edge_bias", edge_bias, (x.size(1),))):
-        if v is None:
-            continue
-        if edge_attr is None:
-            raise ValueError(f"{where}: {name} given without edge_attr")
-        if name == "edge_weight" and (v.dim() != 2 or v.size(0) != x.size(1)):
-            raise ValueError(f"{where}: edge_weight must have shape [{x.size(1)}, F], got {list(v.shape)}")
-        if shape is not None and tuple(v.shape) != shape:
-            raise ValueError(f"{where}: {name} must have shape {list(shape)}, got {list(v.shape)}")
-        if v.dtype != x.dtype:
-            raise TypeError(f"{where}: {name} dtype {v.dtype} differs from x dtype {x.dtype}")
-    t = _per_channel(where, "t", t, x) if aggr == "softmax" else None
-    p = _per_channel(where, "p", p, x) if aggr == "powermean" else None
+    t = _per_channel(t, x) if aggr == "softmax" else None
+    p = _per_channel(p, x) if aggr == "powermean" else None
+    _check_devices(where, "x", x, edge_weight=edge_weight, edge_bias=edge_bias, t=t, p=p)
     grads = torch.is_grad_enabled() and any(
         v is not None and v.requires_grad for v in (x, edge_attr, edge_weight, edge_bias, t, p))
     transposed = graph.transposed() if grads else (None, None, None)
@@ -365,25 +369,6 @@ def _rev_subtract_fake(y, f, group, num_groups, sum_out):
     return None
 
 
-def _check_group_tensor(where: str, name: str, t, y: Tensor, width: int) -> None:
-    """f and sum_out: a tensor [N, c] of y's dtype and device."""
-    if not isinstance(t, Tensor) or tuple(t.shape) != (y.size(0), width):
-        shape = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
-        raise ValueError(f"{where}: {name} must have shape [{y.size(0)}, {width}] (y's rows, one group's "
-                         f"channels), got {shape}")
-    if t.dtype != y.dtype:
-        raise TypeError(f"{where}: {name} dtype {t.dtype} differs from y dtype {y.dtype}")
-    if t.device != y.device:
-        raise ValueError(f"{where}: {name} is on {t.device} but y is on {y.device}")
-
-
-def _as_int(where: str, name: str, value) -> int:
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}") from None
-
-
 def rev_subtract_(y: Tensor, f: Tensor, group: int, num_groups: int, sum_out: Optional[Tensor] = None) -> None:
     """One in-place step of the grouped reversible block's inversion (RevGNN): with
     c = D // num_groups and y_j = y[:, j*c:(j+1)*c],
@@ -395,34 +380,19 @@ def rev_subtract_(y: Tensor, f: Tensor, group: int, num_groups: int, sum_out: Op
     slice of a wider buffer (channels must be contiguous). ``f`` [N, c] may have any layout.
     ``sum_out`` [N, c] (channels contiguous) is written. Neither may share elements with ``y``,
     nor ``sum_out`` with ``f`` (other column slices of one buffer are fine); the op raises a
-    RuntimeError for such overlaps and for layouts it cannot write. float16/bfloat16 (CUDA) compute in float32.
-    Deterministic.
+    RuntimeError for such overlaps and for layouts it cannot write. float16/bfloat16 compute in
+    float32. Deterministic. No autocast (in place): ``f`` may have a lower precision than ``y``
+    (bfloat16 beside a float32 y), and the subtraction runs in y's dtype.
 
     The op writes y and sum_out in place and has no autograd: call it under ``torch.no_grad()``
     (it raises a RuntimeError when grad mode is on and an argument requires grad). Raises
-    TypeError / ValueError naming the argument for a bad type, dtype, shape, device or group.
+    TypeError / ValueError naming the argument for a bad dtype, shape, device or group.
     """
     where = "revgnn_ext.ops.rev_subtract_"
-    if not isinstance(y, Tensor) or y.dim() != 2:
-        shape = list(y.shape) if isinstance(y, Tensor) else type(y).__name__
-        raise ValueError(f"{where}: y must be a 2-D tensor [N, D], got {shape}")
-    if not y.dtype.is_floating_point:
-        raise TypeError(f"{where}: y must be a floating-point tensor, got {y.dtype}")
-    group, num_groups = _as_int(where, "group", group), _as_int(where, "num_groups", num_groups)
-    if num_groups < 2:
-        raise ValueError(f"{where}: num_groups must be at least 2, got {num_groups}")
-    if not 0 <= group < num_groups:
-        raise ValueError(f"{where}: group must be in [0, {num_groups}), got {group}")
-    if y.size(1) % num_groups != 0:
-        raise ValueError(f"{where}: y has {y.size(1)} channels, which do not split into {num_groups} equal groups")
-    width = y.size(1) // num_groups
-    _check_group_tensor(where, "f", f, y, width)
-    if sum_out is not None:
-        if group == 0:
-            raise ValueError(f"{where}: sum_out (the sum of groups 1 .. num_groups - 1) is formed with the "
-                             "subtraction into a group >= 1, got group 0")
-        _check_group_tensor(where, "sum_out", sum_out, y, width)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (y, f, sum_out)):
+    if isinstance(y, Tensor):
+        _check_devices(where, "y", y, f=f, sum_out=sum_out)
+    tensors = [t for t in (y, f, sum_out) if isinstance(t, Tensor)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         raise RuntimeError(f"{where}: the op writes in place and has no autograd, but an argument requires grad; "
                            "call it under torch.no_grad()")
     _ops.rev_subtract_(y, f, group, num_groups, sum_out)

@@ -145,90 +145,64 @@ def test_torch_compile_fullgraph():
 
 # ------------------------------------------------------------------------------ bad inputs
 def test_bad_inputs_raise_naming_the_argument():
+    """The op checks its arguments (TypeError for a dtype, ValueError for a shape, device, layout
+    or group); the Python function adds only the grad-mode check. Nothing is written on an error."""
     y, f, sum_out = torch.randn(10, 12), torch.randn(10, 4), torch.empty(10, 4)
-    with pytest.raises(ValueError, match="y must be a 2-D tensor"):
-        ops.rev_subtract_(y[0], f, 1, 3)
-    with pytest.raises(ValueError, match="y must be a 2-D tensor"):
-        ops.rev_subtract_(y.tolist(), f, 1, 3)
-    with pytest.raises(TypeError, match="y must be a floating-point"):
-        ops.rev_subtract_(y.long(), f, 1, 3)
-    with pytest.raises(TypeError, match="group must be an int"):
-        ops.rev_subtract_(y, f, 1.0, 3)
-    with pytest.raises(TypeError, match="num_groups must be an int"):
-        ops.rev_subtract_(y, f, 1, "3")
-    with pytest.raises(ValueError, match="num_groups must be at least 2"):
-        ops.rev_subtract_(y, torch.randn(10, 12), 0, 1)
-    for group in (-1, 3):
-        with pytest.raises(ValueError, match=r"group must be in \[0, 3\)"):
-            ops.rev_subtract_(y, f, group, 3)
-    with pytest.raises(ValueError, match="y has 12 channels, which do not split into 5"):
-        ops.rev_subtract_(y, f, 1, 5)
-    with pytest.raises(ValueError, match=r"f must have shape \[10, 4\]"):
-        ops.rev_subtract_(y, f[:, :3], 1, 3)
-    with pytest.raises(ValueError, match=r"f must have shape \[10, 4\]"):
-        ops.rev_subtract_(y, f[:9], 1, 3)
-    with pytest.raises(ValueError, match=r"f must have shape \[10, 4\] .*got float"):
-        ops.rev_subtract_(y, 1.0, 1, 3)
-    with pytest.raises(TypeError, match="f dtype torch.float64 differs from y dtype torch.float32"):
-        ops.rev_subtract_(y, f.double(), 1, 3)
+    before = y.clone()
+    for fn in (ops.rev_subtract_, torch.ops.revgnn_ext.rev_subtract_):
+        with pytest.raises(ValueError, match="rev_subtract_: y must be 2-D"):
+            fn(y[0], f, 1, 3, None)
+        with pytest.raises(TypeError, match="rev_subtract_: y must be a floating-point"):
+            fn(y.long(), f, 1, 3, None)
+        with pytest.raises(ValueError, match="rev_subtract_: num_groups must be at least 2, got 1"):
+            fn(y, torch.randn(10, 12), 0, 1, None)
+        for group in (-1, 3):
+            with pytest.raises(ValueError, match=rf"rev_subtract_: group must be in \[0, 3\), got {group}"):
+                fn(y, f, group, 3, None)
+        with pytest.raises(ValueError, match="y has 12 channels, which do not split into 5"):
+            fn(y, f, 1, 5, None)
+        with pytest.raises(ValueError, match=r"f must have shape \[10, 4\]"):
+            fn(y, f[:, :3], 1, 3, None)
+        with pytest.raises(ValueError, match=r"f must have shape \[10, 4\]"):
+            fn(y, f[:9], 1, 3, None)
+        with pytest.raises(TypeError, match=r"f \(Double\) must have y's dtype Float or a lower precision"):
+            fn(y, f.double(), 1, 3, None)
+        with pytest.raises(ValueError, match="sum_out .* got group 0"):
+            fn(y, f, 0, 3, sum_out)
+        with pytest.raises(ValueError, match=r"sum_out must have shape \[10, 4\]"):
+            fn(y, f, 1, 3, sum_out[:, :2])
+        with pytest.raises(TypeError, match="sum_out dtype Double differs from y dtype Float"):
+            fn(y, f, 1, 3, sum_out.double())
+        with pytest.raises(ValueError, match="rev_subtract_: y must have contiguous channels"):
+            fn(torch.randn(12, 10).t(), f, 1, 3, None)
+        with pytest.raises(ValueError, match="rev_subtract_: y must have contiguous channels and non-overlapping"):
+            fn(torch.randn(1, 12).expand(10, 12), f, 1, 3, None)
+        with pytest.raises(ValueError, match="rev_subtract_: sum_out must have contiguous channels"):
+            fn(y, f, 1, 3, torch.empty(4, 10).t())
+    # What the op cannot see: a meta argument sends the call to the fake kernel; grad mode.
     with pytest.raises(ValueError, match="f is on meta but y is on cpu"):
         ops.rev_subtract_(y, f.to("meta"), 1, 3)
-    with pytest.raises(ValueError, match="sum_out .* got group 0"):
-        ops.rev_subtract_(y, f, 0, 3, sum_out)
-    with pytest.raises(ValueError, match=r"sum_out must have shape \[10, 4\]"):
-        ops.rev_subtract_(y, f, 1, 3, sum_out[:, :2])
-    with pytest.raises(TypeError, match="sum_out dtype torch.float64 differs"):
-        ops.rev_subtract_(y, f, 1, 3, sum_out.double())
     with pytest.raises(ValueError, match="sum_out is on meta but y is on cpu"):
         ops.rev_subtract_(y, f, 1, 3, sum_out.to("meta"))
+    with pytest.raises(RuntimeError, match="Expected a value of type 'Tensor' for argument 'y'"):
+        ops.rev_subtract_(y.tolist(), f, 1, 3)
+    with pytest.raises(RuntimeError, match="Expected a value of type 'int' for argument 'group'"):
+        ops.rev_subtract_(y, f, 1.0, 3)
     for name, args in (("y", (y.clone().requires_grad_(), f)), ("f", (y, f.clone().requires_grad_())),
                        ("sum_out", (y, f, torch.zeros(10, 4, requires_grad=True)))):
         with pytest.raises(RuntimeError, match="has no autograd.*torch.no_grad"):
             ops.rev_subtract_(args[0], args[1], 1, 3, *args[2:])
-    before = y.clone()
     with torch.no_grad():  # the same arguments are fine without grad mode
         ops.rev_subtract_(y.clone().requires_grad_(), f.clone().requires_grad_(), 1, 3,
                           torch.zeros(10, 4, requires_grad=True))
     assert torch.equal(y, before)  # the refused calls wrote nothing
 
 
-def test_raw_op_checks_its_arguments():
-    """Called directly, the op raises for what the Python layer does not check (layouts,
-    overlaps) and for everything else too; it never reads or writes out of bounds."""
+def test_overlaps_are_refused():
+    """f or sum_out in y's columns, or sum_out in f's, are refused; disjoint column slices of one
+    buffer are fine."""
     op = torch.ops.revgnn_ext.rev_subtract_
-    y, f, sum_out = torch.randn(10, 12), torch.randn(10, 4), torch.empty(10, 4)
-    with pytest.raises(RuntimeError, match="revgnn_ext.rev_subtract_: num_groups must be at least 2, got 1"):
-        op(y, f, 0, 1, None)
-    with pytest.raises(RuntimeError, match=r"rev_subtract_: group must be in \[0, 3\), got 3"):
-        op(y, f, 3, 3, None)
-    with pytest.raises(RuntimeError, match=r"rev_subtract_: group must be in \[0, 3\), got -1"):
-        op(y, f, -1, 3, None)
-    with pytest.raises(RuntimeError, match="rev_subtract_: y must be 2-D"):
-        op(y[0], f, 1, 3, None)
-    with pytest.raises(RuntimeError, match="rev_subtract_: y must be a floating-point tensor"):
-        op(y.long(), f.long(), 1, 3, None)
-    with pytest.raises(RuntimeError, match="rev_subtract_: CPU kernels support float32 and float64"):
-        op(y.half(), f.half(), 1, 3, None)
-    with pytest.raises(RuntimeError, match="rev_subtract_: y must have contiguous channels"):
-        op(torch.randn(12, 10).t(), f, 1, 3, None)
-    with pytest.raises(RuntimeError, match="rev_subtract_: y must have contiguous channels and non-overlapping"):
-        op(torch.randn(1, 12).expand(10, 12), f, 1, 3, None)
-    with pytest.raises(RuntimeError, match="rev_subtract_: y has 12 channels, which do not split into 5"):
-        op(y, f, 1, 5, None)
-    with pytest.raises(RuntimeError, match=r"rev_subtract_: f must have shape \[10, 4\]"):
-        op(y, f[:, :3], 1, 3, None)
-    with pytest.raises(RuntimeError, match="rev_subtract_: f dtype Double differs from y dtype Float"):
-        op(y, f.double(), 1, 3, None)
-    with pytest.raises(RuntimeError, match="rev_subtract_: sum_out .* got group 0"):
-        op(y, f, 0, 3, sum_out)
-    with pytest.raises(RuntimeError, match=r"rev_subtract_: sum_out must have shape \[10, 4\]"):
-        op(y, f, 1, 3, sum_out[:9])
-    with pytest.raises(RuntimeError, match="rev_subtract_: sum_out must have contiguous channels"):
-        op(y, f, 1, 3, torch.empty(4, 10).t())
-    with pytest.raises(RuntimeError, match="rev_subtract_: sum_out dtype Double differs"):
-        op(y, f, 1, 3, sum_out.double())
-    # Overlaps: f or sum_out in y's columns, or sum_out in f's, are refused; disjoint column
-    # slices of one buffer are fine.
+    f = torch.randn(10, 4)
     buf = torch.randn(10, 24)
     y = buf[:, :12]
     with pytest.raises(RuntimeError, match="rev_subtract_: f shares elements with y"):
@@ -250,9 +224,9 @@ def test_raw_op_checks_its_arguments():
 @pytest.mark.skipif(not HAS_CUDA, reason="no GPU")
 def test_cuda_device_mismatch():
     y, f = torch.randn(10, 12, device="cuda"), torch.randn(10, 4)
-    with pytest.raises(ValueError, match="f is on cpu but y is on cuda"):
+    with pytest.raises(ValueError, match="rev_subtract_: f is on cpu but y is on cuda"):
         ops.rev_subtract_(y, f, 1, 3)
-    with pytest.raises(RuntimeError, match="rev_subtract_: f is on cpu"):
+    with pytest.raises(ValueError, match="rev_subtract_: f is on cpu, expected cuda"):
         torch.ops.revgnn_ext.rev_subtract_(y, f, 1, 3, None)
-    with pytest.raises(RuntimeError, match="rev_subtract_: sum_out is on cpu"):
+    with pytest.raises(ValueError, match="rev_subtract_: sum_out is on cpu"):
         torch.ops.revgnn_ext.rev_subtract_(y, f.cuda(), 1, 3, torch.empty(10, 4))

@@ -4,7 +4,7 @@ counter through ``.data``), and the raw ops given inconsistent arrays (CPU kerne
 import pytest
 import torch
 
-from revgnn_ext import CSRGraph, ops
+from revgnn_ext import CSRGraph, ops, reference
 
 N, E = 10, 40
 
@@ -99,8 +99,8 @@ def _public_calls(g):
     w = torch.rand(E, dtype=torch.float64, requires_grad=True)
     attr = torch.randn(E, 3, dtype=torch.float64, requires_grad=True)
     lin = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
-    calls = [lambda r=r: ops.spmm(g, x, w, r).sum().backward() for r in ops.REDUCES]
-    calls += [lambda a=a: ops.gen_aggregate(g, x, attr, lin, aggr=a).sum().backward() for a in ops.GEN_AGGRS]
+    calls = [lambda r=r: ops.spmm(g, x, w, r).sum().backward() for r in reference.REDUCES]
+    calls += [lambda a=a: ops.gen_aggregate(g, x, attr, lin, aggr=a).sum().backward() for a in reference.GEN_AGGRS]
     calls.append(lambda: ops.spmm_accumulate_(torch.zeros(N, 6, dtype=torch.float64), g, x.detach(), w.detach()))
     return calls
 

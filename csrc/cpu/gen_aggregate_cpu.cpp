@@ -357,7 +357,8 @@ void backward_params_kernel(const GenInputs& in, const at::Tensor& out_t, const 
             const V r1 = V::loadu(s1.data() + v0);
             const V dparam = A == Aggr::Softmax
                                  ? row.g * r1
-                                 : power_grad_p<V, M>(row.g, row.out, V::loadu(prm.p.data() + v0), row.state, r1, row.deg);
+                                 : power_grad_p<V, M>(row.g, row.out, V::loadu(prm.p.data() + v0), row.state, r1,
+                                                      row.deg);
             (V::loadu(pp + v0) + dparam).store(pp + v0);
           }
         }
@@ -392,8 +393,9 @@ struct CpuGen {
 
   static void backward(const GenInputs& in, const at::Tensor& out, const at::Tensor& state,
                        const at::Tensor& grad_out, const GenGrads& grads) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "revgnn_ext.gen_aggregate_backward", [&] {
-      AT_DISPATCH_INDEX_TYPES(in.rowptr.scalar_type(), "revgnn_ext.gen_aggregate_backward", [&] {
+    constexpr const char* op = "revgnn_ext.gen_aggregate_backward";
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), op, [&] {
+      AT_DISPATCH_INDEX_TYPES(in.rowptr.scalar_type(), op, [&] {
         dispatch_aggr(in.aggr, [&](auto aggr) {
           constexpr Aggr AG = decltype(aggr)::value;
           backward_x_kernel<scalar_t, index_t, AG>(in, out, state, grad_out, grads.x);

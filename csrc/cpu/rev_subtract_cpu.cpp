@@ -31,7 +31,8 @@ void subtract_kernel(scalar_t* y, int64_t ldy, const scalar_t* f, int64_t ldf, s
         scalar_t* yg = row + group * c + k;
         cpu::store_acc(rev_difference(cpu::load_acc(yg, count), cpu::load_acc(f + i * ldf + k, count)), yg, count);
         if (sum == nullptr) continue;
-        const Vec total = rev_group_sum<Vec>(num_groups, [&](int64_t j) { return cpu::load_acc(row + j * c + k, count); });
+        const Vec total =
+            rev_group_sum<Vec>(num_groups, [&](int64_t j) { return cpu::load_acc(row + j * c + k, count); });
         cpu::store_acc(total, sum + i * lds + k, count);
       }
     }

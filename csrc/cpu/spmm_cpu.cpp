@@ -87,8 +87,8 @@ void forward_sum(const index_t* rowptr, const index_t* col, int64_t num_edges, c
 // Max/min: per channel selection with its CSR edge position (see `replaces`).
 template <typename scalar_t, typename index_t, Reduce R>
 void forward_select(const index_t* rowptr, const index_t* col, int64_t num_edges, const scalar_t* w,
-                    const scalar_t* x, int64_t ldx, int64_t num_src, scalar_t* out, int64_t ldo, index_t* arg, int64_t n,
-                    int64_t d, at::opmath_type<scalar_t> alpha, bool accumulate) {
+                    const scalar_t* x, int64_t ldx, int64_t num_src, scalar_t* out, int64_t ldo, index_t* arg,
+                    int64_t n, int64_t d, at::opmath_type<scalar_t> alpha, bool accumulate) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t BW = kVecs * AccVec<scalar_t>::size();
   at::parallel_for(0, n, cpu::grain_size(n, num_edges, d), [&](int64_t begin, int64_t end) {
@@ -243,8 +243,9 @@ struct CpuSpmm {
                          const at::Tensor& perm_t, const c10::optional<at::Tensor>& weight,
                          const at::Tensor& grad_out, const at::Tensor& arg, Reduce reduce, const at::Tensor& grad_x) {
     const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "revgnn_ext.spmm_backward_x", [&] {
-      AT_DISPATCH_INDEX_TYPES(rowptr.scalar_type(), "revgnn_ext.spmm_backward_x", [&] {
+    constexpr const char* op = "revgnn_ext.spmm_backward_x";
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), op, [&] {
+      AT_DISPATCH_INDEX_TYPES(rowptr.scalar_type(), op, [&] {
         dispatch_reduce(reduce, [&](auto r) {
           constexpr Reduce R = decltype(r)::value;
           backward_x_kernel<scalar_t, index_t, R>(

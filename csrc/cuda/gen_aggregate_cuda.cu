@@ -545,7 +545,8 @@ struct CudaGen {
           constexpr bool kFloatingState = A == Aggr::Softmax || A == Aggr::PowerMean;
           gen_forward_kernel<scalar_t, index_t, A><<<num_blocks(in.num_dst, lanes), kBlock, 0, stream>>>(
               in.rowptr.data_ptr<index_t>(), in.col.data_ptr<index_t>(), in.col.numel(), in.x.data_ptr<scalar_t>(),
-              in.x.stride(0), in.x.size(0), edge_emb<scalar_t>(in), ptr_or_null<scalar_t>(in.t), ptr_or_null<scalar_t>(in.p),
+              in.x.stride(0), in.x.size(0), edge_emb<scalar_t>(in), ptr_or_null<scalar_t>(in.t),
+              ptr_or_null<scalar_t>(in.p),
               static_cast<acc_t>(in.eps), out.data_ptr<scalar_t>(), kFloatingState ? state.data_ptr<acc_t>() : nullptr,
               A == Aggr::Max ? state.data_ptr<index_t>() : nullptr, in.num_dst, in.d, lanes);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -596,7 +597,8 @@ struct CudaGen {
           if (blocks > 0) {
             gen_backward_params_kernel<scalar_t, index_t, A><<<static_cast<unsigned int>(blocks), kBlock, 0, stream>>>(
                 in.rowptr.data_ptr<index_t>(), in.col.data_ptr<index_t>(), num_edges, in.x.data_ptr<scalar_t>(),
-                in.x.stride(0), n_src, emb, ptr_or_null<scalar_t>(in.t), ptr_or_null<scalar_t>(in.p), eps, rows, in.num_dst, in.d,
+                in.x.stride(0), n_src, emb, ptr_or_null<scalar_t>(in.t), ptr_or_null<scalar_t>(in.p), eps, rows,
+                in.num_dst, in.d,
                 in.direct ? ptr_or_null<scalar_t>(grads.edge_attr) : nullptr, ptr_or_null<acc_t>(grad_attr_enc),
                 ptr_or_null<acc_t>(partial), width, lanes);
             C10_CUDA_KERNEL_LAUNCH_CHECK();

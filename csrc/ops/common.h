@@ -1,6 +1,9 @@
 // What every op shares: the graph's row and index checks (host and device), the argument checks
 // at the boundary (host), and one way to turn an enum (Reduce, Aggr) into a compile-time constant.
 //
+// Errors: a bad dtype raises TypeError, a bad shape, device, layout or name ValueError (as the
+// Python layer's own checks do), a malformed graph (arrays that disagree) RuntimeError.
+//
 // Floating dtypes: float32, float64, float16 and bfloat16 on both devices; float16/bfloat16 are
 // computed in float32 (at::opmath_type) and rounded once per stored value. Index dtypes: int32
 // or int64 (AT_DISPATCH_INDEX_TYPES), the same for every index tensor of a call.
@@ -100,9 +103,9 @@ inline void check_index(const at::Tensor& t, const char* op, const char* name, a
 // A tensor the kernels read or write as values: a supported floating dtype, on `device`.
 inline void check_values(const at::Tensor& t, const char* op, const char* name, const at::Device& device) {
   const auto dtype = t.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
-              ": ", name, " must be a floating-point tensor (float32, float64, float16 or bfloat16), got ", dtype);
-  TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(), ", expected ", device);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
+                   ": ", name, " must be a floating-point tensor (float32, float64, float16 or bfloat16), got ", dtype);
+  TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, " is on ", t.device(), ", expected ", device);
 }
 
 // Whether a 2-D tensor has contiguous channels and rows that do not overlap (a column slice of a
@@ -114,17 +117,17 @@ inline bool rows_of_channels(const at::Tensor& t) {
 // Feature matrices the kernels read: 2-D [nodes, channels] values. Returns the tensor itself, or
 // a contiguous copy when its channels are strided.
 inline at::Tensor check_features(const at::Tensor& t, const char* op, const char* name, const at::Device& device) {
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [nodes, channels], got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == 2, op, ": ", name, " must be 2-D [nodes, channels], got shape ", t.sizes());
   check_values(t, op, name, device);
   return rows_of_channels(t) ? t : t.contiguous();
 }
 
 // Feature matrices the kernels write in place: as check_features, but the layout cannot be copied.
 inline void check_written(const at::Tensor& t, const char* op, const char* name, const at::Device& device) {
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [nodes, channels], got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == 2, op, ": ", name, " must be 2-D [nodes, channels], got shape ", t.sizes());
   check_values(t, op, name, device);
-  TORCH_CHECK(rows_of_channels(t), op, ": ", name, " must have contiguous channels and non-overlapping rows (a "
-              "column slice is fine), got strides ", t.strides());
+  TORCH_CHECK_VALUE(rows_of_channels(t), op, ": ", name, " must have contiguous channels and non-overlapping rows "
+                    "(a column slice is fine), got strides ", t.strides());
 }
 
 // Whether two 2-D tensors with contiguous channels may share elements. Column slices of one
@@ -141,11 +144,13 @@ inline bool shares_elements(const at::Tensor& a, const at::Tensor& b) {
   return !disjoint || ca + a.size(1) > s || cb + b.size(1) > s;
 }
 
-// A tensor read alongside x (a per-edge weight, edge features, parameters): x's dtype and device.
-inline void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(), " differs from x dtype ",
-              x.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), ", expected ", x.device());
+// A tensor read alongside x (a per-edge weight, edge features, parameters; `x_name`: the tensor
+// it goes with): x's dtype and device.
+inline void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name,
+                         const char* x_name = "x") {
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(), " differs from ",
+                   x_name, " dtype ", x.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), ", expected ", x.device());
 }
 
 // The graph (rowptr, col) and the optional per-edge weight of an op reading x.
@@ -158,8 +163,8 @@ inline void check_graph(const at::Tensor& rowptr, const at::Tensor& col, const c
   check_index(col, op, "col", rowptr.scalar_type(), device);
   check_rowptr(rowptr, col.numel(), op, rowptr_name);
   if (weight.has_value()) {
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == col.size(0), op, ": weight must have shape [",
-                col.size(0), "] (one value per edge), got ", weight->sizes());
+    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == col.size(0), op, ": weight must have shape [",
+                      col.size(0), "] (one value per edge), got ", weight->sizes());
     check_like_x(*weight, x, op, "weight");
   }
 }

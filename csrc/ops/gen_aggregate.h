@@ -190,8 +190,8 @@ struct GenInputs {
 
 inline at::Tensor per_channel(const c10::optional<at::Tensor>& v, const at::Tensor& x, const char* op,
                               const char* name) {
-  TORCH_CHECK(v.has_value(), op, ": ", name, " is required for this aggregation");
-  TORCH_CHECK(v->dim() <= 1 && (v->numel() == 1 || v->numel() == x.size(1)), op, ": ", name,
+  TORCH_CHECK_VALUE(v.has_value(), op, ": ", name, " is required for this aggregation");
+  TORCH_CHECK_VALUE(v->dim() <= 1 && (v->numel() == 1 || v->numel() == x.size(1)), op, ": ", name,
               " must hold 1 or D = ", x.size(1), " values, got shape ", v->sizes());
   check_like_x(*v, x, op, name);
   return v->reshape({-1}).expand({x.size(1)}).contiguous();
@@ -214,29 +214,31 @@ inline GenInputs check_gen_inputs(const char* op, const at::Tensor& rowptr, cons
   const int64_t num_edges = col.numel();
   if (edge_attr.has_value()) {
     const auto& a = *edge_attr;
-    TORCH_CHECK(a.dim() == 2 && a.size(0) == num_edges, op, ": edge_attr must have shape [num_edges = ",
+    TORCH_CHECK_VALUE(a.dim() == 2 && a.size(0) == num_edges, op, ": edge_attr must have shape [num_edges = ",
                 num_edges, ", F], got ", a.sizes());
     check_like_x(a, in.x, op, "edge_attr");
     in.edge_attr = a.contiguous();
     in.f = a.size(1);
     if (edge_weight.has_value()) {
       const auto& w = *edge_weight;
-      TORCH_CHECK(w.dim() == 2 && w.size(0) == in.d && w.size(1) == in.f, op, ": edge_weight must have shape [D = ",
+      TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == in.d && w.size(1) == in.f, op,
+                        ": edge_weight must have shape [D = ",
                   in.d, ", F = ", in.f, "] (an nn.Linear(F, D) weight), got ", w.sizes());
       check_like_x(w, in.x, op, "edge_weight");
       in.weight_t = w.t().contiguous();
     } else {
-      TORCH_CHECK(in.f == in.d, op, ": without edge_weight, edge_attr is the edge embedding and must have D = ",
+      TORCH_CHECK_VALUE(in.f == in.d, op, ": without edge_weight, edge_attr is the edge embedding and must have D = ",
                   in.d, " columns, got ", in.f);
       in.direct = true;
     }
   } else {
-    TORCH_CHECK(!edge_weight.has_value(), op, ": edge_weight given without edge_attr");
+    TORCH_CHECK_VALUE(!edge_weight.has_value(), op, ": edge_weight given without edge_attr");
   }
   if (edge_bias.has_value()) {
-    TORCH_CHECK(in.weight_t.defined(), op, ": edge_bias needs edge_attr and edge_weight");
+    TORCH_CHECK_VALUE(in.weight_t.defined(), op, ": edge_bias needs edge_attr and edge_weight");
     const auto& b = *edge_bias;
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == in.d, op, ": edge_bias must have shape [D = ", in.d, "], got ", b.sizes());
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == in.d, op, ": edge_bias must have shape [D = ", in.d, "], got ",
+                      b.sizes());
     check_like_x(b, in.x, op, "edge_bias");
     in.bias = b.contiguous();
   }

@@ -41,7 +41,7 @@ C10_HOST_DEVICE inline T rev_group_sum(int64_t num_groups, const Group& group) {
 // f and sum_out: one group's width of y's rows.
 inline void check_group_shape(const at::Tensor& t, const at::Tensor& y, int64_t c, const char* op,
                               const char* name) {
-  TORCH_CHECK(t.size(0) == y.size(0) && t.size(1) == c, op, ": ", name, " must have shape [", y.size(0), ", ", c,
+  TORCH_CHECK_VALUE(t.size(0) == y.size(0) && t.size(1) == c, op, ": ", name, " must have shape [", y.size(0), ", ", c,
               "] (y's rows, one group's channels), got ", t.sizes());
 }
 
@@ -52,26 +52,26 @@ template <typename K>
 void rev_subtract_op(const at::Tensor& y, const at::Tensor& f_in, int64_t group, int64_t num_groups,
                      const c10::optional<at::Tensor>& sum_out) {
   constexpr const char* op = "revgnn_ext.rev_subtract_";
-  TORCH_CHECK(num_groups >= 2, op, ": num_groups must be at least 2, got ", num_groups);
-  TORCH_CHECK(group >= 0 && group < num_groups, op, ": group must be in [0, ", num_groups, "), got ", group);
+  TORCH_CHECK_VALUE(num_groups >= 2, op, ": num_groups must be at least 2, got ", num_groups);
+  TORCH_CHECK_VALUE(group >= 0 && group < num_groups, op, ": group must be in [0, ", num_groups, "), got ", group);
   check_written(y, op, "y", y.device());
-  TORCH_CHECK(y.size(1) % num_groups == 0, op, ": y has ", y.size(1), " channels, which do not split into ",
+  TORCH_CHECK_VALUE(y.size(1) % num_groups == 0, op, ": y has ", y.size(1), " channels, which do not split into ",
               num_groups, " equal groups");
   const int64_t c = y.size(1) / num_groups;
   const at::Tensor f = check_features(f_in, op, "f", y.device());
   check_group_shape(f, y, c, op, "f");
-  TORCH_CHECK(at::promoteTypes(f.scalar_type(), y.scalar_type()) == y.scalar_type(), op, ": f (", f.scalar_type(),
+  TORCH_CHECK_TYPE(at::promoteTypes(f.scalar_type(), y.scalar_type()) == y.scalar_type(), op, ": f (", f.scalar_type(),
               ") must have y's dtype ", y.scalar_type(), " or a lower precision that converts to it exactly");
   TORCH_CHECK(!shares_elements(f, y), op, ": f shares elements with y; it may be a column slice of y's buffer, "
               "but its columns must not overlap y's");
   at::Tensor sum;
   if (sum_out.has_value()) {
     sum = *sum_out;
-    TORCH_CHECK(group >= 1, op, ": sum_out (the sum of groups 1 .. num_groups - 1) is formed with the "
+    TORCH_CHECK_VALUE(group >= 1, op, ": sum_out (the sum of groups 1 .. num_groups - 1) is formed with the "
                 "subtraction into a group >= 1, got group 0");
     check_written(sum, op, "sum_out", y.device());
     check_group_shape(sum, y, c, op, "sum_out");
-    check_like_x(sum, y, op, "sum_out");
+    check_like_x(sum, y, op, "sum_out", "y");
     TORCH_CHECK(!shares_elements(sum, y), op, ": sum_out shares elements with y; it may be a column slice of "
                 "y's buffer, but its columns must not overlap y's");
     TORCH_CHECK(!shares_elements(sum, f), op, ": sum_out shares elements with f");

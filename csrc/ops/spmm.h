@@ -120,11 +120,11 @@ void spmm_accumulate_op(const at::Tensor& out, const at::Tensor& rowptr, const a
   const at::Tensor x = check_features(x_in, op, "x", x_in.device());
   check_graph(rowptr, col, weight, x, op);
   const int64_t n = rowptr.numel() - 1, d = x.size(1);
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == n && out.size(1) == d, op, ": out must have shape [", n,
-              ", ", d, "], got ", out.sizes());
+  TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == n && out.size(1) == d, op, ": out must have shape [", n,
+                    ", ", d, "], got ", out.sizes());
   check_written(out, op, "out", x.device());
   const auto dtype = out.scalar_type();
-  TORCH_CHECK(at::promoteTypes(x.scalar_type(), dtype) == dtype, op, ": x (", x.scalar_type(),
+  TORCH_CHECK_TYPE(at::promoteTypes(x.scalar_type(), dtype) == dtype, op, ": x (", x.scalar_type(),
               ") must have out's dtype ", dtype, " or a lower precision that converts to it exactly");
   TORCH_CHECK(!shares_elements(out, x), op, ": out shares elements with x; they may be column slices of one "
               "buffer, but their columns must not overlap");
@@ -178,7 +178,7 @@ at::Tensor spmm_backward_weight_op(const at::Tensor& rowptr, const at::Tensor& c
   const at::Tensor grad_out = check_features(grad_out_in, op, "grad_out", x.device());
   check_graph(rowptr, col, c10::nullopt, x, op);
   check_like_x(grad_out, x, op, "grad_out");
-  TORCH_CHECK(grad_out.size(0) == rowptr.numel() - 1 && grad_out.size(1) == x.size(1), op,
+  TORCH_CHECK_VALUE(grad_out.size(0) == rowptr.numel() - 1 && grad_out.size(1) == x.size(1), op,
               ": grad_out must have shape [", rowptr.numel() - 1, ", ", x.size(1), "], got ", grad_out.sizes());
   check_arg(arg, r, rowptr, grad_out, op);
   at::Tensor grad_weight = at::empty({col.numel()}, x.options());

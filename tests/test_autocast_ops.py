@@ -1,0 +1,213 @@
+"""The ops in low precision and under torch.autocast.
+
+float16/bfloat16 inputs, on every device: the kernels compute in float32 and round once per
+stored value, so they match the float32 reference run on the same (rounded) inputs to within a
+rounding of the result. Under torch.autocast (CPU, and CUDA where present) the functional ops cast
+their floating inputs to the autocast dtype, float32 edge features and parameters beside bfloat16
+node features included, and match the reference run in float32 within bfloat16's tolerance,
+forward and backward; the in-place ops take a lower-precision operand beside a float32 buffer.
+"""
+import pytest
+import torch
+
+from revgnn_ext import CSRGraph, ops, reference
+from revgnn_ext.nn import GENConv, RevGNN, SAGEConv
+
+from conftest import DEVICES, make_graph
+
+LOW = [torch.float16, torch.bfloat16]
+AGGRS = ["softmax", "max", "mean", "sum", "powermean"]
+REDUCES = ["sum", "mean", "max", "min"]
+
+
+def _graph(device, unique=False):
+    ei, n = make_graph("power_law")
+    return CSRGraph.from_edge_index(ei.unique(dim=1) if unique else ei, n).to(device)
+
+
+def _spmm_case(device, reduce):
+    """max/min: no ties in any dtype (the reference splits a tie's gradient, the op gives it to the
+    first edge): no duplicate edges, no weights, and distinct integers per channel (exact in bfloat16)."""
+    if reduce in ("max", "min"):
+        g = _graph(device, unique=True)
+        x = torch.stack([torch.randperm(g.num_src) for _ in range(37)], 1).float() - g.num_src // 2
+        return g, {"x": x.to(device), "reduce": reduce}
+    g = _graph(device)
+    return g, {"x": torch.randn(g.num_src, 37, device=device),
+               "edge_weight": torch.rand(g.num_edges, device=device) + 0.5, "reduce": reduce}
+
+
+def _gen_inputs(g, device, aggr):
+    kw = {"x": torch.randn(g.num_src, 37, device=device), "edge_attr": torch.randn(g.num_edges, 5, device=device),
+          "edge_weight": torch.randn(37, 5, device=device) * 0.5, "edge_bias": torch.randn(37, device=device) * 0.5,
+          "aggr": aggr}
+    if aggr == "softmax":
+        kw["t"] = torch.rand(37, device=device) * 2 + 0.2
+    if aggr == "powermean":
+        kw["p"] = torch.rand(37, device=device) * 2 + 0.5
+    return kw
+
+
+def _run(fn, g, kw, cast=None):
+    """fn's output and the gradients of its tensor inputs (optionally cast first, by an
+    autograd-tracked conversion), as float64, for a fixed random output gradient."""
+    leaves = {k: v.detach().requires_grad_() for k, v in kw.items() if isinstance(v, torch.Tensor)}
+    args = {k: (v.to(cast) if cast is not None else v) for k, v in leaves.items()}
+    out = fn(g, **{**kw, **args})
+    grad_out = torch.randn(out.shape, device=out.device, generator=torch.Generator(out.device).manual_seed(1))
+    grads = torch.autograd.grad(out, list(leaves.values()), grad_out.to(out.dtype))
+    return out.double(), {name: grad.double() for name, grad in zip(leaves, grads)}
+
+
+def _assert_close(ours, exact, same_dtype, dtype):
+    """The design's rule for low precision: the error against float64 is at most 2x that of
+    PyTorch's own computation in the same dtype, plus two roundings of the result's scale."""
+    if not exact.numel():
+        return
+    err = (ours - exact).abs().max().item()
+    err_torch = (same_dtype - exact).abs().max().item()
+    assert err <= 2 * err_torch + 2 * torch.finfo(dtype).eps * (1 + exact.abs().max().item()), (err, err_torch)
+
+
+def _compare(fn_ours, fn_ref, g, kw, dtype, autocast_device=None):
+    """The op on inputs cast to `dtype` (or under autocast to `dtype`) against the reference on
+    the values it computes with (the float32 inputs rounded to `dtype`: a rounding can move a max's
+    selection to another edge, and its gradient with it), in float64 and in `dtype`, forward and
+    backward; the gradients reach float32 inputs in float32."""
+    rounded = {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    if autocast_device is None:
+        out, grads = _run(fn_ours, g, kw, cast=dtype)
+    else:
+        with torch.autocast(autocast_device, dtype=dtype):
+            out, grads = _run(fn_ours, g, kw)
+    exact_out, exact_grads = _run(fn_ref, g, rounded, cast=torch.float64)
+    same_out, same_grads = _run(fn_ref, g, rounded)
+    _assert_close(out, exact_out, same_out, dtype)
+    for name in exact_grads:
+        _assert_close(grads[name], exact_grads[name], same_grads[name], dtype)
+
+
+# ------------------------------------------------------------------------------ low precision
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_spmm_low_precision(device, dtype, reduce):
+    _compare(ops.spmm, reference.spmm, *_spmm_case(device, reduce), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("aggr", AGGRS)
+def test_gen_aggregate_low_precision(device, dtype, aggr):
+    g = _graph(device)
+    _compare(ops.gen_aggregate, reference.gen_aggregate, g, _gen_inputs(g, device, aggr), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_in_place_ops_low_precision(device, dtype):
+    g = _graph(device)
+    x, w = torch.randn(g.num_src, 37, device=device).to(dtype), (torch.rand(g.num_edges, device=device) + 0.5).to(dtype)
+    out = torch.randn(g.num_dst, 37, device=device).to(dtype)
+    exact = out.double() + 0.5 * reference.spmm(g, x.double(), w.double(), "mean")
+    same_dtype = out + 0.5 * reference.spmm(g, x, w, "mean")
+    ops.spmm_accumulate_(out, g, x, w, "mean", alpha=0.5)
+    _assert_close(out.double(), exact, same_dtype.double(), dtype)
+    y, f, total = (torch.randn(50, 3 * 37, device=device).to(dtype), torch.randn(50, 37, device=device).to(dtype),
+                   torch.empty(50, 37, device=device, dtype=dtype))
+    y_ref = y.clone()
+    reference.rev_subtract_(y_ref, f, 1, 3, expected_total := torch.empty_like(total))
+    ops.rev_subtract_(y, f, 1, 3, total)
+    assert torch.equal(y, y_ref) and torch.equal(total, expected_total)
+
+
+# ------------------------------------------------------------------------------ autocast
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_spmm_under_autocast(device, reduce):
+    g, kw = _spmm_case(device, reduce)
+    _compare(ops.spmm, reference.spmm, g, kw, torch.bfloat16, autocast_device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        assert ops.spmm(g, torch.randn(g.num_src, 8, device=device)).dtype == torch.bfloat16
+        # float64 stays float64, as autocast leaves it
+        assert ops.spmm(g, torch.randn(g.num_src, 8, device=device, dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("aggr", AGGRS)
+def test_gen_aggregate_under_autocast(device, aggr):
+    g = _graph(device)
+    _compare(ops.gen_aggregate, reference.gen_aggregate, g, _gen_inputs(g, device, aggr), torch.bfloat16,
+             autocast_device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gen_aggregate_takes_float32_edge_features_beside_bfloat16_x(device):
+    """What autocast gives a GENConv: x from a Linear in bfloat16, edge features and parameters in float32."""
+    g = _graph(device)
+    kw = _gen_inputs(g, device, "softmax")
+    kw["x"] = kw["x"].bfloat16()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = ops.gen_aggregate(g, **kw)
+    assert out.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="edge_attr dtype Float differs from x dtype BFloat16"):
+        ops.gen_aggregate(g, **kw)  # outside autocast, mixed dtypes are an error
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_in_place_ops_take_bfloat16_beside_float32(device):
+    """rev_subtract_ and spmm_accumulate_ (in place, no autocast) take f / x in a lower precision
+    than the float32 buffer they write; the math runs in float32."""
+    g = _graph(device)
+    x = torch.randn(g.num_src, 37, device=device).bfloat16()
+    out = torch.randn(g.num_dst, 37, device=device)
+    expected = out + reference.spmm(g, x.float(), None, "sum")
+    with torch.autocast(device, dtype=torch.bfloat16):
+        ops.spmm_accumulate_(out, g, x)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-5)
+    y, f = torch.randn(50, 2 * 37, device=device), torch.randn(50, 37, device=device).bfloat16()
+    expected = y[:, 37:] - f.float()
+    ops.rev_subtract_(y, f, 1, 2)
+    assert torch.equal(y[:, 37:], expected)
+    with pytest.raises(TypeError, match="f .* must have y's dtype .* or a lower precision"):
+        ops.rev_subtract_(y.bfloat16(), f.float(), 1, 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("conv", ["gen", "sage"])
+def test_convs_train_under_autocast(device, conv):
+    """GENConv (with edge features) and SAGEConv, forward and backward under bfloat16 autocast,
+    within a few bfloat16 roundings of the float32 run."""
+    torch.manual_seed(0)
+    ei, n = make_graph("power_law")
+    ei = ei.to(device)
+    module = (GENConv(16, 16, edge_dim=8) if conv == "gen" else SAGEConv(16, 16)).to(device)
+    x = torch.randn(n, 16, device=device)
+    args = (torch.randn(ei.size(1), 8, device=device),) if conv == "gen" else ()
+
+    def step(autocast):
+        module.zero_grad()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            out = module(x, ei, *args)
+        out.float().square().mean().backward()
+        return out.float(), [p.grad.clone() for p in module.parameters()]
+
+    out, grads = step(True)
+    exp_out, exp_grads = step(False)
+    for ours, expected in zip([out] + grads, [exp_out] + exp_grads):
+        tol = 8 * torch.finfo(torch.bfloat16).eps * (1 + expected.abs().max().item())
+        torch.testing.assert_close(ours, expected, rtol=0, atol=tol)
+
+
+def test_proteins_model_trains_under_cpu_autocast():
+    """The issue's case: RevGNN.preset('proteins-deep') (4 layers) under bfloat16 autocast on CPU,
+    reversible or not, runs forward and backward."""
+    ei, n = make_graph("power_law")
+    x, edge_attr = torch.randn(n, 8), torch.rand(ei.size(1), 8)
+    for reversible in (True, False):
+        torch.manual_seed(0)
+        model = RevGNN.preset("proteins-deep", num_layers=4, hidden_channels=16, reversible=reversible)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, ei, edge_attr)
+        out.float().mean().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
