@@ -26,6 +26,18 @@ TORCH_LIBRARY(revgnn_ext, m) {
   m.def("gen_aggregate_backward(Tensor rowptr, Tensor col, Tensor rowptr_t, Tensor col_t, Tensor perm_t, Tensor x, "
         "Tensor? edge_attr, Tensor? edge_weight, Tensor? edge_bias, Tensor? t, Tensor? p, Tensor out, Tensor state, "
         "Tensor grad_out, str aggr, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // GAT attention softmax + aggregation, fused (no [E, H*C] nor [E, H] tensor): csrc/ops/gat_aggregate.h.
+  // perm: the caller's edge ids, hashed by the attention-dropout draw.
+  m.def("gat_aggregate(Tensor rowptr, Tensor col, Tensor? rowptr_t, Tensor? col_t, Tensor? perm_t, Tensor? perm, "
+        "Tensor x, Tensor src_score, Tensor? dst_score, Tensor? edge_attr, Tensor? edge_weight, Tensor? edge_keep, "
+        "float negative_slope, float attn_dropout, int seed) -> (Tensor, Tensor)");
+  m.def("gat_aggregate_accumulate_(Tensor(a!) out, Tensor rowptr, Tensor col, Tensor? perm, Tensor x, "
+        "Tensor src_score, Tensor? dst_score, Tensor? edge_attr, Tensor? edge_weight, Tensor? edge_keep, "
+        "float negative_slope, float attn_dropout, int seed, float alpha=1.0) -> ()");
+  m.def("gat_aggregate_backward(Tensor rowptr, Tensor col, Tensor rowptr_t, Tensor col_t, Tensor perm_t, "
+        "Tensor? perm, Tensor x, Tensor src_score, Tensor? dst_score, Tensor? edge_attr, Tensor? edge_weight, "
+        "Tensor? edge_keep, Tensor out, Tensor lse, Tensor grad_out, float negative_slope, float attn_dropout, "
+        "int seed, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // One in-place step of the reversible block's inversion, y_group -= f, optionally forming the
   // sum of groups 1.. in the same pass: csrc/ops/rev_subtract.h.
   m.def("rev_subtract_(Tensor(a!) y, Tensor f, int group, int num_groups, Tensor(b!)? sum_out) -> ()");

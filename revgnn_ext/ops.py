@@ -8,6 +8,7 @@ the in-place ops (spmm_accumulate_, rev_subtract_) have none: PyTorch registers 
 functional ops only.
 """
 import inspect
+import operator
 from typing import Optional
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor
 from . import _C  # noqa: F401  (registers the ops)
 from .graph import CSRGraph
 
-__all__ = ["spmm", "spmm_accumulate_", "gen_aggregate", "rev_subtract_"]
+__all__ = ["spmm", "spmm_accumulate_", "gen_aggregate", "gat_aggregate", "gat_aggregate_accumulate_", "rev_subtract_"]
 
 _ops = torch.ops.revgnn_ext
 
@@ -361,6 +362,130 @@ def gen_aggregate(graph: CSRGraph, x: Tensor, edge_attr: Optional[Tensor] = None
     transposed = graph.transposed() if grads else (None, None, None)
     return _differentiable_call(where, _ops.gen_aggregate, graph.rowptr, graph.col, *transposed, x, edge_attr,
                                 edge_weight, edge_bias, t, p, aggr, float(eps))[0]
+
+
+# ---------------------------------------------------------------------------- GAT attention
+@torch.library.register_fake("revgnn_ext::gat_aggregate")
+def _gat_aggregate_fake(rowptr, col, rowptr_t, col_t, perm_t, perm, x, src_score, dst_score, edge_attr, edge_weight,
+                        edge_keep, negative_slope, attn_dropout, seed):
+    n = rowptr.shape[0] - 1
+    low = x.dtype in (torch.float16, torch.bfloat16)
+    return x.new_empty((n, x.shape[1])), x.new_empty((n, src_score.shape[1]), dtype=torch.float32 if low else x.dtype)
+
+
+@torch.library.register_fake("revgnn_ext::gat_aggregate_accumulate_")
+def _gat_aggregate_accumulate_fake(out, rowptr, col, perm, x, src_score, dst_score, edge_attr, edge_weight, edge_keep,
+                                   negative_slope, attn_dropout, seed, alpha=1.0):
+    return None
+
+
+@torch.library.register_fake("revgnn_ext::gat_aggregate_backward")
+def _gat_aggregate_backward_fake(rowptr, col, rowptr_t, col_t, perm_t, perm, x, src_score, dst_score, edge_attr,
+                                 edge_weight, edge_keep, out, lse, grad_out, negative_slope, attn_dropout, seed,
+                                 output_mask):
+    def like(v, wanted):
+        if not wanted or v is None:
+            return x.new_empty(0)
+        return torch.empty_like(v, memory_format=torch.contiguous_format)
+    grad_x = x.new_empty((rowptr_t.shape[0] - 1, x.shape[1])) if output_mask[0] else x.new_empty(0)
+    return (grad_x, like(src_score, output_mask[1]), like(dst_score, output_mask[2]), like(edge_attr, output_mask[3]),
+            like(edge_weight, output_mask[4]))
+
+
+def _gat_setup(ctx, inputs, output):
+    rowptr, col, rowptr_t, col_t, perm_t, perm, x, src, dst, attr, weight, keep, slope, p, seed = inputs
+    ctx.scalars = (slope, p, seed)
+    ctx.has_transpose = rowptr_t is not None
+    ctx.save_for_backward(rowptr, col, rowptr_t, col_t, perm_t, perm, x, src, dst, attr, weight, keep, *output)
+
+
+def _gat_backward(ctx, grad_out, _grad_lse):
+    *inputs, out, lse = ctx.saved_tensors
+    if not ctx.has_transpose:
+        raise RuntimeError("revgnn_ext.gat_aggregate: the backward needs the transposed CSR (rowptr_t, col_t, "
+                           "perm_t); revgnn_ext.ops.gat_aggregate passes it when gradients are recorded")
+    wanted = list(ctx.needs_input_grad[6:11])
+    grads = _ops.gat_aggregate_backward(*inputs, out, lse, grad_out, *ctx.scalars, wanted)
+    return (None,) * 6 + tuple(g if need else None for g, need in zip(grads, wanted)) + (None,) * 4
+
+
+def _gat_double_backward(ctx, *grads):
+    raise NotImplementedError("revgnn_ext.gat_aggregate: gradients of gradients (double backward) are not "
+                              "supported; use revgnn_ext.reference.gat_aggregate for them")
+
+
+torch.library.register_autograd("revgnn_ext::gat_aggregate", _gat_backward, setup_context=_gat_setup)
+torch.library.register_autograd("revgnn_ext::gat_aggregate_backward", _gat_double_backward)
+_register_autocast("gat_aggregate", _gat_aggregate_fake, ("x", "src_score", "dst_score", "edge_attr", "edge_weight"))
+
+
+def _gat_call(where: str, graph: CSRGraph, x: Tensor, edge_attr, edge_keep, attn_dropout, seed):
+    """The checks the op cannot make, and the per-edge tensors in CSR order: (edge_attr, edge_keep,
+    perm, seed), perm the caller's edge ids that the dropout draw hashes (None without dropout) and
+    seed mod 2^64 as a signed int64."""
+    _check_call(where, graph, x)
+    if edge_attr is not None:
+        edge_attr = graph.edges_to_csr(edge_attr, f"{where}: edge_attr")
+    if edge_keep is not None:
+        edge_keep = graph.edges_to_csr(edge_keep, f"{where}: edge_keep")
+    seed = operator.index(seed) % 2**64
+    perm = graph.perm if attn_dropout > 0 else None
+    return edge_attr, edge_keep, perm, seed - 2**64 if seed >= 2**63 else seed
+
+
+def gat_aggregate(graph: CSRGraph, x: Tensor, src_score: Tensor, dst_score: Optional[Tensor] = None,
+                  edge_attr: Optional[Tensor] = None, edge_weight: Optional[Tensor] = None,
+                  negative_slope: float = 0.2, edge_keep: Optional[Tensor] = None, attn_dropout: float = 0.0,
+                  seed: int = 0) -> Tensor:
+    """GAT's attention and aggregation, fused (revgnn_ext.reference.gat_aggregate is the contract:
+    same arguments, values, gradients and dropout draw): per destination i and head h, the softmax
+    over the kept in-edges j -> i of leaky_relu(src_score[j, h] + dst_score[i, h] + e_jih), then
+    out[i, head h] = sum_j alpha * x[j, head h], in one pass with an online softmax.
+
+    ``x`` [num_src, H*C]; ``src_score`` [num_src, H]; ``dst_score`` [num_dst, H] or None; edge
+    scores e from ``edge_attr`` [num_edges, F] times ``edge_weight`` [H, F] inside the kernel, or
+    ``edge_attr`` [num_edges, H] itself, or none; ``edge_keep`` a bool mask [num_edges]; per-edge
+    tensors in the caller's edge order. ``attn_dropout`` p drops (edge, head) pairs by a
+    counter-based draw from ``seed`` and the caller's edge id (reference.gat_dropout_keep), which a
+    recomputation replays without a stored mask. Rows with no kept in-edge give 0. Saves only an
+    [num_dst, H] log-normalizer besides the output; no [num_edges, H*C] nor [num_edges, H] tensor,
+    forward or backward. Differentiable in x, src_score, dst_score, edge_attr and edge_weight
+    (first order); deterministic (no atomics). Under ``torch.autocast``, x, src_score, dst_score,
+    edge_attr and edge_weight are cast to the autocast dtype (scores and softmax in float32).
+    """
+    where = "revgnn_ext.ops.gat_aggregate"
+    edge_attr, edge_keep, perm, seed = _gat_call(where, graph, x, edge_attr, edge_keep, attn_dropout, seed)
+    grads = torch.is_grad_enabled() and any(
+        v is not None and v.requires_grad for v in (x, src_score, dst_score, edge_attr, edge_weight))
+    transposed = graph.transposed() if grads else (None, None, None)
+    return _differentiable_call(where, _ops.gat_aggregate, graph.rowptr, graph.col, *transposed, perm, x, src_score,
+                                dst_score, edge_attr, edge_weight, edge_keep, float(negative_slope),
+                                float(attn_dropout), seed)[0]
+
+
+def gat_aggregate_accumulate_(out: Tensor, graph: CSRGraph, x: Tensor, src_score: Tensor,
+                              dst_score: Optional[Tensor] = None, edge_attr: Optional[Tensor] = None,
+                              edge_weight: Optional[Tensor] = None, negative_slope: float = 0.2,
+                              edge_keep: Optional[Tensor] = None, attn_dropout: float = 0.0, seed: int = 0,
+                              alpha: float = 1.0) -> Tensor:
+    """out += alpha * gat_aggregate(...), written into ``out`` ([num_dst, H*C] of x's dtype,
+    possibly a column slice of a wider buffer, not overlapping x) without an [num_dst, H*C]
+    temporary; alpha = -1 subtracts, as the reversible inversion does. Returns ``out``.
+
+    The fused in-place op has no autograd; when gradients are being recorded for any input this
+    computes ``out.add_(gat_aggregate(...), alpha=alpha)``, which autograd tracks. No autocast (in
+    place): every tensor must have out's dtype."""
+    where = "revgnn_ext.ops.gat_aggregate_accumulate_"
+    tracked = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (out, x, src_score, dst_score, edge_attr, edge_weight))
+    if tracked:
+        return out.add_(gat_aggregate(graph, x, src_score, dst_score, edge_attr, edge_weight, negative_slope,
+                                      edge_keep, attn_dropout, seed), alpha=alpha)
+    edge_attr, edge_keep, perm, seed = _gat_call(where, graph, x, edge_attr, edge_keep, attn_dropout, seed)
+    _ops.gat_aggregate_accumulate_(out, graph.rowptr, graph.col, perm, x, src_score, dst_score, edge_attr,
+                                   edge_weight, edge_keep, float(negative_slope), float(attn_dropout), seed,
+                                   float(alpha))
+    return out
 
 
 # ---------------------------------------------------------------------------- reversible inversion

@@ -8,7 +8,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from torch_geometric.typing import OptPairTensor, OptTensor
 from torch_geometric.utils import add_self_loops
 
-from .. import reference
+from .. import ops
 from ..graph import CSRGraph, as_graph
 from ._pyg import PygFallback, node_counts, pyg_adjacency, warn_once
 from .gcn_conv import fused_sum
@@ -20,11 +20,10 @@ _LOOPED = WeakIdKeyDictionary()
 
 def _attend(graph: CSRGraph, x: Tensor, src_score: Tensor, dst_score: Optional[Tensor], edge_attr: Optional[Tensor],
             edge_weight: Optional[Tensor], negative_slope: float, attn_dropout: float, seed: int) -> Tensor:
-    """The attention and aggregation of every GATConv: ``gat_aggregate``'s contract (see
-    revgnn_ext.reference.gat_aggregate). Today its pure-PyTorch reference, which materializes
-    per-edge tensors; the fused op replaces this one call."""
-    return reference.gat_aggregate(graph, x, src_score, dst_score, edge_attr, edge_weight, negative_slope,
-                                   attn_dropout=attn_dropout, seed=seed)
+    """The attention and aggregation of every GATConv: revgnn_ext's fused ``gat_aggregate`` (its
+    contract: revgnn_ext.reference.gat_aggregate), with no per-edge tensor."""
+    return ops.gat_aggregate(graph, x, src_score, dst_score, edge_attr, edge_weight, negative_slope,
+                             attn_dropout=attn_dropout, seed=seed)
 
 
 @torch.compiler.disable  # builds a graph (eager, once per graph; then read from the cache)

@@ -1,0 +1,318 @@
+"""gat_aggregate (fused GAT attention) against revgnn_ext.reference.gat_aggregate: score modes
+(source only, source + destination, edge features through edge_weight, edge scores), edge_keep,
+attention dropout (the reference's draw), graph shapes, dtypes and devices; every gradient and a
+float64 gradcheck; the accumulate form into a column slice; opcheck, torch.compile, determinism,
+no [E, H*C] or [E, H] allocation, bad inputs."""
+import pytest
+import torch
+
+from revgnn_ext import CSRGraph, ops, reference
+
+from conftest import DEVICES, SHAPES, assert_error_within_twice, device_dtype_params, make_graph
+
+MODES = ["src_only", "src_dst", "edge_features", "edge_scores"]
+NAMES = ["x", "src_score", "dst_score", "edge_attr", "edge_weight"]
+
+
+def _graph(shape, device, seed=0):
+    """A graph whose caller's edge order is not CSR order (so edge ids and CSR positions differ)."""
+    edge_index, n = make_graph(shape, seed)
+    perm = torch.randperm(edge_index.size(1), generator=torch.Generator().manual_seed(seed + 1))
+    return CSRGraph.from_edge_index(edge_index[:, perm], n).to(device)
+
+
+def _case(g, mode, heads, width, dtype, device, feat=3, keep=0.0):
+    """Random keyword arguments of gat_aggregate (float64 drawn, then cast)."""
+    gen = torch.Generator().manual_seed(heads * 1000 + width)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    kw = {"x": rnd(g.num_src, heads * width), "src_score": rnd(g.num_src, heads)}
+    if mode != "src_only":
+        kw["dst_score"] = rnd(g.num_dst, heads)
+    if mode == "edge_features":
+        kw.update(edge_attr=rnd(g.num_edges, feat), edge_weight=rnd(heads, feat))
+    if mode == "edge_scores":
+        kw["edge_attr"] = rnd(g.num_edges, heads)
+    if keep:
+        kw["edge_keep"] = (torch.rand(g.num_edges, generator=gen) < keep).to(device)
+    return kw
+
+
+def _differentiable(kw):
+    return {k: v.detach().requires_grad_() if k in NAMES else v for k, v in kw.items()}
+
+
+def _as(kw, dtype):
+    return {k: v.to(dtype) if k in NAMES else v for k, v in kw.items()}
+
+
+@pytest.mark.parametrize("device, dtype", device_dtype_params())
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("mode", MODES)
+def test_forward_matches_reference(device, dtype, shape, mode):
+    g = _graph(shape, device)
+    kw = _case(g, mode, 3, 5, dtype, device, keep=0.7 if shape == "duplicates" else 0.0)
+    out = ops.gat_aggregate(g, negative_slope=0.15, **kw)
+    exact = reference.gat_aggregate(g, negative_slope=0.15, **_as(kw, torch.float64))
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, exact, rtol=1e-12, atol=1e-12)
+    else:
+        assert_error_within_twice(out, reference.gat_aggregate(g, negative_slope=0.15, **kw), exact, 4e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_types_on_cpu_within_twice_torchs_error(dtype):
+    g = _graph("power_law", "cpu")
+    kw = _case(g, "edge_features", 2, 8, dtype, "cpu", keep=0.8)
+    exact = reference.gat_aggregate(g, **_as(kw, torch.float64))
+    eps = torch.finfo(dtype).eps
+    assert_error_within_twice(ops.gat_aggregate(g, **kw), reference.gat_aggregate(g, **kw), exact, 4 * eps)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", ["random", "isolated", "self_loops", "bipartite", "power_law"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_gradients_match_reference(device, shape, mode, p):
+    g = _graph(shape, device)
+    kw = _differentiable(_case(g, mode, 2, 7, torch.float64, device, keep=0.75))
+    call = dict(negative_slope=0.3, attn_dropout=p, seed=2**63 + 99)
+    tensors = [kw[k] for k in NAMES if k in kw]
+    out = ops.gat_aggregate(g, **kw, **call)
+    ref = reference.gat_aggregate(g, **kw, **call)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    gout = torch.randn_like(out)
+    ours = torch.autograd.grad(out, tensors, gout, allow_unused=True)
+    want = torch.autograd.grad(ref, tensors, gout, allow_unused=True)
+    for name, a, b, t in zip([k for k in NAMES if k in kw], ours, want, tensors):
+        a = torch.zeros_like(t) if a is None else a
+        b = torch.zeros_like(t) if b is None else b
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck_float64(mode):
+    g = _graph("duplicates", "cpu")
+    kw = _differentiable(_case(g, mode, 2, 3, torch.float64, "cpu", feat=2, keep=0.8))
+    names = [k for k in NAMES if k in kw]
+
+    def fn(*args):
+        return ops.gat_aggregate(g, **{**kw, **dict(zip(names, args))}, attn_dropout=0.3, seed=5)
+    assert torch.autograd.gradcheck(fn, tuple(kw[k] for k in names))
+
+
+@pytest.mark.parametrize("p", [0.25, 0.9, 1.0])
+def test_attention_dropout_is_the_references_draw_and_replays(p):
+    """Dropped (edge, head) pairs are the reference's (gat_dropout_keep of the caller's edge id):
+    with x = 1 each output is the sum of the kept weights / (1 - p), which differs between draws."""
+    g = _graph("power_law", "cpu")
+    kw = _case(g, "src_dst", 4, 2, torch.float64, "cpu")
+    kw["x"] = torch.ones_like(kw["x"])
+    for seed in (0, 7, -3, 2**64 - 1):
+        out = ops.gat_aggregate(g, **kw, attn_dropout=p, seed=seed)
+        torch.testing.assert_close(out, reference.gat_aggregate(g, **kw, attn_dropout=p, seed=seed % 2**64),
+                                   rtol=1e-12, atol=1e-12)
+        assert torch.equal(out, ops.gat_aggregate(g, **kw, attn_dropout=p, seed=seed))  # replayed, no stored mask
+    if p < 1:
+        assert not torch.equal(ops.gat_aggregate(g, **kw, attn_dropout=p, seed=1),
+                               ops.gat_aggregate(g, **kw, attn_dropout=p, seed=2))
+
+
+def test_edge_keep_drops_edges_and_rows_without_kept_edges_give_zero():
+    g = _graph("random", "cpu")
+    kw = _case(g, "edge_features", 2, 4, torch.float64, "cpu", keep=0.5)
+    dst = g.to_edge_index()[1]
+    kw["edge_keep"] &= dst != 3  # row 3 keeps no in-edge
+    out = ops.gat_aggregate(g, **kw)
+    torch.testing.assert_close(out, reference.gat_aggregate(g, **kw), rtol=1e-12, atol=1e-12)
+    assert (dst == 3).any() and out[3].abs().max() == 0
+    none = ops.gat_aggregate(g, **{**kw, "edge_keep": torch.zeros(g.num_edges, dtype=torch.bool)})
+    assert none.shape == out.shape and none.abs().max() == 0
+
+
+@pytest.mark.parametrize("width", [1, 37, 257])
+def test_odd_widths_and_a_strided_x(width):
+    g = _graph("power_law", "cpu")
+    kw = _case(g, "edge_features", 2, width, torch.float64, "cpu")
+    buf = torch.randn(g.num_src, 2 * width + 5, dtype=torch.float64)
+    kw["x"] = buf[:, 3:3 + 2 * width]
+    torch.testing.assert_close(ops.gat_aggregate(g, **kw), reference.gat_aggregate(g, **kw), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("alpha", [1.0, -1.0, 0.5])
+def test_accumulate_into_a_column_slice(device, alpha):
+    g = _graph("power_law", device)
+    kw = _case(g, "edge_features", 3, 4, torch.float64, device, keep=0.8)
+    buf = torch.randn(g.num_dst, 30, dtype=torch.float64, device=device)
+    before = buf.clone()
+    out = buf[:, 5:17]
+    assert ops.gat_aggregate_accumulate_(out, g, **kw, attn_dropout=0.2, seed=3, alpha=alpha) is out
+    expected = before[:, 5:17] + alpha * reference.gat_aggregate(g, **kw, attn_dropout=0.2, seed=3)
+    torch.testing.assert_close(buf[:, 5:17], expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(buf[:, :5], before[:, :5]) and torch.equal(buf[:, 17:], before[:, 17:])
+    # add then subtract: the reversible inversion gets its input back
+    ops.gat_aggregate_accumulate_(out, g, **kw, attn_dropout=0.2, seed=3, alpha=-alpha)
+    torch.testing.assert_close(buf, before, rtol=1e-12, atol=1e-12)
+
+
+def test_accumulate_under_autograd_is_tracked():
+    g = _graph("random", "cpu")
+    kw = _differentiable(_case(g, "src_dst", 2, 3, torch.float64, "cpu"))
+    base = torch.randn(g.num_dst, 6, dtype=torch.float64)
+    out = ops.gat_aggregate_accumulate_(base.clone(), g, **kw, alpha=-1.0)
+    ref = base - reference.gat_aggregate(g, **kw)
+    gout = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, list(kw.values()), gout),
+                    torch.autograd.grad(ref, list(kw.values()), gout)):
+        torch.testing.assert_close(a, b)
+
+
+def _raw_args(g, kw, p=0.3, seed=11):
+    return (g.rowptr, g.col, *g.transposed(), g.perm, kw["x"], kw["src_score"], kw.get("dst_score"),
+            g.edges_to_csr(kw["edge_attr"]) if "edge_attr" in kw else None, kw.get("edge_weight"),
+            g.edges_to_csr(kw["edge_keep"]) if "edge_keep" in kw else None, 0.2, p, seed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["src_only", "edge_features", "edge_scores"])
+def test_opcheck(device, mode):
+    g = _graph("power_law", device)
+    kw = _case(g, mode, 2, 3, torch.float64, device, keep=0.8)
+    args = _raw_args(g, kw)
+    lib = torch.ops.revgnn_ext
+    torch.library.opcheck(lib.gat_aggregate.default, args, test_utils=(
+        "test_schema", "test_faketensor", "test_aot_dispatch_static", "test_aot_dispatch_dynamic"))
+    out, lse = lib.gat_aggregate(*args)
+    bargs = args[:12] + (out, lse, torch.randn_like(out)) + args[12:] + ([True, True, True, True, True],)
+    torch.library.opcheck(lib.gat_aggregate_backward.default, bargs,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    acc = (torch.randn_like(out),) + args[:2] + args[5:]
+    torch.library.opcheck(lib.gat_aggregate_accumulate_.default, acc + (-1.0,),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_double_backward_is_refused_clearly():
+    g = _graph("random", "cpu")
+    kw = _differentiable(_case(g, "src_dst", 2, 3, torch.float64, "cpu"))
+    (gx,) = torch.autograd.grad(ops.gat_aggregate(g, **kw).square().sum(), kw["x"], create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        gx.sum().backward()
+
+
+def test_torch_compile_fullgraph():
+    g = _graph("power_law", "cpu")
+    g.transposed()
+    kw = _case(g, "edge_features", 2, 8, torch.float32, "cpu", keep=0.9)
+
+    def f(x, src_score, dst_score, edge_attr, edge_weight, edge_keep):
+        h = ops.gat_aggregate(g, x, src_score, dst_score, edge_attr, edge_weight, edge_keep=edge_keep,
+                              attn_dropout=0.2, seed=4)
+        return h.relu()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    eager_in, compiled_in = _differentiable(kw), _differentiable(kw)
+    torch.testing.assert_close(compiled(**compiled_in), f(**eager_in))
+    compiled(**compiled_in).sum().backward()
+    f(**eager_in).sum().backward()
+    for k in NAMES:
+        torch.testing.assert_close(compiled_in[k].grad, eager_in[k].grad)
+
+
+def test_deterministic_across_runs_and_threads():
+    g = _graph("power_law", "cpu")
+    kw = _case(g, "edge_features", 3, 16, torch.float32, "cpu", keep=0.9)
+    gout = torch.randn(g.num_dst, 48)
+    runs = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, old, 1, old):
+            torch.set_num_threads(threads)
+            dk = _differentiable(kw)
+            out = ops.gat_aggregate(g, **dk, attn_dropout=0.1, seed=1)
+            runs.append([out, *torch.autograd.grad(out, [dk[k] for k in NAMES], gout)])
+    finally:
+        torch.set_num_threads(old)
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)
+
+
+def _max_cpu_allocation(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0), default=0)
+
+
+def test_no_edge_by_head_allocation():
+    """Forward and backward allocate nothing as large as [E, H] (let alone [E, H*C], which PyG's
+    GATConv and the reference allocate): the largest allocation is [E, F] edge features (F = 2 < H = 4)
+    or an index, 32-bit here."""
+    ei = torch.randint(0, 300, (2, 30000))
+    g = CSRGraph.from_edge_index(ei, 300)
+    g.transposed()
+    kw = _differentiable(_case(g, "edge_features", 4, 32, torch.float32, "cpu", feat=2, keep=0.9))
+
+    def step():
+        ops.gat_aggregate(g, **kw, attn_dropout=0.1).sum().backward()
+    step()
+    edge_by_head = g.num_edges * 4 * 4
+    assert _max_cpu_allocation(step) <= g.num_edges * 2 * 4 < edge_by_head
+    # The reference allocates [E_kept, H*C] (E_kept ~ 0.9 E, C = 32).
+    assert _max_cpu_allocation(lambda: reference.gat_aggregate(g, **kw).sum().backward()) >= edge_by_head * 16
+
+
+def test_bad_inputs_raise_naming_the_argument():
+    g = _graph("random", "cpu")
+    kw = _case(g, "edge_features", 2, 4, torch.float32, "cpu")
+    x, s, d, a, w = (kw[k] for k in NAMES)
+    with pytest.raises(ValueError, match="x has 8 channels, which do not split into 3 heads"):
+        ops.gat_aggregate(g, x, torch.randn(g.num_src, 3))
+    with pytest.raises(ValueError, match="src_score must have shape"):
+        ops.gat_aggregate(g, x, s[1:])
+    with pytest.raises(ValueError, match="dst_score must have shape"):
+        ops.gat_aggregate(g, x, s, d[:, :1])
+    with pytest.raises(TypeError, match="dst_score dtype"):
+        ops.gat_aggregate(g, x, s, d.double())
+    with pytest.raises(ValueError, match="edge_attr must have one entry per edge"):
+        ops.gat_aggregate(g, x, s, d, a[1:], w)
+    with pytest.raises(ValueError, match="edge_weight must have shape"):
+        ops.gat_aggregate(g, x, s, d, a, w[:, :2])
+    with pytest.raises(ValueError, match="without edge_weight, edge_attr holds the edge scores"):
+        ops.gat_aggregate(g, x, s, d, a)
+    with pytest.raises(ValueError, match="edge_weight given without edge_attr"):
+        ops.gat_aggregate(g, x, s, d, None, w)
+    with pytest.raises(TypeError, match="edge_keep must be a bool tensor"):
+        ops.gat_aggregate(g, x, s, d, edge_keep=torch.ones(g.num_edges))
+    with pytest.raises(ValueError, match="attn_dropout must be in"):
+        ops.gat_aggregate(g, x, s, d, attn_dropout=1.5)
+    with pytest.raises(ValueError, match="x has 39 rows"):
+        ops.gat_aggregate(g, x[1:], s)
+    with pytest.raises(ValueError, match="out must have shape"):
+        ops.gat_aggregate_accumulate_(torch.zeros(g.num_dst, 9), g, x, s)
+    with pytest.raises(RuntimeError, match="must not share elements with x"):
+        ops.gat_aggregate_accumulate_(x, g, x, s)
+    lib = torch.ops.revgnn_ext
+    bad_col = g.col.clone()
+    bad_col[3] = 999
+    with pytest.raises(RuntimeError, match="col index 999 is out of range"):
+        lib.gat_aggregate(g.rowptr, bad_col, None, None, None, None, x, s, None, None, None, None, 0.2, 0.0, 0)
+    bad_perm_t = g.transposed()[2].clone()
+    bad_perm_t[0] = -1
+    out, lse = lib.gat_aggregate(g.rowptr, g.col, None, None, None, None, x, s, None, None, None, None, 0.2, 0.0, 0)
+    with pytest.raises(RuntimeError, match="perm_t index -1 is out of range"):
+        lib.gat_aggregate_backward(g.rowptr, g.col, g.transposed()[0], g.transposed()[1], bad_perm_t, None, x, s, None,
+                                   None, None, None, out, lse, torch.ones_like(out), 0.2, 0.0, 0, [True] * 5)
+
+
+def test_autocast_casts_the_inputs_and_computes_in_float32():
+    g = _graph("power_law", "cpu")
+    kw = _case(g, "edge_features", 2, 8, torch.float32, "cpu", keep=0.9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.gat_aggregate(g, **kw)
+    assert out.dtype == torch.bfloat16
+    low = _as(kw, torch.bfloat16)
+    exact = reference.gat_aggregate(g, **_as(low, torch.float64))
+    assert_error_within_twice(out, reference.gat_aggregate(g, **low), exact, 4 * torch.finfo(torch.bfloat16).eps)
