@@ -149,9 +149,15 @@ _NOT_READS = {torch.autograd.grad, torch.autograd.backward, Tensor.untyped_stora
               *(getattr(Tensor, name).__get__ for name in ("grad", "grad_fn", "requires_grad", "is_leaf"))}
 
 
+_EMPTY: dict = {}  # (dtype, device) -> an empty tensor, the data of every released tensor
+
+
 def _release(t: Tensor, kind: type) -> None:
     """Frees t's memory (its version counter is left as it is) and makes every later use raise."""
-    t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+    key = (t.dtype, t.device)
+    if key not in _EMPTY:
+        _EMPTY[key] = torch.empty(0, dtype=t.dtype, device=t.device)
+    t.data = _EMPTY[key]
     t.__class__ = kind
 
 
@@ -188,11 +194,15 @@ def _releasable(x: Tensor) -> bool:
     return False
 
 
+_AUTOCAST_STATES: dict = {}  # one shared tuple per state: a block's context holds a reference
+
+
 def _autocast_state(device_type: str) -> Tuple[str, bool, torch.dtype, bool]:
     """What ``torch.autocast`` is doing now for ``device_type``, to be replayed by
     ``torch.autocast(device_type, dtype, enabled, cache_enabled)``."""
-    return (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type),
-            torch.is_autocast_cache_enabled())
+    state = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type),
+             torch.is_autocast_cache_enabled())
+    return _AUTOCAST_STATES.setdefault(state, state)
 
 
 def _version(ctx) -> int:
