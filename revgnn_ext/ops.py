@@ -117,10 +117,10 @@ def _spmm_backward(ctx, grad_out, _grad_arg):
     return None, None, None, None, None, grad_w, grad_x, None
 
 
-def _backward_x_setup(ctx, inputs, output):
-    rowptr, col, rowptr_t, col_t, perm_t, weight, grad_out, arg, reduce = inputs
-    ctx.reduce = reduce
-    ctx.save_for_backward(rowptr, col, rowptr_t, col_t, perm_t, weight, grad_out, arg)
+def _backward_setup(ctx, inputs, output):
+    """The backward ops' setup: every tensor input saved, the reduce name (the last input) kept."""
+    *tensors, ctx.reduce = inputs
+    ctx.save_for_backward(*tensors)
 
 
 def _backward_x_backward(ctx, h):
@@ -133,12 +133,6 @@ def _backward_x_backward(ctx, h):
     if ctx.needs_input_grad[6]:
         d_grad_out = _apply_fixed(graph, weight, h, arg, ctx.reduce)
     return None, None, None, None, None, d_weight, d_grad_out, None, None
-
-
-def _backward_weight_setup(ctx, inputs, output):
-    rowptr, col, rowptr_t, col_t, perm_t, x, grad_out, arg, reduce = inputs
-    ctx.reduce = reduce
-    ctx.save_for_backward(rowptr, col, rowptr_t, col_t, perm_t, x, grad_out, arg)
 
 
 def _backward_weight_backward(ctx, k):
@@ -183,9 +177,9 @@ torch.library.register_autograd("revgnn_ext::spmm", _spmm_backward, setup_contex
 torch.library.register_autograd("revgnn_ext::gen_aggregate", _gen_backward, setup_context=_gen_setup)
 torch.library.register_autograd("revgnn_ext::gen_aggregate_backward", _gen_double_backward)
 torch.library.register_autograd("revgnn_ext::spmm_backward_x", _backward_x_backward,
-                                setup_context=_backward_x_setup)
+                                setup_context=_backward_setup)
 torch.library.register_autograd("revgnn_ext::spmm_backward_weight", _backward_weight_backward,
-                                setup_context=_backward_weight_setup)
+                                setup_context=_backward_setup)
 
 
 # ---------------------------------------------------------------------------- autocast
