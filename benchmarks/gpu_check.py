@@ -59,6 +59,7 @@ STEPS = {
                    "--budget", "2"], None, 150, 2),
     "gen_conv_more": (["gen_conv.py", "--graphs", "powerlaw-20k-d30,proteins-10k-d600,products-100k-d50,products"],
                       None, 120, 2),
+    "gat": (["gat.py"], ["gat.py", "--graphs", "powerlaw-20k-d15:0.1", "--repeat", "3"], 120, 2),
 }
 
 
