@@ -74,14 +74,15 @@ def _conv(cls: type, old: torch.nn.Module, **args) -> torch.nn.Module:
     given); ``aggr`` and ``fuse`` are what PyG's constructor derives from the aggregation as the
     user named it."""
     with torch.device("meta"):
-        new = cls(old.in_channels, old.out_channels, aggr="sum", flow=old.flow, node_dim=old.node_dim,
+        new = cls(old.in_channels, old.out_channels, aggr="sum", flow=old.flow,
                   decomposed_layers=old.decomposed_layers, **args)
-    new.aggr, new.fuse = old.aggr, old.fuse
+    new.aggr, new.fuse, new.node_dim = old.aggr, old.fuse, old.node_dim  # GATConv sets node_dim itself
     return _take_place(old, new)
 
 
 def convert(model: torch.nn.Module) -> ConversionReport:
-    """Replaces, in place, every ``torch_geometric.nn.GENConv``, ``SAGEConv`` and ``GroupAddRev``
+    """Replaces, in place, every ``torch_geometric.nn.GENConv``, ``SAGEConv``, ``GCNConv``, ``GATConv``
+    and ``GroupAddRev``
     inside `model` (at any depth: ModuleList, ModuleDict, Sequential, PyG's DeepGCNLayer, a
     GroupAddRev's ``convs``) by its drop-in from :mod:`revgnn_ext.nn`, built with the old one's
     arguments. The new module takes over the old one's submodules, parameters and buffers
@@ -110,6 +111,13 @@ def convert(model: torch.nn.Module) -> ConversionReport:
         pyg_nn.GENConv: lambda m: _conv(ours.GENConv, m, eps=m.eps),
         pyg_nn.SAGEConv: lambda m: _conv(ours.SAGEConv, m, normalize=m.normalize, root_weight=m.root_weight,
                                          project=m.project),
+        pyg_nn.GCNConv: lambda m: _conv(ours.GCNConv, m, improved=m.improved, cached=m.cached,
+                                        add_self_loops=m.add_self_loops, normalize=m.normalize,
+                                        bias=m.bias is not None),
+        pyg_nn.GATConv: lambda m: _conv(ours.GATConv, m, heads=m.heads, concat=m.concat,
+                                        negative_slope=m.negative_slope, dropout=m.dropout,
+                                        add_self_loops=m.add_self_loops, edge_dim=m.edge_dim,
+                                        fill_value=m.fill_value, bias=m.bias is not None, residual=m.residual),
         pyg_nn.GroupAddRev: lambda m: _take_place(m, ours.GroupAddRev(
             m.convs, split_dim=m.split_dim, disable=m.disable, num_bwd_passes=m.num_bwd_passes)),
     }
@@ -124,7 +132,7 @@ def convert(model: torch.nn.Module) -> ConversionReport:
         return f"aggregation {' '.join(repr(new.aggr_module).split())} is not fused"
 
     def reason_to_leave(module: torch.nn.Module) -> Optional[str]:
-        if isinstance(module, (ours.GENConv, ours.SAGEConv, ours.GroupAddRev)):
+        if isinstance(module, (ours.GENConv, ours.SAGEConv, ours.GCNConv, ours.GATConv, ours.GroupAddRev)):
             return None
         base = next((cls for cls in builders if isinstance(module, cls)), None)
         if base is not None and type(module) is not base:

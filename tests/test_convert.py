@@ -267,8 +267,9 @@ class UserConv(pyg.nn.GENConv):
 
 
 class Mixed(torch.nn.Module):
-    """A user's model: ModuleDict, Sequential, a conv shared by two places, a GCNConv, a subclass,
-    one of revgnn_ext's convs already, a flow we do not support and a conv with PyG hooks."""
+    """A user's model: ModuleDict, Sequential, a conv shared by two places, GCNConv and GATConv, a
+    conv we do not accelerate (GraphConv), a subclass, one of revgnn_ext's convs already, a flow
+    we do not support and a conv with PyG hooks."""
 
     def __init__(self):
         super().__init__()
@@ -276,6 +277,8 @@ class Mixed(torch.nn.Module):
         self.convs = torch.nn.ModuleDict({"gen": pyg.nn.GENConv(8, 8, aggr="max", edge_dim=3), "sage": shared})
         self.seq = torch.nn.Sequential(torch.nn.Linear(8, 8), shared)
         self.gcn = pyg.nn.GCNConv(8, 8)
+        self.gat = pyg.nn.GATConv(8, 4, heads=2)
+        self.graph_conv = pyg.nn.GraphConv(8, 8)
         self.user = UserConv(8, 8, edge_dim=3)
         self.ours = ours.SAGEConv(8, 8)
         self.reverse = pyg.nn.SAGEConv(8, 8, flow="target_to_source")
@@ -284,7 +287,8 @@ class Mixed(torch.nn.Module):
 
     def forward(self, x, edge_index, edge_attr):
         h = self.convs["gen"](x, edge_index, edge_attr).relu()
-        h = self.convs["sage"](h, edge_index) + self.gcn(h, edge_index)
+        h = self.convs["sage"](h, edge_index) + self.gcn(h, edge_index) + self.gat(h, edge_index)
+        h = h + self.graph_conv(h, edge_index)
         h = self.seq[1](self.seq[0](h), edge_index)  # the shared conv again
         h = self.user(h, edge_index, edge_attr) + self.ours(h, edge_index)
         return self.reverse(h, edge_index) + self.hooked(h, edge_index)
@@ -296,21 +300,24 @@ def test_user_model_report_and_idempotence(capsys):
     report = _convert_and_compare(model, *_graph(8, 3))
     assert capsys.readouterr() == ("", "")
     assert report.replaced == [Replaced("convs.gen", pyg.nn.GENConv, ours.GENConv),
-                               Replaced("convs.sage", pyg.nn.SAGEConv, ours.SAGEConv)]
+                               Replaced("convs.sage", pyg.nn.SAGEConv, ours.SAGEConv),
+                               Replaced("gcn", pyg.nn.GCNConv, ours.GCNConv),
+                               Replaced("gat", pyg.nn.GATConv, ours.GATConv)]
     assert model.seq[1] is model.convs["sage"]  # still one module, shared
     assert report.left == [
-        Left("gcn", pyg.nn.GCNConv, "not accelerated by revgnn_ext"),
+        Left("graph_conv", pyg.nn.GraphConv, "not accelerated by revgnn_ext"),
         Left("user", UserConv, "a subclass of torch_geometric.nn.conv.gen_conv.GENConv; its forward may differ"),
         Left("reverse", pyg.nn.SAGEConv, "flow='target_to_source' is not supported"),
         Left("hooked", pyg.nn.SAGEConv, "has PyG hooks registered (_message_forward_hooks), which the fused "
                                         "computation does not run")]
     lines = str(report).splitlines()
     assert lines[:3] == [
-        "revgnn_ext.convert: 2 replaced, 4 left",
+        "revgnn_ext.convert: 4 replaced, 4 left",
         "  replaced convs.gen: torch_geometric.nn.conv.gen_conv.GENConv -> revgnn_ext.nn.gen_conv.GENConv",
         "  replaced convs.sage: torch_geometric.nn.conv.sage_conv.SAGEConv -> revgnn_ext.nn.sage_conv.SAGEConv"]
-    assert lines[3] == "  left     gcn: torch_geometric.nn.conv.gcn_conv.GCNConv: not accelerated by revgnn_ext"
-    assert len(lines) == 7
+    assert lines[5] == ("  left     graph_conv: torch_geometric.nn.conv.graph_conv.GraphConv: not accelerated by "
+                        "revgnn_ext")
+    assert len(lines) == 9
     again = convert(model)
     assert again.replaced == [] and again.left == report.left
 
