@@ -1,4 +1,4 @@
-"""PyG's own test files for GENConv, SAGEConv and GroupAddRev, run against revgnn_ext's classes
+"""PyG's own test files for GENConv, SAGEConv, GCNConv, GATConv and GroupAddRev, run against revgnn_ext's classes
 patched into ``torch_geometric.nn`` (and ``torch_geometric.nn.conv`` / ``.models``).
 
 PyG's wheel has no tests and none of PyG's code is stored here: point ``REVGNN_PYG_SOURCE`` at
@@ -23,10 +23,13 @@ from pathlib import Path
 
 import pytest
 
-PATCHED = ("GENConv", "SAGEConv", "GroupAddRev")
+PATCHED = ("GENConv", "SAGEConv", "GCNConv", "GATConv", "GroupAddRev")
 SUITES = {"GENConv": "test/nn/conv/test_gen_conv.py", "SAGEConv": "test/nn/conv/test_sage_conv.py",
+          "GCNConv": "test/nn/conv/test_gcn_conv.py", "GATConv": "test/nn/conv/test_gat_conv.py",
           "GroupAddRev": "test/nn/models/test_rev_gnn.py"}
 TORCHSCRIPT_REFUSAL = "TorchScript (torch.jit.script) is not supported"
+# PyG tests that script the layer even without FULL_TEST: they may fail with our refusal only.
+SCRIPTED_ANYWAY = {"GCNConv": {"test_gcn_conv_with_decomposed_layers"}}
 
 
 # ---------------------------------------------------------------- the plugin (in the subprocess)
@@ -80,11 +83,12 @@ def _run_suite(suite: str, full_test: bool, tmp_path: Path):
 @pytest.mark.parametrize("suite", sorted(SUITES))
 def test_pyg_suite_passes(suite, tmp_path):
     outcomes, output = _run_suite(suite, False, tmp_path)
-    failed = {name: message for name, message in outcomes.items() if message is not None}
+    failed = {name: message for name, message in outcomes.items() if message is not None
+              and not (name in SCRIPTED_ANYWAY.get(suite, ()) and TORCHSCRIPT_REFUSAL in message)}
     assert not failed, f"PyG's tests of {suite} failed against ours: {sorted(failed)}\n{output[-6000:]}"
 
 
-@pytest.mark.parametrize("suite", ["GENConv", "SAGEConv"])
+@pytest.mark.parametrize("suite", ["GENConv", "SAGEConv", "GCNConv", "GATConv"])
 def test_pyg_full_suite_fails_only_on_torchscript(suite, tmp_path):
     outcomes, output = _run_suite(suite, True, tmp_path)
     other = {name: message for name, message in outcomes.items()
