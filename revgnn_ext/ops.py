@@ -17,7 +17,8 @@ from torch import Tensor
 from . import _C  # noqa: F401  (registers the ops)
 from .graph import CSRGraph
 
-__all__ = ["spmm", "spmm_accumulate_", "gen_aggregate", "gat_aggregate", "gat_aggregate_accumulate_", "rev_subtract_"]
+__all__ = ["spmm", "spmm_accumulate_", "gen_aggregate", "gat_aggregate", "gat_aggregate_accumulate_",
+           "rev_subtract_"]
 
 _ops = torch.ops.revgnn_ext
 
