@@ -230,7 +230,7 @@ def test_bad_inputs():
         conv(x, ei, torch.randn(ei.size(1) - 1, 4))
     with pytest.raises(ValueError, match="index 40 .*num_src = 40"):
         conv(x, torch.cat([ei, torch.tensor([[40], [0]])], 1), torch.randn(ei.size(1) + 1, 4))
-    with pytest.raises(ValueError, match="edge_attr has 5 features but edge_weight expects 4"):
+    with pytest.raises(ValueError, match=r"edge_weight must have shape \[D = 8, F = 5\]"):
         conv(x, ei, torch.randn(ei.size(1), 5))
     with pytest.raises(TypeError, match="edge_attr dtype"):
         conv(x, ei, torch.randn(ei.size(1), 4, dtype=torch.float64))
