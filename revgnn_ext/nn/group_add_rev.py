@@ -344,8 +344,9 @@ class GroupAddRev(torch.nn.Module):
       forward and backward raises in backward, as plain autograd does;
     - under ``torch.autocast`` F runs in low precision while the carried activations keep the
       input's dtype; the recomputation replays the forward's autocast state (as the RNG state),
-      so the inversion subtracts the same F bit for bit and reconstruction drifts no more than in
-      the input's dtype;
+      so F is evaluated in the forward's precision and gradients stay as accurate as plain
+      autograd's under the same autocast (the rebuilt input is not exact: F's low-precision casts
+      may round a last-bit difference of the rebuilt input the other way; see docs/design.md);
     - under ``torch.compile`` the block, F included, runs eagerly (one graph break per block):
       backward recomputes F outside any compiled region, and a compiled F would round and draw
       random numbers differently from that recomputation. ``disable=True`` blocks compile whole.

@@ -8,17 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import ops, reference
+from .. import ops
 from ..graph import CSRGraph, as_graph
 from .group_add_rev import GroupAddRev
 from .rev_gnn import SharedDropout
 
 __all__ = ["RevGAT", "RevGATConv"]
-
-# The attention and aggregation: the fused op once it is built, else its pure-PyTorch reference
-# (same signature and contract; it materializes per-edge tensors).
-_gat_aggregate = getattr(ops, "gat_aggregate", reference.gat_aggregate)
-
 
 class RevGATConv(torch.nn.Module):
     r"""The GAT layer of RevGAT (the paper's arxiv code, itself from the "GAT + norm. adj. + label
@@ -64,7 +59,7 @@ class RevGATConv(torch.nn.Module):
             out_degree = torch.bincount(graph.col.long(), minlength=graph.num_src)
             h = h * out_degree.clamp(min=1).to(h.dtype).rsqrt().unsqueeze(1)
         src_score = (h.view(-1, self.heads, self.out_channels) * self.att_src).sum(-1)
-        out = _gat_aggregate(graph, h, src_score, None, negative_slope=self.negative_slope, edge_keep=edge_keep)
+        out = ops.gat_aggregate(graph, h, src_score, None, negative_slope=self.negative_slope, edge_keep=edge_keep)
         if self.symmetric_norm:
             out = out * graph.rowptr.diff().clamp(min=1).to(out.dtype).sqrt().unsqueeze(1)
         return out + self.res(x)
