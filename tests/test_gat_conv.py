@@ -10,7 +10,7 @@ from revgnn_ext import CSRGraph  # noqa: E402
 from revgnn_ext.graph import CSRGraph as GraphClass  # noqa: E402
 from revgnn_ext.nn import GATConv  # noqa: E402
 
-from conftest import DEVICES, make_graph  # noqa: E402
+from conftest import DEVICES, assert_error_within_twice, make_graph  # noqa: E402
 
 CONFIGS = [dict(), dict(heads=3), dict(heads=3, concat=False), dict(add_self_loops=False, heads=2),
            dict(edge_dim=4, heads=2), dict(edge_dim=4, fill_value=0.5), dict(edge_dim=4, fill_value="add", heads=2),
@@ -109,9 +109,7 @@ def test_float32_error_within_twice_pygs():
     exact.load_state_dict(ref.state_dict())
     x, edge_attr = torch.randn(n, 12), torch.randn(ei.size(1), 4)
     truth = exact(x.double(), ei, edge_attr.double())
-    err = (ours(x, ei, edge_attr).double() - truth).abs().max()
-    err_pyg = (ref(x, ei, edge_attr).double() - truth).abs().max()
-    assert err <= 2 * err_pyg + 1e-6
+    assert_error_within_twice(ours(x, ei, edge_attr), ref(x, ei, edge_attr), truth, 1e-6)
 
 
 def test_the_looped_graph_is_built_once_per_edge_index(monkeypatch):

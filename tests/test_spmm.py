@@ -5,7 +5,7 @@ import torch
 
 from revgnn_ext import CSRGraph, ops, reference
 
-from conftest import DEVICES, HAS_CUDA, SHAPES, device_dtype_params, make_graph
+from conftest import DEVICES, HAS_CUDA, SHAPES, assert_error_within_twice, device_dtype_params, make_graph
 
 REDUCES = ["sum", "mean", "max", "min"]
 WIDTHS = [1, 37, 64, 257]
@@ -31,13 +31,7 @@ def assert_close_to_reference(ours, fn, inputs, dtype):
     if dtype == torch.float64:
         torch.testing.assert_close(ours, exact, rtol=1e-10, atol=1e-10)
         return
-    same_dtype = fn(*inputs).double()
-    ours = ours.double()
-    assert torch.equal(torch.isnan(ours), torch.isnan(exact))
-    ulp = torch.finfo(dtype).eps * (1 + exact.abs().max().item() if exact.numel() else 1)
-    err_ours = (ours - exact).abs().nan_to_num().max().item() if exact.numel() else 0.0
-    err_torch = (same_dtype - exact).abs().nan_to_num().max().item() if exact.numel() else 0.0
-    assert err_ours <= 2 * err_torch + 4 * ulp, (err_ours, err_torch)
+    assert_error_within_twice(ours, fn(*inputs), exact, 4 * torch.finfo(dtype).eps)
 
 
 @pytest.mark.parametrize("device, dtype", device_dtype_params())
