@@ -187,11 +187,12 @@ torch.library.register_autograd("revgnn_ext::spmm_backward_weight", _backward_we
 _lib = torch.library.Library("revgnn_ext", "IMPL")
 
 
-def _register_autocast(name: str, fake, cast) -> None:
+def _register_autocast(name: str, fake, cast, keep=lambda args: False) -> None:
     """Under torch.autocast (CPU or CUDA), op ``name`` casts its arguments named in ``cast`` (the
     parameters of its fake kernel), when float32, float16 or bfloat16, to the autocast dtype, and
     runs with autocast off; the kernels compute in float32 and round once per stored value. Its
-    backward ops take the dtypes of the forward. float64 stays float64, as autocast leaves it."""
+    backward ops take the dtypes of the forward. float64 stays float64, as autocast leaves it.
+    A call for which ``keep(args)`` is true runs in its inputs' own dtypes."""
     op = getattr(_ops, name).default
     params = list(inspect.signature(fake).parameters)
     positions = {params.index(arg) for arg in cast}
@@ -199,8 +200,8 @@ def _register_autocast(name: str, fake, cast) -> None:
     def kernel_for(device_type):
         def kernel(*args):
             dtype = torch.get_autocast_dtype(device_type)
-            args = [a.to(dtype) if i in positions and isinstance(a, Tensor) and a.dtype in _AUTOCAST_CASTS else a
-                    for i, a in enumerate(args)]
+            args = [a.to(dtype) if i in positions and isinstance(a, Tensor) and a.dtype in _AUTOCAST_CASTS
+                    and not keep(args) else a for i, a in enumerate(args)]
             with torch.autocast(device_type, enabled=False):
                 return op(*args)
         return kernel
@@ -210,7 +211,9 @@ def _register_autocast(name: str, fake, cast) -> None:
 
 
 _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
-_register_autocast("spmm", _spmm_fake, ("weight", "x"))
+# max/min select one message exactly in any precision (as PyG's scatter max does under autocast):
+# casting x down would only add ties and move the gradient to other edges.
+_register_autocast("spmm", _spmm_fake, ("weight", "x"), keep=lambda args: _selects(args[-1]))
 _register_autocast("gen_aggregate", _gen_aggregate_fake, ("x", "edge_attr", "edge_weight", "edge_bias", "t", "p"))
 
 

@@ -119,6 +119,22 @@ def test_in_place_ops_low_precision(device, dtype):
 
 # ------------------------------------------------------------------------------ autocast
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduce", ["max", "min"])
+def test_spmm_selection_keeps_its_dtype_under_autocast(device, reduce):
+    """max/min select exactly in any precision (PyG's scatter max stays float32 under autocast):
+    casting x to bfloat16 would only create ties and move gradients to other edges."""
+    g = _graph(device, unique=True)
+    x = torch.randn(g.num_src, 37, device=device, requires_grad=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = ops.spmm(g, x, reduce=reduce)
+    assert out.dtype == torch.float32
+    expected = reference.spmm(g, x, reduce=reduce)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    grad_out = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, x, grad_out)[0], torch.autograd.grad(expected, x, grad_out)[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduce", REDUCES)
 def test_spmm_under_autocast(device, reduce):
     g, kw = _spmm_case(device, reduce)
