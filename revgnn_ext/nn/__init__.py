@@ -9,6 +9,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("revgnn_ext.nn provides drop-ins for PyTorch Geometric modules and needs torch_geometric "
                       "(pip install torch_geometric, a pure-Python package); revgnn_ext.ops works without it") from err
 
+from .deq import DEQ, SolverTrace
 from .gat_conv import GATConv
 from .gcn_conv import GCNConv
 from .gen_conv import GENConv
@@ -17,4 +18,5 @@ from .rev_gat import RevGAT
 from .rev_gnn import RevGNN, SharedDropout
 from .sage_conv import SAGEConv
 
-__all__ = ["GATConv", "GCNConv", "GENConv", "GroupAddRev", "RevGAT", "RevGNN", "SAGEConv", "SharedDropout"]
+__all__ = ["DEQ", "GATConv", "GCNConv", "GENConv", "GroupAddRev", "RevGAT", "RevGNN", "SAGEConv", "SharedDropout",
+           "SolverTrace"]
