@@ -75,6 +75,19 @@ def assert_error_within_twice(ours, same_dtype, exact, rtol, name="result"):
     assert err <= 2 * err_ref + slack, f"{name}: error {err:.3g}, the reference's {err_ref:.3g} (+ {slack:.3g})"
 
 
+def assert_same_as_pyg(ours, ref, out_ours, out_ref, inputs, tol):
+    """Our layer and PyG's (same state_dict) gave the same output, and the same gradients of
+    `inputs` and of every parameter (None where PyG's is None) for one random output gradient."""
+    torch.testing.assert_close(out_ours, out_ref, rtol=tol, atol=tol)
+    gout = torch.randn_like(out_ours)
+    grads_ours = torch.autograd.grad(out_ours, inputs + list(ours.parameters()), gout, allow_unused=True)
+    grads_ref = torch.autograd.grad(out_ref, inputs + list(ref.parameters()), gout, allow_unused=True)
+    for a, b in zip(grads_ours, grads_ref):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
 SHAPES = ["random", "no_edges", "isolated", "self_loops", "duplicates", "bipartite", "power_law"]
 
 

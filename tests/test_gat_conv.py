@@ -10,7 +10,7 @@ from revgnn_ext import CSRGraph  # noqa: E402
 from revgnn_ext.graph import CSRGraph as GraphClass  # noqa: E402
 from revgnn_ext.nn import GATConv  # noqa: E402
 
-from conftest import DEVICES, assert_error_within_twice, make_graph  # noqa: E402
+from conftest import DEVICES, assert_error_within_twice, assert_same_as_pyg, make_graph  # noqa: E402
 
 CONFIGS = [dict(), dict(heads=3), dict(heads=3, concat=False), dict(add_self_loops=False, heads=2),
            dict(edge_dim=4, heads=2), dict(edge_dim=4, fill_value=0.5), dict(edge_dim=4, fill_value="add", heads=2),
@@ -38,15 +38,8 @@ def _edge_attr(config, num_edges, device="cpu"):
 
 def _check(ours, ref, x, adj_ours, adj_ref, edge_attr=None, size=None, tol=1e-10):
     tensors = [t for t in (x if isinstance(x, tuple) else (x,)) + (edge_attr,) if t is not None and t.requires_grad]
-    out_o, out_r = ours(x, adj_ours, edge_attr, size=size), ref(x, adj_ref, edge_attr, size=size)
-    torch.testing.assert_close(out_o, out_r, rtol=tol, atol=tol)
-    gout = torch.randn_like(out_o)
-    g_o = torch.autograd.grad(out_o, tensors + list(ours.parameters()), gout, allow_unused=True)
-    g_r = torch.autograd.grad(out_r, tensors + list(ref.parameters()), gout, allow_unused=True)
-    for a, b in zip(g_o, g_r):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    assert_same_as_pyg(ours, ref, ours(x, adj_ours, edge_attr, size=size), ref(x, adj_ref, edge_attr, size=size),
+                       tensors, tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -8,7 +8,7 @@ pyg = pytest.importorskip("torch_geometric")
 from revgnn_ext import CSRGraph  # noqa: E402
 from revgnn_ext.nn import GCNConv  # noqa: E402
 
-from conftest import DEVICES, assert_error_within_twice, make_graph  # noqa: E402
+from conftest import DEVICES, assert_error_within_twice, assert_same_as_pyg, make_graph  # noqa: E402
 
 CONFIGS = [dict(), dict(improved=True), dict(add_self_loops=False), dict(improved=True, add_self_loops=False),
            dict(normalize=False), dict(bias=False)]
@@ -23,15 +23,7 @@ def _pair(config, in_channels=12, out_channels=16, device="cpu", dtype=torch.flo
 
 def _check(ours, ref, x, adj_ours, adj_ref, edge_weight=None, tol=1e-10):
     inputs = [t for t in (x, edge_weight) if t is not None and t.requires_grad]
-    out_o, out_r = ours(x, adj_ours, edge_weight), ref(x, adj_ref, edge_weight)
-    torch.testing.assert_close(out_o, out_r, rtol=tol, atol=tol)
-    gout = torch.randn_like(out_o)
-    g_o = torch.autograd.grad(out_o, inputs + list(ours.parameters()), gout, allow_unused=True)
-    g_r = torch.autograd.grad(out_r, inputs + list(ref.parameters()), gout, allow_unused=True)
-    for a, b in zip(g_o, g_r):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    assert_same_as_pyg(ours, ref, ours(x, adj_ours, edge_weight), ref(x, adj_ref, edge_weight), inputs, tol)
 
 
 def _weighted_loops(shape):
