@@ -88,6 +88,19 @@ def assert_same_as_pyg(ours, ref, out_ours, out_ref, inputs, tol):
             torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
+def assert_compiles_as_eager(f, make_inputs, names):
+    """torch.compile(f, fullgraph=True) on keyword inputs from ``make_inputs()`` gives f's output
+    and, for sum(output), the same gradients of the inputs in ``names``."""
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    eager_in, compiled_in = make_inputs(), make_inputs()
+    torch.testing.assert_close(compiled(**compiled_in), f(**eager_in))
+    compiled(**compiled_in).sum().backward()
+    f(**eager_in).sum().backward()
+    for k in names:
+        torch.testing.assert_close(compiled_in[k].grad, eager_in[k].grad)
+
+
 SHAPES = ["random", "no_edges", "isolated", "self_loops", "duplicates", "bipartite", "power_law"]
 
 

@@ -8,7 +8,8 @@ import torch
 
 from revgnn_ext import CSRGraph, ops, reference
 
-from conftest import DEVICES, SHAPES, assert_error_within_twice, device_dtype_params, make_graph
+from conftest import (DEVICES, SHAPES, assert_compiles_as_eager, assert_error_within_twice, device_dtype_params,
+                      make_graph)
 
 MODES = ["src_only", "src_dst", "edge_features", "edge_scores"]
 NAMES = ["x", "src_score", "dst_score", "edge_attr", "edge_weight"]
@@ -211,14 +212,7 @@ def test_torch_compile_fullgraph():
                               attn_dropout=0.2, seed=4)
         return h.relu()
 
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True)
-    eager_in, compiled_in = _differentiable(kw), _differentiable(kw)
-    torch.testing.assert_close(compiled(**compiled_in), f(**eager_in))
-    compiled(**compiled_in).sum().backward()
-    f(**eager_in).sum().backward()
-    for k in NAMES:
-        torch.testing.assert_close(compiled_in[k].grad, eager_in[k].grad)
+    assert_compiles_as_eager(f, lambda: _differentiable(kw), NAMES)
 
 
 def test_deterministic_across_runs_and_threads():

@@ -6,7 +6,8 @@ import torch
 
 from revgnn_ext import CSRGraph, ops, reference
 
-from conftest import DEVICES, SHAPES, assert_error_within_twice, device_dtype_params, make_graph
+from conftest import (DEVICES, SHAPES, assert_compiles_as_eager, assert_error_within_twice, device_dtype_params,
+                      make_graph)
 
 AGGRS = ["softmax", "max", "mean", "sum", "powermean"]
 EDGE_MODES = ["none", "encoded", "encoded_nobias", "direct"]
@@ -240,14 +241,7 @@ def test_torch_compile_fullgraph():
         h = ops.gen_aggregate(g, x, edge_attr, edge_weight, edge_bias, "softmax", t=t)
         return ops.gen_aggregate(g, h, aggr="max").relu()
 
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True)
-    eager_in, compiled_in = _differentiable(kw), _differentiable(kw)
-    torch.testing.assert_close(compiled(**compiled_in), f(**eager_in))
-    compiled(**compiled_in).sum().backward()
-    f(**eager_in).sum().backward()
-    for k in kw:
-        torch.testing.assert_close(compiled_in[k].grad, eager_in[k].grad)
+    assert_compiles_as_eager(f, lambda: _differentiable(kw), kw)
 
 
 # ---------------------------------------------------------------------------- edge numerics, against PyG
