@@ -26,7 +26,8 @@ from torch_geometric.utils import add_self_loops, remove_self_loops
 from revgnn_ext.nn import GATConv, GCNConv
 
 from graphs import PRESETS, make_graph
-from measure import PeakMemory, available_memory, check_gradients, median_seconds, report, set_malloc_thresholds
+from measure import (PeakMemory, available_memory, check_gradients, median_seconds, no_gpu, output_arguments, report,
+                     set_malloc_thresholds)
 
 DEFAULT_IN = 128  # input width on a preset without node features
 # [E + N, width] float32 tensors (edges with the self loops) PyG's layers hold at their peak in
@@ -152,12 +153,9 @@ def main():
     p.add_argument("--gcn-channels", type=int, default=128)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--budget", type=float, default=20.0, help="seconds of timed runs per measurement at most")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json")
-    p.add_argument("--markdown")
+    output_arguments(p)
     args = p.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("no GPU: skipping the CUDA GAT/GCN benchmark")
+    if no_gpu(args.device, "the CUDA GAT/GCN benchmark"):
         return
     convs = args.convs.split(",")
     if set(convs) - {"gat", "gcn"}:

@@ -17,7 +17,8 @@ from revgnn_ext import CSRGraph
 from revgnn_ext.nn import GENConv
 
 from graphs import PRESETS, make_graph
-from measure import PeakMemory, available_memory, check_gradients, median_seconds, report, set_malloc_thresholds
+from measure import (PeakMemory, available_memory, check_gradients, median_seconds, no_gpu, output_arguments, report,
+                     set_malloc_thresholds)
 
 AGGRS = {"softmax": dict(aggr="softmax", learn_t=True), "max": dict(aggr="max")}
 PYG_EDGE_COPIES = 6  # [E, D] float32 tensors PyG's GENConv keeps for softmax's backward (embedding,
@@ -86,12 +87,9 @@ def main():
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--budget", type=float, default=20.0, help="seconds of timed runs per measurement at most")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json")
-    p.add_argument("--markdown")
+    output_arguments(p)
     args = p.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("no GPU: skipping the CUDA GENConv benchmark")
+    if no_gpu(args.device, "the CUDA GENConv benchmark"):
         return
     set_malloc_thresholds()  # CPU: a freed block leaves the resident set, so each peak is the step's own
     graphs = args.graphs.split(",") if args.graphs else ["powerlaw-20k-d30"] + (

@@ -24,7 +24,7 @@ import torch_geometric
 from revgnn_ext.datasets import NodeData, synthetic_proteins
 from revgnn_ext.nn import RevGNN
 
-from measure import PeakMemory, report, set_malloc_thresholds, short, timed
+from measure import PeakMemory, no_gpu, output_arguments, report, set_malloc_thresholds, short, timed
 
 
 class PygGroup(torch.nn.Module):
@@ -161,12 +161,9 @@ def main():
     p.add_argument("--parts", type=int, default=10, help="random node partitions of the paper's setup")
     p.add_argument("--budget-s", type=float, default=60.0, help="largest predicted PyG step time to attempt")
     p.add_argument("--autocast", choices=["bf16"], help="also one step of ours under torch.autocast(bfloat16)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json")
-    p.add_argument("--markdown")
+    output_arguments(p)
     args = p.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("no GPU: skipping the headline run (--device cpu runs a smoke-size version)")
+    if no_gpu(args.device, "the headline run (--device cpu runs a smoke-size version)"):
         return
     set_malloc_thresholds()  # CPU: a freed block leaves the resident set, so each peak is the step's own
     device = torch.device(args.device)

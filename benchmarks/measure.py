@@ -14,10 +14,25 @@ import torch
 
 from revgnn_ext.memory import PeakMemory, available_memory, set_malloc_thresholds
 
-__all__ = ["PeakMemory", "available_memory", "set_malloc_thresholds", "timed", "median_seconds", "short",
-           "check_gradients", "copy_bandwidth", "machine", "results_dir", "plot", "report"]
+__all__ = ["PeakMemory", "available_memory", "set_malloc_thresholds", "output_arguments", "no_gpu", "timed",
+           "median_seconds", "short", "check_gradients", "copy_bandwidth", "machine", "results_dir", "plot", "report"]
 
 MIN_REPEAT = 3  # a time budget never cuts a measurement below this many runs
+
+
+def output_arguments(parser) -> None:
+    """--seed, --json and --markdown, which every benchmark takes."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json")
+    parser.add_argument("--markdown")
+
+
+def no_gpu(device: str, what: str) -> bool:
+    """Whether --device cuda was asked on a machine without a GPU (then says it skips `what`)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        print(f"no GPU: skipping {what}")
+        return True
+    return False
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 

@@ -52,8 +52,8 @@ from revgnn_ext import CSRGraph
 from revgnn_ext.nn import GENConv, GroupAddRev
 
 from graphs import PRESETS, make_graph
-from measure import (PeakMemory, available_memory, check_gradients, plot, report, results_dir, set_malloc_thresholds,
-                     short, timed)
+from measure import (PeakMemory, available_memory, check_gradients, no_gpu, plot, report, results_dir,
+                     set_malloc_thresholds, short, timed)
 
 STACKS = ("plain", "checkpoint", "PyG", "ours")
 NODE_FEATURES, TASKS = 8, 8  # for presets that do not name them
@@ -299,8 +299,7 @@ def main():
     if args.child:
         print(json.dumps(measure(json.loads(args.child))))
         return
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("no GPU: skipping the CUDA memory-depth benchmark")
+    if no_gpu(args.device, "the CUDA memory-depth benchmark"):
         return
     args.depths = sorted({int(d) for d in args.depths.split(",")})
     args.stacks = args.stacks.split(",")

@@ -21,8 +21,8 @@ import revgnn_ext
 from revgnn_ext import CSRGraph, ops, reference
 
 from graphs import PRESETS, make_graph
-from measure import PeakMemory, available_memory, copy_bandwidth, median_seconds, report, set_malloc_thresholds, \
-    short, timed
+from measure import (PeakMemory, available_memory, copy_bandwidth, median_seconds, no_gpu, output_arguments, report,
+                     set_malloc_thresholds, short, timed)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # (rtol, atol) against the reference; low precision is compared with the reference run in float32
@@ -197,9 +197,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, help="untimed runs first (default: 1 on cpu, 3 on cuda)")
     p.add_argument("--budget", type=float, default=5.0, 
                    help="seconds per measurement: slow peers get fewer runs (>= 3)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json")
-    p.add_argument("--markdown")
+    output_arguments(p)
     args = p.parse_args()
     cuda = args.device == "cuda"
     graphs = args.graphs.split(",") if args.graphs else CPU_GRAPHS + (["proteins", "products"] if cuda else [])
@@ -209,8 +207,7 @@ def main() -> None:
     args.repeat = args.repeat or (50 if cuda else 10)
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     args.dtype = DTYPES[args.dtype]
-    if cuda and not torch.cuda.is_available():
-        print("no GPU: skipping")
+    if no_gpu(args.device, "the CUDA spmm benchmark"):
         return
     if cuda and not revgnn_ext.with_cuda():
         sys.exit("revgnn_ext was built without its CUDA kernels; rebuild it on this machine with "
