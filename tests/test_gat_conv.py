@@ -147,6 +147,7 @@ def test_fallbacks_warn_and_match_pyg():
         out, (edges, alpha) = ours(x, ei, return_attention_weights=True)
     out_r, (edges_r, alpha_r) = ref(x, ei, return_attention_weights=True)
     torch.testing.assert_close(out, out_r)
+    assert torch.equal(out, ours(x, ei))  # our output with the weights, as PyG's test of this checks (allclose 1e-8)
     assert torch.equal(edges, edges_r)
     torch.testing.assert_close(alpha, alpha_r)
     ours, ref = _pair(dict(flow="target_to_source"))

@@ -33,6 +33,14 @@ class Block(torch.nn.Module):
         return self.conv(self.dropout(torch.relu(self.norm(x))), edge_index, *args)
 
 
+class SplitBlock(Block):
+    """Block exposing its conv's final step: forward_split delegates to the conv's."""
+
+    def forward_split(self, x, edge_index, *args):
+        self.calls += 1
+        return self.conv.forward_split(self.dropout(torch.relu(self.norm(x))), edge_index, *args)
+
+
 def gen_block(c):
     return Block(c, GENConv(c, c, aggr="softmax", learn_t=True, edge_dim=4, norm="layer"))
 
@@ -129,6 +137,67 @@ def test_subtraction_folded_into_a_final_linear():
     y = block(h, ei, edge_attr.float())
     y.sum().backward()
     torch.testing.assert_close(h, x, rtol=1e-6, atol=1e-6)  # h was rebuilt in y's storage
+
+
+AGGREGATING_CONVS = {
+    "gat": lambda c: revgnn_ext.nn.GATConv(c, c // 2, heads=2, edge_dim=4, dropout=0.2),
+    "gat-one-head": lambda c: revgnn_ext.nn.GATConv(c, c, concat=False, bias=False),
+    "gcn": lambda c: revgnn_ext.nn.GCNConv(c, c),
+}
+
+
+@pytest.mark.parametrize("conv", list(AGGREGATING_CONVS))
+@pytest.mark.parametrize("groups", [2, 3])
+def test_final_aggregation_added_in_place(monkeypatch, conv, groups):
+    """Our GATConv and GCNConv end in their aggregation (forward_split -> Aggregation; a res+
+    block exposes its conv's through its own forward_split): forward adds each group's F into its slice through the op's accumulate form and never calls the
+    functional op; gradients (attention dropout replayed) equal plain autograd at depth 8 in
+    float64, and the float32 rebuild of the input is within rounding of the original."""
+    accumulate = "gat_aggregate_accumulate_" if conv.startswith("gat") else "spmm_accumulate_"
+    functional = "gat_aggregate" if conv.startswith("gat") else "spmm"
+    calls = {accumulate: 0, functional: 0}  # on features (GCN's degrees are an spmm of a column of ones)
+    for name in calls:
+        op = getattr(revgnn_ext.ops, name)
+
+        def counted(*a, _op=op, _name=name, **k):
+            x = a[2] if _name == accumulate else a[1]
+            calls[_name] += x.size(1) > 1
+            return _op(*a, **k)
+        monkeypatch.setattr(revgnn_ext.ops, name, counted)
+    ei, n = make_graph("power_law")
+    c = 4
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList(GroupAddRev(SplitBlock(c, AGGREGATING_CONVS[conv](c), dropout=0.0), num_groups=groups)
+                                 for _ in range(8))
+    plain = copy.deepcopy(blocks)
+    for b in plain:
+        b.disable = True
+    edge_attr = torch.randn(ei.size(1), 4, dtype=torch.float64) if conv == "gat" else None
+    x0 = torch.randn(n, c * groups, dtype=torch.float64)
+    with torch.no_grad():
+        h = x0
+        for b in blocks.double():
+            h = b(h, ei, *([edge_attr] if edge_attr is not None else []))
+    assert calls == {accumulate: 8 * groups, functional: 0}
+    ours, ref = _run(blocks, x0, ei, edge_attr), _run(plain.double(), x0, ei, edge_attr)
+    for a, b in zip([ours[0], ours[1], ours[2]] + ours[3], [ref[0], ref[1], ref[2]] + ref[3]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    block = blocks[0].float()
+    x = torch.randn(n, c * groups)
+    h = x * 1.0
+    block(h, ei, *([edge_attr.float()] if edge_attr is not None else [])).sum().backward()
+    torch.testing.assert_close(h, x, rtol=1e-6, atol=1e-6)  # h was rebuilt in y's storage
+
+
+def test_residual_gat_is_not_folded():
+    """A GATConv with a residual (or averaged heads) does not end in its aggregation: its
+    forward_split gives its output, and GroupAddRev adds that."""
+    ei, n = make_graph("random")
+    for conv in (revgnn_ext.nn.GATConv(4, 2, heads=2, residual=True), revgnn_ext.nn.GATConv(4, 4, heads=2,
+                                                                                            concat=False)):
+        h, last = conv.forward_split(torch.randn(n, 4), ei)
+        assert last is None and h.shape == (n, 4)
+        _same_gradients_as_plain(GroupAddRev(conv, num_groups=2), torch.randn(n, 8), ei)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])

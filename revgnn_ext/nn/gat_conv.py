@@ -1,5 +1,6 @@
 """GATConv on revgnn_ext's GAT attention op (``gat_aggregate``, called in one place: ``_attend``)."""
-from typing import Optional, Tuple, Union
+import functools
+from typing import Any, Optional, Tuple, Union
 
 import torch
 import torch_geometric.nn as pyg_nn
@@ -12,16 +13,22 @@ from .. import ops
 from ..graph import CSRGraph, as_graph
 from ._pyg import PygFallback, node_counts, pyg_adjacency, warn_once
 from .gcn_conv import fused_sum
+from .group_add_rev import Aggregation
 
 # A graph -> (number of self loops, the graph without its loops and with that many added), so that
 # a model that passes one edge_index to every layer builds the looped graph once.
 _LOOPED = WeakIdKeyDictionary()
 
 
-def _attend(graph: CSRGraph, x: Tensor, src_score: Tensor, dst_score: Optional[Tensor], edge_attr: Optional[Tensor],
-            edge_weight: Optional[Tensor], negative_slope: float, attn_dropout: float, seed: int) -> Tensor:
+def _attend(graph: CSRGraph, x: Tensor, src_score: Tensor, dst_score: Optional[Tensor], *, edge_attr: Optional[Tensor],
+            edge_weight: Optional[Tensor], negative_slope: float, attn_dropout: float, seed: int,
+            out: Optional[Tensor] = None) -> Tensor:
     """The attention and aggregation of every GATConv: revgnn_ext's fused ``gat_aggregate`` (its
-    contract: revgnn_ext.reference.gat_aggregate), with no per-edge tensor."""
+    contract: revgnn_ext.reference.gat_aggregate), with no per-edge tensor; with ``out``, added
+    into it in place (the op's accumulate form)."""
+    if out is not None:
+        return ops.gat_aggregate_accumulate_(out, graph, x, src_score, dst_score, edge_attr, edge_weight,
+                                             negative_slope, attn_dropout=attn_dropout, seed=seed)
     return ops.gat_aggregate(graph, x, src_score, dst_score, edge_attr, edge_weight, negative_slope,
                              attn_dropout=attn_dropout, seed=seed)
 
@@ -59,7 +66,8 @@ class GATConv(PygFallback, pyg_nn.GATConv):
     op's counter-based draw from a seed taken from torch's random generator (so
     ``torch.manual_seed`` and an RNG replay reproduce it), not ``F.dropout``'s: the same
     distribution of masks, not the same masks as PyG's for a given seed.
-    ``return_attention_weights``, ``flow='target_to_source'``, aggregations other than a sum, an
+    ``return_attention_weights`` (the weights from PyG's computation beside our output; PyG's output
+    too under attention dropout), ``flow='target_to_source'``, aggregations other than a sum, an
     explainer's edge masks, message-passing hooks and ``torch_sparse.SparseTensor`` adjacencies
     fall back to PyG's computation with a one-time warning."""
 
@@ -74,13 +82,29 @@ class GATConv(PygFallback, pyg_nn.GATConv):
     def forward(self, x: Union[Tensor, Tuple[Tensor, Optional[Tensor]]], edge_index, edge_attr: Optional[Tensor] = None,
                 size: Optional[Tuple[int, int]] = None, return_attention_weights: Optional[bool] = None):
         if return_attention_weights is not None:
+            # The weights come from PyG's computation; the output is ours (the same as without
+            # them, bit for bit) except under attention dropout, where PyG's masks must make both.
             warn_once("GATConv with return_attention_weights")
-        elif not isinstance(edge_index, (Tensor, CSRGraph)):
+            adj, pyg_size = pyg_adjacency(edge_index, x, size)
+            result = super().forward(x, adj, edge_attr, pyg_size, return_attention_weights)
+            if not isinstance(result, tuple) or (self.training and self.dropout > 0):
+                return result
+            return self.forward(x, edge_index, edge_attr, size), result[1]
+        h, last = self.forward_split(x, edge_index, edge_attr, size)
+        return h if last is None else last(h)
+
+    def forward_split(self, x: Union[Tensor, Tuple[Tensor, Optional[Tensor]]], edge_index,
+                      edge_attr: Optional[Tensor] = None,
+                      size: Optional[Tuple[int, int]] = None) -> Tuple[Any, Optional[Aggregation]]:
+        """``(h, last)`` with ``forward(...) == last(h)`` where the layer ends in its aggregation
+        (heads concatenated or one head, no residual): ``last`` an :class:`Aggregation` of the
+        projected features and scores ``h``, which GroupAddRev adds into a group's slice in place;
+        else ``(forward(...), None)``."""
+        if not isinstance(edge_index, (Tensor, CSRGraph)):
             warn_once(f"GATConv with a {type(edge_index).__name__} adjacency")
-        if (return_attention_weights is not None or not isinstance(edge_index, (Tensor, CSRGraph))
-                or self._fused_aggregation() is None):
+        if not isinstance(edge_index, (Tensor, CSRGraph)) or self._fused_aggregation() is None:
             adj, size = pyg_adjacency(edge_index, x, size)
-            return super().forward(x, adj, edge_attr, size, return_attention_weights)
+            return super().forward(x, adj, edge_attr, size), None
         heads, channels = self.heads, self.out_channels
         x_src, x_dst = (x, x) if isinstance(x, Tensor) else x
         if x_src.dim() != 2:
@@ -113,9 +137,14 @@ class GATConv(PygFallback, pyg_nn.GATConv):
             edge_weight = (self.lin_edge.weight.view(heads, channels, -1) * self.att_edge.view(heads, channels, 1)).sum(1)
         dropout = self.dropout if self.training else 0.0
         seed = int(torch.randint(2**62, ())) if dropout > 0 else 0
-        out = _attend(graph, h_src, src_score, dst_score, edge_attr, edge_weight, self.negative_slope, dropout, seed)
+        aggregate = functools.partial(_attend, graph, edge_attr=edge_attr, edge_weight=edge_weight,
+                                      negative_slope=self.negative_slope, attn_dropout=dropout, seed=seed)
+        h = (h_src, src_score, dst_score)
+        if (self.concat or heads == 1) and res is None:
+            return h, Aggregation(aggregate, self.bias)
+        out = aggregate(*h)
         if not self.concat:
             out = out.view(-1, heads, channels).mean(1)
         if res is not None:
             out = out + res
-        return out if self.bias is None else out + self.bias
+        return (out if self.bias is None else out + self.bias), None

@@ -1,5 +1,6 @@
 """GCNConv on the fused spmm op: the normalized propagation without a [num_edges, channels] tensor."""
-from typing import Optional, Tuple
+import functools
+from typing import Any, Optional, Tuple
 
 import torch
 import torch_geometric.nn as pyg_nn
@@ -10,6 +11,7 @@ from torch_geometric.typing import OptTensor
 from .. import ops
 from ..graph import CSRGraph, as_graph
 from ._pyg import PygFallback, edge_values, pyg_adjacency, warn_once
+from .group_add_rev import Aggregation
 
 
 def _destinations(graph: CSRGraph) -> Tensor:
@@ -51,13 +53,21 @@ class GCNConv(PygFallback, pyg_nn.GCNConv):
         return fused_sum(self)
 
     def forward(self, x: Tensor, edge_index, edge_weight: Optional[Tensor] = None) -> Tensor:
+        h, last = self.forward_split(x, edge_index, edge_weight)
+        return h if last is None else last(h)
+
+    def forward_split(self, x: Tensor, edge_index,
+                      edge_weight: Optional[Tensor] = None) -> Tuple[Any, Optional[Aggregation]]:
+        """``(h, last)`` with ``forward(...) == last(h)``: ``last`` the :class:`Aggregation` (the
+        normalized propagation and the bias) of the projected features ``h``, which GroupAddRev
+        adds into a group's slice in place; ``(forward(...), None)`` where PyG's computation runs."""
         if isinstance(x, (tuple, list)):
-            return super().forward(x, edge_index, edge_weight)  # PyG's error: no bipartite message passing
+            return super().forward(x, edge_index, edge_weight), None  # PyG's error: no bipartite message passing
         if not isinstance(edge_index, (Tensor, CSRGraph)):
             warn_once(f"GCNConv with a {type(edge_index).__name__} adjacency")
-            return super().forward(x, edge_index, edge_weight)
+            return super().forward(x, edge_index, edge_weight), None
         if self._fused_aggregation() is None:
-            return super().forward(x, pyg_adjacency(edge_index, x, None)[0], edge_weight)
+            return super().forward(x, pyg_adjacency(edge_index, x, None)[0], edge_weight), None
         num_nodes = x.size(self.node_dim)
         x = self.lin(x)
         if isinstance(edge_index, Tensor) and edge_index.layout == torch.sparse_coo and not edge_index.is_coalesced():
@@ -75,8 +85,8 @@ class GCNConv(PygFallback, pyg_nn.GCNConv):
             weight = edge_values(edge_index) if isinstance(edge_index, Tensor) else None
             weight = edge_weight if weight is None else weight
             weight, loop_weight = (None if weight is None else weight.to(x.dtype)), None
-        out = self._propagate(graph, x, weight, loop_weight)
-        return out if self.bias is None else out + self.bias
+        return (x,), Aggregation(functools.partial(self._propagate, graph, weight=weight, loop_weight=loop_weight),
+                                 self.bias)
 
     def _normalized(self, adj, edge_weight: Optional[Tensor], num_nodes: int,
                     dtype: torch.dtype) -> Tuple[CSRGraph, Tensor, Optional[Tensor]]:
@@ -114,11 +124,17 @@ class GCNConv(PygFallback, pyg_nn.GCNConv):
         weight = scale.index_select(0, graph.col.long()) * weight * scale.index_select(0, dst)
         return graph, weight, None if loop_weight is None else scale * loop_weight * scale
 
-    def _propagate(self, graph: CSRGraph, x: Tensor, weight: Optional[Tensor], loop_weight: Optional[Tensor]) -> Tensor:
+    def _propagate(self, graph: CSRGraph, x: Tensor, *, weight: Optional[Tensor], loop_weight: Optional[Tensor],
+                   out: Optional[Tensor] = None) -> Tensor:
         """sum over in-edges j -> i of weight * x[j], plus loop_weight[i] * x[i]; the node dimension
-        is ``node_dim`` (a batch of feature sets on one graph is one spmm over their channels)."""
+        is ``node_dim`` (a batch of feature sets on one graph is one spmm over their channels).
+        With ``out`` (2-D), added into it in place: the loop term, then spmm's accumulate form."""
         nodes_first = x.movedim(self.node_dim, 0)
         flat = nodes_first.reshape(nodes_first.size(0), -1)
+        if out is not None:
+            if loop_weight is not None:
+                out.addcmul_(flat, loop_weight.unsqueeze(-1))
+            return ops.spmm_accumulate_(out, graph, flat, weight)
         if loop_weight is None:
             out = ops.spmm(graph, flat, weight)
         else:

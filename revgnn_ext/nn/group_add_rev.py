@@ -4,14 +4,27 @@ import copy
 import functools
 import threading
 import warnings
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .. import _C, ops
 
-__all__ = ["GroupAddRev"]
+__all__ = ["Aggregation", "GroupAddRev"]
+
+
+class Aggregation(NamedTuple):
+    """The final step of F that a conv's ``forward_split`` returns when F ends in a sparse
+    aggregation (our GATConv and GCNConv): F(x) = ``aggregate(*h) + bias``. ``aggregate(*h)`` is
+    differentiable; ``aggregate(*h, out=t)`` adds the same term into ``t`` in place through the
+    op's accumulate form, without forming it (GroupAddRev adds a group's F into its slice so)."""
+    aggregate: Callable[..., Tensor]
+    bias: Optional[Tensor]
+
+    def __call__(self, h: Sequence[Tensor]) -> Tensor:
+        out = self.aggregate(*h)
+        return out if self.bias is None else out + self.bias
 
 
 def _batch_norms(module: torch.nn.Module) -> List[torch.nn.modules.batchnorm._BatchNorm]:
@@ -333,10 +346,13 @@ class GroupAddRev(torch.nn.Module):
     - the input is rebuilt in place in the output's storage (no new [N, D] buffer); where F_i
       ends in a Linear and says so through ``forward_split`` (our GENConv and RevGNN groups),
       the addition X'_i = X_i + F_i and the subtraction that undoes it are folded into that
-      product (an in-place addmm into the group's slice), so F_i's output is never formed;
+      product (an in-place addmm into the group's slice), so F_i's output is never formed; where
+      F_i ends in a sparse aggregation (our GATConv and GCNConv, returning an :class:`Aggregation`),
+      forward adds it into the slice through the op's accumulate form;
     - random draws inside F (dropout) are replayed in the recomputation from the saved RNG
       state; BatchNorm running statistics are updated once per step, not once per evaluation;
-    - under ``torch.no_grad()`` / ``inference_mode`` it runs without any bookkeeping;
+    - under ``torch.no_grad()`` / ``inference_mode`` it runs without any bookkeeping, each F_i
+      added in place into a copy of X_i (through its final step where F_i exposes one);
     - the input is released only when nothing else holds it (another operation that saved it for
       its backward, a view): otherwise it is kept, with a warning, and gradients stay right; any
       use of a released input raises (so does a use of the output after the last backward);
@@ -403,31 +419,41 @@ class GroupAddRev(torch.nn.Module):
             raise ValueError(f"GroupAddRev: {channels} channels do not split into {self.num_groups} equal groups")
         return channels
 
-    def _evaluate(self, conv: torch.nn.Module, inp: Tensor, edge_index, group_args) -> Tuple[Tensor, Any]:
-        """F_i(inp) as (h, last) with F_i = last(h) when F_i exposes its final Linear through
-        ``forward_split(x, edge_index, *args)`` (our GENConv and RevGNN groups do) and the block
-        splits the channels of a 2-D tensor; else (F_i(inp), None)."""
+    def _evaluate(self, conv: torch.nn.Module, inp: Tensor, edge_index, group_args,
+                  in_place: bool = False) -> Tuple[Any, Any]:
+        """F_i(inp) as (h, last) with F_i = last(h) when F_i exposes its final step through
+        ``forward_split(x, edge_index, *args)`` and the block splits the channels of a 2-D tensor:
+        ``last`` a Linear (our GENConv and RevGNN groups) or an :class:`Aggregation` (our GATConv
+        and GCNConv), whose term is formed, (term, last), unless ``in_place``; else (F_i(inp), None)."""
         split = getattr(conv, "forward_split", None)
-        # Under autocast the final Linear runs in low precision inside F, as in a plain model.
-        if (split is not None and inp.dim() == 2 and self.split_dim in (-1, 1)
-                and not torch.is_autocast_enabled(inp.device.type)):
-            return split(inp, edge_index, *group_args)
-        return conv(inp, edge_index, *group_args), None
+        # Under autocast the final step runs in low precision inside F, as in a plain model.
+        if (split is None or inp.dim() != 2 or self.split_dim not in (-1, 1)
+                or torch.is_autocast_enabled(inp.device.type)):
+            return conv(inp, edge_index, *group_args), None
+        h, last = split(inp, edge_index, *group_args)
+        if isinstance(last, Aggregation) and not in_place:
+            return last.aggregate(*h), last
+        return h, last
 
     @staticmethod
-    def _add(out: Tensor, f: Tensor, last) -> None:
-        """out += F_i in place, F_i = last(f) or f. With a final Linear the bias is added, then
-        the product goes straight into out's column slice (addmm_): F_i's output is never formed."""
+    def _add(out: Tensor, f: Any, last) -> None:
+        """out += F_i in place, F_i = last(f) or f. With a final step the bias is added, then the
+        Linear's product (addmm_) or the aggregation (its accumulate form) goes straight into
+        out's column slice: F_i's output is never formed."""
         if last is None:
             out.add_(f)
             return
         if last.bias is not None:
             out.add_(last.bias)
-        out.addmm_(f, last.weight.t())
+        if isinstance(last, Aggregation):
+            last.aggregate(*f, out=out)
+        else:
+            out.addmm_(f, last.weight.t())
 
     def _rebuild(self, y: Tensor, ys: Sequence[Tensor], i: int, f: Tensor, last) -> Optional[Tensor]:
         """X_i = Y_i - F_i in place in y's slice i (``_add`` undone: its two steps in reverse
-        order, against the same bitwise operands, so each rounding is undone where it was made).
+        order, against the same bitwise operands, so each rounding is undone where it was made;
+        an Aggregation's formed term f is the value its accumulate form added).
         For i = 1 of more than 2 groups, also returns X'_0 = X_1 + ... + X_{C-1}, formed with a
         plain F_1's subtraction in one pass by the fused op rev_subtract_ (1.3-3x faster than sub_
         and the adds on CPU); any other plain F_i's output is subtracted by sub_ (as fast as the op)."""
@@ -436,7 +462,10 @@ class GroupAddRev(torch.nn.Module):
             f = f.clone()  # F returned (a view of) its input, which lies in y's buffer
         if last is not None:
             y_i = ys[i]
-            y_i.addmm_(f, last.weight.t(), alpha=-1.0)
+            if isinstance(last, Aggregation):
+                y_i.sub_(f)
+            else:
+                y_i.addmm_(f, last.weight.t(), alpha=-1.0)
             if last.bias is not None:
                 y_i.sub_(last.bias)
         elif (total and y.dim() == 2 and self.split_dim in (-1, 1)
@@ -463,11 +492,11 @@ class GroupAddRev(torch.nn.Module):
         for i, conv in enumerate(self.convs):
             if record:  # first evaluation: draw as usual, remember where any draws started
                 state = _RngState(x.device)
-                f, last = self._evaluate(conv, inp, edge_index, group_args[i])
+                f, last = self._evaluate(conv, inp, edge_index, group_args[i], in_place=True)
                 states.append(state if state.drawn() else None)
             else:
                 with _replay(rng, i):
-                    f, last = self._evaluate(conv, inp, edge_index, group_args[i])
+                    f, last = self._evaluate(conv, inp, edge_index, group_args[i], in_place=True)
             self._add(ys[i].copy_(xs[i]), f, last)
             inp = ys[i]
         return y, ((states if any(states) else ()) if record else rng)
@@ -500,17 +529,17 @@ class GroupAddRev(torch.nn.Module):
             with _statistics_frozen(conv):  # restored after the gradient, which may read them
                 with torch.enable_grad(), _replay(rng, i):
                     f, last = self._evaluate(conv, inp, edge_index, self._group_args(leaves, channels)[i])
-                if last is None:
-                    grads = list(torch.autograd.grad(f, [inp] + leaf_tensors + conv_params, gys[i], allow_unused=True))
-                else:  # f is the input of F's final Linear: back-propagate through that by hand
-                    grads = list(torch.autograd.grad(f, [inp] + leaf_tensors + conv_params, gys[i] @ last.weight,
-                                                     allow_unused=True))
-                    g = gys[i].reshape(-1, gys[i].size(-1))
-                    by_hand = {id(last.weight): g.t() @ f.detach().reshape(-1, f.size(-1))}
-                    if last.bias is not None:
-                        by_hand[id(last.bias)] = g.sum(0)
-                    for k, p in enumerate(conv_params):
-                        grads[1 + len(leaf_tensors) + k] = by_hand.get(id(p), grads[1 + len(leaf_tensors) + k])
+                # The final step's parameters by hand: the bias; a Linear's weight, whose input f is.
+                by_hand, grad_f = {}, gys[i]
+                g = gys[i].reshape(-1, gys[i].size(-1))
+                if last is not None and not isinstance(last, Aggregation):  # a Linear (torch's or PyG's)
+                    by_hand[id(last.weight)] = g.t() @ f.detach().reshape(-1, f.size(-1))
+                    grad_f = gys[i] @ last.weight
+                if last is not None and last.bias is not None:
+                    by_hand[id(last.bias)] = g.sum(0)
+                grads = list(torch.autograd.grad(f, [inp] + leaf_tensors + conv_params, grad_f, allow_unused=True))
+                for k, p in enumerate(conv_params):
+                    grads[1 + len(leaf_tensors) + k] = by_hand.get(id(p), grads[1 + len(leaf_tensors) + k])
             with torch.no_grad():
                 x0 = self._rebuild(y, ys, i, f.detach(), last)  # X_i in place (and X'_0 after X_1)
             for k, g in enumerate(grads[1:1 + len(leaf_tensors)]):
@@ -566,7 +595,13 @@ class GroupAddRev(torch.nn.Module):
         _KEEP_INPUTS.depth = getattr(_KEEP_INPUTS, "depth", 0) + 1  # a nested block must not release ys[i]
         try:
             for i, conv in enumerate(self.convs):
-                inp = xs[i] + conv(inp, edge_index, *group_args[i])
+                if torch.is_grad_enabled():
+                    inp = xs[i] + conv(inp, edge_index, *group_args[i])
+                else:  # F_i's output is not formed where F_i exposes its final step
+                    f, last = self._evaluate(conv, inp, edge_index, group_args[i], in_place=True)
+                    inp = xs[i].clone(memory_format=torch.contiguous_format)
+                    self._add(inp, f, last)
+                    del f, last  # not held during the next group's F
                 ys.append(inp)
         finally:
             _KEEP_INPUTS.depth -= 1
