@@ -11,7 +11,7 @@ pyg = pytest.importorskip("torch_geometric")
 import revgnn_ext  # noqa: E402
 from revgnn_ext.nn import GENConv, GroupAddRev  # noqa: E402
 
-from conftest import make_graph  # noqa: E402
+from conftest import DEVICES, make_graph  # noqa: E402
 
 
 class Block(torch.nn.Module):
@@ -46,10 +46,13 @@ def gen_block(c):
 
 
 def _run(blocks, x0, edge_index, edge_attr, seed=3):
-    """Output (copied before backward), and the gradients of x0, edge_attr and every parameter."""
+    """Output (copied before backward), and the gradients of x0, edge_attr and every parameter,
+    on the blocks' device."""
+    device = next(blocks.parameters()).device
     torch.manual_seed(seed)
-    x = x0.detach().requires_grad_()
-    e = edge_attr.detach().requires_grad_() if edge_attr is not None else None
+    edge_index = edge_index.to(device)
+    x = x0.detach().to(device).requires_grad_()
+    e = edge_attr.detach().to(device).requires_grad_() if edge_attr is not None else None
     h = x * 1.0  # an activation, as inside a model
     for b in blocks:
         h = b(h, edge_index, *([e] if e is not None else []))
@@ -71,11 +74,12 @@ def _same_gradients_as_plain(block, x, ei, *args):
             torch.testing.assert_close(p.grad, q.grad)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("depth", [1, 8, 64])
-def test_gradients_equal_plain_autograd(depth):
+def test_gradients_equal_plain_autograd(depth, device):
     ei, n = make_graph("random")
     torch.manual_seed(0)
-    blocks = torch.nn.ModuleList(GroupAddRev(gen_block(4), num_groups=2) for _ in range(depth)).double()
+    blocks = torch.nn.ModuleList(GroupAddRev(gen_block(4), num_groups=2) for _ in range(depth)).double().to(device)
     plain = copy.deepcopy(blocks)
     for b in plain:
         b.disable = True
@@ -89,8 +93,9 @@ def test_gradients_equal_plain_autograd(depth):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("groups", [2, 3])
-def test_pyg_conv_inside_and_three_groups(groups, monkeypatch):
+def test_pyg_conv_inside_and_three_groups(groups, device, monkeypatch):
     """A conv without a final Linear: each X_i is rebuilt by an in-place subtraction; with 3 or
     more groups, X_1 by the fused op rev_subtract_, which forms X'_0 in the same pass."""
     calls = []
@@ -100,7 +105,7 @@ def test_pyg_conv_inside_and_three_groups(groups, monkeypatch):
     torch.manual_seed(0)
     c = 4
     blocks = torch.nn.ModuleList(GroupAddRev(Block(c, pyg.nn.SAGEConv(c, c), dropout=0.0), num_groups=groups)
-                                 for _ in range(3)).double()
+                                 for _ in range(3)).double().to(device)
     plain = copy.deepcopy(blocks)
     for b in plain:
         b.disable = True
@@ -111,14 +116,16 @@ def test_pyg_conv_inside_and_three_groups(groups, monkeypatch):
     assert calls == 3 * ([True] if groups > 2 else [])  # per block: group 1, with X'_0
 
 
-def test_subtraction_folded_into_a_final_linear():
+@pytest.mark.parametrize("device", DEVICES)
+def test_subtraction_folded_into_a_final_linear(device):
     """Our GENConv exposes its MLP's final Linear (forward_split): forward adds and backward
     subtracts F_i through an in-place addmm into the group's slice; gradients equal plain
     autograd, and the float32 rebuild of the input is within rounding of the original."""
     ei, n = make_graph("power_law")
     torch.manual_seed(0)
     blocks = torch.nn.ModuleList(
-        GroupAddRev(GENConv(4, 4, aggr="max", edge_dim=4, norm="layer", bias=True), num_groups=2) for _ in range(8))
+        GroupAddRev(GENConv(4, 4, aggr="max", edge_dim=4, norm="layer", bias=True), num_groups=2)
+        for _ in range(8)).to(device)
     plain = copy.deepcopy(blocks)
     for b in plain:
         b.disable = True
@@ -132,9 +139,9 @@ def test_subtraction_folded_into_a_final_linear():
     for a, b in zip([ours[0], ours[1], ours[2]] + ours[3], [ref[0], ref[1], ref[2]] + ref[3]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     block = blocks[0].float()
-    x = torch.randn(n, 8)
+    x = torch.randn(n, 8, device=device)
     h = x * 1.0
-    y = block(h, ei, edge_attr.float())
+    y = block(h, ei.to(device), edge_attr.float().to(device))
     y.sum().backward()
     torch.testing.assert_close(h, x, rtol=1e-6, atol=1e-6)  # h was rebuilt in y's storage
 
@@ -146,9 +153,10 @@ AGGREGATING_CONVS = {
 }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("conv", list(AGGREGATING_CONVS))
 @pytest.mark.parametrize("groups", [2, 3])
-def test_final_aggregation_added_in_place(monkeypatch, conv, groups):
+def test_final_aggregation_added_in_place(monkeypatch, conv, groups, device):
     """Our GATConv and GCNConv end in their aggregation (forward_split -> Aggregation; a res+
     block exposes its conv's through its own forward_split): forward adds each group's F into its slice through the op's accumulate form and never calls the
     functional op; gradients (attention dropout replayed) equal plain autograd at depth 8 in
@@ -168,24 +176,24 @@ def test_final_aggregation_added_in_place(monkeypatch, conv, groups):
     c = 4
     torch.manual_seed(0)
     blocks = torch.nn.ModuleList(GroupAddRev(SplitBlock(c, AGGREGATING_CONVS[conv](c), dropout=0.0), num_groups=groups)
-                                 for _ in range(8))
+                                 for _ in range(8)).to(device)
     plain = copy.deepcopy(blocks)
     for b in plain:
         b.disable = True
     edge_attr = torch.randn(ei.size(1), 4, dtype=torch.float64) if conv == "gat" else None
     x0 = torch.randn(n, c * groups, dtype=torch.float64)
     with torch.no_grad():
-        h = x0
+        h = x0.to(device)
         for b in blocks.double():
-            h = b(h, ei, *([edge_attr] if edge_attr is not None else []))
+            h = b(h, ei.to(device), *([edge_attr.to(device)] if edge_attr is not None else []))
     assert calls == {accumulate: 8 * groups, functional: 0}
     ours, ref = _run(blocks, x0, ei, edge_attr), _run(plain.double(), x0, ei, edge_attr)
     for a, b in zip([ours[0], ours[1], ours[2]] + ours[3], [ref[0], ref[1], ref[2]] + ref[3]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     block = blocks[0].float()
-    x = torch.randn(n, c * groups)
+    x = torch.randn(n, c * groups, device=device)
     h = x * 1.0
-    block(h, ei, *([edge_attr.float()] if edge_attr is not None else [])).sum().backward()
+    block(h, ei.to(device), *([edge_attr.float().to(device)] if edge_attr is not None else [])).sum().backward()
     torch.testing.assert_close(h, x, rtol=1e-6, atol=1e-6)  # h was rebuilt in y's storage
 
 

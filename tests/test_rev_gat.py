@@ -19,6 +19,8 @@ from revgnn_ext.datasets import synthetic_arxiv
 from revgnn_ext.nn import RevGAT
 from revgnn_ext.nn.rev_gat import RevGATConv
 
+from conftest import DEVICES
+
 
 def graph(num_nodes=40, num_edges=240, seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -85,16 +87,17 @@ def test_conv_is_the_papers_gat_layer(drop):
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
 
 
-def test_reversible_equals_plain_autograd_depth_8():
+@pytest.mark.parametrize("device", DEVICES)
+def test_reversible_equals_plain_autograd_depth_8(device):
     """Training mode with every dropout on: the reversible model (8 blocks) gives the outputs and
     the gradients of the same model with plain autograd (float64)."""
-    edge_index = graph()
+    edge_index = graph().to(device)
     torch.manual_seed(0)
-    reversible = tiny(num_layers=10)
+    reversible = tiny(num_layers=10).to(device)
     plain = copy.deepcopy(reversible)
     for block in plain.layers:
         block.disable = True
-    x = torch.randn(40, 12, dtype=torch.float64)
+    x = torch.randn(40, 12, dtype=torch.float64, device=device)
     outs, grads = [], []
     for model in (reversible, plain):
         torch.manual_seed(1)

@@ -10,6 +10,8 @@ import torch_geometric  # noqa: E402
 from revgnn_ext import CSRGraph  # noqa: E402
 from revgnn_ext.nn import GroupAddRev, RevGNN, SharedDropout  # noqa: E402
 
+from conftest import DEVICES  # noqa: E402
+
 
 def proteins_like(num_nodes=120, num_edges=1500, dtype=torch.float64, seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -95,12 +97,14 @@ def test_composed_edge_encoder_matches_explicit_embedding(weight_tied):
     ("proteins-deep", dict(num_layers=4, hidden_channels=16, weight_tied=True, aggr="softmax")),
     ("products-112", dict(num_layers=8, in_channels=12, hidden_channels=16, out_channels=5)),
 ])
-def test_reversible_equals_plain_autograd(name, overrides):
+@pytest.mark.parametrize("device", DEVICES)
+def test_reversible_equals_plain_autograd(name, overrides, device):
     """Training mode, dropout on: the shared mask and the recomputation line up."""
     x, edge_index, edge_attr = proteins_like()
     inputs = (x, edge_index, edge_attr) if name.startswith("proteins") else \
         (torch.randn(x.size(0), overrides["in_channels"], dtype=torch.float64), edge_index)
-    rev, plain = small(name, **overrides), small(name, reversible=False, **overrides)
+    inputs = tuple(t.to(device) for t in inputs)
+    rev, plain = small(name, **overrides).to(device), small(name, reversible=False, **overrides).to(device)
     out_rev, g_rev = grads(rev, *inputs)
     out_plain, g_plain = grads(plain, *inputs)
     torch.testing.assert_close(out_rev, out_plain, rtol=1e-12, atol=1e-12)
