@@ -315,7 +315,7 @@ def spmm_accumulate_(out: Tensor, graph: CSRGraph, x: Tensor, edge_weight: Optio
         raise ValueError(f"{where}: out must have shape [{graph.num_dst}, {x.size(1)}], got {shape}")
     tracked = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (out, x, edge_weight))
-    if tracked:
+    if tracked or forward_ad_tracks((out, x, edge_weight)):  # the functional op differentiates (or refuses)
         return out.add_(spmm(graph, x, edge_weight, reduce), alpha=alpha)
     _ops.spmm_accumulate_(out, graph.rowptr, graph.col, weight, x, reduce, float(alpha))
     return out
@@ -476,7 +476,7 @@ def gat_aggregate_accumulate_(out: Tensor, graph: CSRGraph, x: Tensor, src_score
     where = "revgnn_ext.ops.gat_aggregate_accumulate_"
     tracked = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (out, x, src_score, dst_score, edge_attr, edge_weight))
-    if tracked:
+    if tracked or forward_ad_tracks((out, x, src_score, dst_score, edge_attr, edge_weight)):
         return out.add_(gat_aggregate(graph, x, src_score, dst_score, edge_attr, edge_weight, negative_slope,
                                       edge_keep, attn_dropout, seed), alpha=alpha)
     edge_attr, edge_keep, perm, seed = _gat_call(where, graph, x, edge_attr, edge_keep, attn_dropout, seed)

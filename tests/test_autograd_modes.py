@@ -10,6 +10,11 @@ from revgnn_ext import CSRGraph, ops
 OPS = {
     "spmm": lambda g, t: ops.spmm(g, t, reduce="mean"),
     "gen_aggregate": lambda g, t: ops.gen_aggregate(g, t, aggr="softmax"),
+    "gat_aggregate": lambda g, t: ops.gat_aggregate(g, t, t[:, :2]),
+}
+ACCUMULATE_FORMS = {  # in place, no autograd of their own: they hand a tracked input to the functional op
+    "spmm": lambda g, t: ops.spmm_accumulate_(torch.zeros_like(t), g, t),
+    "gat_aggregate": lambda g, t: ops.gat_aggregate_accumulate_(torch.zeros_like(t), g, t, t[:, :2]),
 }
 
 
@@ -27,6 +32,16 @@ def test_forward_mode_ad_raises(name, graph):
         fn(graph, fwAD.make_dual(x, torch.randn_like(x)))
     with pytest.raises(NotImplementedError, match=f"revgnn_ext.ops.{name}: forward-mode AD"):
         torch.func.jvp(lambda t: fn(graph, t), (x,), (torch.randn_like(x),))
+
+
+@pytest.mark.parametrize("grad_enabled", [True, False])
+@pytest.mark.parametrize("name", ACCUMULATE_FORMS)
+def test_accumulate_forms_raise_under_forward_ad(name, grad_enabled, graph):
+    """A dual input, even without autograd: an error, not an accumulation that drops the tangent."""
+    x = torch.randn(10, 4, dtype=torch.float64)
+    with fwAD.dual_level(), torch.set_grad_enabled(grad_enabled), \
+            pytest.raises(NotImplementedError, match=f"revgnn_ext.ops.{name}: forward-mode AD"):
+        ACCUMULATE_FORMS[name](graph, fwAD.make_dual(x, torch.randn_like(x)))
 
 
 @pytest.mark.parametrize("name", OPS)

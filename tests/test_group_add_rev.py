@@ -599,6 +599,8 @@ def test_forward_mode_ad_equals_plain():
             out = b(fwAD.make_dual(x * 1.0, v), ei)
             tangents.append(fwAD.unpack_dual(out).tangent)
     torch.testing.assert_close(tangents[0], tangents[1])
+    with fwAD.dual_level(), torch.no_grad():  # no autograd, yet tangents: not the in-place path
+        torch.testing.assert_close(fwAD.unpack_dual(block(fwAD.make_dual(x * 1.0, v), ei)).tangent, tangents[1])
     _, t_func = torch.func.jvp(lambda t: block(t, ei), (x,), (v,))
     torch.testing.assert_close(t_func, tangents[1])
 

@@ -592,10 +592,12 @@ class GroupAddRev(torch.nn.Module):
         group_args = self._group_args(args, channels)
         ys = []
         inp = functools.reduce(torch.add, xs[1:])
+        # Without autograd (forward-mode AD aside: the in-place ops drop tangents), F_i's final step in place.
+        in_place = not torch.is_grad_enabled() and not ops.forward_ad_tracks((x, *args))
         _KEEP_INPUTS.depth = getattr(_KEEP_INPUTS, "depth", 0) + 1  # a nested block must not release ys[i]
         try:
             for i, conv in enumerate(self.convs):
-                if torch.is_grad_enabled():
+                if not in_place:
                     inp = xs[i] + conv(inp, edge_index, *group_args[i])
                 else:  # F_i's output is not formed where F_i exposes its final step
                     f, last = self._evaluate(conv, inp, edge_index, group_args[i], in_place=True)
