@@ -60,6 +60,28 @@ def make_graph(shape, seed=0):
     raise ValueError(shape)
 
 
+def assert_same_across_thread_counts(step):
+    """step() -> tensors, run with 1 thread, all threads, 1, all: the same bits each time."""
+    old = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, old, 1, old):
+            torch.set_num_threads(threads)
+            runs.append(list(step()))
+    finally:
+        torch.set_num_threads(old)
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)
+
+
+def max_cpu_allocation(fn) -> int:
+    """The largest single CPU allocation (bytes) while fn() runs, by torch's profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0), default=0)
+
+
 def assert_error_within_twice(ours, same_dtype, exact, rtol, name="result"):
     """The rule for a result not computed in float64: its error against the float64 truth `exact`
     is at most twice that of a reference computed in the same precision (`same_dtype`), plus

@@ -8,8 +8,8 @@ import torch
 
 from revgnn_ext import CSRGraph, ops, reference
 
-from conftest import (DEVICES, SHAPES, assert_compiles_as_eager, assert_error_within_twice, device_dtype_params,
-                      make_graph)
+from conftest import (DEVICES, SHAPES, assert_compiles_as_eager, assert_error_within_twice,
+                      assert_same_across_thread_counts, device_dtype_params, make_graph, max_cpu_allocation)
 
 MODES = ["src_only", "src_dst", "edge_features", "edge_scores"]
 NAMES = ["x", "src_score", "dst_score", "edge_attr", "edge_weight"]
@@ -219,25 +219,12 @@ def test_deterministic_across_runs_and_threads():
     g = _graph("power_law", "cpu")
     kw = _case(g, "edge_features", 3, 16, torch.float32, "cpu", keep=0.9)
     gout = torch.randn(g.num_dst, 48)
-    runs = []
-    old = torch.get_num_threads()
-    try:
-        for threads in (1, old, 1, old):
-            torch.set_num_threads(threads)
-            dk = _differentiable(kw)
-            out = ops.gat_aggregate(g, **dk, attn_dropout=0.1, seed=1)
-            runs.append([out, *torch.autograd.grad(out, [dk[k] for k in NAMES], gout)])
-    finally:
-        torch.set_num_threads(old)
-    for run in runs[1:]:
-        for a, b in zip(runs[0], run):
-            assert torch.equal(a, b)
 
-
-def _max_cpu_allocation(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    return max((e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0), default=0)
+    def step():
+        dk = _differentiable(kw)
+        out = ops.gat_aggregate(g, **dk, attn_dropout=0.1, seed=1)
+        return [out, *torch.autograd.grad(out, [dk[k] for k in NAMES], gout)]
+    assert_same_across_thread_counts(step)
 
 
 def test_no_edge_by_head_allocation():
@@ -253,9 +240,9 @@ def test_no_edge_by_head_allocation():
         ops.gat_aggregate(g, **kw, attn_dropout=0.1).sum().backward()
     step()
     edge_by_head = g.num_edges * 4 * 4
-    assert _max_cpu_allocation(step) <= g.num_edges * 2 * 4 < edge_by_head
+    assert max_cpu_allocation(step) <= g.num_edges * 2 * 4 < edge_by_head
     # The reference allocates [E_kept, H*C] (E_kept ~ 0.9 E, C = 32).
-    assert _max_cpu_allocation(lambda: reference.gat_aggregate(g, **kw).sum().backward()) >= edge_by_head * 16
+    assert max_cpu_allocation(lambda: reference.gat_aggregate(g, **kw).sum().backward()) >= edge_by_head * 16
 
 
 def test_bad_inputs_raise_naming_the_argument():

@@ -6,8 +6,8 @@ import torch
 
 from revgnn_ext import CSRGraph, ops, reference
 
-from conftest import (DEVICES, SHAPES, assert_compiles_as_eager, assert_error_within_twice, device_dtype_params,
-                      make_graph)
+from conftest import (DEVICES, SHAPES, assert_compiles_as_eager, assert_error_within_twice,
+                      assert_same_across_thread_counts, device_dtype_params, make_graph, max_cpu_allocation)
 
 AGGRS = ["softmax", "max", "mean", "sum", "powermean"]
 EDGE_MODES = ["none", "encoded", "encoded_nobias", "direct"]
@@ -136,12 +136,6 @@ def test_double_backward_is_refused_clearly():
         gx.sum().backward()
 
 
-def _max_cpu_allocation(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    return max((e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0), default=0)
-
-
 @pytest.mark.parametrize("aggr", AGGRS)
 def test_no_edge_by_channel_allocation(aggr):
     """Forward and backward allocate nothing close to [E, D]: the largest single allocation is
@@ -155,9 +149,9 @@ def test_no_edge_by_channel_allocation(aggr):
         ops.gen_aggregate(g, aggr=aggr, **kw).sum().backward()
     step()
     edge_by_channel = g.num_edges * 128 * 4
-    assert _max_cpu_allocation(step) <= g.num_edges * 8 * 4 < edge_by_channel / 8
+    assert max_cpu_allocation(step) <= g.num_edges * 8 * 4 < edge_by_channel / 8
     # The reference does allocate [E, D] tensors: the probe can see them.
-    assert _max_cpu_allocation(lambda: reference.gen_aggregate(g, aggr=aggr, **kw).sum().backward()) >= edge_by_channel
+    assert max_cpu_allocation(lambda: reference.gen_aggregate(g, aggr=aggr, **kw).sum().backward()) >= edge_by_channel
 
 
 @pytest.mark.parametrize("aggr", AGGRS)
@@ -165,19 +159,12 @@ def test_deterministic_across_runs_and_threads(aggr):
     g = _graph("power_law", "cpu")
     kw = _case(g, aggr, "encoded", 64, torch.float32, "cpu", per_channel=True)
     gout = torch.randn(g.num_dst, 64)
-    runs = []
-    old = torch.get_num_threads()
-    try:
-        for threads in (1, old, 1, old):
-            torch.set_num_threads(threads)
-            dk = _differentiable(kw)
-            out = ops.gen_aggregate(g, aggr=aggr, **dk)
-            runs.append([out, *torch.autograd.grad(out, list(dk.values()), gout)])
-    finally:
-        torch.set_num_threads(old)
-    for run in runs[1:]:
-        for a, b in zip(runs[0], run):
-            assert torch.equal(a, b)
+
+    def step():
+        dk = _differentiable(kw)
+        out = ops.gen_aggregate(g, aggr=aggr, **dk)
+        return [out, *torch.autograd.grad(out, list(dk.values()), gout)]
+    assert_same_across_thread_counts(step)
 
 
 @pytest.mark.parametrize("aggr", AGGRS)

@@ -9,7 +9,7 @@ import torch
 
 from revgnn_ext import ops, reference
 
-from conftest import DEVICES, HAS_CUDA, device_dtype_params
+from conftest import DEVICES, HAS_CUDA, assert_same_across_thread_counts, device_dtype_params
 
 WIDTHS = [1, 37, 64, 129]
 ROWS = [0, 1, 1000]
@@ -104,18 +104,12 @@ def test_inverts_a_grouped_block(device):
 def test_deterministic(device):
     y0 = torch.randn(4000, 4 * 37, device=device)
     f = torch.randn(4000, 37, device=device)
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for count in (1, threads, 1, threads):
-            torch.set_num_threads(count)
-            y, sum_out = y0.clone(), torch.empty_like(f)
-            ops.rev_subtract_(y, f, 1, 4, sum_out)
-            runs.append((y, sum_out))
-    finally:
-        torch.set_num_threads(threads)
-    for y, sum_out in runs[1:]:
-        assert torch.equal(y, runs[0][0]) and torch.equal(sum_out, runs[0][1])
+
+    def step():
+        y, sum_out = y0.clone(), torch.empty_like(f)
+        ops.rev_subtract_(y, f, 1, 4, sum_out)
+        return y, sum_out
+    assert_same_across_thread_counts(step)
 
 
 @pytest.mark.parametrize("device", DEVICES)

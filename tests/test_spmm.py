@@ -5,7 +5,8 @@ import torch
 
 from revgnn_ext import CSRGraph, ops, reference
 
-from conftest import DEVICES, HAS_CUDA, SHAPES, assert_error_within_twice, device_dtype_params, make_graph
+from conftest import (DEVICES, HAS_CUDA, SHAPES, assert_error_within_twice, assert_same_across_thread_counts,
+                      device_dtype_params, make_graph)
 
 REDUCES = ["sum", "mean", "max", "min"]
 WIDTHS = [1, 37, 64, 257]
@@ -156,26 +157,12 @@ def test_deterministic(device, reduce):
     g = _graph("power_law", device)
     x, w = _inputs(g, 64, torch.float32, True, device)
     gout = torch.randn(g.num_dst, 64, device=device)
-    runs = []
-    for threads in (1, torch.get_num_threads(), 1, torch.get_num_threads()):
-        with _num_threads(threads):
-            xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-            out = ops.spmm(g, xr, wr, reduce)
-            runs.append((out, *torch.autograd.grad(out, (xr, wr), gout)))
-    for run in runs[1:]:
-        for a, b in zip(runs[0], run):
-            assert torch.equal(a, b)
 
-
-class _num_threads:
-    def __init__(self, n):
-        self.n, self.old = n, torch.get_num_threads()
-
-    def __enter__(self):
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.old)
+    def step():
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out = ops.spmm(g, xr, wr, reduce)
+        return (out, *torch.autograd.grad(out, (xr, wr), gout))
+    assert_same_across_thread_counts(step)
 
 
 def _op_args(device, reduce, dtype=torch.float64):
