@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from measure import RESULTS, machine, results_dir
+from machine_info import RESULTS, machine, results_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 BUDGET_S = {True: 480, False: 3600}  # the whole run, with and without a GPU

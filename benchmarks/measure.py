@@ -1,11 +1,8 @@
 """What the benchmarks measure, one way each: time (median of runs, CUDA events on GPU), peak
 memory (revgnn_ext.memory.PeakMemory: the allocator on GPU, the process's resident set on CPU),
 copy bandwidth, the machine; and the report (Markdown and JSON)."""
-import datetime
 import json
 import os
-import platform
-import re
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -13,6 +10,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from revgnn_ext.memory import PeakMemory, available_memory, set_malloc_thresholds
+
+from machine_info import RESULTS, machine, results_dir
 
 __all__ = ["PeakMemory", "available_memory", "set_malloc_thresholds", "output_arguments", "no_gpu", "timed",
            "median_seconds", "short", "check_gradients", "copy_bandwidth", "machine", "results_dir", "plot", "report"]
@@ -33,7 +32,6 @@ def no_gpu(device: str, what: str) -> bool:
         print(f"no GPU: skipping {what}")
         return True
     return False
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def timed(fn: Callable, device, *args) -> Tuple[object, float]:
@@ -102,37 +100,6 @@ def copy_bandwidth(device) -> float:
     dst = torch.empty_like(src)
     medians, _ = median_seconds({"copy": lambda: dst.copy_(src)}, device, warmup=2, repeat=10)
     return 2 * nbytes / medians["copy"]
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def machine(device) -> str:
-    """One line: the device (GPU name, or CPU model and logical CPUs), torch, CUDA, threads, date."""
-    device = torch.device(device)
-    parts = [torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"{_cpu_name()} ({os.cpu_count()} logical CPUs)", f"torch {torch.__version__}"]
-    if device.type == "cuda":
-        parts.append(f"CUDA {torch.version.cuda}")
-    parts += [f"{torch.get_num_threads()} threads", datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")]
-    return " · ".join(parts)
-
-
-def results_dir(device) -> str:
-    """benchmarks/results/<date>-<machine>: the GPU's name, or the CPU model and its logical CPU
-    count (e.g. 2026-11-24-cpu-xeon-2core)."""
-    if torch.device(device).type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        model = re.sub(r"\((r|tm)\)|\b(intel|amd|processor|cpu)\b|@.*", " ", _cpu_name().lower())
-        name = f"cpu {model} {os.cpu_count()}core"
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return os.path.join(RESULTS, f"{datetime.date.today().isoformat()}-{slug}")
 
 
 def plot(path: str, panels: Sequence[tuple], title: str = "") -> str:
