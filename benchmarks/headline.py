@@ -178,12 +178,19 @@ def main():
     notes.append(f"graph: synthetic ogbn-proteins at scale {scale:g}: {n:,} nodes, {e:,} edges, 8 edge features, "
                  f"112 tasks, generated on {device} in {seconds:.1f} s")
     rows = []
+
+    def add(row: dict) -> None:
+        """A table row, also printed at once: a run stopped at its time limit still shows it."""
+        rows.append(row)
+        print(f"headline: {row}", flush=True)
+
+    print(f"headline: {notes[-1]}", flush=True)
     ours = RevGNN.preset("proteins-deep", num_layers=layers).to(device)
     notes.append(f"RevGNN-Deep at {layers} layers: {sum(q.numel() for q in ours.parameters()):,} parameters")
     step = make_step(ours)
     step(data)  # warm-up: also builds and caches the CSR graph
     full = measure(step, data, device)
-    rows.append(dict(setup="full graph", model="revgnn_ext RevGNN", layers=layers, edges=e, step_s=full["seconds"],
+    add(dict(setup="full graph", model="revgnn_ext RevGNN", layers=layers, edges=e, step_s=full["seconds"],
                      epoch_s=full["seconds"], peak_mb=full["peak"] / 2**20, note="no partitioning"))
     if args.autocast:
         row = dict(setup="full graph", model="revgnn_ext RevGNN, bf16 autocast", layers=layers, edges=e)
@@ -193,12 +200,12 @@ def main():
                        note="no partitioning; after the float32 steps")
         except Exception as err:  # e.g. an op without autocast support: its message goes in the table
             row["note"] = f"failed: {short(err)}"
-        rows.append(row)
+        add(row)
 
     parts = [subgraph(data, part) for part in torch.randperm(n, device=device).chunk(args.parts)]
     step(parts[0])  # warm-up
     runs = [measure(step, part, device) for part in parts]
-    rows.append(dict(setup=f"{args.parts} partitions (paper)", model="revgnn_ext RevGNN", layers=layers,
+    add(dict(setup=f"{args.parts} partitions (paper)", model="revgnn_ext RevGNN", layers=layers,
                      edges=parts[0].edge_index.size(1), step_s=sorted(r["seconds"] for r in runs)[len(runs) // 2],
                      epoch_s=sum(r["seconds"] for r in runs), peak_mb=max(r["peak"] for r in runs) / 2**20,
                      note="median step; epoch = all partitions"))
@@ -206,7 +213,7 @@ def main():
     for setup, graph in (("full graph", data), (f"{args.parts} partitions (paper)", parts[0])):
         r = pyg_largest_depth(graph, layers, device, args.budget_s)
         epoch = None if r["depth"] is None or graph is data else r["seconds"] * args.parts
-        rows.append(dict(setup=setup, model="PyG GroupAddRev + GENConv", layers=r["depth"],
+        add(dict(setup=setup, model="PyG GroupAddRev + GENConv", layers=r["depth"],
                          edges=graph.edge_index.size(1), step_s=r.get("seconds"),
                          epoch_s=r.get("seconds") if graph is data else epoch,
                          peak_mb=r["peak"] / 2**20 if "peak" in r else None,

@@ -57,7 +57,7 @@ def _run(blocks, x0, edge_index, edge_attr, seed=3):
     for b in blocks:
         h = b(h, edge_index, *([e] if e is not None else []))
     out = h.detach().clone()
-    h.backward(torch.ones_like(h) * torch.linspace(-1, 1, h.size(1), dtype=h.dtype))
+    h.backward(torch.ones_like(h) * torch.linspace(-1, 1, h.size(1), dtype=h.dtype, device=h.device))
     return out, x.grad, (e.grad if e is not None else None), [p.grad for p in blocks.parameters()]
 
 

@@ -96,7 +96,7 @@ inline void check_index(const at::Tensor& t, const char* op, const char* name, a
   TORCH_CHECK(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
   TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have the index dtype ", dtype,
               ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(), ", expected ", device);
+  TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, " is on ", t.device(), ", expected ", device);
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 

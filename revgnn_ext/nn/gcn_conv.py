@@ -31,6 +31,19 @@ def fused_sum(module: pyg_nn.MessagePassing) -> Optional[str]:
     return "sum"
 
 
+def _last_loop_weight(slots: Tensor, weight: Tensor, fill: float, num_nodes: int) -> Tensor:
+    """[num_nodes]: the weight of each node's last loop edge (slots[e]: the node of loop edge e,
+    num_nodes for the other edges), ``fill`` where it has none. Taken by position, so the same on
+    every device (an index_put with repeated indices keeps an arbitrary one on CUDA); the gradient
+    reaches every loop edge of the node, as through PyG's index_put."""
+    positions = torch.arange(1, weight.numel() + 1, device=weight.device)
+    last = torch.zeros(num_nodes + 1, dtype=torch.long, device=weight.device).scatter_reduce(0, slots, positions,
+                                                                                              "amax")
+    value = torch.cat([weight.new_full((1,), fill), weight.detach()]).index_select(0, last[:num_nodes])
+    each_loop = weight.new_zeros(num_nodes + 1).index_add(0, slots, weight)[:num_nodes]
+    return value + (each_loop - each_loop.detach())
+
+
 class GCNConv(PygFallback, pyg_nn.GCNConv):
     """A drop-in for ``torch_geometric.nn.GCNConv`` (same arguments, submodules, ``state_dict``,
     ``repr``, cache attribute) whose propagation runs in revgnn_ext's ``spmm``: no per-edge
@@ -109,11 +122,10 @@ class GCNConv(PygFallback, pyg_nn.GCNConv):
             fill = fill if sparse or edge_weight is not None else 1.0  # without edge weights PyG's loops weigh 1
             # Each loop edge writes its node's slot, every other edge the spare slot num_nodes (static shapes).
             slots = torch.where(is_loop, dst, num_nodes)
-            loop_weight = torch.full((num_nodes + 1,), fill, dtype=dtype, device=graph.device)
             if sparse:  # PyG adds fill * I to the sparse adjacency
-                loop_weight = loop_weight.index_add(0, slots, weight)[:num_nodes]
+                loop_weight = weight.new_full((num_nodes + 1,), fill).index_add(0, slots, weight)[:num_nodes]
             else:  # PyG's add_remaining_self_loops: a node's loop keeps its weight (the last loop's), others get fill
-                loop_weight = loop_weight.index_put((slots,), weight)[:num_nodes]
+                loop_weight = _last_loop_weight(slots, weight, fill, num_nodes)
             weight = weight.masked_fill(is_loop, 0.0)
         graph = graph.csr_ordered()
         degree = ops.spmm(graph, weight.new_ones(num_nodes, 1), weight).squeeze(1)
