@@ -26,6 +26,8 @@ from revgnn_ext.nn import RevGNN
 
 from measure import PeakMemory, no_gpu, output_arguments, report, set_malloc_thresholds, short, timed
 
+PROBE_LAYERS = 3  # depth of the probe step that predicts the full-depth step time
+
 
 class PygGroup(torch.nn.Module):
     """The F of one group with PyG's GENConv: the [E, hidden] edge embedding comes in
@@ -160,6 +162,9 @@ def main():
     p.add_argument("--layers", type=int, help="depth (default 1001; 20 on cpu)")
     p.add_argument("--parts", type=int, default=10, help="random node partitions of the paper's setup")
     p.add_argument("--budget-s", type=float, default=60.0, help="largest predicted PyG step time to attempt")
+    p.add_argument("--ours-budget-s", type=float, default=90.0,
+                   help="seconds for our full-graph steps at full depth; when a shallow probe predicts more, the "
+                        "depth is cut to fit and the prediction reported")
     p.add_argument("--autocast", choices=["bf16"], help="also one step of ours under torch.autocast(bfloat16)")
     output_arguments(p)
     args = p.parse_args()
@@ -185,10 +190,24 @@ def main():
         print(f"headline: {row}", flush=True)
 
     print(f"headline: {notes[-1]}", flush=True)
+    # A shallow probe first: its step time, linear in depth, says whether the full depth fits the budget.
+    probe_layers = min(PROBE_LAYERS, layers)
+    step = make_step(RevGNN.preset("proteins-deep", num_layers=probe_layers).to(device))
+    step(data)  # warm-up: also builds and caches the CSR graph
+    probe = measure(step, data, device)
+    steps = 3 if args.autocast else 2  # warm-up, float32 (and bf16) steps at full depth
+    predicted = probe["seconds"] * layers / probe_layers
+    if layers > probe_layers and steps * predicted > args.ours_budget_s:
+        add(dict(setup="full graph", model="revgnn_ext RevGNN", layers=probe_layers, edges=e, step_s=probe["seconds"],
+                 epoch_s=probe["seconds"], peak_mb=probe["peak"] / 2**20,
+                 note=f"no partitioning; {layers} layers would take ~{predicted:.0f} s per step "
+                      f"(--ours-budget-s {args.ours_budget_s:.0f} for {steps} steps)"))
+        layers = max(probe_layers, int(args.ours_budget_s / steps / (probe["seconds"] / probe_layers)))
+    del step
     ours = RevGNN.preset("proteins-deep", num_layers=layers).to(device)
     notes.append(f"RevGNN-Deep at {layers} layers: {sum(q.numel() for q in ours.parameters()):,} parameters")
     step = make_step(ours)
-    step(data)  # warm-up: also builds and caches the CSR graph
+    step(data)  # warm-up
     full = measure(step, data, device)
     add(dict(setup="full graph", model="revgnn_ext RevGNN", layers=layers, edges=e, step_s=full["seconds"],
                      epoch_s=full["seconds"], peak_mb=full["peak"] / 2**20, note="no partitioning"))
