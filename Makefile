@@ -19,7 +19,7 @@ $(DEPS): $(PY) pyproject.toml
 	touch $@
 
 $(BUILT): $(DEPS) $(SOURCES)
-	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	REVGNN_EXT_EMULATOR=1 $(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $@
 
 build: $(BUILT)
@@ -45,4 +45,4 @@ gpu-check:
 	$(GPU_PYTHON) benchmarks/gpu_check.py $(if $(RESULTS_DIR),--out $(RESULTS_DIR)) $(if $(ONLY),--only $(ONLY))
 
 clean:
-	rm -rf build *.egg-info revgnn_ext/_C*.so $(BUILT)
+	rm -rf build *.egg-info revgnn_ext/_C*.so revgnn_ext/_emu*.so $(BUILT)

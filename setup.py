@@ -8,6 +8,9 @@ Environment:
   TORCH_CUDA_ARCH_LIST         CUDA architectures (default "8.0;9.0").
   REVGNN_EXT_CPU_CAPABILITY    "avx2" or "default" SIMD for the CPU kernels; by default avx2
                                when the building machine has AVX2, FMA and F16C.
+  REVGNN_EXT_EMULATOR=1        also build revgnn_ext._emu: the CUDA kernels compiled for the CPU
+                               under our emulator of the CUDA execution model (csrc/simt.h), which
+                               the tests run (`make test` sets it; no GPU or nvcc needed).
 """
 import glob
 import os
@@ -99,7 +102,16 @@ def _cpu_capability_flags():
     return []
 
 
+def _emulated_cuda_kernels():
+    """revgnn_ext._emu: csrc/cuda/*.cu, included by csrc/emu/*.cpp, built by the host compiler."""
+    return CppExtension("revgnn_ext._emu", sorted(glob.glob("csrc/emu/*.cpp")),
+                        include_dirs=[os.path.join(ROOT, "csrc")],
+                        extra_compile_args={"cxx": ["-O2", "-Wno-unknown-pragmas", "-DSIMT_EMULATE",
+                                                    "-DREVGNN_LIBRARY=revgnn_ext_emu"]})
+
+
 def extensions():
+    emulated = [_emulated_cuda_kernels()] if _flag("REVGNN_EXT_EMULATOR") else []
     with_cuda = _want_cuda()
     sources = ["csrc/revgnn_ext.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     define = [f'-DREVGNN_EXT_TORCH_VERSION="{torch.__version__}"']
@@ -107,7 +119,7 @@ def extensions():
     args = dict(extra_compile_args={"cxx": cxx}, include_dirs=[os.path.join(ROOT, "csrc")])
     if not with_cuda:
         print("revgnn_ext: building the CPU kernels only")
-        return [CppExtension("revgnn_ext._C", sources, **args)]
+        return [CppExtension("revgnn_ext._C", sources, **args)] + emulated
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     print(f"revgnn_ext: building CPU and CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']}")
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
@@ -115,7 +127,7 @@ def extensions():
     args["extra_compile_args"]["nvcc"] = ["-O3", "-DWITH_CUDA", "--expt-relaxed-constexpr",
                                           "-lineinfo"] + define
     args["include_dirs"] += _cuda_library_includes()
-    return [CUDAExtension("revgnn_ext._C", sources, **args)]
+    return [CUDAExtension("revgnn_ext._C", sources, **args)] + emulated
 
 
 setup(

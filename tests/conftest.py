@@ -1,28 +1,37 @@
 """Shared fixtures: devices, dtypes and the graph shapes every op is tested on."""
+import collections
 import copy
 import zlib
 
 import pytest
 import torch
 
+from revgnn_ext import emulator
+
 HAS_CUDA = torch.cuda.is_available()
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no GPU"))]
+# "emu": the CUDA kernels on the CPU under our emulator (revgnn_ext.emulator): tensors are on the
+# CPU, and the autouse fixture _emulated_cuda routes the ops to the CUDA kernels.
+_MARKS = {"cpu": [], "cuda": [pytest.mark.skipif(not HAS_CUDA, reason="no GPU")],
+          "emu": [pytest.mark.emu, pytest.mark.skipif(not emulator.available(),
+                                                      reason="emulated CUDA kernels not built (REVGNN_EXT_EMULATOR=1)")]}
+
+DEVICES = ["cpu", pytest.param("cuda", marks=_MARKS["cuda"]), pytest.param("cpu", marks=_MARKS["emu"], id="emu")]
 
 
 def dtypes_for(device):
-    if device == "cuda":
+    if device in ("cuda", "emu"):
         return [torch.float32, torch.float64, torch.float16, torch.bfloat16]
     return [torch.float32, torch.float64]
 
 
 def device_dtype_params():
-    """(device, dtype) pairs: CPU float32/float64; CUDA also float16/bfloat16."""
+    """(device, dtype) pairs: CPU float32/float64; CUDA and its emulation also float16/bfloat16."""
     out = []
-    for dev in ("cpu", "cuda"):
-        marks = [pytest.mark.skipif(not HAS_CUDA, reason="no GPU")] if dev == "cuda" else []
+    for dev in ("cpu", "cuda", "emu"):
         for dt in dtypes_for(dev):
-            out.append(pytest.param(dev, dt, marks=marks, id=f"{dev}-{str(dt).split('.')[-1]}"))
+            out.append(pytest.param("cpu" if dev == "emu" else dev, dt, marks=_MARKS[dev],
+                                    id=f"{dev}-{str(dt).split('.')[-1]}"))
     return out
 
 
@@ -132,8 +141,34 @@ def _fresh_seed(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
+@pytest.fixture(autouse=True)
+def _emulated_cuda(request):
+    """A test case on the "emu" device runs its ops' CUDA kernels under the emulator, with a
+    scheduling seed of its own."""
+    if request.node.get_closest_marker("emu") is None:
+        yield
+        return
+    with emulator.emulated(seed=zlib.crc32(request.node.nodeid.encode())):
+        yield
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "compile: runs torch.compile (slow to compile; deselect with -m 'not compile')")
+    config.addinivalue_line("markers", "emu: runs the CUDA kernels under the emulator (revgnn_ext.emulator)")
+
+
+_EMULATED_OUTCOMES = collections.Counter()
+
+
+def pytest_runtest_logreport(report):
+    if "emu" in report.keywords and (report.when == "call" or report.outcome != "passed"):
+        _EMULATED_OUTCOMES[report.outcome] += 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _EMULATED_OUTCOMES:
+        terminalreporter.write_line(
+            "emulated CUDA cases: " + ", ".join(f"{n} {k}" for k, n in sorted(_EMULATED_OUTCOMES.items())))
 
 
 def _grad_leaves(args):

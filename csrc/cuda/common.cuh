@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "ops/common.h"
+#include "simt.h"
 
 namespace revgnn_ext {
 namespace {
@@ -74,18 +75,18 @@ struct LaneGroup {
 
   // The value held by lane `src` of the group.
   template <typename T>
-  __device__ __forceinline__ T shfl(T v, int src) const {
-    return __shfl_sync(mask, v, src, size);
+  __device__ __forceinline__ T shfl(T v, int src SIMT_CALL_SITE) const {
+    return __shfl_sync(mask, v, src, size SIMT_PASS_SITE);
   }
 
   // The sum over the group by a butterfly: a fixed order, and every lane gets the same bits.
   template <typename T>
-  __device__ __forceinline__ T sum(T v) const {
-    for (int offset = size / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(mask, v, offset, size);
+  __device__ __forceinline__ T sum(T v SIMT_CALL_SITE) const {
+    for (int offset = size / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(mask, v, offset, size SIMT_PASS_SITE);
     return v;
   }
 
-  __device__ __forceinline__ void sync() const { __syncwarp(mask); }
+  __device__ __forceinline__ void sync(SIMT_CALL_SITE_ONLY) const { __syncwarp(mask SIMT_PASS_SITE); }
 };
 
 // Lanes per row: enough to cover ceil(d / vec) channel packs in one pass, a power of two in
@@ -139,11 +140,13 @@ struct alignas(sizeof(T) * N) Pack {
 
 template <int N, typename T>
 __device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
+  if constexpr (N > 1) simt::check_aligned(p, sizeof(Pack<T, N>));
   return *reinterpret_cast<const Pack<T, N>*>(p);
 }
 
 template <int N, typename T>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) {
+  if constexpr (N > 1) simt::check_aligned(p, sizeof(Pack<T, N>));
   *reinterpret_cast<Pack<T, N>*>(p) = v;
 }
 

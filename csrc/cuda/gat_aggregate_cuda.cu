@@ -15,9 +15,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -58,12 +55,13 @@ __device__ __forceinline__ Fetched<at::opmath_type<scalar_t>> fetch_in_edge(cons
 }
 
 template <typename acc_t>
-__device__ __forceinline__ Fetched<acc_t> shfl_fetched(const LaneGroup& g, const Fetched<acc_t>& f, int u) {
+__device__ __forceinline__ Fetched<acc_t> shfl_fetched(const LaneGroup& g, const Fetched<acc_t>& f,
+                                                       int u SIMT_CALL_SITE) {
   Fetched<acc_t> r;
-  r.node = g.shfl(f.node, u);
-  r.edge = g.shfl(f.edge, u);
-  r.z = g.shfl(f.z, u);
-  r.hash = g.shfl(f.hash, u);
+  r.node = g.shfl(f.node, u SIMT_PASS_SITE);
+  r.edge = g.shfl(f.edge, u SIMT_PASS_SITE);
+  r.z = g.shfl(f.z, u SIMT_PASS_SITE);
+  r.hash = g.shfl(f.hash, u SIMT_PASS_SITE);
   return r;
 }
 
@@ -251,25 +249,24 @@ __global__ void __launch_bounds__(kBlock)
 
 struct CudaGat {
   static void forward(const GatInputs& in, const at::Tensor& out, const at::Tensor& lse, double alpha) {
-    const c10::cuda::CUDAGuard guard(in.x.device());
-    const auto stream = at::cuda::getCurrentCUDAStream();
+    const simt::DeviceGuard guard(in.x.device());
+    const auto stream = simt::current_stream();
     const int lanes = lanes_per_row(in.c, kPer);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "revgnn_ext.gat_aggregate", [&] {
       AT_DISPATCH_INDEX_TYPES(in.rowptr.scalar_type(), "revgnn_ext.gat_aggregate", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        gat_forward_kernel<scalar_t, index_t><<<num_blocks(in.num_dst * in.heads, lanes), kBlock, 0, stream>>>(
+        simt::launch<gat_forward_kernel<scalar_t, index_t>>(num_blocks(in.num_dst * in.heads, lanes), kBlock, 0, stream,
             in.rowptr.data_ptr<index_t>(), in.col.data_ptr<index_t>(), in.num_edges, in.x.data_ptr<scalar_t>(),
             in.x.stride(0), in.x.size(0), GatEdges<scalar_t, index_t>(in), out.data_ptr<scalar_t>(), out.stride(0),
             ptr_or_null<acc_t>(lse), static_cast<acc_t>(alpha), in.num_dst, in.c, lanes);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   }
 
   static void backward(const GatInputs& in, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_out,
                        const GatGrads& grads) {
-    const c10::cuda::CUDAGuard guard(in.x.device());
-    const auto stream = at::cuda::getCurrentCUDAStream();
+    const simt::DeviceGuard guard(in.x.device());
+    const auto stream = simt::current_stream();
     const int lanes = lanes_per_row(in.c, kPer);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "revgnn_ext.gat_aggregate_backward",
                                     [&] {
@@ -278,28 +275,25 @@ struct CudaGat {
         const GatEdges<scalar_t, index_t> ed(in);
         const int64_t items = in.num_dst * in.heads;
         at::Tensor r = at::empty({items}, lse.options());
-        gat_row_dot_kernel<scalar_t><<<num_blocks(items, lanes), kBlock, 0, stream>>>(
+        simt::launch<gat_row_dot_kernel<scalar_t>>(num_blocks(items, lanes), kBlock, 0, stream,
             grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), r.data_ptr<acc_t>(), items, in.c, lanes);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
         if (grads.x.defined() || grads.src.defined()) {
-          gat_backward_src_kernel<scalar_t, index_t><<<num_blocks(in.x.size(0) * in.heads, lanes), kBlock, 0, stream>>>(
+          simt::launch<gat_backward_src_kernel<scalar_t, index_t>>(num_blocks(in.x.size(0) * in.heads, lanes), kBlock, 0, stream,
               in.rowptr_t.data_ptr<index_t>(), in.col_t.data_ptr<index_t>(), in.perm_t.data_ptr<index_t>(),
               in.num_edges, in.num_dst, in.x.data_ptr<scalar_t>(), in.x.stride(0), in.x.size(0), ed,
               grad_out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), r.data_ptr<acc_t>(),
               ptr_or_null<scalar_t>(grads.x), ptr_or_null<scalar_t>(grads.src), in.c, lanes);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
         if (grads.dst.defined() || grads.edge_attr.defined() || grads.weight.defined()) {
           const int64_t blocks = (in.num_dst + kRowsPerBlock - 1) / kRowsPerBlock;
           at::Tensor partial = grads.weight.defined()
                                    ? at::zeros({blocks, in.heads * in.f}, in.x.options().dtype(at::kDouble))
                                    : at::Tensor();
-          gat_backward_dst_kernel<scalar_t, index_t><<<num_blocks(blocks, lanes), kBlock, 0, stream>>>(
+          simt::launch<gat_backward_dst_kernel<scalar_t, index_t>>(num_blocks(blocks, lanes), kBlock, 0, stream,
               in.rowptr.data_ptr<index_t>(), in.col.data_ptr<index_t>(), in.num_edges, in.x.data_ptr<scalar_t>(),
               in.x.stride(0), in.x.size(0), ed, grad_out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(),
               r.data_ptr<acc_t>(), ptr_or_null<scalar_t>(grads.dst), ptr_or_null<scalar_t>(grads.edge_attr),
               ptr_or_null<double>(partial), in.num_dst, in.c, lanes);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
           if (partial.defined()) grads.weight.copy_(partial.sum(0).view({in.heads, in.f}));
         }
       });
@@ -310,4 +304,4 @@ struct CudaGat {
 }  // namespace
 }  // namespace revgnn_ext
 
-REVGNN_REGISTER_GAT_AGGREGATE(CUDA, ::revgnn_ext::CudaGat)
+REVGNN_REGISTER_GAT_AGGREGATE(SIMT_DISPATCH_KEY, ::revgnn_ext::CudaGat)

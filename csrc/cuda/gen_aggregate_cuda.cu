@@ -26,9 +26,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/macros/Macros.h>
 #include <torch/library.h>
 
@@ -203,7 +200,7 @@ __global__ void __launch_bounds__(kBlock)
                        index_t* __restrict__ arg, int64_t n, int64_t d, int group_size) {
   using acc_t = at::opmath_type<scalar_t>;
   using M = Math<acc_t>;
-  __shared__ acc_t smem[kBlock * kMaxF];
+  SIMT_SHARED(acc_t, smem, kBlock * kMaxF);
   const LaneGroup g(group_size);
   acc_t* tile = smem + static_cast<int64_t>(g.index) * g.size * kMaxF;
   const bool staged = emb.mode == EmbMode::Staged;
@@ -295,7 +292,7 @@ __global__ void __launch_bounds__(kBlock)
                           int group_size) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kDeg = A == Aggr::Mean || A == Aggr::PowerMean;
-  __shared__ acc_t smem[kBlock * kMaxF];
+  SIMT_SHARED(acc_t, smem, kBlock * kMaxF);
   const LaneGroup g(group_size);
   acc_t* tile = smem + static_cast<int64_t>(g.index) * g.size * kMaxF;
   const bool staged = emb.mode == EmbMode::Staged;
@@ -382,7 +379,7 @@ __global__ void __launch_bounds__(kBlock)
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kSlots = kMaxF + 2;  // per lane: kMaxF weight sums, the bias sum, the t or p sum
   // The groups' tiles while rows are processed, then the lanes' sums for the block's combination.
-  __shared__ acc_t smem[kBlock * kSlots];
+  SIMT_SHARED(acc_t, smem, kBlock * kSlots);
   const LaneGroup g(group_size);
   acc_t* tile = smem + static_cast<int64_t>(g.index) * g.size * kMaxF;
   const bool has_weight = emb.weight_t != nullptr;
@@ -533,8 +530,8 @@ RowSource<scalar_t, index_t> row_source(const GenInputs& in, const at::Tensor& o
 
 struct CudaGen {
   static void forward(const GenInputs& in, const at::Tensor& out, const at::Tensor& state) {
-    const at::cuda::OptionalCUDAGuard guard(in.x.device());
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const simt::DeviceGuard guard(in.x.device());
+    const auto stream = simt::current_stream();
     constexpr const char* op = "revgnn_ext.gen_aggregate";
     const int lanes = lanes_per_row(in.d);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), op, [&] {
@@ -543,13 +540,12 @@ struct CudaGen {
         dispatch_aggr(in.aggr, [&](auto aggr) {
           constexpr Aggr A = decltype(aggr)::value;
           constexpr bool kFloatingState = A == Aggr::Softmax || A == Aggr::PowerMean;
-          gen_forward_kernel<scalar_t, index_t, A><<<num_blocks(in.num_dst, lanes), kBlock, 0, stream>>>(
+          simt::launch<gen_forward_kernel<scalar_t, index_t, A>>(num_blocks(in.num_dst, lanes), kBlock, 0, stream,
               in.rowptr.data_ptr<index_t>(), in.col.data_ptr<index_t>(), in.col.numel(), in.x.data_ptr<scalar_t>(),
               in.x.stride(0), in.x.size(0), edge_emb<scalar_t>(in), ptr_or_null<scalar_t>(in.t),
               ptr_or_null<scalar_t>(in.p),
               static_cast<acc_t>(in.eps), out.data_ptr<scalar_t>(), kFloatingState ? state.data_ptr<acc_t>() : nullptr,
               A == Aggr::Max ? state.data_ptr<index_t>() : nullptr, in.num_dst, in.d, lanes);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });
     });
@@ -557,8 +553,8 @@ struct CudaGen {
 
   static void backward(const GenInputs& in, const at::Tensor& out, const at::Tensor& state,
                        const at::Tensor& grad_out, const GenGrads& grads) {
-    const at::cuda::OptionalCUDAGuard guard(in.x.device());
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const simt::DeviceGuard guard(in.x.device());
+    const auto stream = simt::current_stream();
     constexpr const char* op = "revgnn_ext.gen_aggregate_backward";
     const int lanes = lanes_per_row(in.d);
     const int64_t n_src = in.x.size(0), num_edges = in.col.numel();
@@ -573,12 +569,11 @@ struct CudaGen {
           const RowSource<scalar_t, index_t> rows = row_source<scalar_t, index_t>(in, out, state, grad_out);
           const acc_t eps = static_cast<acc_t>(in.eps);
           if (n_src > 0) {
-            gen_backward_x_kernel<scalar_t, index_t, A><<<num_blocks(n_src, lanes), kBlock, 0, stream>>>(
+            simt::launch<gen_backward_x_kernel<scalar_t, index_t, A>>(num_blocks(n_src, lanes), kBlock, 0, stream,
                 in.rowptr.data_ptr<index_t>(), in.rowptr_t.data_ptr<index_t>(), in.col_t.data_ptr<index_t>(),
                 in.perm_t.data_ptr<index_t>(), in.x.data_ptr<scalar_t>(), in.x.stride(0), emb,
                 ptr_or_null<scalar_t>(in.t), ptr_or_null<scalar_t>(in.p), eps, rows, in.num_dst, num_edges,
                 grads.x.data_ptr<scalar_t>(), n_src, in.d, lanes);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
           }
           if (!want_params && !grads.edge_attr.defined()) return;
           // grad_edge_attr of an encoded embedding is summed over channel chunks in opmath
@@ -595,21 +590,19 @@ struct CudaGen {
               want_params ? at::empty({blocks, width}, in.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value))
                           : at::Tensor();
           if (blocks > 0) {
-            gen_backward_params_kernel<scalar_t, index_t, A><<<static_cast<unsigned int>(blocks), kBlock, 0, stream>>>(
+            simt::launch<gen_backward_params_kernel<scalar_t, index_t, A>>(static_cast<unsigned int>(blocks), kBlock, 0, stream,
                 in.rowptr.data_ptr<index_t>(), in.col.data_ptr<index_t>(), num_edges, in.x.data_ptr<scalar_t>(),
                 in.x.stride(0), n_src, emb, ptr_or_null<scalar_t>(in.t), ptr_or_null<scalar_t>(in.p), eps, rows,
                 in.num_dst, in.d,
                 in.direct ? ptr_or_null<scalar_t>(grads.edge_attr) : nullptr, ptr_or_null<acc_t>(grad_attr_enc),
                 ptr_or_null<acc_t>(partial), width, lanes);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
           }
           if (want_params) {  // with no row block, the sums are 0
             const int64_t grid = std::min<int64_t>((width + kBlock - 1) / kBlock, std::numeric_limits<int32_t>::max());
-            sum_partials_kernel<scalar_t><<<static_cast<unsigned int>(grid), kBlock, 0, stream>>>(
+            simt::launch<sum_partials_kernel<scalar_t>>(static_cast<unsigned int>(grid), kBlock, 0, stream,
                 partial.data_ptr<acc_t>(), blocks, width, fw * in.d, in.d, ptr_or_null<scalar_t>(grads.weight_t),
                 ptr_or_null<scalar_t>(grads.bias),
                 ptr_or_null<scalar_t>(A == Aggr::Softmax ? grads.t : grads.p));
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
           }
           if (grad_attr_enc.defined() && !grad_attr_enc.is_same(grads.edge_attr)) grads.edge_attr.copy_(grad_attr_enc);
         });
@@ -621,4 +614,4 @@ struct CudaGen {
 }  // namespace
 }  // namespace revgnn_ext
 
-REVGNN_REGISTER_GEN_AGGREGATE(CUDA, ::revgnn_ext::CudaGen)
+REVGNN_REGISTER_GEN_AGGREGATE(SIMT_DISPATCH_KEY, ::revgnn_ext::CudaGen)

@@ -10,9 +10,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/macros/Macros.h>
 #include <torch/library.h>
 
@@ -55,19 +52,18 @@ __global__ void __launch_bounds__(kBlock)
 struct CudaRevSubtract {
   static void subtract(const at::Tensor& y, const at::Tensor& f, int64_t group, int64_t num_groups,
                        const at::Tensor& sum) {
-    const at::cuda::OptionalCUDAGuard guard(y.device());
+    const simt::DeviceGuard guard(y.device());
     const int64_t n = y.size(0), c = f.size(1);
     const bool packs = packs_ok(f) && packs_ok(y) && (!sum.defined() || packs_ok(sum));
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const auto stream = simt::current_stream();
     constexpr const char* op = "revgnn_ext.rev_subtract_";
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), op, [&] {
       with_vec<scalar_t>(packs, [&](auto vec) {
         constexpr int VEC = decltype(vec)::value;
         const int lanes = lanes_per_row(c, VEC);
-        rev_subtract_kernel<scalar_t, VEC><<<num_blocks(n, lanes), kBlock, 0, stream>>>(
+        simt::launch<rev_subtract_kernel<scalar_t, VEC>>(num_blocks(n, lanes), kBlock, 0, stream,
             y.data_ptr<scalar_t>(), y.stride(0), f.data_ptr<scalar_t>(), f.stride(0), ptr_or_null<scalar_t>(sum),
             sum.defined() ? sum.stride(0) : 0, n, c, group, num_groups, lanes);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   }
@@ -76,4 +72,4 @@ struct CudaRevSubtract {
 }  // namespace
 }  // namespace revgnn_ext
 
-REVGNN_REGISTER_REV_SUBTRACT(CUDA, ::revgnn_ext::CudaRevSubtract)
+REVGNN_REGISTER_REV_SUBTRACT(SIMT_DISPATCH_KEY, ::revgnn_ext::CudaRevSubtract)

@@ -17,9 +17,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/macros/Macros.h>
 #include <torch/library.h>
 
@@ -275,12 +272,12 @@ struct CudaSpmm {
   static void forward(const at::Tensor& rowptr, const at::Tensor& col, const c10::optional<at::Tensor>& weight,
                       const at::Tensor& x, Reduce reduce, const at::Tensor& out, const at::Tensor& arg,
                       double alpha, bool accumulate) {
-    const at::cuda::OptionalCUDAGuard guard(x.device());
+    const simt::DeviceGuard guard(x.device());
     const int64_t n = rowptr.numel() - 1, d = x.size(1);
     if (n <= 0 || d == 0) return;
     const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
     const bool packs = packs_ok(x);
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const auto stream = simt::current_stream();
     constexpr const char* op = "revgnn_ext.spmm";
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -290,13 +287,12 @@ struct CudaSpmm {
           with_vec<scalar_t>(packs, [&](auto vec) {
             constexpr int VEC = decltype(vec)::value;
             const int lanes = lanes_per_row(d, VEC);
-            spmm_forward_kernel<scalar_t, index_t, REDUCE, VEC><<<num_blocks(n, lanes), kBlock, 0, stream>>>(
+            simt::launch<spmm_forward_kernel<scalar_t, index_t, REDUCE, VEC>>(num_blocks(n, lanes), kBlock, 0, stream,
                 rowptr.data_ptr<index_t>(), col.data_ptr<index_t>(), col.numel(), ptr_or_null<scalar_t>(w),
                 x.data_ptr<scalar_t>(),
                 x.stride(0), x.size(0), out.data_ptr<scalar_t>(), out.stride(0),
                 selects_edge(REDUCE) && arg.defined() ? arg.data_ptr<index_t>() : nullptr, n, d,
                 static_cast<acc_t>(alpha), accumulate, lanes);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
         });
       });
@@ -306,12 +302,12 @@ struct CudaSpmm {
   static void backward_x(const at::Tensor& rowptr, const at::Tensor& rowptr_t, const at::Tensor& col_t,
                          const at::Tensor& perm_t, const c10::optional<at::Tensor>& weight,
                          const at::Tensor& grad_out, const at::Tensor& arg, Reduce reduce, const at::Tensor& grad_x) {
-    const at::cuda::OptionalCUDAGuard guard(grad_out.device());
+    const simt::DeviceGuard guard(grad_out.device());
     const int64_t n_src = rowptr_t.numel() - 1, d = grad_out.size(1);
     if (n_src <= 0 || d == 0) return;
     const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
     const bool packs = packs_ok(grad_out) && packs_ok(grad_x);
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const auto stream = simt::current_stream();
     constexpr const char* op = "revgnn_ext.spmm_backward_x";
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), op, [&] {
       AT_DISPATCH_INDEX_TYPES(rowptr_t.scalar_type(), op, [&] {
@@ -320,12 +316,11 @@ struct CudaSpmm {
           with_vec<scalar_t>(packs, [&](auto vec) {
             constexpr int VEC = decltype(vec)::value;
             const int lanes = lanes_per_row(d, VEC);
-            spmm_backward_x_kernel<scalar_t, index_t, REDUCE, VEC><<<num_blocks(n_src, lanes), kBlock, 0, stream>>>(
+            simt::launch<spmm_backward_x_kernel<scalar_t, index_t, REDUCE, VEC>>(num_blocks(n_src, lanes), kBlock, 0, stream,
                 rowptr.data_ptr<index_t>(), rowptr_t.data_ptr<index_t>(), col_t.data_ptr<index_t>(),
                 perm_t.data_ptr<index_t>(), ptr_or_null<scalar_t>(w), grad_out.data_ptr<scalar_t>(),
                 grad_out.stride(0), selects_edge(REDUCE) ? arg.data_ptr<index_t>() : nullptr, grad_out.size(0),
                 col_t.numel(), grad_x.data_ptr<scalar_t>(), n_src, d, lanes);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
         });
       });
@@ -335,7 +330,7 @@ struct CudaSpmm {
   static void backward_weight(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& x,
                               const at::Tensor& grad_out, const at::Tensor& arg, Reduce reduce,
                               const at::Tensor& grad_weight) {
-    const at::cuda::OptionalCUDAGuard guard(x.device());
+    const simt::DeviceGuard guard(x.device());
     const int64_t n = rowptr.numel() - 1, d = x.size(1);
     if (grad_weight.numel() == 0 || n <= 0) return;
     if (d == 0) {  // every dot product is empty
@@ -343,7 +338,7 @@ struct CudaSpmm {
       return;
     }
     const bool packs = packs_ok(x) && packs_ok(grad_out);
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const auto stream = simt::current_stream();
     constexpr const char* op = "revgnn_ext.spmm_backward_weight";
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
       AT_DISPATCH_INDEX_TYPES(rowptr.scalar_type(), op, [&] {
@@ -352,13 +347,12 @@ struct CudaSpmm {
           with_vec<scalar_t>(packs, [&](auto vec) {
             constexpr int VEC = decltype(vec)::value;
             const int lanes = lanes_per_row(d, VEC);
-            spmm_backward_weight_kernel<scalar_t, index_t, REDUCE, VEC><<<num_blocks(n, lanes), kBlock, 0, stream>>>(
+            simt::launch<spmm_backward_weight_kernel<scalar_t, index_t, REDUCE, VEC>>(num_blocks(n, lanes), kBlock, 0, stream,
                 rowptr.data_ptr<index_t>(), col.data_ptr<index_t>(), col.numel(), x.data_ptr<scalar_t>(), x.stride(0),
                 x.size(0),
                 grad_out.data_ptr<scalar_t>(), grad_out.stride(0),
                 selects_edge(REDUCE) ? arg.data_ptr<index_t>() : nullptr, n, d, grad_weight.data_ptr<scalar_t>(),
                 lanes);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
         });
       });
@@ -369,4 +363,4 @@ struct CudaSpmm {
 }  // namespace
 }  // namespace revgnn_ext
 
-REVGNN_REGISTER_SPMM(CUDA, ::revgnn_ext::CudaSpmm)
+REVGNN_REGISTER_SPMM(SIMT_DISPATCH_KEY, ::revgnn_ext::CudaSpmm)

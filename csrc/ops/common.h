@@ -18,6 +18,12 @@
 #include <type_traits>
 #include <utility>
 
+// The op library the kernels register under: revgnn_ext, or revgnn_ext_emu for the emulated build
+// of the CUDA kernels (csrc/simt.h).
+#ifndef REVGNN_LIBRARY
+#define REVGNN_LIBRARY revgnn_ext
+#endif
+
 namespace revgnn_ext {
 
 // Row i's entries [begin, end) = [rowptr[i], rowptr[i + 1]) of a CSR with n rows and num_entries entries.

@@ -361,7 +361,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_aggre
 }
 
 #define REVGNN_REGISTER_GAT_AGGREGATE(DEVICE, K)                                                   \
-  TORCH_LIBRARY_IMPL(revgnn_ext, DEVICE, m) {                                                      \
+  TORCH_LIBRARY_IMPL(REVGNN_LIBRARY, DEVICE, m) {                                                      \
     m.impl("gat_aggregate", &::revgnn_ext::gat_aggregate_op<K>);                                   \
     m.impl("gat_aggregate_accumulate_", &::revgnn_ext::gat_aggregate_accumulate_op<K>);           \
     m.impl("gat_aggregate_backward", &::revgnn_ext::gat_aggregate_backward_op<K>);                 \

@@ -346,7 +346,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 #define REVGNN_REGISTER_GEN_AGGREGATE(DEVICE, K)                                      \
-  TORCH_LIBRARY_IMPL(revgnn_ext, DEVICE, m) {                                         \
+  TORCH_LIBRARY_IMPL(REVGNN_LIBRARY, DEVICE, m) {                                         \
     m.impl("gen_aggregate", &::revgnn_ext::gen_aggregate_op<K>);                      \
     m.impl("gen_aggregate_backward", &::revgnn_ext::gen_aggregate_backward_op<K>);    \
   }

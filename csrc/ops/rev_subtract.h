@@ -83,7 +83,7 @@ void rev_subtract_op(const at::Tensor& y, const at::Tensor& f_in, int64_t group,
 
 // One registration for a device's kernels.
 #define REVGNN_REGISTER_REV_SUBTRACT(DEVICE, K)                        \
-  TORCH_LIBRARY_IMPL(revgnn_ext, DEVICE, m) {                          \
+  TORCH_LIBRARY_IMPL(REVGNN_LIBRARY, DEVICE, m) {                          \
     m.impl("rev_subtract_", &::revgnn_ext::rev_subtract_op<K>);        \
   }
 

@@ -188,7 +188,7 @@ at::Tensor spmm_backward_weight_op(const at::Tensor& rowptr, const at::Tensor& c
 
 // One registration for a device's kernels.
 #define REVGNN_REGISTER_SPMM(DEVICE, K)                                              \
-  TORCH_LIBRARY_IMPL(revgnn_ext, DEVICE, m) {                                        \
+  TORCH_LIBRARY_IMPL(REVGNN_LIBRARY, DEVICE, m) {                                        \
     m.impl("spmm", &::revgnn_ext::spmm_op<K>);                                       \
     m.impl("spmm_accumulate_", &::revgnn_ext::spmm_accumulate_op<K>);                \
     m.impl("spmm_backward_x", &::revgnn_ext::spmm_backward_x_op<K>);                 \
