@@ -71,9 +71,10 @@ __device__ __forceinline__ void check_aligned(const void*, size_t) {}
 // that the compiler's copies of a loop (unswitching, unrolling) do not split one call in two. A
 // device function that wraps the intrinsics takes its caller's site as a defaulted last parameter
 // (SIMT_CALL_SITE, or SIMT_CALL_SITE_ONLY as its only parameter) and passes it on (SIMT_PASS_SITE).
-#define SIMT_CALL_SITE , ::simt::Site simt_site = ::simt::Site{__builtin_FILE(), __builtin_LINE()}
-#define SIMT_CALL_SITE_ONLY ::simt::Site simt_site = ::simt::Site{__builtin_FILE(), __builtin_LINE()}
-#define SIMT_PASS_SITE , simt_site
+// (__builtin_FILE/LINE give the caller's position only as default arguments themselves.)
+#define SIMT_CALL_SITE , const char *simt_file = __builtin_FILE(), int simt_line = __builtin_LINE()
+#define SIMT_CALL_SITE_ONLY const char *simt_file = __builtin_FILE(), int simt_line = __builtin_LINE()
+#define SIMT_PASS_SITE , simt_file, simt_line
 
 namespace simt {
 
@@ -151,15 +152,15 @@ using cudaStream_t = simt::Stream;
 #define __syncthreads() ::simt::syncthreads(::simt::Site{__FILE__, __LINE__})
 
 __forceinline__ void __syncwarp(unsigned mask = 0xffffffffu SIMT_CALL_SITE) {
-  ::simt::warp_sync(::simt::Sync::kSyncwarp, mask, nullptr, 0, 0, 32, simt_site);
+  ::simt::warp_sync(::simt::Sync::kSyncwarp, mask, nullptr, 0, 0, 32, ::simt::Site{simt_file, simt_line});
 }
 template <typename T>
 __forceinline__ T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32 SIMT_CALL_SITE) {
-  return ::simt::shuffle(::simt::Sync::kShflIdx, mask, v, src_lane, width, simt_site);
+  return ::simt::shuffle(::simt::Sync::kShflIdx, mask, v, src_lane, width, ::simt::Site{simt_file, simt_line});
 }
 template <typename T>
 __forceinline__ T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32 SIMT_CALL_SITE) {
-  return ::simt::shuffle(::simt::Sync::kShflXor, mask, v, lane_mask, width, simt_site);
+  return ::simt::shuffle(::simt::Sync::kShflXor, mask, v, lane_mask, width, ::simt::Site{simt_file, simt_line});
 }
 
 // torch defines it on the host as __assert_fail, which would end the process.

@@ -12,11 +12,11 @@ HAS_CUDA = torch.cuda.is_available()
 
 # "emu": the CUDA kernels on the CPU under our emulator (revgnn_ext.emulator): tensors are on the
 # CPU, and the autouse fixture _emulated_cuda routes the ops to the CUDA kernels.
-_MARKS = {"cpu": [], "cuda": [pytest.mark.skipif(not HAS_CUDA, reason="no GPU")],
+MARKS = {"cpu": [], "cuda": [pytest.mark.skipif(not HAS_CUDA, reason="no GPU")],
           "emu": [pytest.mark.emu, pytest.mark.skipif(not emulator.available(),
                                                       reason="emulated CUDA kernels not built (REVGNN_EXT_EMULATOR=1)")]}
 
-DEVICES = ["cpu", pytest.param("cuda", marks=_MARKS["cuda"]), pytest.param("cpu", marks=_MARKS["emu"], id="emu")]
+DEVICES = ["cpu", pytest.param("cuda", marks=MARKS["cuda"]), pytest.param("cpu", marks=MARKS["emu"], id="emu")]
 
 
 def dtypes_for(device):
@@ -30,7 +30,7 @@ def device_dtype_params():
     out = []
     for dev in ("cpu", "cuda", "emu"):
         for dt in dtypes_for(dev):
-            out.append(pytest.param("cpu" if dev == "emu" else dev, dt, marks=_MARKS[dev],
+            out.append(pytest.param("cpu" if dev == "emu" else dev, dt, marks=MARKS[dev],
                                     id=f"{dev}-{str(dt).split('.')[-1]}"))
     return out
 

@@ -6,9 +6,9 @@ no [E, H*C] or [E, H] allocation, bad inputs."""
 import pytest
 import torch
 
-from revgnn_ext import CSRGraph, ops, reference
+from revgnn_ext import CSRGraph, emulator, ops, reference
 
-from conftest import (DEVICES, SHAPES, assert_compiles_as_eager, assert_error_within_twice,
+from conftest import (DEVICES, MARKS, SHAPES, assert_compiles_as_eager, assert_error_within_twice,
                       assert_same_across_thread_counts, device_dtype_params, make_graph, max_cpu_allocation)
 
 MODES = ["src_only", "src_dst", "edge_features", "edge_scores"]
@@ -297,3 +297,29 @@ def test_autocast_casts_the_inputs_and_computes_in_float32():
     low = _as(kw, torch.bfloat16)
     exact = reference.gat_aggregate(g, **_as(low, torch.float64))
     assert_error_within_twice(out, reference.gat_aggregate(g, **low), exact, 4 * torch.finfo(torch.bfloat16).eps)
+
+
+@pytest.mark.parametrize("target", [  # the CPU twin runs in the same test: no autouse emulation
+    pytest.param("emu", marks=pytest.mark.skipif(not emulator.available(), reason="emulated CUDA kernels not built")),
+    pytest.param("cuda", marks=MARKS["cuda"])])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_edge_feature_gradient_rounds_once(target, dtype):
+    """The gradient of edge features encoded per head: the CUDA kernel sums the heads in float32
+    and rounds once, as the CPU kernel does, so the two agree within one unit in the last place
+    (rounding after each head drifts further with every head)."""
+    def grad(device):
+        g = _graph("power_law", device)
+        kw = _differentiable(_case(g, "edge_features", 8, 4, dtype, device, feat=5))
+        out = ops.gat_aggregate(g, negative_slope=0.2, **kw)
+        gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        return torch.autograd.grad(out, kw["edge_attr"], gout.to(device, dtype))[0].double().cpu()
+    twin = grad("cpu")
+    if target == "emu":
+        with emulator.emulated():
+            ours = grad("cpu")
+    else:
+        ours = grad("cuda")
+    info = torch.finfo(dtype)
+    ulp = info.eps * torch.exp2(torch.floor(torch.log2(twin.abs().clamp_min(info.tiny))))
+    err = (ours - twin).abs()
+    assert (err <= ulp).all(), f"up to {(err / ulp).max().item():.0f} ulps from the CPU kernel's gradient"

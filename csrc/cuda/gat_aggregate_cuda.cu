@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "cuda/common.cuh"
 #include "ops/gat_aggregate.h"
@@ -202,8 +203,9 @@ __global__ void __launch_bounds__(kBlock)
                             const GatEdges<scalar_t, index_t> ed, const scalar_t* __restrict__ grad_out,
                             const at::opmath_type<scalar_t>* __restrict__ lse,
                             const at::opmath_type<scalar_t>* __restrict__ r, scalar_t* __restrict__ grad_dst,
-                            scalar_t* __restrict__ grad_attr, double* __restrict__ partial, int64_t n, int64_t c,
-                            int group_size) {
+                            scalar_t* __restrict__ grad_attr_direct,
+                            at::opmath_type<scalar_t>* __restrict__ grad_attr_enc, double* __restrict__ partial,
+                            int64_t n, int64_t c, int group_size) {
   using acc_t = at::opmath_type<scalar_t>;
   const LaneGroup g(group_size);
   const int64_t heads = ed.heads, d = heads * c, f = ed.f, blocks = (n + kRowsPerBlock - 1) / kRowsPerBlock;
@@ -226,13 +228,12 @@ __global__ void __launch_bounds__(kBlock)
             const acc_t dz = gat_score_grad(fe.z, ed.slope, lse[ih], ed.drop(fe.hash, h),
                                             group_dot<scalar_t, acc_t>(g, go, x + fe.node * ldx + h * c, c), r[ih], w);
             gd += dz;
-            if (grad_attr != nullptr && direct) {
-              if (g.lane == 0) grad_attr[fe.edge * heads + h] = static_cast<scalar_t>(dz);
-            } else if (grad_attr != nullptr) {  // heads in order: this lane's features of the edge
+            if (grad_attr_direct != nullptr && direct) {
+              if (g.lane == 0) grad_attr_direct[fe.edge * heads + h] = static_cast<scalar_t>(dz);
+            } else if (grad_attr_enc != nullptr) {  // heads in order: this lane's features of the edge
               for (int64_t k = g.lane; k < f; k += g.size) {
-                const acc_t prev = h == 0 ? acc_t(0) : static_cast<acc_t>(grad_attr[fe.edge * f + k]);
-                const acc_t wk = static_cast<acc_t>(ed.weight[h * f + k]);
-                grad_attr[fe.edge * f + k] = static_cast<scalar_t>(prev + dz * wk);
+                const acc_t prev = h == 0 ? acc_t(0) : grad_attr_enc[fe.edge * f + k];
+                grad_attr_enc[fe.edge * f + k] = prev + dz * static_cast<acc_t>(ed.weight[h * f + k]);
               }
             }
             if (pw != nullptr) {
@@ -286,14 +287,25 @@ struct CudaGat {
         }
         if (grads.dst.defined() || grads.edge_attr.defined() || grads.weight.defined()) {
           const int64_t blocks = (in.num_dst + kRowsPerBlock - 1) / kRowsPerBlock;
+          // Encoded edge features: the heads summed in opmath precision, rounded once (in place for
+          // float32/float64, in a float32 buffer copied back otherwise).
+          const bool encoded = grads.edge_attr.defined() && in.weight.defined();
+          at::Tensor grad_attr_enc;
+          if (encoded) {
+            grad_attr_enc = std::is_same_v<scalar_t, acc_t>
+                                ? grads.edge_attr
+                                : at::zeros(grads.edge_attr.sizes(), grads.edge_attr.options().dtype(at::kFloat));
+          }
           at::Tensor partial = grads.weight.defined()
                                    ? at::zeros({blocks, in.heads * in.f}, in.x.options().dtype(at::kDouble))
                                    : at::Tensor();
           simt::launch<gat_backward_dst_kernel<scalar_t, index_t>>(num_blocks(blocks, lanes), kBlock, 0, stream,
               in.rowptr.data_ptr<index_t>(), in.col.data_ptr<index_t>(), in.num_edges, in.x.data_ptr<scalar_t>(),
               in.x.stride(0), in.x.size(0), ed, grad_out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(),
-              r.data_ptr<acc_t>(), ptr_or_null<scalar_t>(grads.dst), ptr_or_null<scalar_t>(grads.edge_attr),
+              r.data_ptr<acc_t>(), ptr_or_null<scalar_t>(grads.dst),
+              encoded ? nullptr : ptr_or_null<scalar_t>(grads.edge_attr), ptr_or_null<acc_t>(grad_attr_enc),
               ptr_or_null<double>(partial), in.num_dst, in.c, lanes);
+          if (encoded && !grad_attr_enc.is_same(grads.edge_attr)) grads.edge_attr.copy_(grad_attr_enc);
           if (partial.defined()) grads.weight.copy_(partial.sum(0).view({in.heads, in.f}));
         }
       });
