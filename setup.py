@@ -106,7 +106,7 @@ def _emulated_cuda_kernels():
     """revgnn_ext._emu: csrc/cuda/*.cu, included by csrc/emu/*.cpp, built by the host compiler."""
     return CppExtension("revgnn_ext._emu", sorted(glob.glob("csrc/emu/*.cpp")),
                         include_dirs=[os.path.join(ROOT, "csrc")],
-                        extra_compile_args={"cxx": ["-O2", "-Wno-unknown-pragmas", "-DSIMT_EMULATE",
+                        extra_compile_args={"cxx": ["-O2", "-g0", "-Wno-unknown-pragmas", "-DSIMT_EMULATE",
                                                     "-DREVGNN_LIBRARY=revgnn_ext_emu"]})
 
 

@@ -139,7 +139,7 @@ struct Fiber {
   Coordinates coords;
   unsigned tid = 0;  // linear thread index in the block
   State state = State::kReady;
-  // The pending call: what, where (a code address), with which mask and argument.
+  // The pending call: what, where (source line), with which mask and argument.
   Sync kind = Sync::kSyncwarp;
   Site site{nullptr, 0};
   unsigned count = 0;  // how many times this lane has made the call at `site`, this one included
