@@ -10,7 +10,7 @@ from torch_geometric.typing import OptTensor
 
 from .. import ops
 from ..graph import CSRGraph, as_graph
-from ._pyg import PygFallback, edge_values, pyg_adjacency, warn_once
+from ._pyg import PygFallback, coalesced, edge_values, pyg_adjacency, warn_once
 from .group_add_rev import Aggregation
 
 
@@ -83,8 +83,7 @@ class GCNConv(PygFallback, pyg_nn.GCNConv):
             return super().forward(x, pyg_adjacency(edge_index, x, None)[0], edge_weight), None
         num_nodes = x.size(self.node_dim)
         x = self.lin(x)
-        if isinstance(edge_index, Tensor) and edge_index.layout == torch.sparse_coo and not edge_index.is_coalesced():
-            edge_index = edge_index.coalesce()  # duplicate entries are one edge of summed weight, as in PyG's product
+        edge_index = coalesced(edge_index)
         if self.normalize:
             cache = self._cached_edge_index
             if cache is None:
