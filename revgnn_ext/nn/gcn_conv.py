@@ -84,6 +84,11 @@ class GCNConv(PygFallback, pyg_nn.GCNConv):
         num_nodes = x.size(self.node_dim)
         x = self.lin(x)
         edge_index = coalesced(edge_index)
+        # A torch.sparse adjacency's values are its weights, as in PyG (which ignores edge_weight then).
+        given = edge_values(edge_index) if isinstance(edge_index, Tensor) else None
+        given = edge_weight if given is None else given
+        if given is not None and given.is_floating_point():  # wider edge weights widen the result, as in PyG
+            x = x.to(torch.promote_types(x.dtype, given.dtype))
         if self.normalize:
             cache = self._cached_edge_index
             if cache is None:
@@ -93,10 +98,7 @@ class GCNConv(PygFallback, pyg_nn.GCNConv):
             graph, weight, loop_weight = cache
         else:
             graph = as_graph(edge_index, (num_nodes, num_nodes))
-            # A torch.sparse adjacency's values are its weights, as in PyG (which ignores edge_weight then).
-            weight = edge_values(edge_index) if isinstance(edge_index, Tensor) else None
-            weight = edge_weight if weight is None else weight
-            weight, loop_weight = (None if weight is None else weight.to(x.dtype)), None
+            weight, loop_weight = (None if given is None else given.to(x.dtype)), None
         return (x,), Aggregation(functools.partial(self._propagate, graph, weight=weight, loop_weight=loop_weight),
                                  self.bias)
 
@@ -150,4 +152,4 @@ class GCNConv(PygFallback, pyg_nn.GCNConv):
             out = ops.spmm(graph, flat, weight)
         else:
             out = ops.spmm_accumulate_(flat * loop_weight.unsqueeze(-1), graph, flat, weight)
-        return out.view(nodes_first.shape).movedim(0, self.node_dim)
+        return out.view(nodes_first.shape).movedim(0, self.node_dim).contiguous()  # contiguous, as PyG's
