@@ -392,6 +392,24 @@ def _index_tensors(adj) -> Tuple[Tensor, ...]:
     return (rowptr, col)
 
 
+def adjacency_tensors(adj) -> Tuple[Tensor, ...]:
+    """The tensors that hold an adjacency of any form a layer accepts (its indices and stored
+    values; a CSRGraph's tensors, its transpose included once built), which an in-place edit of
+    the graph changes. A value that is no adjacency gives ()."""
+    if isinstance(adj, CSRGraph):
+        return tuple(t for t, _ in adj._versions)
+    if isinstance(adj, Tensor) and adj.layout == torch.sparse_coo:
+        return adj._indices(), adj._values()
+    if isinstance(adj, Tensor) and adj.layout == torch.sparse_csr:
+        return adj.crow_indices(), adj.col_indices(), adj.values()
+    if isinstance(adj, Tensor):
+        return (adj,)
+    if hasattr(adj, "storage") and hasattr(adj, "csr"):  # torch_sparse.SparseTensor
+        value = adj.storage.value()
+        return _index_tensors(adj) + (() if value is None else (value,))
+    return ()
+
+
 def _fingerprint(t: Tensor) -> int:
     """A checksum of the values of an index tensor that depends on their positions: sum_k t_k w_k
     (mod 2^64) with fixed random odd weights w (rows of 4096, row r scaled by 2r + 1). One pass,

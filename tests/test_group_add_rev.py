@@ -495,6 +495,45 @@ def test_tensors_modified_between_forward_and_backward_raise(what):
         y.square().sum().backward()
 
 
+@pytest.mark.parametrize("conv", ["gat", "gcn", "gen"])
+@pytest.mark.parametrize("form", ["edge_index", "CSRGraph", "sparse values", "edge_index in a tuple argument"])
+def test_graph_modified_between_forward_and_backward_raises(conv, form):
+    """An edge_index buffer refilled for the next batch before backward: the recomputation of F
+    would run on the new graph (or the graphs derived from the old one), so backward raises, as
+    plain autograd does for the tensors it saved."""
+    from revgnn_ext.nn import GATConv, GCNConv
+    ei, n = make_graph("random")
+    torch.manual_seed(0)
+    make = dict(gat=lambda: GATConv(4, 4), gcn=lambda: GCNConv(4, 4), gen=lambda: GENConv(4, 4))[conv]
+    if form == "edge_index in a tuple argument":  # F reads the graph from an argument the block passes whole
+        class F(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = make()
+
+            def forward(self, x, _, graphs):
+                return self.conv(x, graphs[0])
+        block = GroupAddRev(F(), num_groups=2)
+    else:
+        block = GroupAddRev(make(), num_groups=2)
+    if form == "CSRGraph":
+        adj = revgnn_ext.CSRGraph.from_edge_index(ei, n)
+        edit = adj.col
+    elif form == "sparse values":
+        adj = torch.sparse_coo_tensor(ei.flip(0), torch.rand(ei.size(1)), (n, n)).coalesce()
+        edit = adj._values()
+    else:
+        adj = ei.clone()
+        edit = adj[0]
+    args = (None, (adj,)) if form == "edge_index in a tuple argument" else (adj,)
+    x = torch.randn(n, 8, requires_grad=True)
+    y = block(x * 1.0, *args)
+    with torch.no_grad():
+        edit.copy_(edit.flip(0))  # the same values in another order: a valid graph, another one
+    with pytest.raises(RuntimeError, match="was modified in place between the block.s forward and its backward"):
+        y.square().sum().backward()
+
+
 def test_input_also_saved_by_another_operation_trains_with_plain_gradients():
     """h = relu(lin(x)): ReLU saved h for its backward, and lin2 (a parallel branch) saved it
     too; the block keeps h (warning once) and the gradients are plain autograd's."""

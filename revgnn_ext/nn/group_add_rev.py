@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import _C, ops
+from ..graph import adjacency_tensors
 
 __all__ = ["Aggregation", "GroupAddRev"]
 
@@ -218,11 +219,26 @@ def _autocast_state(device_type: str) -> Tuple[str, bool, torch.dtype, bool]:
     return _AUTOCAST_STATES.setdefault(state, state)
 
 
+def _graph_tensors(values: Sequence[Any]) -> Tuple[Tensor, ...]:
+    """The tensors behind the arguments a block passes to F: each tensor, and the tensors that
+    hold an adjacency (a CSRGraph's, its cached transpose included; a sparse tensor's indices
+    and values), inside tuples and lists too. F rebuilds from them what it derives (a CSRGraph
+    of an edge_index, GATConv's looped graph), so an edit of one changes F's recomputation."""
+    tensors = []
+    for value in values:
+        if isinstance(value, (tuple, list)):
+            tensors.extend(_graph_tensors(value))
+        else:
+            tensors.extend(adjacency_tensors(value))
+    return tuple(tensors)
+
+
 def _version(ctx) -> int:
     """The sum of the version counters of what a block's backward reads as it was in forward: its
-    parameters, tensor arguments and input unless released (an in-place edit raises the sum)."""
+    parameters, the tensors behind edge_index and the arguments, and its input unless released
+    (an in-place edit raises the sum)."""
     kept = (ctx.x,) if ctx.x_class is None else ()
-    return sum(t._version for t in (*ctx.params, *ctx.args, *kept) if isinstance(t, Tensor))
+    return sum(t._version for t in (*ctx.params, *ctx.graph_tensors, *kept))
 
 
 class _GroupAddRevFunction(torch.autograd.Function):
@@ -237,6 +253,7 @@ class _GroupAddRevFunction(torch.autograd.Function):
         # backward.
         args, params = rest[:num_args], rest[num_args:]
         ctx.block, ctx.edge_index, ctx.args, ctx.params = block, edge_index, args, params
+        ctx.graph_tensors = _graph_tensors((edge_index, *args))
         ctx.passes_left = block.num_bwd_passes
         ctx.autocast = _autocast_state(x.device.type)  # backward recomputes F in the forward's precision
         with torch.no_grad(), _RNG_LOCK:
@@ -260,9 +277,10 @@ class _GroupAddRevFunction(torch.autograd.Function):
                                "input from its output, so its gradients would be wrong. Use the out-of-place op "
                                "(torch.relu(y), y * mask) on a reversible block's output.")
         if _version(ctx) != ctx.version:
-            raise RuntimeError("GroupAddRev: a parameter, a tensor argument or the kept input of the block was modified "
-                               "in place between the block's forward and its backward (e.g. optimizer.step() before "
-                               "loss.backward()); the gradients would be wrong. Run backward before modifying them.")
+            raise RuntimeError("GroupAddRev: a parameter, the graph (edge_index), a tensor argument or the kept input "
+                               "of the block was modified in place between the block's forward and its backward (e.g. "
+                               "optimizer.step() before loss.backward(), or an edge_index buffer refilled for the next "
+                               "batch); the gradients would be wrong. Run backward before modifying them.")
         current = tuple(block.parameters())
         if len(current) != len(ctx.params):
             raise RuntimeError("GroupAddRev: the block's parameters were added or removed between forward and "
@@ -356,8 +374,9 @@ class GroupAddRev(torch.nn.Module):
     - the input is released only when nothing else holds it (another operation that saved it for
       its backward, a view): otherwise it is kept, with a warning, and gradients stay right; any
       use of a released input raises (so does a use of the output after the last backward);
-    - modifying the output, a parameter, a tensor argument or a kept input in place between
-      forward and backward raises in backward, as plain autograd does;
+    - modifying the output, a parameter, the graph (an edge_index, a CSRGraph's or a sparse
+      adjacency's tensors, passed as edge_index or inside an argument), a tensor argument or a kept
+      input in place between forward and backward raises in backward, as plain autograd does;
     - under ``torch.autocast`` F runs in low precision while the carried activations keep the
       input's dtype; the recomputation replays the forward's autocast state (as the RNG state),
       so F is evaluated in the forward's precision and gradients stay as accurate as plain
