@@ -285,15 +285,34 @@ def test_multiple_backward_passes():
     loss = y.square().sum()
     (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
     (g2,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g3,) = torch.autograd.grad(loss, x)
     torch.testing.assert_close(g1, g2)
-    with pytest.raises(RuntimeError):  # a third pass: the output is gone
+    torch.testing.assert_close(g1, g3)
+    with pytest.raises(RuntimeError):  # the graph is freed
         torch.autograd.grad(loss, x)
-    y = block(x * 1.0, ei)
-    loss = y.sum()
-    loss.backward(retain_graph=True)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="num_bwd_passes"):
-        loss.backward()
+
+
+@pytest.mark.parametrize("num_bwd_passes", [1, 2])
+def test_backward_with_retain_graph_runs_again(num_bwd_passes):
+    """backward(retain_graph=True) keeps the block ready for another pass, whatever
+    num_bwd_passes: each pass gives plain autograd's gradients; the last one (without
+    retain_graph) frees the graph."""
+    ei, n = make_graph("random")
+    torch.manual_seed(0)
+    block = GroupAddRev(gen_block(4), num_groups=2, num_bwd_passes=num_bwd_passes).double()
+    plain = copy.deepcopy(block)
+    plain.disable = True
+    e = torch.randn(ei.size(1), 4, dtype=torch.float64)
+    x = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for b in (block, plain):
+        torch.manual_seed(1)
+        loss = b(x * 1.0, ei, e).square().sum()  # the square keeps the block's output for its backward
+        grads.append([torch.autograd.grad(loss, x, retain_graph=k < 2)[0] for k in range(3)])
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref)
+    with pytest.raises(RuntimeError):  # the graph is freed, as plain autograd's
+        torch.autograd.grad(loss, x)
 
 
 def test_released_activation_and_emptied_output_fail_loudly():

@@ -155,8 +155,8 @@ class _ReleasedInput(_Released):
 
 class _SpentOutput(_Released):
     message = ("GroupAddRev: this tensor is the output of a reversible block after its last backward pass: its "
-               "memory now holds the block's input. Read the output before backward (or copy it), or raise "
-               "num_bwd_passes for more backward passes.")
+               "memory now holds the block's input. Read the output before backward (or copy it), or run the "
+               "earlier backward passes with retain_graph=True (or raise num_bwd_passes).")
 
 
 _NOT_READS = {torch.autograd.grad, torch.autograd.backward, Tensor.untyped_storage, Tensor.__hash__,
@@ -304,7 +304,8 @@ class _GroupAddRevFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_y: Tensor):
         _GroupAddRevFunction._check_unchanged(ctx)
-        ctx.passes_left -= 1
+        # A pass that keeps autograd's graph (retain_graph=True) leaves the block ready for another.
+        ctx.passes_left = max(ctx.passes_left - 1, 1 if _graph_retained() else 0)
         block, x, y = ctx.block, ctx.x, ctx.y
         num_args = len(ctx.args)
         trainable = [p for p, need in zip(ctx.params, ctx.needs_input_grad[5 + num_args:]) if need]
@@ -330,6 +331,14 @@ class _GroupAddRevFunction(torch.autograd.Function):
         it = iter(grad_trainable)
         grad_params = [next(it) if need else None for need in ctx.needs_input_grad[5 + num_args:]]
         return (None, None, None, None, grad_x, *grad_args, *grad_params)
+
+
+def _graph_retained() -> bool:
+    """Whether the backward pass that runs now keeps autograd's graph for another pass
+    (``retain_graph=True``, or ``create_graph=True``). The engine's flag is read as AOTAutograd
+    reads it; where PyTorch lacks it, a pass counts against num_bwd_passes."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keep_graph is not None and keep_graph()
 
 
 @contextlib.contextmanager
@@ -377,6 +386,10 @@ class GroupAddRev(torch.nn.Module):
     - modifying the output, a parameter, the graph (an edge_index, a CSRGraph's or a sparse
       adjacency's tensors, passed as edge_index or inside an argument), a tensor argument or a kept
       input in place between forward and backward raises in backward, as plain autograd does;
+    - a backward pass with ``retain_graph=True`` (or ``create_graph=True``) keeps the block ready
+      for another pass (its output intact, the input rebuilt into a copy), as plain autograd keeps
+      its graph, whatever ``num_bwd_passes``; ``num_bwd_passes`` counts the passes that do not
+      retain the graph (autograd allows several when no other operation saved a tensor);
     - under ``torch.autocast`` F runs in low precision while the carried activations keep the
       input's dtype; the recomputation replays the forward's autocast state (as the RNG state),
       so F is evaluated in the forward's precision and gradients stay as accurate as plain
