@@ -10,7 +10,7 @@ from torch_geometric.typing import OptPairTensor, OptTensor
 from torch_geometric.utils import add_self_loops
 
 from .. import ops
-from ..graph import CSRGraph, as_graph
+from ..graph import CSRGraph, as_graph, refuse_under_export
 from ._pyg import PygFallback, coalesced, node_counts, pyg_adjacency, warn_once
 from .gcn_conv import fused_sum
 from .group_add_rev import Aggregation
@@ -45,6 +45,7 @@ def _with_self_loops(graph: CSRGraph, num_loops: int) -> Tuple[CSRGraph, Tensor,
     cached = _LOOPED.get(graph)
     if cached is not None and cached[0] == num_loops:
         return cached[1]
+    refuse_under_export("GATConv's self-loop graph")
     edge_index = graph.to_edge_index()
     kept = (edge_index[0] != edge_index[1]).nonzero().view(-1)
     kept_edge_index = edge_index[:, kept]

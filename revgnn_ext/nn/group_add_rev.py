@@ -599,8 +599,10 @@ class GroupAddRev(torch.nn.Module):
             raise RuntimeError("GroupAddRev: torch.jit.trace cannot record a reversible block's backward (it runs in "
                                "Python); trace the model with disable=True on its GroupAddRev blocks (the same "
                                "outputs and gradients with plain autograd), or use torch.compile")
-        # Forward-mode AD: the plain computation, which autograd differentiates in both modes.
-        if self.disable or not torch.is_grad_enabled() or ops.forward_ad_tracks((x, *args)):
+        # Forward-mode AD: the plain computation, which autograd differentiates in both modes;
+        # torch.export: the plain computation, the same function for the exported program.
+        if (self.disable or not torch.is_grad_enabled() or ops.forward_ad_tracks((x, *args))
+                or torch.compiler.is_exporting()):
             return self._plain(x, edge_index, args)
         return self._reversible(x, edge_index, args)
 
