@@ -553,6 +553,24 @@ def test_graph_modified_between_forward_and_backward_raises(conv, form):
         y.square().sum().backward()
 
 
+def test_graph_made_under_inference_mode_trains():
+    # An inference tensor has no version counter to watch; the block trains on it as before.
+    with torch.inference_mode():
+        ei, n = make_graph("random")
+        ei = ei.clone()
+    torch.manual_seed(0)
+    block = GroupAddRev(gen_block(4), num_groups=2).double()
+    plain = copy.deepcopy(block)
+    plain.disable = True
+    e = torch.randn(ei.size(1), 4, dtype=torch.float64)
+    x = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for b in (block, plain):
+        torch.manual_seed(1)
+        grads.append(torch.autograd.grad(b(x * 1.0, ei, e).square().sum(), x)[0])
+    torch.testing.assert_close(*grads)
+
+
 def test_input_also_saved_by_another_operation_trains_with_plain_gradients():
     """h = relu(lin(x)): ReLU saved h for its backward, and lin2 (a parallel branch) saved it
     too; the block keeps h (warning once) and the gradients are plain autograd's."""

@@ -223,13 +223,14 @@ def _graph_tensors(values: Sequence[Any]) -> Tuple[Tensor, ...]:
     """The tensors behind the arguments a block passes to F: each tensor, and the tensors that
     hold an adjacency (a CSRGraph's, its cached transpose included; a sparse tensor's indices
     and values), inside tuples and lists too. F rebuilds from them what it derives (a CSRGraph
-    of an edge_index, GATConv's looped graph), so an edit of one changes F's recomputation."""
+    of an edge_index, GATConv's looped graph), so an edit of one changes F's recomputation.
+    Inference tensors (made under torch.inference_mode) have no version counter and are left out."""
     tensors = []
     for value in values:
         if isinstance(value, (tuple, list)):
             tensors.extend(_graph_tensors(value))
         else:
-            tensors.extend(adjacency_tensors(value))
+            tensors.extend(t for t in adjacency_tensors(value) if not t.is_inference())
     return tuple(tensors)
 
 
