@@ -553,6 +553,28 @@ def test_graph_modified_between_forward_and_backward_raises(conv, form):
         y.square().sum().backward()
 
 
+def test_wider_edge_weights_in_a_block_train_in_the_blocks_dtype():
+    """GCNConv with float64 edge weights returns float64 (PyG's promotion); in a float32 block
+    its output is added into the block's float32 slices as any F's, forward and backward (PyG's
+    block and a disabled one fail: the next group's Linear gets float64 features)."""
+    from revgnn_ext.nn import GCNConv
+    ei, n = make_graph("random")
+    torch.manual_seed(0)
+    block = GroupAddRev(GCNConv(4, 4), num_groups=2)
+    w = torch.rand(ei.size(1), dtype=torch.float64)
+    x = torch.randn(n, 8, requires_grad=True)
+    outs, grads = [], []
+    for weight in (w, w.float()):
+        y = block(x * 1.0, ei, weight)
+        outs.append(y.detach().clone())
+        grads.append(torch.autograd.grad(y.square().sum(), x)[0])
+        with torch.no_grad():
+            torch.testing.assert_close(block(x, ei, weight), outs[-1])
+    assert outs[0].dtype == torch.float32
+    torch.testing.assert_close(*outs)
+    torch.testing.assert_close(*grads)
+
+
 def test_graph_made_under_inference_mode_trains():
     # An inference tensor has no version counter to watch; the block trains on it as before.
     with torch.inference_mode():

@@ -464,6 +464,8 @@ class GroupAddRev(torch.nn.Module):
                 or torch.is_autocast_enabled(inp.device.type)):
             return conv(inp, edge_index, *group_args), None
         h, last = split(inp, edge_index, *group_args)
+        if isinstance(last, Aggregation) and h[0].dtype != inp.dtype:  # a wider F (float64 edge weights)
+            return last(h), None  # added as a plain F's output: no accumulate form takes a wider operand
         if isinstance(last, Aggregation) and not in_place:
             return last.aggregate(*h), last
         return h, last
