@@ -39,7 +39,7 @@ from torch import Tensor
 from torch_geometric.utils import subgraph
 from tqdm import tqdm
 
-from example_args import POSITIVE_FLOAT, POSITIVE_INT, PROBABILITY  # noqa: F401 (also the scripts')
+from example_args import POSITIVE_FLOAT, POSITIVE_INT, PROBABILITY
 from revgnn_ext.datasets import NodeData
 from revgnn_ext.memory import set_malloc_thresholds
 
