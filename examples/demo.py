@@ -19,6 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from example_args import POSITIVE_FLOAT, POSITIVE_INT
 from revgnn_ext.datasets import synthetic_proteins
 from revgnn_ext.memory import PeakMemory, available_memory, set_malloc_thresholds
 from revgnn_ext.nn import RevGNN
@@ -73,19 +74,26 @@ def train(data, args, device, reversible: bool, steps: int, num_layers: int, qui
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--layers", type=int, help="depth (default: 200 on cpu, 1001 on cuda)")
-    p.add_argument("--nodes", type=int, help="graph nodes (default: 5,000 on cpu, 50,000 on cuda)")
-    p.add_argument("--degree", type=float, default=20.0, help="mean in-degree")
-    p.add_argument("--hidden", type=int, default=80, help="channels (2 groups)")
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--layers", type=POSITIVE_INT, help="depth (default: 200 on cpu, 1001 on cuda)")
+    p.add_argument("--nodes", type=POSITIVE_INT, help="graph nodes (default: 5,000 on cpu, 50,000 on cuda)")
+    p.add_argument("--degree", type=POSITIVE_FLOAT, default=20.0, help="mean in-degree")
+    p.add_argument("--hidden", type=POSITIVE_INT, default=80, help="channels (2 groups)")
+    p.add_argument("--steps", type=POSITIVE_INT, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plain", action="store_true", help="skip the non-reversible comparison")
     args = p.parse_args()
+    try:  # the model's own checks (e.g. hidden channels into 2 groups), on the meta device: no memory
+        with torch.device("meta"):
+            RevGNN.preset("proteins-deep", num_layers=1, hidden_channels=args.hidden)
+    except ValueError as err:
+        p.error(f"argument --hidden: {err}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("argument --device: cuda: no CUDA device is available; use --device cpu")
     set_malloc_thresholds()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    layers = args.layers or (1001 if gpu else 200)
-    nodes = args.nodes or (50_000 if gpu else 5_000)
+    layers = args.layers if args.layers is not None else (1001 if gpu else 200)
+    nodes = args.nodes if args.nodes is not None else (50_000 if gpu else 5_000)
 
     check_gradients()
     data = synthetic_proteins(num_nodes=nodes, mean_degree=args.degree, seed=args.seed, device=device)

@@ -39,6 +39,7 @@ from torch import Tensor
 from torch_geometric.utils import subgraph
 from tqdm import tqdm
 
+from example_args import POSITIVE_FLOAT, POSITIVE_INT, PROBABILITY
 from revgnn_ext.datasets import NodeData
 from revgnn_ext.memory import set_malloc_thresholds
 
@@ -62,22 +63,6 @@ class Task:
     # arguments; each part gets its nodes' rows (the paper's whole-graph edge sums on proteins).
     node_inputs: Callable[[NodeData], Dict[str, Tensor]] = lambda data: {}
     lr: float = 1e-3                        # default learning rate (the paper's)
-
-
-def _number(cast, valid: Callable[..., bool], requirement: str):
-    """An argparse type: cast(text), rejected unless valid (argparse names the argument)."""
-    def parse(text: str):
-        value = cast(text)
-        if not valid(value):
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
-        return value
-    parse.__name__ = cast.__name__
-    return parse
-
-
-POSITIVE_INT = _number(int, lambda v: v > 0, "> 0")
-POSITIVE_FLOAT = _number(float, lambda v: v > 0, "> 0")
-PROBABILITY = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def parser(task: Task, doc: str, partitions: bool = True) -> argparse.ArgumentParser:
@@ -356,7 +341,10 @@ def run(task: Task, args, build_model: Callable[[], torch.nn.Module], recipe: Re
     is_train = torch.zeros(data.num_nodes, dtype=torch.bool, device=device)
     is_train[data.split_idx["train"]] = True
     torch.manual_seed(args.seed)
-    module = build_model().to(device)
+    try:
+        module = build_model().to(device)
+    except ValueError as err:  # a model argument out of range (e.g. --hidden-channels): one line
+        raise SystemExit(f"the model's arguments (--num-layers, --hidden-channels, ...): {err}") from None
     model = torch.nn.parallel.DistributedDataParallel(module) if world > 1 else module
     optimizer = recipe.optimizer(model.parameters(), args)
     evaluator = Evaluator(task.name)

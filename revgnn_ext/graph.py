@@ -91,6 +91,16 @@ def _rowptr(keys: Tensor, num_rows: int, dtype: torch.dtype) -> Tensor:
     return rowptr.to(dtype)
 
 
+def refuse_under_export(what: str) -> None:
+    """Raises a RuntimeError under ``torch.export``, where ``what``, a graph-building step, would
+    run: it reads index values, which an exported program cannot (see docs/design.md)."""
+    if torch.compiler.is_exporting():
+        raise RuntimeError(f"revgnn_ext: torch.export cannot trace {what}, which reads the graph's index values. "
+                           "Export for a fixed graph: build its CSRGraph before export (CSRGraph.from_edge_index), "
+                           "hold it in the model (an attribute, not an export input), run the model on it once, "
+                           "and export under torch.no_grad()")
+
+
 def _normal_tensor(t: Optional[Tensor]) -> Optional[Tensor]:
     """t, or a normal copy of an inference tensor (made under torch.inference_mode), which autograd
     cannot save for backward and whose in-place edits cannot be detected."""
@@ -173,6 +183,7 @@ class CSRGraph:
         ``EdgeIndex``. ``num_nodes``: an int, a ``(num_src, num_dst)`` pair for bipartite graphs,
         or None to infer ``max index + 1``."""
         where = "CSRGraph.from_edge_index"
+        refuse_under_export(where)
         if not isinstance(edge_index, Tensor):
             raise TypeError(f"{where}: edge_index must be a tensor, got {type(edge_index).__name__}")
         if num_nodes is None and hasattr(edge_index, "sparse_size"):  # PyG EdgeIndex
@@ -198,6 +209,7 @@ class CSRGraph:
         """From CSR by destination (``rowptr`` [num_dst + 1], ``col`` [E] sources); per-edge
         tensors are then in this CSR order."""
         where = "CSRGraph.from_csr"
+        refuse_under_export(where)
         for name, t in (("rowptr", rowptr), ("col", col)):
             if not isinstance(t, Tensor) or t.dim() != 1:
                 raise ValueError(f"{where}: {name} must be a 1-D tensor")
@@ -300,6 +312,7 @@ class CSRGraph:
 
     @torch.compiler.disable  # data-dependent (the count per source): eager, once per graph
     def _transpose(self) -> None:
+        refuse_under_export("the graph's transpose (built for gradients)")
         if self.device.type == "meta":  # a shape-only graph
             meta = dict(dtype=self.index_dtype, device="meta")
             self._transposed = (torch.empty(self.num_src + 1, **meta), torch.empty(self.num_edges, **meta),
@@ -336,6 +349,7 @@ class CSRGraph:
 
     @torch.compiler.disable  # builds a graph (eager, once; then read from the cache)
     def _order(self) -> None:
+        refuse_under_export("CSRGraph.csr_ordered")
         if self._csr_ordered is None:
             self._csr_ordered = CSRGraph(self.rowptr, self.col, self.num_src)
             self._csr_ordered._versions = [(t, v) for t, v in self._versions if t is not self.perm]
@@ -392,6 +406,24 @@ def _index_tensors(adj) -> Tuple[Tensor, ...]:
     return (rowptr, col)
 
 
+def adjacency_tensors(adj) -> Tuple[Tensor, ...]:
+    """The tensors that hold an adjacency of any form a layer accepts (its indices and stored
+    values; a CSRGraph's tensors, its transpose included once built), which an in-place edit of
+    the graph changes. A value that is no adjacency gives ()."""
+    if isinstance(adj, CSRGraph):
+        return tuple(t for t, _ in adj._versions)
+    if isinstance(adj, Tensor) and adj.layout == torch.sparse_coo:
+        return adj._indices(), adj._values()
+    if isinstance(adj, Tensor) and adj.layout == torch.sparse_csr:
+        return adj.crow_indices(), adj.col_indices(), adj.values()
+    if isinstance(adj, Tensor):
+        return (adj,)
+    if hasattr(adj, "storage") and hasattr(adj, "csr"):  # torch_sparse.SparseTensor
+        value = adj.storage.value()
+        return _index_tensors(adj) + (() if value is None else (value,))
+    return ()
+
+
 def _fingerprint(t: Tensor) -> int:
     """A checksum of the values of an index tensor that depends on their positions: sum_k t_k w_k
     (mod 2^64) with fixed random odd weights w (rows of 4096, row r scaled by 2r + 1). One pass,
@@ -446,6 +478,7 @@ def as_graph(adj, num_nodes: Tuple[int, int]) -> CSRGraph:
 
 @torch.compiler.disable
 def _cached_conversion(adj, num_src: int, num_dst: int) -> CSRGraph:
+    refuse_under_export(f"the conversion of a {type(adj).__name__} adjacency to a CSRGraph")
     if torch.jit.is_tracing():
         return _convert(adj, num_src, num_dst)
     indices = _index_tensors(adj) if isinstance(adj, Tensor) or hasattr(adj, "csr") else ()

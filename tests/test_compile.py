@@ -2,8 +2,12 @@
 GroupAddRev blocks give eager's losses, gradients and parameters after several optimizer steps
 (float64), compile a fixed number of frames whatever the depth (not one per layer), and break
 the graph only where the docs say (graph building from an edge_index; each reversible block,
-which runs eagerly so that backward's recomputation of F matches the forward bit for bit)."""
+which runs eagerly so that backward's recomputation of F matches the forward bit for bit).
+torch.export of models for a fixed graph, loaded in a fresh process."""
+import contextlib
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +15,8 @@ import torch
 pytest.importorskip("torch_geometric")
 from torch._dynamo.utils import counters  # noqa: E402
 
-from revgnn_ext.nn import GroupAddRev, RevGNN  # noqa: E402
+from revgnn_ext import CSRGraph  # noqa: E402
+from revgnn_ext.nn import GATConv, GCNConv, GENConv, GroupAddRev, RevGNN  # noqa: E402
 
 from test_rev_gnn import proteins_like  # noqa: E402
 
@@ -113,3 +118,63 @@ def test_plain_blocks_compile_whole():
     model = UserNet(depth=4, reversible=False).double().eval()
     explanation = torch._dynamo.explain(model)(torch.randn(20, 8, dtype=torch.float64), None)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+class OnGraph(torch.nn.Module):
+    """A model for one fixed graph, as exported for inference: the graph (and any edge features)
+    held as attributes, the node features the only input."""
+
+    def __init__(self, model, graph, *extra):
+        super().__init__()
+        self.model, self.graph, self.extra = model, graph, extra
+
+    def forward(self, x):
+        return self.model(x, self.graph, *self.extra)
+
+
+LOAD = ("import sys, torch, revgnn_ext; program = torch.export.load(sys.argv[1]); "
+        "torch.save(program.module()(torch.load(sys.argv[2])), sys.argv[3])")
+
+
+def _layer(name):
+    torch.manual_seed(0)
+    return dict(revgnn=lambda: RevGNN.preset("proteins-deep", num_layers=3, hidden_channels=16),
+                gen=lambda: GENConv(8, 8, aggr="softmax", learn_t=True, edge_dim=8),
+                gat=lambda: GATConv(8, 4, heads=2, edge_dim=8),
+                gcn=lambda: GCNConv(8, 8))[name]().double().eval()
+
+
+@pytest.mark.parametrize("name", ["revgnn", "gen", "gat", "gcn"])
+@pytest.mark.parametrize("trained", [False, True])
+def test_export_for_a_fixed_graph_loads_in_a_fresh_process(name, trained, tmp_path):
+    """torch.export of a model on a CSRGraph built beforehand, saved, loaded in a fresh process:
+    the same outputs. The model ran once on the graph and is exported under no_grad, or was
+    trained on it (a backward built the graph's transpose) and is exported with grad enabled."""
+    x, edge_index, edge_attr = proteins_like()
+    graph = CSRGraph.from_edge_index(edge_index, x.size(0))
+    model = OnGraph(_layer(name), graph, *(() if name == "gcn" else (edge_attr,)))
+    if trained:
+        model(x).sum().backward()
+    expected = model(x).detach()
+    with torch.no_grad() if not trained else contextlib.nullcontext():
+        program = torch.export.export(model, (x,))
+    torch.export.save(program, tmp_path / "model.pt2")
+    torch.save(x, tmp_path / "x.pt")
+    subprocess.run([sys.executable, "-c", LOAD, str(tmp_path / "model.pt2"), str(tmp_path / "x.pt"),
+                    str(tmp_path / "out.pt")], check=True, timeout=300)
+    # (a reversible block exports its plain computation: the same function, rounded otherwise)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt").detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_export_that_would_build_a_graph_is_refused():
+    """Graph building reads index values, which an exported program cannot: an edge_index
+    input, a graph whose derived forms do not exist yet, or gradients that need the transpose
+    raise a RuntimeError that says how to export instead."""
+    x, edge_index, edge_attr = proteins_like()
+    layer = _layer("gat")
+    cases = [OnGraph(layer, edge_index, edge_attr),
+             OnGraph(layer, CSRGraph.from_edge_index(edge_index, x.size(0)), edge_attr),  # not run on it yet
+             OnGraph(_layer("gen"), CSRGraph.from_edge_index(edge_index, x.size(0)), edge_attr)]  # with grad
+    for model in cases:
+        with pytest.raises(RuntimeError, match="torch.export.*CSRGraph.*no_grad"):
+            torch.export.export(model, (x,))

@@ -212,6 +212,10 @@ def test_non_finite_values_never_pass_silently():
 def test_arguments_are_checked():
     with pytest.raises(ValueError, match="DEQ: solver must be one of anderson, broyden"):
         DEQ(Exploding(), solver="newton")
+    for name in ("tol", "backward_tol"):  # checked where given, not warned about at every forward
+        for value in (-1e-4, float("nan")):
+            with pytest.raises(ValueError, match=name):
+                _sage_deq(**{name: value})
     with pytest.raises(ValueError, match="DEQ: 7 channels do not split into 2 equal groups"):
         _sage_deq()(torch.randn(40, 7, dtype=torch.float64), _graph())
 

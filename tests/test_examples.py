@@ -119,6 +119,23 @@ def test_missing_root_is_one_line(tmp_path):
     assert out == "" and not (tmp_path / "missing").exists()
 
 
+@pytest.mark.parametrize("flag, value", [("--layers", "0"), ("--nodes", "0"), ("--steps", "0"), ("--degree", "-1"),
+                                         ("--degree", "inf"), ("--hidden", "8"), ("--hidden", "7"), ("--hidden", "0")])
+def test_demo_arguments_out_of_range_are_one_line(flag, value):
+    """demo.py refuses a value out of range before any work, naming the argument (0 is not the
+    default, --hidden 8 is the edge features' width, --hidden 7 does not split into 2 groups)."""
+    message, out = fails([sys.executable, str(EXAMPLES / "demo.py"), flag, value])
+    assert message.startswith(f"demo.py: error: argument {flag}: "), message
+    assert out == ""
+
+
+@pytest.mark.parametrize("flag, value", [("--hidden-channels", "8"), ("--hidden-channels", "7"),
+                                         ("--num-layers", "0"), ("--dropout", "1")])
+def test_ogb_model_arguments_out_of_range_are_one_line(flag, value):
+    message, _ = fails([*SYNTHETIC, flag, value])
+    assert flag.lstrip("-").replace("-", "_") in message or flag in message, message
+
+
 @pytest.mark.parametrize("name, extra", [("ogbn-proteins", ["--scale", "0.001"]),
                                          ("ogbn-products", ["--scale", "0.0002", "--full-graph"])])
 def test_synthetic(name, extra):

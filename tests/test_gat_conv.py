@@ -95,6 +95,28 @@ def test_torch_sparse_adjacency():
     _check(ours, ref, (x_src, None), adj_t.to_sparse_csr(), adj_t.to_sparse_csr())
 
 
+def test_uncoalesced_sparse_adjacency_is_coalesced_as_in_pyg():
+    # Duplicate entries are one edge (of summed value) in PyG's GATConv, not several.
+    ei, n = make_graph("duplicates")
+    adj_t = torch.sparse_coo_tensor(ei.flip(0), torch.ones(ei.size(1), dtype=torch.float64), (n, n))
+    assert not adj_t.is_coalesced()
+    x = torch.randn(n, 12, dtype=torch.float64, requires_grad=True)
+    for config in (dict(heads=2), dict(add_self_loops=False)):
+        ours, ref = _pair(config)
+        _check(ours, ref, x, adj_t, adj_t.coalesce())
+
+
+def test_an_edited_graph_raises_instead_of_its_cached_looped_graph():
+    ei, n = make_graph("random")
+    graph = CSRGraph.from_edge_index(ei, n)
+    ours, _ = _pair(dict())
+    x = torch.randn(n, 12, dtype=torch.float64)
+    ours(x, graph)
+    graph.col[0] = (graph.col[0] + 1) % n
+    with pytest.raises(RuntimeError, match="CSRGraph"):
+        ours(x, graph)
+
+
 def test_float32_error_within_twice_pygs():
     ei, n = make_graph("power_law")
     ours, ref = _pair(dict(heads=3, edge_dim=4), dtype=torch.float32)

@@ -114,8 +114,25 @@ def test_static_graph_batch_and_sparse_features():
     ours, ref = _pair(dict())
     x = torch.randn(3, n, 12, dtype=torch.float64, requires_grad=True)
     _check(ours, ref, x, ei, ei)
+    for config in (dict(), dict(bias=False)):  # contiguous as PyG's, so that out.view(3, -1) works
+        out = _pair(config)[0](x, ei)
+        assert out.is_contiguous() and out.view(3, -1).shape == (3, n * 16)
     x_sparse = torch.randn(n, 12, dtype=torch.float64).relu().to_sparse()
     torch.testing.assert_close(ours(x_sparse, ei), ref(x_sparse, ei), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_wider_edge_weights_promote_as_pyg(config):
+    # float64 edge weights with float32 features give float64, as PyG's type promotion does;
+    # narrower ones leave the features' dtype.
+    ei, n = make_graph("self_loops")
+    ours, ref = _pair(config, dtype=torch.float32)
+    x = torch.randn(n, 12, requires_grad=True)
+    for dtype in (torch.float64, torch.float16):
+        weight = torch.rand(ei.size(1), dtype=dtype, requires_grad=True)
+        out = ours(x, ei, weight)
+        assert out.dtype == ref(x, ei, weight).dtype
+    _check(ours, ref, x, ei, ei, torch.rand(ei.size(1), dtype=torch.float64, requires_grad=True), tol=1e-5)
 
 
 def test_fallbacks_warn_and_match_pyg():

@@ -285,15 +285,34 @@ def test_multiple_backward_passes():
     loss = y.square().sum()
     (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
     (g2,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g3,) = torch.autograd.grad(loss, x)
     torch.testing.assert_close(g1, g2)
-    with pytest.raises(RuntimeError):  # a third pass: the output is gone
+    torch.testing.assert_close(g1, g3)
+    with pytest.raises(RuntimeError):  # the graph is freed
         torch.autograd.grad(loss, x)
-    y = block(x * 1.0, ei)
-    loss = y.sum()
-    loss.backward(retain_graph=True)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="num_bwd_passes"):
-        loss.backward()
+
+
+@pytest.mark.parametrize("num_bwd_passes", [1, 2])
+def test_backward_with_retain_graph_runs_again(num_bwd_passes):
+    """backward(retain_graph=True) keeps the block ready for another pass, whatever
+    num_bwd_passes: each pass gives plain autograd's gradients; the last one (without
+    retain_graph) frees the graph."""
+    ei, n = make_graph("random")
+    torch.manual_seed(0)
+    block = GroupAddRev(gen_block(4), num_groups=2, num_bwd_passes=num_bwd_passes).double()
+    plain = copy.deepcopy(block)
+    plain.disable = True
+    e = torch.randn(ei.size(1), 4, dtype=torch.float64)
+    x = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for b in (block, plain):
+        torch.manual_seed(1)
+        loss = b(x * 1.0, ei, e).square().sum()  # the square keeps the block's output for its backward
+        grads.append([torch.autograd.grad(loss, x, retain_graph=k < 2)[0] for k in range(3)])
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref)
+    with pytest.raises(RuntimeError):  # the graph is freed, as plain autograd's
+        torch.autograd.grad(loss, x)
 
 
 def test_released_activation_and_emptied_output_fail_loudly():
@@ -493,6 +512,85 @@ def test_tensors_modified_between_forward_and_backward_raise(what):
             x.add_(1)
     with pytest.raises(RuntimeError, match="was modified in place between the block.s forward and its backward"):
         y.square().sum().backward()
+
+
+@pytest.mark.parametrize("conv", ["gat", "gcn", "gen"])
+@pytest.mark.parametrize("form", ["edge_index", "CSRGraph", "sparse values", "edge_index in a tuple argument"])
+def test_graph_modified_between_forward_and_backward_raises(conv, form):
+    """An edge_index buffer refilled for the next batch before backward: the recomputation of F
+    would run on the new graph (or the graphs derived from the old one), so backward raises, as
+    plain autograd does for the tensors it saved."""
+    from revgnn_ext.nn import GATConv, GCNConv
+    ei, n = make_graph("random")
+    torch.manual_seed(0)
+    make = dict(gat=lambda: GATConv(4, 4), gcn=lambda: GCNConv(4, 4), gen=lambda: GENConv(4, 4))[conv]
+    if form == "edge_index in a tuple argument":  # F reads the graph from an argument the block passes whole
+        class F(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = make()
+
+            def forward(self, x, _, graphs):
+                return self.conv(x, graphs[0])
+        block = GroupAddRev(F(), num_groups=2)
+    else:
+        block = GroupAddRev(make(), num_groups=2)
+    if form == "CSRGraph":
+        adj = revgnn_ext.CSRGraph.from_edge_index(ei, n)
+        edit = adj.col
+    elif form == "sparse values":
+        adj = torch.sparse_coo_tensor(ei.flip(0), torch.rand(ei.size(1)), (n, n)).coalesce()
+        edit = adj._values()
+    else:
+        adj = ei.clone()
+        edit = adj[0]
+    args = (None, (adj,)) if form == "edge_index in a tuple argument" else (adj,)
+    x = torch.randn(n, 8, requires_grad=True)
+    y = block(x * 1.0, *args)
+    with torch.no_grad():
+        edit.copy_(edit.flip(0))  # the same values in another order: a valid graph, another one
+    with pytest.raises(RuntimeError, match="was modified in place between the block.s forward and its backward"):
+        y.square().sum().backward()
+
+
+def test_wider_edge_weights_in_a_block_train_in_the_blocks_dtype():
+    """GCNConv with float64 edge weights returns float64 (PyG's promotion); in a float32 block
+    its output is added into the block's float32 slices as any F's, forward and backward (PyG's
+    block and a disabled one fail: the next group's Linear gets float64 features)."""
+    from revgnn_ext.nn import GCNConv
+    ei, n = make_graph("random")
+    torch.manual_seed(0)
+    block = GroupAddRev(GCNConv(4, 4), num_groups=2)
+    w = torch.rand(ei.size(1), dtype=torch.float64)
+    x = torch.randn(n, 8, requires_grad=True)
+    outs, grads = [], []
+    for weight in (w, w.float()):
+        y = block(x * 1.0, ei, weight)
+        outs.append(y.detach().clone())
+        grads.append(torch.autograd.grad(y.square().sum(), x)[0])
+        with torch.no_grad():
+            torch.testing.assert_close(block(x, ei, weight), outs[-1])
+    assert outs[0].dtype == torch.float32
+    torch.testing.assert_close(*outs)
+    torch.testing.assert_close(*grads)
+
+
+def test_graph_made_under_inference_mode_trains():
+    # An inference tensor has no version counter to watch; the block trains on it as before.
+    with torch.inference_mode():
+        ei, n = make_graph("random")
+        ei = ei.clone()
+    torch.manual_seed(0)
+    block = GroupAddRev(gen_block(4), num_groups=2).double()
+    plain = copy.deepcopy(block)
+    plain.disable = True
+    e = torch.randn(ei.size(1), 4, dtype=torch.float64)
+    x = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for b in (block, plain):
+        torch.manual_seed(1)
+        grads.append(torch.autograd.grad(b(x * 1.0, ei, e).square().sum(), x)[0])
+    torch.testing.assert_close(*grads)
 
 
 def test_input_also_saved_by_another_operation_trains_with_plain_gradients():

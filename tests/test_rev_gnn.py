@@ -163,8 +163,15 @@ def test_bad_arguments():
         RevGNN.preset("arxiv")
     with pytest.raises(ValueError, match="equal groups"):
         RevGNN(8, 15, 2, 2)
-    with pytest.raises(ValueError, match="edge_dim must differ"):
+    with pytest.raises(ValueError, match="hidden_channels.*edge_dim"):
         RevGNN(8, 16, 2, 2, edge_dim=16)
+    for i, name in enumerate(("in_channels", "hidden_channels", "out_channels", "num_layers")):
+        args = [8, 16, 2, 2]
+        args[i] = 0
+        with pytest.raises(ValueError, match=f"{name} must be >= 1"):
+            RevGNN(*args)
+    with pytest.raises(ValueError, match="edge_dim must be >= 1"):
+        RevGNN(8, 16, 2, 2, edge_dim=0)
     with pytest.raises(ValueError, match="need conv='gen'"):
         RevGNN(8, 16, 2, 2, conv="sage", edge_dim=4)
     model = small("proteins-deep", num_layers=1, hidden_channels=16)

@@ -51,6 +51,14 @@ def _stated_num_dst(adj) -> Optional[int]:
     return adj.sparse_size(0) if hasattr(adj, "sparse_size") else None  # torch_sparse.SparseTensor adj_t
 
 
+def coalesced(adj):
+    """``adj`` with a ``torch.sparse`` COO adjacency coalesced: PyG multiplies by its CSR form, in
+    which duplicate entries are one edge of summed value."""
+    if isinstance(adj, Tensor) and adj.layout == torch.sparse_coo and not adj.is_coalesced():
+        return adj.coalesce()
+    return adj
+
+
 def edge_values(adj) -> Optional[Tensor]:
     """The values stored with a sparse adjacency (a ``torch.sparse`` COO or CSR tensor, a
     ``torch_sparse.SparseTensor``) in the order of its stored entries, which is the edge order of

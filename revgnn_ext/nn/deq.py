@@ -256,6 +256,10 @@ class DEQ(torch.nn.Module):
         if max_iter < 1 or memory < 1 or (backward_max_iter is not None and backward_max_iter < 1):
             raise ValueError(f"DEQ: max_iter, backward_max_iter and memory must be >= 1, got {max_iter}, "
                              f"{backward_max_iter}, {memory}")
+        for name, value in (("tol", tol), ("backward_tol", backward_tol)):
+            if value is not None and not value >= 0:  # NaN fails too
+                raise ValueError(f"DEQ: {name} must be a relative residual >= 0 (0 runs every iteration), "
+                                 f"got {value!r}")
         if isinstance(conv, torch.nn.ModuleList):
             self.convs = conv
         else:  # as GroupAddRev: num_groups - 1 freshly initialized copies

@@ -10,8 +10,8 @@ from torch_geometric.typing import OptPairTensor, OptTensor
 from torch_geometric.utils import add_self_loops
 
 from .. import ops
-from ..graph import CSRGraph, as_graph
-from ._pyg import PygFallback, node_counts, pyg_adjacency, warn_once
+from ..graph import CSRGraph, as_graph, refuse_under_export
+from ._pyg import PygFallback, coalesced, node_counts, pyg_adjacency, warn_once
 from .gcn_conv import fused_sum
 from .group_add_rev import Aggregation
 
@@ -39,10 +39,13 @@ def _with_self_loops(graph: CSRGraph, num_loops: int) -> Tuple[CSRGraph, Tensor,
     node i < num_loops, its edges numbered as PyG's remove_self_loops + add_self_loops number
     them (the kept edges in the caller's order, then the loops by node); ``kept`` [E'] the
     caller's positions of the kept edges and ``kept_edge_index`` [2, E'] those edges. Built
-    once per graph and number of loops."""
+    once per graph and number of loops; a graph edited since it was built raises, as every op
+    on it does, instead of finding the looped graph of its old edges."""
+    graph.check_unmodified("GATConv")
     cached = _LOOPED.get(graph)
     if cached is not None and cached[0] == num_loops:
         return cached[1]
+    refuse_under_export("GATConv's self-loop graph")
     edge_index = graph.to_edge_index()
     kept = (edge_index[0] != edge_index[1]).nonzero().view(-1)
     kept_edge_index = edge_index[:, kept]
@@ -119,6 +122,7 @@ class GATConv(PygFallback, pyg_nn.GATConv):
         src_score = (h_src.view(-1, heads, channels) * self.att_src).sum(-1)
         dst_score = None if h_dst is None else (h_dst.view(-1, heads, channels) * self.att_dst).sum(-1)
 
+        edge_index = coalesced(edge_index)
         graph = as_graph(edge_index, node_counts(x_src, None if x_dst is x_src else x_dst, size, edge_index))
         if self.lin_edge is None:
             edge_attr = None  # as PyG: edge features weigh in only with edge_dim

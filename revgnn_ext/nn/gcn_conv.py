@@ -10,7 +10,7 @@ from torch_geometric.typing import OptTensor
 
 from .. import ops
 from ..graph import CSRGraph, as_graph
-from ._pyg import PygFallback, edge_values, pyg_adjacency, warn_once
+from ._pyg import PygFallback, coalesced, edge_values, pyg_adjacency, warn_once
 from .group_add_rev import Aggregation
 
 
@@ -83,8 +83,12 @@ class GCNConv(PygFallback, pyg_nn.GCNConv):
             return super().forward(x, pyg_adjacency(edge_index, x, None)[0], edge_weight), None
         num_nodes = x.size(self.node_dim)
         x = self.lin(x)
-        if isinstance(edge_index, Tensor) and edge_index.layout == torch.sparse_coo and not edge_index.is_coalesced():
-            edge_index = edge_index.coalesce()  # duplicate entries are one edge of summed weight, as in PyG's product
+        edge_index = coalesced(edge_index)
+        # A torch.sparse adjacency's values are its weights, as in PyG (which ignores edge_weight then).
+        given = edge_values(edge_index) if isinstance(edge_index, Tensor) else None
+        given = edge_weight if given is None else given
+        if given is not None and given.is_floating_point():  # wider edge weights widen the result, as in PyG
+            x = x.to(torch.promote_types(x.dtype, given.dtype))
         if self.normalize:
             cache = self._cached_edge_index
             if cache is None:
@@ -94,10 +98,7 @@ class GCNConv(PygFallback, pyg_nn.GCNConv):
             graph, weight, loop_weight = cache
         else:
             graph = as_graph(edge_index, (num_nodes, num_nodes))
-            # A torch.sparse adjacency's values are its weights, as in PyG (which ignores edge_weight then).
-            weight = edge_values(edge_index) if isinstance(edge_index, Tensor) else None
-            weight = edge_weight if weight is None else weight
-            weight, loop_weight = (None if weight is None else weight.to(x.dtype)), None
+            weight, loop_weight = (None if given is None else given.to(x.dtype)), None
         return (x,), Aggregation(functools.partial(self._propagate, graph, weight=weight, loop_weight=loop_weight),
                                  self.bias)
 
@@ -151,4 +152,4 @@ class GCNConv(PygFallback, pyg_nn.GCNConv):
             out = ops.spmm(graph, flat, weight)
         else:
             out = ops.spmm_accumulate_(flat * loop_weight.unsqueeze(-1), graph, flat, weight)
-        return out.view(nodes_first.shape).movedim(0, self.node_dim)
+        return out.view(nodes_first.shape).movedim(0, self.node_dim).contiguous()  # contiguous, as PyG's

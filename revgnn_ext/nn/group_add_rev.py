@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import _C, ops
+from ..graph import adjacency_tensors
 
 __all__ = ["Aggregation", "GroupAddRev"]
 
@@ -154,8 +155,8 @@ class _ReleasedInput(_Released):
 
 class _SpentOutput(_Released):
     message = ("GroupAddRev: this tensor is the output of a reversible block after its last backward pass: its "
-               "memory now holds the block's input. Read the output before backward (or copy it), or raise "
-               "num_bwd_passes for more backward passes.")
+               "memory now holds the block's input. Read the output before backward (or copy it), or run the "
+               "earlier backward passes with retain_graph=True (or raise num_bwd_passes).")
 
 
 _NOT_READS = {torch.autograd.grad, torch.autograd.backward, Tensor.untyped_storage, Tensor.__hash__,
@@ -218,11 +219,27 @@ def _autocast_state(device_type: str) -> Tuple[str, bool, torch.dtype, bool]:
     return _AUTOCAST_STATES.setdefault(state, state)
 
 
+def _graph_tensors(values: Sequence[Any]) -> Tuple[Tensor, ...]:
+    """The tensors behind the arguments a block passes to F: each tensor, and the tensors that
+    hold an adjacency (a CSRGraph's, its cached transpose included; a sparse tensor's indices
+    and values), inside tuples and lists too. F rebuilds from them what it derives (a CSRGraph
+    of an edge_index, GATConv's looped graph), so an edit of one changes F's recomputation.
+    Inference tensors (made under torch.inference_mode) have no version counter and are left out."""
+    tensors = []
+    for value in values:
+        if isinstance(value, (tuple, list)):
+            tensors.extend(_graph_tensors(value))
+        else:
+            tensors.extend(t for t in adjacency_tensors(value) if not t.is_inference())
+    return tuple(tensors)
+
+
 def _version(ctx) -> int:
     """The sum of the version counters of what a block's backward reads as it was in forward: its
-    parameters, tensor arguments and input unless released (an in-place edit raises the sum)."""
+    parameters, the tensors behind edge_index and the arguments, and its input unless released
+    (an in-place edit raises the sum)."""
     kept = (ctx.x,) if ctx.x_class is None else ()
-    return sum(t._version for t in (*ctx.params, *ctx.args, *kept) if isinstance(t, Tensor))
+    return sum(t._version for t in (*ctx.params, *ctx.graph_tensors, *kept))
 
 
 class _GroupAddRevFunction(torch.autograd.Function):
@@ -237,6 +254,7 @@ class _GroupAddRevFunction(torch.autograd.Function):
         # backward.
         args, params = rest[:num_args], rest[num_args:]
         ctx.block, ctx.edge_index, ctx.args, ctx.params = block, edge_index, args, params
+        ctx.graph_tensors = _graph_tensors((edge_index, *args))
         ctx.passes_left = block.num_bwd_passes
         ctx.autocast = _autocast_state(x.device.type)  # backward recomputes F in the forward's precision
         with torch.no_grad(), _RNG_LOCK:
@@ -260,9 +278,10 @@ class _GroupAddRevFunction(torch.autograd.Function):
                                "input from its output, so its gradients would be wrong. Use the out-of-place op "
                                "(torch.relu(y), y * mask) on a reversible block's output.")
         if _version(ctx) != ctx.version:
-            raise RuntimeError("GroupAddRev: a parameter, a tensor argument or the kept input of the block was modified "
-                               "in place between the block's forward and its backward (e.g. optimizer.step() before "
-                               "loss.backward()); the gradients would be wrong. Run backward before modifying them.")
+            raise RuntimeError("GroupAddRev: a parameter, the graph (edge_index), a tensor argument or the kept input "
+                               "of the block was modified in place between the block's forward and its backward (e.g. "
+                               "optimizer.step() before loss.backward(), or an edge_index buffer refilled for the next "
+                               "batch); the gradients would be wrong. Run backward before modifying them.")
         current = tuple(block.parameters())
         if len(current) != len(ctx.params):
             raise RuntimeError("GroupAddRev: the block's parameters were added or removed between forward and "
@@ -286,7 +305,8 @@ class _GroupAddRevFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_y: Tensor):
         _GroupAddRevFunction._check_unchanged(ctx)
-        ctx.passes_left -= 1
+        # A pass that keeps autograd's graph (retain_graph=True) leaves the block ready for another.
+        ctx.passes_left = max(ctx.passes_left - 1, 1 if _graph_retained() else 0)
         block, x, y = ctx.block, ctx.x, ctx.y
         num_args = len(ctx.args)
         trainable = [p for p, need in zip(ctx.params, ctx.needs_input_grad[5 + num_args:]) if need]
@@ -312,6 +332,14 @@ class _GroupAddRevFunction(torch.autograd.Function):
         it = iter(grad_trainable)
         grad_params = [next(it) if need else None for need in ctx.needs_input_grad[5 + num_args:]]
         return (None, None, None, None, grad_x, *grad_args, *grad_params)
+
+
+def _graph_retained() -> bool:
+    """Whether the backward pass that runs now keeps autograd's graph for another pass
+    (``retain_graph=True``, or ``create_graph=True``). The engine's flag is read as AOTAutograd
+    reads it; where PyTorch lacks it, a pass counts against num_bwd_passes."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keep_graph is not None and keep_graph()
 
 
 @contextlib.contextmanager
@@ -356,8 +384,13 @@ class GroupAddRev(torch.nn.Module):
     - the input is released only when nothing else holds it (another operation that saved it for
       its backward, a view): otherwise it is kept, with a warning, and gradients stay right; any
       use of a released input raises (so does a use of the output after the last backward);
-    - modifying the output, a parameter, a tensor argument or a kept input in place between
-      forward and backward raises in backward, as plain autograd does;
+    - modifying the output, a parameter, the graph (an edge_index, a CSRGraph's or a sparse
+      adjacency's tensors, passed as edge_index or inside an argument), a tensor argument or a kept
+      input in place between forward and backward raises in backward, as plain autograd does;
+    - a backward pass with ``retain_graph=True`` (or ``create_graph=True``) keeps the block ready
+      for another pass (its output intact, the input rebuilt into a copy), as plain autograd keeps
+      its graph, whatever ``num_bwd_passes``; ``num_bwd_passes`` counts the passes that do not
+      retain the graph (autograd allows several when no other operation saved a tensor);
     - under ``torch.autocast`` F runs in low precision while the carried activations keep the
       input's dtype; the recomputation replays the forward's autocast state (as the RNG state),
       so F is evaluated in the forward's precision and gradients stay as accurate as plain
@@ -431,6 +464,8 @@ class GroupAddRev(torch.nn.Module):
                 or torch.is_autocast_enabled(inp.device.type)):
             return conv(inp, edge_index, *group_args), None
         h, last = split(inp, edge_index, *group_args)
+        if isinstance(last, Aggregation) and h[0].dtype != inp.dtype:  # a wider F (float64 edge weights)
+            return last(h), None  # added as a plain F's output: no accumulate form takes a wider operand
         if isinstance(last, Aggregation) and not in_place:
             return last.aggregate(*h), last
         return h, last
@@ -567,8 +602,10 @@ class GroupAddRev(torch.nn.Module):
             raise RuntimeError("GroupAddRev: torch.jit.trace cannot record a reversible block's backward (it runs in "
                                "Python); trace the model with disable=True on its GroupAddRev blocks (the same "
                                "outputs and gradients with plain autograd), or use torch.compile")
-        # Forward-mode AD: the plain computation, which autograd differentiates in both modes.
-        if self.disable or not torch.is_grad_enabled() or ops.forward_ad_tracks((x, *args)):
+        # Forward-mode AD: the plain computation, which autograd differentiates in both modes;
+        # torch.export: the plain computation, the same function for the exported program.
+        if (self.disable or not torch.is_grad_enabled() or ops.forward_ad_tracks((x, *args))
+                or torch.compiler.is_exporting()):
             return self._plain(x, edge_index, args)
         return self._reversible(x, edge_index, args)
 

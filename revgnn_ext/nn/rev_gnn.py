@@ -140,8 +140,10 @@ class RevGNN(torch.nn.Module):
         super().__init__()
         if conv not in ("gen", "sage"):
             raise ValueError(f"RevGNN: conv must be 'gen' or 'sage', got {conv!r}")
-        if num_layers < 1:
-            raise ValueError(f"RevGNN: num_layers must be >= 1, got {num_layers}")
+        for name, value in (("in_channels", in_channels), ("hidden_channels", hidden_channels),
+                            ("out_channels", out_channels), ("num_layers", num_layers), ("edge_dim", edge_dim)):
+            if value is not None and value < 1:
+                raise ValueError(f"RevGNN: {name} must be >= 1, got {value}")
         if num_groups < 2 or hidden_channels % num_groups != 0:
             raise ValueError(f"RevGNN: hidden_channels ({hidden_channels}) must split into num_groups "
                              f"({num_groups} >= 2) equal groups")
@@ -151,7 +153,10 @@ class RevGNN(torch.nn.Module):
             raise ValueError("RevGNN: edge_sums needs edge_dim")
         if edge_dim == hidden_channels:
             # GroupAddRev splits every argument whose last size is the channel count.
-            raise ValueError(f"RevGNN: edge_dim must differ from hidden_channels ({hidden_channels})")
+            raise ValueError(f"RevGNN: hidden_channels must differ from edge_dim ({edge_dim}): the reversible blocks "
+                             f"split across their groups every argument whose last size is hidden_channels, and the "
+                             f"edge features [num_edges, edge_dim] must reach each group whole; choose another "
+                             f"multiple of num_groups ({num_groups}), e.g. {hidden_channels + num_groups}")
         self.in_channels, self.hidden_channels, self.out_channels = in_channels, hidden_channels, out_channels
         self.num_layers, self.num_groups, self.conv, self.aggr = num_layers, num_groups, conv, aggr
         self.edge_dim, self.weight_tied, self.reversible = edge_dim, weight_tied, reversible

@@ -10,7 +10,7 @@ from torch_geometric.typing import OptPairTensor
 
 from .. import ops
 from ..graph import as_graph
-from ._pyg import PygFallback, edge_values, node_counts, pyg_adjacency, warn_once
+from ._pyg import PygFallback, coalesced, edge_values, node_counts, pyg_adjacency, warn_once
 
 _REDUCES = {pyg_aggr.SumAggregation: "sum", pyg_aggr.MeanAggregation: "mean", pyg_aggr.MaxAggregation: "max",
             pyg_aggr.MinAggregation: "min"}
@@ -47,9 +47,7 @@ class SAGEConv(PygFallback, pyg_nn.SAGEConv):
         x_src, x_dst = x
         if self.project and hasattr(self, "lin"):
             x_src = self.lin(x_src).relu()
-        if isinstance(edge_index, Tensor) and edge_index.layout == torch.sparse_coo and not edge_index.is_coalesced():
-            # PyG multiplies by the adjacency's CSR form, whose duplicate entries are summed into one.
-            edge_index = edge_index.coalesce()
+        edge_index = coalesced(edge_index)
         graph = as_graph(edge_index, node_counts(x_src, x_dst, size, edge_index))
         # A torch.sparse adjacency's values weight the messages, as in PyG (which drops a SparseTensor's).
         weight = edge_values(edge_index) if isinstance(edge_index, Tensor) else None
