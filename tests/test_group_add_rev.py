@@ -292,18 +292,25 @@ def test_multiple_backward_passes():
         torch.autograd.grad(loss, x)
 
 
+def _gen_block_and_plain(ei, n, **kwargs):
+    """(block, plain, edge_attr, x): a float64 GroupAddRev of two GENConv groups on the graph
+    (ei, n), the same block under plain autograd, edge features and an input that needs grad."""
+    torch.manual_seed(0)
+    block = GroupAddRev(gen_block(4), num_groups=2, **kwargs).double()
+    plain = copy.deepcopy(block)
+    plain.disable = True
+    e = torch.randn(ei.size(1), 4, dtype=torch.float64)
+    x = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
+    return block, plain, e, x
+
+
 @pytest.mark.parametrize("num_bwd_passes", [1, 2])
 def test_backward_with_retain_graph_runs_again(num_bwd_passes):
     """backward(retain_graph=True) keeps the block ready for another pass, whatever
     num_bwd_passes: each pass gives plain autograd's gradients; the last one (without
     retain_graph) frees the graph."""
     ei, n = make_graph("random")
-    torch.manual_seed(0)
-    block = GroupAddRev(gen_block(4), num_groups=2, num_bwd_passes=num_bwd_passes).double()
-    plain = copy.deepcopy(block)
-    plain.disable = True
-    e = torch.randn(ei.size(1), 4, dtype=torch.float64)
-    x = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
+    block, plain, e, x = _gen_block_and_plain(ei, n, num_bwd_passes=num_bwd_passes)
     grads = []
     for b in (block, plain):
         torch.manual_seed(1)
@@ -580,12 +587,7 @@ def test_graph_made_under_inference_mode_trains():
     with torch.inference_mode():
         ei, n = make_graph("random")
         ei = ei.clone()
-    torch.manual_seed(0)
-    block = GroupAddRev(gen_block(4), num_groups=2).double()
-    plain = copy.deepcopy(block)
-    plain.disable = True
-    e = torch.randn(ei.size(1), 4, dtype=torch.float64)
-    x = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
+    block, plain, e, x = _gen_block_and_plain(ei, n)
     grads = []
     for b in (block, plain):
         torch.manual_seed(1)
