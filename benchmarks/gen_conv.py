@@ -1,7 +1,7 @@
 """How fast and how lean is one revgnn_ext.nn.GENConv layer, forward+backward, against PyG's
 GENConv with the same state_dict?
 
-    python benchmarks/gen_conv.py [--device cpu|cuda] [--graphs powerlaw-20k-d30,...] [--aggr softmax,max]
+    python benchmarks/gen_conv.py [--device cpu|cuda] [--graphs powerlaw-20k-d30,...] [--aggr softmax,max] [--profile]
 
 Each configuration first checks that both layers give the same output and gradients, then times
 forward+backward (median after a warm-up, the two layers in interleaved rounds) and measures the
@@ -39,7 +39,25 @@ def check_same(ours, pyg, x, graph, g, grad) -> None:
                     {name: p.grad for name, p in ours.named_parameters()}, "revgnn_ext's GENConv against PyG's", 1e-4)
 
 
-def run(graph_name: str, aggr: str, device, args) -> list:
+def where_time_goes(fn, device, top: int = 8) -> list:
+    """One call of fn under torch.profiler: the `top` operators and kernels by self time (the
+    device's on GPU), each with its calls, milliseconds and share of the step."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    total = sum(getattr(e, key) for e in events)
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    return [dict(name=e.key[:90], calls=e.count, self_ms=getattr(e, key) / 1e3, share=getattr(e, key) / total)
+            for e in events[:top]]
+
+
+def run(graph_name: str, aggr: str, device, args, profiles: list) -> list:
     g = make_graph(graph_name, device, args.seed)
     n, num_edges, width = g.num_nodes, g.edge_index.size(1), args.width
     edge_dim = g.edge_attr.size(1) if g.edge_attr is not None else None
@@ -66,6 +84,8 @@ def run(graph_name: str, aggr: str, device, args) -> list:
         with PeakMemory(device) as memory:
             fn()
         peaks[name] = memory.peak
+    if args.profile:
+        profiles.extend(dict(graph=graph_name, aggr=aggr, **r) for r in where_time_goes(fns["revgnn_ext"], device))
     rows = []
     for name in ("revgnn_ext", "PyG GENConv"):
         row = dict(graph=graph_name, nodes=n, edges=num_edges, width=width, aggr=aggr, peer=name)
@@ -87,6 +107,7 @@ def main():
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--budget", type=float, default=20.0, help="seconds of timed runs per measurement at most")
+    p.add_argument("--profile", action="store_true", help="also where one step of ours spends its time, by kernel")
     output_arguments(p)
     args = p.parse_args()
     if no_gpu(args.device, "the CUDA GENConv benchmark"):
@@ -94,7 +115,9 @@ def main():
     set_malloc_thresholds()  # CPU: a freed block leaves the resident set, so each peak is the step's own
     graphs = args.graphs.split(",") if args.graphs else ["powerlaw-20k-d30"] + (
         ["proteins-10k-d600", "products-100k-d50", "proteins"] if args.device == "cuda" else [])
-    rows = [row for name in graphs for aggr in args.aggr.split(",") for row in run(name, aggr, args.device, args)]
+    profiles = []
+    rows = [row for name in graphs for aggr in args.aggr.split(",")
+            for row in run(name, aggr, args.device, args, profiles)]
     columns = [("graph", "graph", ""), ("nodes", "N", ","), ("edges", "E", ","), ("width", "D", "d"),
                ("aggr", "aggr", ""), ("peer", "peer", ""), ("ms", "fwd+bwd ms", ".1f"),
                ("peak_mb", "peak MB", ".1f"), ("est_mb", "PyG est. MB", ".0f"), ("speedup", "peer ms / ours", ".2f"),
@@ -106,7 +129,12 @@ def main():
              f"interleaved rounds",
              f"peak MB: one step above the inputs, {memory}; PyG est.: {PYG_EDGE_COPIES} [E, D] float32 tensors, "
              "shown where PyG is not run because it would not fit"]
-    report(f"GENConv forward+backward ({args.device})", args.device, {"GENConv": (rows, columns)}, notes,
+    tables = {"GENConv": (rows, columns)}
+    if profiles:
+        tables["where one step of ours spends its time (torch.profiler, self time)"] = (profiles, [
+            ("graph", "graph", ""), ("aggr", "aggr", ""), ("name", "operator or kernel", ""), ("calls", "calls", "d"),
+            ("self_ms", "self ms", ".2f"), ("share", "share", ".1%")])
+    report(f"GENConv forward+backward ({args.device})", args.device, tables, notes,
            json_path=args.json, markdown_path=args.markdown)
 
 
