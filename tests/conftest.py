@@ -13,8 +13,8 @@ HAS_CUDA = torch.cuda.is_available()
 # "emu": the CUDA kernels on the CPU under our emulator (revgnn_ext.emulator): tensors are on the
 # CPU, and the autouse fixture _emulated_cuda routes the ops to the CUDA kernels.
 MARKS = {"cpu": [], "cuda": [pytest.mark.skipif(not HAS_CUDA, reason="no GPU")],
-          "emu": [pytest.mark.emu, pytest.mark.skipif(not emulator.available(),
-                                                      reason="emulated CUDA kernels not built (REVGNN_EXT_EMULATOR=1)")]}
+         "emu": [pytest.mark.emu, pytest.mark.skipif(not emulator.available(),
+                                                     reason="emulated CUDA kernels not built (REVGNN_EXT_EMULATOR=1)")]}
 
 DEVICES = ["cpu", pytest.param("cuda", marks=MARKS["cuda"]), pytest.param("cpu", marks=MARKS["emu"], id="emu")]
 

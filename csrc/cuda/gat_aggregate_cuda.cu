@@ -279,7 +279,8 @@ struct CudaGat {
         simt::launch<gat_row_dot_kernel<scalar_t>>(num_blocks(items, lanes), kBlock, 0, stream,
             grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), r.data_ptr<acc_t>(), items, in.c, lanes);
         if (grads.x.defined() || grads.src.defined()) {
-          simt::launch<gat_backward_src_kernel<scalar_t, index_t>>(num_blocks(in.x.size(0) * in.heads, lanes), kBlock, 0, stream,
+          simt::launch<gat_backward_src_kernel<scalar_t, index_t>>(
+              num_blocks(in.x.size(0) * in.heads, lanes), kBlock, 0, stream,
               in.rowptr_t.data_ptr<index_t>(), in.col_t.data_ptr<index_t>(), in.perm_t.data_ptr<index_t>(),
               in.num_edges, in.num_dst, in.x.data_ptr<scalar_t>(), in.x.stride(0), in.x.size(0), ed,
               grad_out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), r.data_ptr<acc_t>(),

@@ -590,7 +590,8 @@ struct CudaGen {
               want_params ? at::empty({blocks, width}, in.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value))
                           : at::Tensor();
           if (blocks > 0) {
-            simt::launch<gen_backward_params_kernel<scalar_t, index_t, A>>(static_cast<unsigned int>(blocks), kBlock, 0, stream,
+            simt::launch<gen_backward_params_kernel<scalar_t, index_t, A>>(
+                static_cast<unsigned int>(blocks), kBlock, 0, stream,
                 in.rowptr.data_ptr<index_t>(), in.col.data_ptr<index_t>(), num_edges, in.x.data_ptr<scalar_t>(),
                 in.x.stride(0), n_src, emb, ptr_or_null<scalar_t>(in.t), ptr_or_null<scalar_t>(in.p), eps, rows,
                 in.num_dst, in.d,

@@ -316,7 +316,8 @@ struct CudaSpmm {
           with_vec<scalar_t>(packs, [&](auto vec) {
             constexpr int VEC = decltype(vec)::value;
             const int lanes = lanes_per_row(d, VEC);
-            simt::launch<spmm_backward_x_kernel<scalar_t, index_t, REDUCE, VEC>>(num_blocks(n_src, lanes), kBlock, 0, stream,
+            simt::launch<spmm_backward_x_kernel<scalar_t, index_t, REDUCE, VEC>>(
+                num_blocks(n_src, lanes), kBlock, 0, stream,
                 rowptr.data_ptr<index_t>(), rowptr_t.data_ptr<index_t>(), col_t.data_ptr<index_t>(),
                 perm_t.data_ptr<index_t>(), ptr_or_null<scalar_t>(w), grad_out.data_ptr<scalar_t>(),
                 grad_out.stride(0), selects_edge(REDUCE) ? arg.data_ptr<index_t>() : nullptr, grad_out.size(0),
@@ -347,7 +348,8 @@ struct CudaSpmm {
           with_vec<scalar_t>(packs, [&](auto vec) {
             constexpr int VEC = decltype(vec)::value;
             const int lanes = lanes_per_row(d, VEC);
-            simt::launch<spmm_backward_weight_kernel<scalar_t, index_t, REDUCE, VEC>>(num_blocks(n, lanes), kBlock, 0, stream,
+            simt::launch<spmm_backward_weight_kernel<scalar_t, index_t, REDUCE, VEC>>(
+                num_blocks(n, lanes), kBlock, 0, stream,
                 rowptr.data_ptr<index_t>(), col.data_ptr<index_t>(), col.numel(), x.data_ptr<scalar_t>(), x.stride(0),
                 x.size(0),
                 grad_out.data_ptr<scalar_t>(), grad_out.stride(0),
