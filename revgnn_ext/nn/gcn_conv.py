@@ -86,13 +86,13 @@ class GCNConv(PygFallback, pyg_nn.GCNConv):
         edge_index = coalesced(edge_index)
         # A torch.sparse adjacency's values are its weights, as in PyG (which ignores edge_weight then).
         given = edge_values(edge_index) if isinstance(edge_index, Tensor) else None
-        given = edge_weight if given is None else given
+        given = edge_weight if given is None else given  # the weights used from here on
         if given is not None and given.is_floating_point():  # wider edge weights widen the result, as in PyG
             x = x.to(torch.promote_types(x.dtype, given.dtype))
         if self.normalize:
             cache = self._cached_edge_index
             if cache is None:
-                cache = self._normalized(edge_index, edge_weight, num_nodes, x.dtype)
+                cache = self._normalized(edge_index, given, num_nodes, x.dtype)
                 if self.cached:
                     self._cached_edge_index = cache
             graph, weight, loop_weight = cache
@@ -106,10 +106,9 @@ class GCNConv(PygFallback, pyg_nn.GCNConv):
                     dtype: torch.dtype) -> Tuple[CSRGraph, Tensor, Optional[Tensor]]:
         """(graph, weight, loop_weight): PyG's gcn_norm of ``adj`` with its edges numbered in CSR
         order (``weight`` [num_edges] in that order, an existing self loop's weight 0) and the self
-        loops as a per-node weight ``loop_weight`` [num_nodes] (None without add_self_loops)."""
+        loops as a per-node weight ``loop_weight`` [num_nodes] (None without add_self_loops).
+        ``edge_weight``: the weights in the caller's edge order (a sparse adjacency's values)."""
         sparse = isinstance(adj, Tensor) and adj.layout != torch.strided
-        if sparse:
-            edge_weight = edge_values(adj)  # PyG ignores edge_weight with a sparse adjacency
         graph = as_graph(adj, (num_nodes, num_nodes))
         if edge_weight is None:
             weight = torch.ones(graph.num_edges, dtype=dtype, device=graph.device)
