@@ -53,7 +53,8 @@ class Net(torch.nn.Module):
         super().__init__()
         c = hidden // 2
         groups = torch.nn.ModuleList(
-            ResPlusGroup(c, GENConv(c, c, aggr="softmax", learn_t=True, edge_dim=edge_dim, norm="layer", bias=True))
+            ResPlusGroup(torch.nn.LayerNorm(c),
+                         GENConv(c, c, aggr="softmax", learn_t=True, edge_dim=edge_dim, norm="layer", bias=True))
             for _ in range(2))
         self.kind, self.iterations = kind, iterations
         self.encoder = torch.nn.Linear(NODE_FEATURES, hidden)

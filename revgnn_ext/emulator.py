@@ -20,8 +20,7 @@ except ImportError:  # built without REVGNN_EXT_EMULATOR=1
 
 # The ops with kernels: each is registered under torch.ops.revgnn_ext_emu with the same schema.
 OPS = ("spmm", "spmm_accumulate_", "spmm_backward_x", "spmm_backward_weight", "gen_aggregate",
-       "gen_aggregate_backward", "gat_aggregate", "gat_aggregate_accumulate_", "gat_aggregate_backward",
-       "rev_subtract_")
+       "gen_aggregate_backward", "gat_aggregate", "gat_aggregate_accumulate_", "gat_aggregate_backward")
 
 
 def available() -> bool:

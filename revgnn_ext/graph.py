@@ -16,9 +16,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["CSRGraph", "as_graph"]
+__all__ = ["CSRGraph"]
 
 _INT32_MAX = 2**31 - 1
 
@@ -319,14 +318,17 @@ class CSRGraph:
                                 torch.empty(self.num_edges, **meta))
             return
         with torch.inference_mode(False):  # autograd saves the transpose for backward
-            counts = self.rowptr[1:] - self.rowptr[:-1]
-            dst = torch.repeat_interleave(torch.arange(self.num_dst, device=self.device), counts.long(),
-                                          output_size=self.num_edges)
+            dst = self.destinations()
             src = self.col.long()
             perm_t = torch.sort(src, stable=True).indices
             rowptr_t = _rowptr(src, self.num_src, self.index_dtype)
             self._transposed = (rowptr_t, dst[perm_t].to(self.index_dtype), perm_t.to(self.index_dtype))
         self._track(*self._transposed)
+
+    def destinations(self) -> Tensor:
+        """[num_edges] int64: the destination (row) of each edge, in CSR order."""
+        return torch.repeat_interleave(torch.arange(self.num_dst, device=self.device), self.rowptr.diff().long(),
+                                       output_size=self.num_edges)
 
     def edges_to_csr(self, edge_tensor: Tensor, name: str = "edge tensor") -> Tensor:
         """A per-edge tensor given in the caller's edge order, reordered to CSR order."""
@@ -360,9 +362,7 @@ class CSRGraph:
     def to_edge_index(self) -> Tensor:
         """PyG's edge_index [2, num_edges] int64 (row 0 sources, row 1 destinations), with the
         edges in the caller's order (the order of the edge tensors that go with this graph)."""
-        dst = torch.repeat_interleave(torch.arange(self.num_dst, device=self.device),
-                                      self.rowptr.diff().long(), output_size=self.num_edges)
-        csr = torch.stack([self.col.long(), dst])
+        csr = torch.stack([self.col.long(), self.destinations()])
         if self.perm is None:
             return csr
         out = torch.empty_like(csr)
@@ -384,110 +384,3 @@ class CSRGraph:
     def __repr__(self) -> str:
         return (f"CSRGraph(num_src={self.num_src}, num_dst={self.num_dst}, num_edges={self.num_edges}, "
                 f"index_dtype={self.index_dtype}, device={self.device})")
-
-
-# An adjacency object -> ((fingerprint, num_src, num_dst), its CSRGraph). Held by weak references,
-# keyed by identity: the cache neither keeps an edge_index alive nor travels with it (torch.save).
-_GRAPHS = WeakIdKeyDictionary()
-
-_FINGERPRINT_WIDTH = 4096
-_fingerprint_weights: dict = {}  # device -> [_FINGERPRINT_WIDTH] int64
-
-
-def _index_tensors(adj) -> Tuple[Tensor, ...]:
-    """The tensors that hold an adjacency's structure."""
-    if isinstance(adj, Tensor):
-        if adj.layout == torch.sparse_coo:
-            return (adj._indices(),)
-        if adj.layout == torch.sparse_csr:
-            return (adj.crow_indices(), adj.col_indices())
-        return (adj.as_tensor() if hasattr(adj, "as_tensor") else adj,)  # edge_index or PyG EdgeIndex
-    rowptr, col, _ = adj.csr()  # torch_sparse.SparseTensor
-    return (rowptr, col)
-
-
-def adjacency_tensors(adj) -> Tuple[Tensor, ...]:
-    """The tensors that hold an adjacency of any form a layer accepts (its indices and stored
-    values; a CSRGraph's tensors, its transpose included once built), which an in-place edit of
-    the graph changes. A value that is no adjacency gives ()."""
-    if isinstance(adj, CSRGraph):
-        return tuple(t for t, _ in adj._versions)
-    if isinstance(adj, Tensor) and adj.layout == torch.sparse_coo:
-        return adj._indices(), adj._values()
-    if isinstance(adj, Tensor) and adj.layout == torch.sparse_csr:
-        return adj.crow_indices(), adj.col_indices(), adj.values()
-    if isinstance(adj, Tensor):
-        return (adj,)
-    if hasattr(adj, "storage") and hasattr(adj, "csr"):  # torch_sparse.SparseTensor
-        value = adj.storage.value()
-        return _index_tensors(adj) + (() if value is None else (value,))
-    return ()
-
-
-def _fingerprint(t: Tensor) -> int:
-    """A checksum of the values of an index tensor that depends on their positions: sum_k t_k w_k
-    (mod 2^64) with fixed random odd weights w (rows of 4096, row r scaled by 2r + 1). One pass,
-    a matrix-vector product on CPU: for 5M edges it costs under 1% of one GENConv layer's forward
-    (64 channels, 100k nodes, CPU; measured for issue 15), for a cache key that sees every edit of
-    edge_index, including those that bypass its version counter (through ``.data`` or numpy)."""
-    flat = t.reshape(-1).long()
-    weights = _fingerprint_weights.get(flat.device)
-    if weights is None:
-        gen = torch.Generator().manual_seed(0)
-        weights = torch.randint(-2**62, 2**62, (_FINGERPRINT_WIDTH,), generator=gen).bitwise_or(1).to(flat.device)
-        _fingerprint_weights[flat.device] = weights
-    rows = flat.numel() // _FINGERPRINT_WIDTH
-    head = flat[:rows * _FINGERPRINT_WIDTH].view(rows, _FINGERPRINT_WIDTH)
-    per_row = head @ weights if flat.is_cpu else (head * weights).sum(1)  # no integer matmul on GPUs
-    tail = flat[rows * _FINGERPRINT_WIDTH:]
-    scale = torch.arange(rows, device=flat.device).mul_(2).add_(1)
-    return int((per_row * scale).sum() + (tail * weights[:tail.numel()]).sum())
-
-
-def _convert(adj, num_src: int, num_dst: int) -> CSRGraph:
-    if isinstance(adj, Tensor) and adj.layout == torch.strided:
-        return CSRGraph.from_edge_index(adj, (num_src, num_dst))
-    graph = CSRGraph.from_sparse(adj)
-    if (graph.num_src, graph.num_dst) != (num_src, num_dst):
-        raise ValueError(f"the sparse adjacency has shape [num_dst, num_src] = [{graph.num_dst}, "
-                         f"{graph.num_src}] but the node features give ({num_src}, {num_dst})")
-    return graph
-
-
-def as_graph(adj, num_nodes: Tuple[int, int]) -> CSRGraph:
-    """The CSRGraph of any adjacency a PyG layer accepts (a CSRGraph, an edge_index [2, E] or
-    PyG EdgeIndex, a ``torch.sparse`` or ``torch_sparse.SparseTensor`` adj_t), converted once:
-    a deep model passing the same edge_index to every layer pays for one conversion.
-
-    The conversion is cached by the adjacency object's identity, in a table of weak references
-    (not on the object: a saved edge_index loads with plain ``torch.load``, and the cache dies
-    with it), under a key of the node counts and a fingerprint of its index values (one cheap
-    pass, see ``_fingerprint``): any edit of the tensor, in place, through ``.data`` or through
-    numpy, gives a new conversion. Under torch.jit.trace nothing is cached: the conversion is
-    part of the traced code, so that a traced model follows the edge_index it is given. Under
-    torch.compile the conversion runs eagerly (one graph break): it reads the index values (their
-    range, the count per row), which no graph knows ahead; a CSRGraph passes through the graph."""
-    num_src, num_dst = (int(v) for v in num_nodes)
-    if isinstance(adj, CSRGraph):
-        if (adj.num_src, adj.num_dst) != (num_src, num_dst):
-            raise ValueError(f"the graph has (num_src, num_dst) = ({adj.num_src}, {adj.num_dst}) but the node "
-                             f"features give ({num_src}, {num_dst})")
-        return adj
-    return _cached_conversion(adj, num_src, num_dst)
-
-
-@torch.compiler.disable
-def _cached_conversion(adj, num_src: int, num_dst: int) -> CSRGraph:
-    refuse_under_export(f"the conversion of a {type(adj).__name__} adjacency to a CSRGraph")
-    if torch.jit.is_tracing():
-        return _convert(adj, num_src, num_dst)
-    indices = _index_tensors(adj) if isinstance(adj, Tensor) or hasattr(adj, "csr") else ()
-    if not indices or any(t.device.type == "meta" for t in indices):  # unknown type or no values: no cache
-        return _convert(adj, num_src, num_dst)
-    key = (tuple(_fingerprint(t) for t in indices), num_src, num_dst)
-    cached = _GRAPHS.get(adj)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    graph = _convert(adj, num_src, num_dst)
-    _GRAPHS[adj] = (key, graph)
-    return graph

@@ -1,11 +1,11 @@
-"""Python face of the compiled ops: fake kernels, autograd, and the user-level functions.
+"""Python face of the compiled ops, op by op: the user function, its fake kernels (torch.compile,
+meta tensors), its autograd, its autocast.
 
-The ops themselves are registered by ``revgnn_ext._C`` under ``torch.ops.revgnn_ext``; their
-schemas are in csrc/revgnn_ext.cpp and their contracts in csrc/ops/<op>.h. Every op, backward
-ops included, has a fake kernel (for torch.compile / meta tensors). The functional ops have an
-autograd formula made of ops that have one too (gen_aggregate's backward is first order only);
-the in-place ops (spmm_accumulate_, rev_subtract_) have none: PyTorch registers autograd for
-functional ops only.
+The ops are registered by ``revgnn_ext._C`` under ``torch.ops.revgnn_ext`` (schemas:
+csrc/ops/schemas.h; contracts: csrc/ops/<op>.h). The functional ops have an autograd formula
+made of ops that have one too (gen_aggregate's and gat_aggregate's backward are first order
+only); the accumulate forms (``out=``) run their in-place op only where no autograd records and
+no autocast applies, and otherwise add the functional op's result, which autograd tracks.
 """
 import inspect
 import operator
@@ -17,17 +17,161 @@ from torch import Tensor
 from . import _C  # noqa: F401  (registers the ops)
 from .graph import CSRGraph
 
-__all__ = ["spmm", "spmm_accumulate_", "gen_aggregate", "gat_aggregate", "gat_aggregate_accumulate_",
-           "rev_subtract_"]
+__all__ = ["spmm", "gen_aggregate", "gat_aggregate"]
 
 _ops = torch.ops.revgnn_ext
 
 
+# ---------------------------------------------------------------------------- shared
+# The kernels check what they see (shapes, dtypes, devices, layouts, index ranges, reduce and aggr
+# names) and raise TypeError / ValueError naming the argument; the functions below check only what
+# they cannot: the graph's type and integrity, x's rows against the graph's nodes and device, grad
+# mode, per-edge tensors before they are put in CSR order, and devices (a meta tensor among the
+# arguments sends the call to the fake kernel, past the kernels' checks).
+def _check_call(where: str, graph: CSRGraph, x: Tensor) -> None:
+    if not isinstance(graph, CSRGraph):
+        raise TypeError(f"{where}: graph must be a revgnn_ext.CSRGraph (build one with "
+                        f"CSRGraph.from_edge_index), got {type(graph).__name__}")
+    graph.check_unmodified(where)
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{where}: x must be a 2-D tensor [num_src, channels], got {shape}")
+    if x.size(0) != graph.num_src:
+        raise ValueError(f"{where}: x has {x.size(0)} rows but the graph has {graph.num_src} source nodes")
+    if x.device != graph.device:
+        raise ValueError(f"{where}: x is on {x.device} but the graph is on {graph.device} (use graph.to(device))")
+
+
+def _check_devices(where: str, name: str, ref: Tensor, **tensors) -> None:
+    for arg, t in tensors.items():
+        if isinstance(t, Tensor) and t.device != ref.device:
+            raise ValueError(f"{where}: {arg} is on {t.device} but {name} is on {ref.device}")
+
+
+def forward_ad_tracks(values) -> bool:
+    """Whether forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) tracks a tensor among
+    ``values``; without an open dual level (always, outside forward AD) nothing is scanned."""
+    if torch.autograd.forward_ad._current_level < 0:
+        return False
+    return any(isinstance(v, Tensor) and torch.autograd.forward_ad.unpack_dual(v).tangent is not None for v in values)
+
+
+def refused_by_functorch(err: RuntimeError) -> bool:
+    """Whether ``err`` is torch.func's refusal of an autograd.Function it cannot transform."""
+    return "functorch transforms" in str(err)
+
+
+def _differentiable_call(where: str, op, *args):
+    """op(*args), for the user functions of the differentiable ops: they have reverse-mode
+    autograd only, so forward-mode AD and torch.func transforms raise a clear error instead of
+    giving zero tangents or an error that does not name the op."""
+    if forward_ad_tracks(args):
+        raise NotImplementedError(f"{where}: forward-mode AD is not supported by the fused op; use reverse mode "
+                                  "(loss.backward(), torch.autograd.grad) or revgnn_ext.reference's twin of the op")
+    try:
+        return op(*args)
+    except RuntimeError as err:
+        if not refused_by_functorch(err):
+            raise
+        raise NotImplementedError(f"{where}: torch.func transforms (grad, jvp, vjp, jacrev) are not supported by "
+                                  "the fused op; use torch.autograd.grad / loss.backward(), or revgnn_ext.reference's "
+                                  "twin of the op") from None
+
+
+def _csr_weight(where: str, graph: CSRGraph, edge_weight: Optional[Tensor]) -> Optional[Tensor]:
+    if edge_weight is None:
+        return None
+    if not isinstance(edge_weight, Tensor) or edge_weight.dim() != 1:
+        shape = list(edge_weight.shape) if isinstance(edge_weight, Tensor) else type(edge_weight).__name__
+        raise ValueError(f"{where}: edge_weight must be a 1-D tensor [num_edges], got {shape}")
+    return graph.edges_to_csr(edge_weight, f"{where}: edge_weight")
+
+
+def _accumulates(where: str, out: Tensor, shape, *inputs) -> bool:
+    """Checks ``out`` (a tensor of ``shape``) and says whether ``out += alpha * op(...)`` may run
+    as the op's in-place form: no autograd records any of ``out`` and ``inputs``, no autocast
+    applies, and no input is wider than ``out``. Otherwise the caller adds the functional op's
+    result, which autograd tracks and autocast casts."""
+    if not isinstance(out, Tensor) or out.shape != shape:
+        got = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"{where}: out must have shape {list(shape)}, got {got}")
+    tensors = [t for t in (out, *inputs) if isinstance(t, Tensor)]
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) and not forward_ad_tracks(
+        tensors) and not torch.is_autocast_enabled(out.device.type) and all(
+        torch.promote_types(t.dtype, out.dtype) == out.dtype for t in tensors if t.is_floating_point())
+
+
+def _refuse_double_backward(ctx, *grads):
+    raise NotImplementedError("revgnn_ext: gradients of gradients (double backward) of gen_aggregate and "
+                              "gat_aggregate are not supported; use their twins in revgnn_ext.reference for them")
+
+
+_lib = torch.library.Library("revgnn_ext", "IMPL")
+
+
+def _register_autocast(name: str, fake, cast, keep=lambda args: False) -> None:
+    """Under torch.autocast (CPU or CUDA), op ``name`` casts its arguments named in ``cast`` (the
+    parameters of its fake kernel), when float32, float16 or bfloat16, to the autocast dtype, and
+    runs with autocast off; the kernels compute in float32 and round once per stored value. Its
+    backward ops take the dtypes of the forward. float64 stays float64, as autocast leaves it.
+    A call for which ``keep(args)`` is true runs in its inputs' own dtypes."""
+    op = getattr(_ops, name).default
+    params = list(inspect.signature(fake).parameters)
+    positions = {params.index(arg) for arg in cast}
+
+    def kernel_for(device_type):
+        def kernel(*args):
+            dtype = torch.get_autocast_dtype(device_type)
+            args = [a.to(dtype) if i in positions and isinstance(a, Tensor) and a.dtype in _AUTOCAST_CASTS
+                    and not keep(args) else a for i, a in enumerate(args)]
+            with torch.autocast(device_type, enabled=False):
+                return op(*args)
+        return kernel
+
+    for device_type in ("cpu", "cuda"):
+        _lib.impl(name, kernel_for(device_type), "Autocast" + device_type.upper())
+
+
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------- spmm
 def _selects(reduce: str) -> bool:
     return reduce in ("max", "min")
 
 
-# ---------------------------------------------------------------------------- fake kernels
+def spmm(graph: CSRGraph, x: Tensor, edge_weight: Optional[Tensor] = None, reduce: str = "sum",
+         out: Optional[Tensor] = None, alpha: float = 1.0) -> Tensor:
+    """out[i] = reduce over in-edges j -> i of w_ji * x[j], reduce in sum | mean | max | min.
+
+    Rows with no in-edges give 0. Differentiable in ``x`` and ``edge_weight``; max/min route the
+    gradient to the one selected edge (the first edge that attains the extremum). Deterministic:
+    no atomics, forward or backward. Under ``torch.autocast``, x and edge_weight are cast to the
+    autocast dtype (the sum runs in float32).
+
+    Args:
+        graph: the CSRGraph (rows are destinations).
+        x: [num_src, D] source features; may be a column slice of a wider buffer (read in place).
+        edge_weight: optional [num_edges] weights, in the caller's edge order.
+        reduce: "sum", "mean", "max" or "min".
+        out: optional [num_dst, D] tensor (possibly a column slice of a wider buffer, not
+            overlapping x) to add the result into, times ``alpha``, in place; returned. Without
+            autograd and autocast the kernel adds into it directly (x and edge_weight may then
+            have a lower precision than out, summed in out's dtype); otherwise it is
+            ``out.add_(spmm(...), alpha=alpha)``, which autograd tracks.
+        alpha: the factor of the result added into ``out`` (-1 subtracts it).
+    """
+    where = "revgnn_ext.ops.spmm"
+    _check_call(where, graph, x)
+    weight = _csr_weight(where, graph, edge_weight)
+    if out is not None and _accumulates(where, out, (graph.num_dst, x.size(1)), x, edge_weight):
+        _ops.spmm_accumulate_(out, graph.rowptr, graph.col, weight, x, reduce, float(alpha))
+        return out
+    transposed = graph.transposed() if (torch.is_grad_enabled() and x.requires_grad) else (None, None, None)
+    result = _differentiable_call(where, _ops.spmm, graph.rowptr, graph.col, *transposed, weight, x, reduce)[0]
+    return result if out is None else out.add_(result, alpha=alpha)
+
+
 @torch.library.register_fake("revgnn_ext::spmm")
 def _spmm_fake(rowptr, col, rowptr_t, col_t, perm_t, weight, x, reduce):
     n = rowptr.shape[0] - 1
@@ -51,32 +195,6 @@ def _spmm_backward_weight_fake(rowptr, col, rowptr_t, col_t, perm_t, x, grad_out
     return x.new_empty((col.shape[0],))
 
 
-@torch.library.register_fake("revgnn_ext::gen_aggregate")
-def _gen_aggregate_fake(rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias, t, p, aggr, eps):
-    n = rowptr.shape[0] - 1
-    out = x.new_empty((n, x.shape[1]))
-    if aggr == "max":
-        state = rowptr.new_empty((n, x.shape[1]))
-    elif aggr in ("softmax", "powermean"):
-        low = x.dtype in (torch.float16, torch.bfloat16)
-        state = x.new_empty((n, x.shape[1]), dtype=torch.float32 if low else x.dtype)
-    else:
-        state = x.new_empty((0,))
-    return out, state
-
-
-@torch.library.register_fake("revgnn_ext::gen_aggregate_backward")
-def _gen_aggregate_backward_fake(rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias, t, p,
-                                 out, state, grad_out, aggr, eps):
-    def like(v):
-        return x.new_empty((0,)) if v is None else torch.empty_like(v, memory_format=torch.contiguous_format)
-    used_t = t if aggr == "softmax" else None
-    used_p = p if aggr == "powermean" else None
-    return (x.new_empty((rowptr_t.shape[0] - 1, x.shape[1])), like(edge_attr), like(edge_weight), like(edge_bias),
-            like(used_t), like(used_p))
-
-
-# ---------------------------------------------------------------------------- autograd
 def _gather_selected(col: Tensor, weight: Optional[Tensor], x: Tensor, arg: Tensor) -> Tensor:
     """out[i, c] = w_a * x[col[a], c] with a = arg[i, c] the edge a max/min selected (0 for an
     empty row): the linear map that max/min apply once the selection is fixed. O(N * D)."""
@@ -150,177 +268,16 @@ def _backward_weight_backward(ctx, k):
     return None, None, None, None, None, d_x, d_grad_out, None, None
 
 
-def _gen_setup(ctx, inputs, output):
-    (rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias, t, p, aggr, eps) = inputs
-    ctx.aggr, ctx.eps = aggr, eps
-    ctx.has_transpose = rowptr_t is not None
-    ctx.save_for_backward(rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias, t, p,
-                          *output)
-
-
-def _gen_backward(ctx, grad_out, _grad_state):
-    rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias, t, p, out, state = ctx.saved_tensors
-    if not ctx.has_transpose:
-        raise RuntimeError("revgnn_ext.gen_aggregate: the backward needs the transposed CSR (rowptr_t, col_t, "
-                           "perm_t); revgnn_ext.ops.gen_aggregate passes it when gradients are recorded")
-    grads = _ops.gen_aggregate_backward(rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias,
-                                        t, p, out, state, grad_out, ctx.aggr, ctx.eps)
-    wanted = ctx.needs_input_grad[5:11]
-    return (None,) * 5 + tuple(g if need else None for g, need in zip(grads, wanted)) + (None, None)
-
-
-def _gen_double_backward(ctx, *grads):
-    raise NotImplementedError("revgnn_ext.gen_aggregate: gradients of gradients (double backward) are not "
-                              "supported; use revgnn_ext.reference.gen_aggregate for them")
-
-
 torch.library.register_autograd("revgnn_ext::spmm", _spmm_backward, setup_context=_spmm_setup)
-torch.library.register_autograd("revgnn_ext::gen_aggregate", _gen_backward, setup_context=_gen_setup)
-torch.library.register_autograd("revgnn_ext::gen_aggregate_backward", _gen_double_backward)
-torch.library.register_autograd("revgnn_ext::spmm_backward_x", _backward_x_backward,
-                                setup_context=_backward_setup)
+torch.library.register_autograd("revgnn_ext::spmm_backward_x", _backward_x_backward, setup_context=_backward_setup)
 torch.library.register_autograd("revgnn_ext::spmm_backward_weight", _backward_weight_backward,
                                 setup_context=_backward_setup)
-
-
-# ---------------------------------------------------------------------------- autocast
-_lib = torch.library.Library("revgnn_ext", "IMPL")
-
-
-def _register_autocast(name: str, fake, cast, keep=lambda args: False) -> None:
-    """Under torch.autocast (CPU or CUDA), op ``name`` casts its arguments named in ``cast`` (the
-    parameters of its fake kernel), when float32, float16 or bfloat16, to the autocast dtype, and
-    runs with autocast off; the kernels compute in float32 and round once per stored value. Its
-    backward ops take the dtypes of the forward. float64 stays float64, as autocast leaves it.
-    A call for which ``keep(args)`` is true runs in its inputs' own dtypes."""
-    op = getattr(_ops, name).default
-    params = list(inspect.signature(fake).parameters)
-    positions = {params.index(arg) for arg in cast}
-
-    def kernel_for(device_type):
-        def kernel(*args):
-            dtype = torch.get_autocast_dtype(device_type)
-            args = [a.to(dtype) if i in positions and isinstance(a, Tensor) and a.dtype in _AUTOCAST_CASTS
-                    and not keep(args) else a for i, a in enumerate(args)]
-            with torch.autocast(device_type, enabled=False):
-                return op(*args)
-        return kernel
-
-    for device_type in ("cpu", "cuda"):
-        _lib.impl(name, kernel_for(device_type), "Autocast" + device_type.upper())
-
-
-_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
 # max/min select one message exactly in any precision (as PyG's scatter max does under autocast):
 # casting x down would only add ties and move the gradient to other edges.
 _register_autocast("spmm", _spmm_fake, ("weight", "x"), keep=lambda args: _selects(args[-1]))
-_register_autocast("gen_aggregate", _gen_aggregate_fake, ("x", "edge_attr", "edge_weight", "edge_bias", "t", "p"))
 
 
-# ---------------------------------------------------------------------------- user functions
-# The kernels check what they see (shapes, dtypes, devices, layouts, index ranges, reduce and aggr
-# names) and raise TypeError / ValueError naming the argument; the functions below check only what
-# they cannot: the graph's type and integrity, x's rows against the graph's nodes and device, grad
-# mode, per-edge tensors before they are put in CSR order, and devices (a meta tensor among the
-# arguments sends the call to the fake kernel, past the kernels' checks).
-def _check_call(where: str, graph: CSRGraph, x: Tensor) -> None:
-    if not isinstance(graph, CSRGraph):
-        raise TypeError(f"{where}: graph must be a revgnn_ext.CSRGraph (build one with "
-                        f"CSRGraph.from_edge_index), got {type(graph).__name__}")
-    graph.check_unmodified(where)
-    if not isinstance(x, Tensor) or x.dim() != 2:
-        shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{where}: x must be a 2-D tensor [num_src, channels], got {shape}")
-    if x.size(0) != graph.num_src:
-        raise ValueError(f"{where}: x has {x.size(0)} rows but the graph has {graph.num_src} source nodes")
-    if x.device != graph.device:
-        raise ValueError(f"{where}: x is on {x.device} but the graph is on {graph.device} (use graph.to(device))")
-
-
-def _check_devices(where: str, name: str, ref: Tensor, **tensors) -> None:
-    for arg, t in tensors.items():
-        if isinstance(t, Tensor) and t.device != ref.device:
-            raise ValueError(f"{where}: {arg} is on {t.device} but {name} is on {ref.device}")
-
-
-def forward_ad_tracks(values) -> bool:
-    """Whether forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) tracks a tensor among
-    ``values``."""
-    return any(isinstance(v, Tensor) and torch.autograd.forward_ad.unpack_dual(v).tangent is not None for v in values)
-
-
-def refused_by_functorch(err: RuntimeError) -> bool:
-    """Whether ``err`` is torch.func's refusal of an autograd.Function it cannot transform."""
-    return "functorch transforms" in str(err)
-
-
-def _differentiable_call(where: str, op, *args):
-    """op(*args), for the user functions of the differentiable ops: they have reverse-mode
-    autograd only, so forward-mode AD and torch.func transforms raise a clear error instead of
-    giving zero tangents or an error that does not name the op."""
-    if forward_ad_tracks(args):
-        raise NotImplementedError(f"{where}: forward-mode AD is not supported by the fused op; use reverse mode "
-                                  "(loss.backward(), torch.autograd.grad) or revgnn_ext.reference's twin of the op")
-    try:
-        return op(*args)
-    except RuntimeError as err:
-        if not refused_by_functorch(err):
-            raise
-        raise NotImplementedError(f"{where}: torch.func transforms (grad, jvp, vjp, jacrev) are not supported by "
-                                  "the fused op; use torch.autograd.grad / loss.backward(), or revgnn_ext.reference's "
-                                  "twin of the op") from None
-
-
-def _csr_weight(where: str, graph: CSRGraph, edge_weight: Optional[Tensor]) -> Optional[Tensor]:
-    if edge_weight is None:
-        return None
-    if not isinstance(edge_weight, Tensor) or edge_weight.dim() != 1:
-        shape = list(edge_weight.shape) if isinstance(edge_weight, Tensor) else type(edge_weight).__name__
-        raise ValueError(f"{where}: edge_weight must be a 1-D tensor [num_edges], got {shape}")
-    return graph.edges_to_csr(edge_weight, f"{where}: edge_weight")
-
-
-def spmm(graph: CSRGraph, x: Tensor, edge_weight: Optional[Tensor] = None, reduce: str = "sum") -> Tensor:
-    """out[i] = reduce over in-edges j -> i of w_ji * x[j], reduce in sum | mean | max | min.
-
-    Rows with no in-edges give 0. ``edge_weight`` ([num_edges], caller's edge order) is optional.
-    ``x`` may be a column slice of a wider buffer; it is read in place. Differentiable in ``x``
-    and ``edge_weight``; max/min route the gradient to the one selected edge (the first edge
-    that attains the extremum). Deterministic: no atomics, forward or backward. Under
-    ``torch.autocast``, x and edge_weight are cast to the autocast dtype (the sum runs in float32).
-    """
-    where = "revgnn_ext.ops.spmm"
-    _check_call(where, graph, x)
-    weight = _csr_weight(where, graph, edge_weight)
-    transposed = graph.transposed() if (torch.is_grad_enabled() and x.requires_grad) else (None, None, None)
-    return _differentiable_call(where, _ops.spmm, graph.rowptr, graph.col, *transposed, weight, x, reduce)[0]
-
-
-def spmm_accumulate_(out: Tensor, graph: CSRGraph, x: Tensor, edge_weight: Optional[Tensor] = None,
-                     reduce: str = "sum", alpha: float = 1.0) -> Tensor:
-    """out += alpha * spmm(graph, x, edge_weight, reduce), written into ``out`` (which may be a
-    column slice of a wider buffer) without allocating an [N, D] temporary. Returns ``out``.
-    ``out`` may be another column slice of ``x``'s buffer, but must not overlap ``x``.
-
-    The fused in-place op has no autograd (PyTorch registers autograd for functional ops
-    only); when gradients are being recorded for any input, this computes the same result as
-    ``out.add_(spmm(...), alpha=alpha)``, which autograd tracks. No autocast (in place): x and
-    edge_weight may have a lower precision than out (bfloat16 into float32), summed in out's dtype.
-    """
-    where = "revgnn_ext.ops.spmm_accumulate_"
-    _check_call(where, graph, x)
-    weight = _csr_weight(where, graph, edge_weight)
-    if not isinstance(out, Tensor) or out.shape != (graph.num_dst, x.size(1)):
-        shape = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"{where}: out must have shape [{graph.num_dst}, {x.size(1)}], got {shape}")
-    tracked = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (out, x, edge_weight))
-    if tracked or forward_ad_tracks((out, x, edge_weight)):  # the functional op differentiates (or refuses)
-        return out.add_(spmm(graph, x, edge_weight, reduce), alpha=alpha)
-    _ops.spmm_accumulate_(out, graph.rowptr, graph.col, weight, x, reduce, float(alpha))
-    return out
-
-
+# ---------------------------------------------------------------------------- gen_aggregate
 def _per_channel(value, x: Tensor) -> Tensor:
     """t or p (a float, or a tensor of 1 or D values) as a tensor of x's dtype."""
     if not isinstance(value, Tensor):
@@ -362,7 +319,112 @@ def gen_aggregate(graph: CSRGraph, x: Tensor, edge_attr: Optional[Tensor] = None
                                 edge_weight, edge_bias, t, p, aggr, float(eps))[0]
 
 
-# ---------------------------------------------------------------------------- GAT attention
+@torch.library.register_fake("revgnn_ext::gen_aggregate")
+def _gen_aggregate_fake(rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias, t, p, aggr, eps):
+    n = rowptr.shape[0] - 1
+    out = x.new_empty((n, x.shape[1]))
+    if aggr == "max":
+        state = rowptr.new_empty((n, x.shape[1]))
+    elif aggr in ("softmax", "powermean"):
+        low = x.dtype in (torch.float16, torch.bfloat16)
+        state = x.new_empty((n, x.shape[1]), dtype=torch.float32 if low else x.dtype)
+    else:
+        state = x.new_empty((0,))
+    return out, state
+
+
+@torch.library.register_fake("revgnn_ext::gen_aggregate_backward")
+def _gen_aggregate_backward_fake(rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias, t, p,
+                                 out, state, grad_out, aggr, eps):
+    def like(v):
+        return x.new_empty((0,)) if v is None else torch.empty_like(v, memory_format=torch.contiguous_format)
+    used_t = t if aggr == "softmax" else None
+    used_p = p if aggr == "powermean" else None
+    return (x.new_empty((rowptr_t.shape[0] - 1, x.shape[1])), like(edge_attr), like(edge_weight), like(edge_bias),
+            like(used_t), like(used_p))
+
+
+def _gen_setup(ctx, inputs, output):
+    (rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias, t, p, aggr, eps) = inputs
+    ctx.aggr, ctx.eps = aggr, eps
+    ctx.has_transpose = rowptr_t is not None
+    ctx.save_for_backward(rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias, t, p,
+                          *output)
+
+
+def _gen_backward(ctx, grad_out, _grad_state):
+    rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias, t, p, out, state = ctx.saved_tensors
+    if not ctx.has_transpose:
+        raise RuntimeError("revgnn_ext.gen_aggregate: the backward needs the transposed CSR (rowptr_t, col_t, "
+                           "perm_t); revgnn_ext.ops.gen_aggregate passes it when gradients are recorded")
+    grads = _ops.gen_aggregate_backward(rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias,
+                                        t, p, out, state, grad_out, ctx.aggr, ctx.eps)
+    wanted = ctx.needs_input_grad[5:11]
+    return (None,) * 5 + tuple(g if need else None for g, need in zip(grads, wanted)) + (None, None)
+
+
+torch.library.register_autograd("revgnn_ext::gen_aggregate", _gen_backward, setup_context=_gen_setup)
+torch.library.register_autograd("revgnn_ext::gen_aggregate_backward", _refuse_double_backward)
+_register_autocast("gen_aggregate", _gen_aggregate_fake, ("x", "edge_attr", "edge_weight", "edge_bias", "t", "p"))
+
+
+# ---------------------------------------------------------------------------- gat_aggregate
+def _gat_call(where: str, graph: CSRGraph, x: Tensor, edge_attr, edge_keep, attn_dropout, seed):
+    """The checks the op cannot make, and the per-edge tensors in CSR order: (edge_attr, edge_keep,
+    perm, seed), perm the caller's edge ids that the dropout draw hashes (None without dropout) and
+    seed mod 2^64 as a signed int64."""
+    _check_call(where, graph, x)
+    if edge_attr is not None:
+        edge_attr = graph.edges_to_csr(edge_attr, f"{where}: edge_attr")
+    if edge_keep is not None:
+        edge_keep = graph.edges_to_csr(edge_keep, f"{where}: edge_keep")
+    seed = operator.index(seed) % 2**64
+    perm = graph.perm if attn_dropout > 0 else None
+    return edge_attr, edge_keep, perm, seed - 2**64 if seed >= 2**63 else seed
+
+
+def gat_aggregate(graph: CSRGraph, x: Tensor, src_score: Tensor, dst_score: Optional[Tensor] = None,
+                  edge_attr: Optional[Tensor] = None, edge_weight: Optional[Tensor] = None,
+                  negative_slope: float = 0.2, edge_keep: Optional[Tensor] = None, attn_dropout: float = 0.0,
+                  seed: int = 0, out: Optional[Tensor] = None, alpha: float = 1.0) -> Tensor:
+    """GAT's attention and aggregation, fused (revgnn_ext.reference.gat_aggregate is the contract:
+    same arguments, values, gradients and dropout draw): per destination i and head h, the softmax
+    over the kept in-edges j -> i of leaky_relu(src_score[j, h] + dst_score[i, h] + e_jih), then
+    out[i, head h] = sum_j alpha * x[j, head h], in one pass with an online softmax.
+
+    ``x`` [num_src, H*C]; ``src_score`` [num_src, H]; ``dst_score`` [num_dst, H] or None; edge
+    scores e from ``edge_attr`` [num_edges, F] times ``edge_weight`` [H, F] inside the kernel, or
+    ``edge_attr`` [num_edges, H] itself, or none; ``edge_keep`` a bool mask [num_edges]; per-edge
+    tensors in the caller's edge order. ``attn_dropout`` p drops (edge, head) pairs by a
+    counter-based draw from ``seed`` and the caller's edge id (reference.gat_dropout_keep), which a
+    recomputation replays without a stored mask. Rows with no kept in-edge give 0. Saves only an
+    [num_dst, H] log-normalizer besides the output; no [num_edges, H*C] nor [num_edges, H] tensor,
+    forward or backward. Differentiable in x, src_score, dst_score, edge_attr and edge_weight
+    (first order); deterministic (no atomics). Under ``torch.autocast``, x, src_score, dst_score,
+    edge_attr and edge_weight are cast to the autocast dtype (scores and softmax in float32).
+
+    ``out`` ([num_dst, H*C], possibly a column slice of a wider buffer, not overlapping x): the
+    result times ``alpha`` is added into it in place and it is returned; without autograd and
+    autocast the kernel adds into it directly (every tensor of out's dtype), otherwise it is
+    ``out.add_(gat_aggregate(...), alpha=alpha)``, which autograd tracks.
+    """
+    where = "revgnn_ext.ops.gat_aggregate"
+    edge_attr, edge_keep, perm, seed = _gat_call(where, graph, x, edge_attr, edge_keep, attn_dropout, seed)
+    if out is not None and _accumulates(where, out, (graph.num_dst, x.size(1)), x, src_score, dst_score, edge_attr,
+                                        edge_weight):
+        _ops.gat_aggregate_accumulate_(out, graph.rowptr, graph.col, perm, x, src_score, dst_score, edge_attr,
+                                       edge_weight, edge_keep, float(negative_slope), float(attn_dropout), seed,
+                                       float(alpha))
+        return out
+    grads = torch.is_grad_enabled() and any(
+        v is not None and v.requires_grad for v in (x, src_score, dst_score, edge_attr, edge_weight))
+    transposed = graph.transposed() if grads else (None, None, None)
+    result = _differentiable_call(where, _ops.gat_aggregate, graph.rowptr, graph.col, *transposed, perm, x,
+                                  src_score, dst_score, edge_attr, edge_weight, edge_keep, float(negative_slope),
+                                  float(attn_dropout), seed)[0]
+    return result if out is None else out.add_(result, alpha=alpha)
+
+
 @torch.library.register_fake("revgnn_ext::gat_aggregate")
 def _gat_aggregate_fake(rowptr, col, rowptr_t, col_t, perm_t, perm, x, src_score, dst_score, edge_attr, edge_weight,
                         edge_keep, negative_slope, attn_dropout, seed):
@@ -407,115 +469,6 @@ def _gat_backward(ctx, grad_out, _grad_lse):
     return (None,) * 6 + tuple(g if need else None for g, need in zip(grads, wanted)) + (None,) * 4
 
 
-def _gat_double_backward(ctx, *grads):
-    raise NotImplementedError("revgnn_ext.gat_aggregate: gradients of gradients (double backward) are not "
-                              "supported; use revgnn_ext.reference.gat_aggregate for them")
-
-
 torch.library.register_autograd("revgnn_ext::gat_aggregate", _gat_backward, setup_context=_gat_setup)
-torch.library.register_autograd("revgnn_ext::gat_aggregate_backward", _gat_double_backward)
+torch.library.register_autograd("revgnn_ext::gat_aggregate_backward", _refuse_double_backward)
 _register_autocast("gat_aggregate", _gat_aggregate_fake, ("x", "src_score", "dst_score", "edge_attr", "edge_weight"))
-
-
-def _gat_call(where: str, graph: CSRGraph, x: Tensor, edge_attr, edge_keep, attn_dropout, seed):
-    """The checks the op cannot make, and the per-edge tensors in CSR order: (edge_attr, edge_keep,
-    perm, seed), perm the caller's edge ids that the dropout draw hashes (None without dropout) and
-    seed mod 2^64 as a signed int64."""
-    _check_call(where, graph, x)
-    if edge_attr is not None:
-        edge_attr = graph.edges_to_csr(edge_attr, f"{where}: edge_attr")
-    if edge_keep is not None:
-        edge_keep = graph.edges_to_csr(edge_keep, f"{where}: edge_keep")
-    seed = operator.index(seed) % 2**64
-    perm = graph.perm if attn_dropout > 0 else None
-    return edge_attr, edge_keep, perm, seed - 2**64 if seed >= 2**63 else seed
-
-
-def gat_aggregate(graph: CSRGraph, x: Tensor, src_score: Tensor, dst_score: Optional[Tensor] = None,
-                  edge_attr: Optional[Tensor] = None, edge_weight: Optional[Tensor] = None,
-                  negative_slope: float = 0.2, edge_keep: Optional[Tensor] = None, attn_dropout: float = 0.0,
-                  seed: int = 0) -> Tensor:
-    """GAT's attention and aggregation, fused (revgnn_ext.reference.gat_aggregate is the contract:
-    same arguments, values, gradients and dropout draw): per destination i and head h, the softmax
-    over the kept in-edges j -> i of leaky_relu(src_score[j, h] + dst_score[i, h] + e_jih), then
-    out[i, head h] = sum_j alpha * x[j, head h], in one pass with an online softmax.
-
-    ``x`` [num_src, H*C]; ``src_score`` [num_src, H]; ``dst_score`` [num_dst, H] or None; edge
-    scores e from ``edge_attr`` [num_edges, F] times ``edge_weight`` [H, F] inside the kernel, or
-    ``edge_attr`` [num_edges, H] itself, or none; ``edge_keep`` a bool mask [num_edges]; per-edge
-    tensors in the caller's edge order. ``attn_dropout`` p drops (edge, head) pairs by a
-    counter-based draw from ``seed`` and the caller's edge id (reference.gat_dropout_keep), which a
-    recomputation replays without a stored mask. Rows with no kept in-edge give 0. Saves only an
-    [num_dst, H] log-normalizer besides the output; no [num_edges, H*C] nor [num_edges, H] tensor,
-    forward or backward. Differentiable in x, src_score, dst_score, edge_attr and edge_weight
-    (first order); deterministic (no atomics). Under ``torch.autocast``, x, src_score, dst_score,
-    edge_attr and edge_weight are cast to the autocast dtype (scores and softmax in float32).
-    """
-    where = "revgnn_ext.ops.gat_aggregate"
-    edge_attr, edge_keep, perm, seed = _gat_call(where, graph, x, edge_attr, edge_keep, attn_dropout, seed)
-    grads = torch.is_grad_enabled() and any(
-        v is not None and v.requires_grad for v in (x, src_score, dst_score, edge_attr, edge_weight))
-    transposed = graph.transposed() if grads else (None, None, None)
-    return _differentiable_call(where, _ops.gat_aggregate, graph.rowptr, graph.col, *transposed, perm, x, src_score,
-                                dst_score, edge_attr, edge_weight, edge_keep, float(negative_slope),
-                                float(attn_dropout), seed)[0]
-
-
-def gat_aggregate_accumulate_(out: Tensor, graph: CSRGraph, x: Tensor, src_score: Tensor,
-                              dst_score: Optional[Tensor] = None, edge_attr: Optional[Tensor] = None,
-                              edge_weight: Optional[Tensor] = None, negative_slope: float = 0.2,
-                              edge_keep: Optional[Tensor] = None, attn_dropout: float = 0.0, seed: int = 0,
-                              alpha: float = 1.0) -> Tensor:
-    """out += alpha * gat_aggregate(...), written into ``out`` ([num_dst, H*C] of x's dtype,
-    possibly a column slice of a wider buffer, not overlapping x) without an [num_dst, H*C]
-    temporary; alpha = -1 subtracts, as the reversible inversion does. Returns ``out``.
-
-    The fused in-place op has no autograd; when gradients are being recorded for any input this
-    computes ``out.add_(gat_aggregate(...), alpha=alpha)``, which autograd tracks. No autocast (in
-    place): every tensor must have out's dtype."""
-    where = "revgnn_ext.ops.gat_aggregate_accumulate_"
-    tracked = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (out, x, src_score, dst_score, edge_attr, edge_weight))
-    if tracked or forward_ad_tracks((out, x, src_score, dst_score, edge_attr, edge_weight)):
-        return out.add_(gat_aggregate(graph, x, src_score, dst_score, edge_attr, edge_weight, negative_slope,
-                                      edge_keep, attn_dropout, seed), alpha=alpha)
-    edge_attr, edge_keep, perm, seed = _gat_call(where, graph, x, edge_attr, edge_keep, attn_dropout, seed)
-    _ops.gat_aggregate_accumulate_(out, graph.rowptr, graph.col, perm, x, src_score, dst_score, edge_attr,
-                                   edge_weight, edge_keep, float(negative_slope), float(attn_dropout), seed,
-                                   float(alpha))
-    return out
-
-
-# ---------------------------------------------------------------------------- reversible inversion
-@torch.library.register_fake("revgnn_ext::rev_subtract_")
-def _rev_subtract_fake(y, f, group, num_groups, sum_out):
-    return None
-
-
-def rev_subtract_(y: Tensor, f: Tensor, group: int, num_groups: int, sum_out: Optional[Tensor] = None) -> None:
-    """One in-place step of the grouped reversible block's inversion (RevGNN): with
-    c = D // num_groups and y_j = y[:, j*c:(j+1)*c],
-
-        y_group -= f;   then, if sum_out is given (group >= 1):  sum_out = y_1 + ... + y_{C-1}
-
-    the sum over the updated values, in this order (X'_0, the input of F_1), formed in the same
-    pass over the rows as the subtraction. ``y`` [N, D] is written in place; it may be a column
-    slice of a wider buffer (channels must be contiguous). ``f`` [N, c] may have any layout.
-    ``sum_out`` [N, c] (channels contiguous) is written. Neither may share elements with ``y``,
-    nor ``sum_out`` with ``f`` (other column slices of one buffer are fine); the op raises a
-    RuntimeError for such overlaps and for layouts it cannot write. float16/bfloat16 compute in
-    float32. Deterministic. No autocast (in place): ``f`` may have a lower precision than ``y``
-    (bfloat16 beside a float32 y), and the subtraction runs in y's dtype.
-
-    The op writes y and sum_out in place and has no autograd: call it under ``torch.no_grad()``
-    (it raises a RuntimeError when grad mode is on and an argument requires grad). Raises
-    TypeError / ValueError naming the argument for a bad dtype, shape, device or group.
-    """
-    where = "revgnn_ext.ops.rev_subtract_"
-    if isinstance(y, Tensor):
-        _check_devices(where, "y", y, f=f, sum_out=sum_out)
-    tensors = [t for t in (y, f, sum_out) if isinstance(t, Tensor)]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        raise RuntimeError(f"{where}: the op writes in place and has no autograd, but an argument requires grad; "
-                           "call it under torch.no_grad()")
-    _ops.rev_subtract_(y, f, group, num_groups, sum_out)

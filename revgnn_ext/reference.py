@@ -10,29 +10,28 @@ from torch import Tensor
 
 from .graph import CSRGraph
 
-__all__ = ["spmm", "spmm_accumulate_", "gen_aggregate", "rev_subtract_", "gat_aggregate", "gat_aggregate_accumulate_",
-           "gat_dropout_keep"]
+__all__ = ["spmm", "gen_aggregate", "gat_aggregate", "gat_dropout_keep"]
 
 REDUCES = ("sum", "mean", "max", "min")
 
 
-def _destinations(graph: CSRGraph) -> Tensor:
-    """The destination of each CSR edge."""
-    return torch.repeat_interleave(torch.arange(graph.num_dst, device=graph.device),
-                                   (graph.rowptr[1:] - graph.rowptr[:-1]).long())
-
-
-def spmm(graph: CSRGraph, x: Tensor, edge_weight: Optional[Tensor] = None, reduce: str = "sum") -> Tensor:
-    """out[i] = reduce over in-edges j -> i of w_ji * x[j]; rows with no in-edges give 0.
-    ``edge_weight`` is in the caller's edge order."""
+def spmm(graph: CSRGraph, x: Tensor, edge_weight: Optional[Tensor] = None, reduce: str = "sum",
+         out: Optional[Tensor] = None, alpha: float = 1.0) -> Tensor:
+    """result[i] = reduce over in-edges j -> i of w_ji * x[j]; rows with no in-edges give 0.
+    ``edge_weight`` is in the caller's edge order. With ``out``: out += alpha * result, in place,
+    and out is returned."""
     if reduce not in REDUCES:
         raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
-    dst = _destinations(graph)
+    dst = graph.destinations()
     messages = x.index_select(0, graph.col.long())
     if edge_weight is not None:
         messages = messages * graph.edges_to_csr(edge_weight, "edge_weight").unsqueeze(-1)
     torch_reduce = {"sum": "sum", "mean": "mean", "max": "amax", "min": "amin"}[reduce]
-    return _scatter(messages, dst, graph.num_dst, torch_reduce)
+    return _added(out, _scatter(messages, dst, graph.num_dst, torch_reduce), alpha)
+
+
+def _added(out: Optional[Tensor], result: Tensor, alpha: float) -> Tensor:
+    return result if out is None else out.add_(result, alpha=alpha)
 
 
 def _scatter(messages: Tensor, dst: Tensor, num_dst: int, reduce: str) -> Tensor:
@@ -47,12 +46,6 @@ def _scatter(messages: Tensor, dst: Tensor, num_dst: int, reduce: str) -> Tensor
         has_edge[dst] = True
         out = torch.where(has_edge.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
     return out
-
-
-def spmm_accumulate_(out: Tensor, graph: CSRGraph, x: Tensor, edge_weight: Optional[Tensor] = None,
-                     reduce: str = "sum", alpha: float = 1.0) -> Tensor:
-    """out += alpha * spmm(graph, x, edge_weight, reduce), in place; returns out."""
-    return out.add_(spmm(graph, x, edge_weight, reduce), alpha=alpha)
 
 
 GEN_AGGRS = ("softmax", "max", "mean", "sum", "powermean")
@@ -71,7 +64,7 @@ def gen_aggregate(graph: CSRGraph, x: Tensor, edge_attr: Optional[Tensor] = None
         raise ValueError(f"aggr must be one of {GEN_AGGRS}, got {aggr!r}")
     if aggr == "powermean" and not isinstance(p, Tensor) and p == 1:
         aggr = "mean"  # as PyG's PowerMeanAggregation: no power and no clamps for a fixed p = 1
-    dst = _destinations(graph)
+    dst = graph.destinations()
     msg = x.index_select(0, graph.col.long())
     if edge_attr is not None:
         emb = graph.edges_to_csr(edge_attr, "edge_attr")
@@ -92,20 +85,6 @@ def gen_aggregate(graph: CSRGraph, x: Tensor, edge_attr: Optional[Tensor] = None
     q = m.clamp(1e-4, 100.0).pow(p)
     r = zeros.scatter_reduce(0, index, q, "mean", include_self=False)
     return r.clamp(1e-4, 100.0).pow(1.0 / p)
-
-
-def rev_subtract_(y: Tensor, f: Tensor, group: int, num_groups: int, sum_out: Optional[Tensor] = None) -> None:
-    """y_group -= f in place (y_j = y[:, j*c:(j+1)*c], c = D // num_groups); then, with sum_out,
-    sum_out = y_1 + ... + y_{C-1} over the updated values, added in this order in float32 for
-    float16/bfloat16 and rounded once."""
-    c = y.size(1) // num_groups
-    groups = [y[:, j * c:(j + 1) * c] for j in range(num_groups)]
-    groups[group].sub_(f)
-    if sum_out is not None:
-        total = groups[1].to(torch.promote_types(y.dtype, torch.float32))
-        for j in range(2, num_groups):
-            total = total + groups[j]
-        sum_out.copy_(total)
 
 
 # ---------------------------------------------------------------------------- GAT attention
@@ -152,7 +131,7 @@ def gat_dropout_keep(seed: int, edge_ids: Tensor, heads: int, p: float) -> Tenso
 def gat_aggregate(graph: CSRGraph, x: Tensor, src_score: Tensor, dst_score: Optional[Tensor] = None,
                   edge_attr: Optional[Tensor] = None, edge_weight: Optional[Tensor] = None,
                   negative_slope: float = 0.2, edge_keep: Optional[Tensor] = None, attn_dropout: float = 0.0,
-                  seed: int = 0) -> Tensor:
+                  seed: int = 0, out: Optional[Tensor] = None, alpha: float = 1.0) -> Tensor:
     """GAT's attention and aggregation (PyG's GATConv after its projections), H heads of C channels.
 
     Inputs: x [num_src, H*C] (head h in columns h*C .. (h+1)*C, PyG's ``view(-1, H, C)``);
@@ -171,9 +150,10 @@ def gat_aggregate(graph: CSRGraph, x: Tensor, src_score: Tensor, dst_score: Opti
     Rows with no kept in-edge give 0. drop(alpha) = alpha * keep_kh / (1 - p) with keep =
     ``gat_dropout_keep(seed, k, H, p)``, p = attn_dropout (drop(alpha) = alpha at p = 0; 0 at
     p = 1), k the edge's position in the caller's order (edge ids do not change when edge_keep
-    drops edges). Returns [num_dst, H*C] of x's dtype."""
+    drops edges). Returns [num_dst, H*C] of x's dtype; with ``out`` (possibly a column slice of a
+    wider buffer), out += alpha * that, in place, and out."""
     heads = src_score.size(1)
-    dst = _destinations(graph)
+    dst = graph.destinations()
     src = graph.col.long()
     edge_ids = graph.perm.long() if graph.perm is not None else torch.arange(graph.num_edges, device=graph.device)
     score = src_score.index_select(0, src)
@@ -193,15 +173,4 @@ def gat_aggregate(graph: CSRGraph, x: Tensor, src_score: Tensor, dst_score: Opti
         keep = gat_dropout_keep(seed, edge_ids, heads, attn_dropout)
         weight = weight * keep / (1 - attn_dropout) if attn_dropout < 1 else weight * 0
     messages = weight.unsqueeze(-1) * x.reshape(x.size(0), heads, x.size(1) // heads).index_select(0, src)
-    return _scatter(messages.reshape(messages.size(0), x.size(1)), dst, graph.num_dst, "sum")
-
-
-def gat_aggregate_accumulate_(out: Tensor, graph: CSRGraph, x: Tensor, src_score: Tensor,
-                              dst_score: Optional[Tensor] = None, edge_attr: Optional[Tensor] = None,
-                              edge_weight: Optional[Tensor] = None, negative_slope: float = 0.2,
-                              edge_keep: Optional[Tensor] = None, attn_dropout: float = 0.0, seed: int = 0,
-                              alpha: float = 1.0) -> Tensor:
-    """out += alpha * gat_aggregate(...), in place (``out`` [num_dst, H*C], possibly a column slice
-    of a wider buffer; alpha = -1 subtracts, as the reversible inversion does); returns out."""
-    return out.add_(gat_aggregate(graph, x, src_score, dst_score, edge_attr, edge_weight, negative_slope, edge_keep,
-                                  attn_dropout, seed), alpha=alpha)
+    return _added(out, _scatter(messages.reshape(messages.size(0), x.size(1)), dst, graph.num_dst, "sum"), alpha)

@@ -107,14 +107,8 @@ def test_in_place_ops_low_precision(device, dtype):
     out = torch.randn(g.num_dst, 37, device=device).to(dtype)
     exact = out.double() + 0.5 * reference.spmm(g, x.double(), w.double(), "mean")
     same_dtype = out + 0.5 * reference.spmm(g, x, w, "mean")
-    ops.spmm_accumulate_(out, g, x, w, "mean", alpha=0.5)
+    ops.spmm(g, x, w, "mean", out=out, alpha=0.5)
     _assert_close(out.double(), exact, same_dtype.double(), dtype)
-    y, f, total = (torch.randn(50, 3 * 37, device=device).to(dtype), torch.randn(50, 37, device=device).to(dtype),
-                   torch.empty(50, 37, device=device, dtype=dtype))
-    y_ref = y.clone()
-    reference.rev_subtract_(y_ref, f, 1, 3, expected_total := torch.empty_like(total))
-    ops.rev_subtract_(y, f, 1, 3, total)
-    assert torch.equal(y, y_ref) and torch.equal(total, expected_total)
 
 
 # ------------------------------------------------------------------------------ autocast
@@ -167,22 +161,19 @@ def test_gen_aggregate_takes_float32_edge_features_beside_bfloat16_x(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_in_place_ops_take_bfloat16_beside_float32(device):
-    """rev_subtract_ and spmm_accumulate_ (in place, no autocast) take f / x in a lower precision
-    than the float32 buffer they write; the math runs in float32."""
+def test_accumulate_takes_bfloat16_beside_float32(device):
+    """spmm's in-place form (out=) takes x in a lower precision than the float32 buffer it
+    writes, the math in float32; under autocast it adds the autocast result, as out.add_ would."""
     g = _graph(device)
     x = torch.randn(g.num_src, 37, device=device).bfloat16()
     out = torch.randn(g.num_dst, 37, device=device)
     expected = out + reference.spmm(g, x.float(), None, "sum")
-    with torch.autocast(device, dtype=torch.bfloat16):
-        ops.spmm_accumulate_(out, g, x)
+    ops.spmm(g, x, out=out)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-5)
-    y, f = torch.randn(50, 2 * 37, device=device), torch.randn(50, 37, device=device).bfloat16()
-    expected = y[:, 37:] - f.float()
-    ops.rev_subtract_(y, f, 1, 2)
-    assert torch.equal(y[:, 37:], expected)
-    with pytest.raises(TypeError, match="f .* must have y's dtype .* or a lower precision"):
-        ops.rev_subtract_(y.bfloat16(), f.float(), 1, 2)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        expected = out + ops.spmm(g, x)
+        ops.spmm(g, x, out=out)
+    assert torch.equal(out, expected)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -13,8 +13,8 @@ OPS = {
     "gat_aggregate": lambda g, t: ops.gat_aggregate(g, t, t[:, :2]),
 }
 ACCUMULATE_FORMS = {  # in place, no autograd of their own: they hand a tracked input to the functional op
-    "spmm": lambda g, t: ops.spmm_accumulate_(torch.zeros_like(t), g, t),
-    "gat_aggregate": lambda g, t: ops.gat_aggregate_accumulate_(torch.zeros_like(t), g, t, t[:, :2]),
+    "spmm": lambda g, t: ops.spmm(g, t, out=torch.zeros_like(t)),
+    "gat_aggregate": lambda g, t: ops.gat_aggregate(g, t, t[:, :2], out=torch.zeros_like(t)),
 }
 
 

@@ -90,7 +90,8 @@ def test_fused_gen_conv_block(solver):
     ei = _graph(30, 150)
     edge_attr = torch.rand(150, 4, dtype=torch.float64)
     groups = torch.nn.ModuleList(
-        ResPlusGroup(4, GENConv(4, 4, aggr="softmax", learn_t=True, edge_dim=4, norm="layer", bias=True))
+        ResPlusGroup(torch.nn.LayerNorm(4),
+                     GENConv(4, 4, aggr="softmax", learn_t=True, edge_dim=4, norm="layer", bias=True))
         for _ in range(2))
     deq = DEQ(groups, solver=solver, tol=1e-12, max_iter=200).double()
     x = torch.randn(30, 8, dtype=torch.float64, requires_grad=True)
@@ -263,7 +264,8 @@ iterations, nodes, hidden = map(int, sys.argv[1:])
 torch.manual_seed(0)
 graph = CSRGraph.from_edge_index(torch.randint(0, nodes, (2, 5 * nodes)), nodes)
 c = hidden // 2
-deq = DEQ(torch.nn.ModuleList(ResPlusGroup(c, GENConv(c, c, aggr="softmax", norm="layer")) for _ in range(2)),
+deq = DEQ(torch.nn.ModuleList(ResPlusGroup(torch.nn.LayerNorm(c), GENConv(c, c, aggr="softmax", norm="layer"))
+                              for _ in range(2)),
           tol=0.0, max_iter=iterations)
 x = torch.randn(nodes, hidden, requires_grad=True)
 peaks = []

@@ -149,12 +149,12 @@ def test_accumulate_into_a_column_slice(device, alpha):
     buf = torch.randn(g.num_dst, 30, dtype=torch.float64, device=device)
     before = buf.clone()
     out = buf[:, 5:17]
-    assert ops.gat_aggregate_accumulate_(out, g, **kw, attn_dropout=0.2, seed=3, alpha=alpha) is out
+    assert ops.gat_aggregate(g, **kw, attn_dropout=0.2, seed=3, out=out, alpha=alpha) is out
     expected = before[:, 5:17] + alpha * reference.gat_aggregate(g, **kw, attn_dropout=0.2, seed=3)
     torch.testing.assert_close(buf[:, 5:17], expected, rtol=1e-12, atol=1e-12)
     assert torch.equal(buf[:, :5], before[:, :5]) and torch.equal(buf[:, 17:], before[:, 17:])
     # add then subtract: the reversible inversion gets its input back
-    ops.gat_aggregate_accumulate_(out, g, **kw, attn_dropout=0.2, seed=3, alpha=-alpha)
+    ops.gat_aggregate(g, **kw, attn_dropout=0.2, seed=3, out=out, alpha=-alpha)
     torch.testing.assert_close(buf, before, rtol=1e-12, atol=1e-12)
 
 
@@ -162,7 +162,7 @@ def test_accumulate_under_autograd_is_tracked():
     g = _graph("random", "cpu")
     kw = _differentiable(_case(g, "src_dst", 2, 3, torch.float64, "cpu"))
     base = torch.randn(g.num_dst, 6, dtype=torch.float64)
-    out = ops.gat_aggregate_accumulate_(base.clone(), g, **kw, alpha=-1.0)
+    out = ops.gat_aggregate(g, **kw, out=base.clone(), alpha=-1.0)
     ref = base - reference.gat_aggregate(g, **kw)
     gout = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, list(kw.values()), gout),
@@ -272,9 +272,9 @@ def test_bad_inputs_raise_naming_the_argument():
     with pytest.raises(ValueError, match="x has 39 rows"):
         ops.gat_aggregate(g, x[1:], s)
     with pytest.raises(ValueError, match="out must have shape"):
-        ops.gat_aggregate_accumulate_(torch.zeros(g.num_dst, 9), g, x, s)
+        ops.gat_aggregate(g, x, s, out=torch.zeros(g.num_dst, 9))
     with pytest.raises(RuntimeError, match="must not share elements with x"):
-        ops.gat_aggregate_accumulate_(x, g, x, s)
+        ops.gat_aggregate(g, x, s, out=x)
     lib = torch.ops.revgnn_ext
     bad_col = g.col.clone()
     bad_col[3] = 999

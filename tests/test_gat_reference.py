@@ -194,7 +194,7 @@ def test_accumulate_adds_into_a_column_slice_and_alpha_minus_one_undoes_it():
     before = buffer.clone()
     block = buffer[:, args["x"].size(1):2 * args["x"].size(1)]
     agg = reference.gat_aggregate(g, **args, attn_dropout=0.2, seed=5)
-    assert reference.gat_aggregate_accumulate_(block, g, **args, attn_dropout=0.2, seed=5) is block
+    assert reference.gat_aggregate(g, **args, attn_dropout=0.2, seed=5, out=block) is block
     torch.testing.assert_close(block, before[:, 6:12] + agg)
-    reference.gat_aggregate_accumulate_(block, g, **args, attn_dropout=0.2, seed=5, alpha=-1.0)
+    reference.gat_aggregate(g, **args, attn_dropout=0.2, seed=5, out=block, alpha=-1.0)
     torch.testing.assert_close(buffer, before, rtol=1e-14, atol=1e-14)

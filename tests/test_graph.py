@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from revgnn_ext import CSRGraph
-from revgnn_ext.graph import as_graph
+from revgnn_ext.adjacency import as_graph
 from revgnn_ext.nn import GENConv, RevGNN, SAGEConv
 
 from conftest import SHAPES, make_graph

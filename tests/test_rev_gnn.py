@@ -198,15 +198,15 @@ def test_float32_drift_of_1001_reversible_blocks():
     graph = CSRGraph.from_edge_index(edge_index, x.size(0))
     attr = graph.edges_to_csr(edge_attr)
     graph = graph.csr_ordered()
-    encoder = (model.edge_encoder.weight, model.edge_encoder.bias.unsqueeze(1))
+    args = (None, attr, None, model.edge_encoder.weight, model.edge_encoder.bias.unsqueeze(1))
     with torch.no_grad():
         inputs = [torch.randn(x.size(0), 16)]
         for layer in model.layers:
-            inputs.append(layer(inputs[-1], graph, None, attr, *encoder))
+            inputs.append(layer(inputs[-1], graph, *args))
         y = inputs.pop()
         errors = []
         for layer, expected in zip(reversed(model.layers), reversed(inputs)):
-            y = layer.inverse(y, graph, None, attr, *encoder)
+            y = layer.inverse(y, graph, *args)
             errors.append(((y - expected).norm() / expected.norm()).item())
     assert len(errors) == 1001
     assert max(errors) < 1e-3, max(errors)

@@ -101,7 +101,7 @@ def _public_calls(g):
     lin = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     calls = [lambda r=r: ops.spmm(g, x, w, r).sum().backward() for r in reference.REDUCES]
     calls += [lambda a=a: ops.gen_aggregate(g, x, attr, lin, aggr=a).sum().backward() for a in reference.GEN_AGGRS]
-    calls.append(lambda: ops.spmm_accumulate_(torch.zeros(N, 6, dtype=torch.float64), g, x.detach(), w.detach()))
+    calls.append(lambda: ops.spmm(g, x.detach(), w.detach(), out=torch.zeros(N, 6, dtype=torch.float64)))
     return calls
 
 

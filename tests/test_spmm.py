@@ -59,7 +59,7 @@ def test_column_slice_and_accumulate(device, dtype, reduce):
     buf = torch.randn(g.num_dst, 50, device=device).to(dtype)
     before = buf.clone()
     out = buf[:, 3:40]
-    ops.spmm_accumulate_(out, g, x, w, reduce, alpha=-0.5)
+    assert ops.spmm(g, x, w, reduce, out=out, alpha=-0.5) is out
     torch.testing.assert_close(buf[:, :3], before[:, :3], rtol=0, atol=0)
     torch.testing.assert_close(buf[:, 40:], before[:, 40:], rtol=0, atol=0)
     assert_close_to_reference(out, lambda b, x, w: b - 0.5 * reference.spmm(g, x, w, reduce), (before[:, 3:40], x, w),
@@ -205,7 +205,7 @@ def test_torch_compile_fullgraph():
     def f(x, w):
         h = ops.spmm(g, x, w, "mean").relu() + ops.spmm(g, x, None, "max")
         out = torch.zeros_like(h)
-        ops.spmm_accumulate_(out, g, h, None, "sum", 0.5)
+        ops.spmm(g, h, None, "sum", out=out, alpha=0.5)
         return out
 
     torch._dynamo.reset()
@@ -224,7 +224,7 @@ def test_accumulate_under_autograd_is_tracked():
     x, w = _inputs(g, 8, torch.float64, True, "cpu")
     x.requires_grad_()
     base = torch.randn(g.num_dst, 8, dtype=torch.float64, requires_grad=True)
-    out = ops.spmm_accumulate_(base.clone(), g, x, w, "mean", alpha=2.0)
+    out = ops.spmm(g, x, w, "mean", out=base.clone(), alpha=2.0)
     ref = base + 2.0 * reference.spmm(g, x, w, "mean")
     torch.testing.assert_close(out, ref)
     gout = torch.randn_like(out)
@@ -254,11 +254,11 @@ def test_bad_inputs_raise_naming_the_argument():
     with pytest.raises(ValueError, match="x is on meta"):
         ops.spmm(g, x.to("meta"))
     with pytest.raises(ValueError, match="out must have shape"):
-        ops.spmm_accumulate_(torch.zeros(3, 8), g, x)
+        ops.spmm(g, x, out=torch.zeros(3, 8))
     buf = torch.randn(g.num_src, 20)
     with pytest.raises(RuntimeError, match="out shares elements with x"):
-        ops.spmm_accumulate_(buf[:, 4:12], g, buf[:, :8])
-    ops.spmm_accumulate_(buf[:, 8:16], g, buf[:, :8])  # disjoint columns of one buffer: fine
+        ops.spmm(g, buf[:, :8], out=buf[:, 4:12])
+    ops.spmm(g, buf[:, :8], out=buf[:, 8:16])  # disjoint columns of one buffer: fine
 
 
 def test_raw_ops_check_their_arguments():

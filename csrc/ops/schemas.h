@@ -38,9 +38,6 @@ inline void define_ops(torch::Library& m) {
         "Tensor? perm, Tensor x, Tensor src_score, Tensor? dst_score, Tensor? edge_attr, Tensor? edge_weight, "
         "Tensor? edge_keep, Tensor out, Tensor lse, Tensor grad_out, float negative_slope, float attn_dropout, "
         "int seed, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // One in-place step of the reversible block's inversion, y_group -= f, optionally forming the
-  // sum of groups 1.. in the same pass: csrc/ops/rev_subtract.h.
-  m.def("rev_subtract_(Tensor(a!) y, Tensor f, int group, int num_groups, Tensor(b!)? sum_out) -> ()");
 }
 
 }  // namespace revgnn_ext

@@ -6,8 +6,10 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 from torch_geometric.nn import MessagePassing
+from torch_geometric.nn import aggr as pyg_aggr
 
-from ..graph import CSRGraph, as_graph
+from ..adjacency import as_graph
+from ..graph import CSRGraph
 
 _warned = set()
 # PyG's message-passing hooks, which only its own propagate() calls.
@@ -77,6 +79,11 @@ def edge_values(adj) -> Optional[Tensor]:
     return None
 
 
+def added(out: Optional[Tensor], result: Tensor) -> Tensor:
+    """``result``, or ``out += result`` in place (and ``out``) where the caller passed an ``out``."""
+    return result if out is None else out.add_(result)
+
+
 def pyg_adjacency(edge_index, x, size: Optional[Tuple[int, int]]):
     """(edge_index, size) as PyG's own propagate() takes them: a CSRGraph becomes its edge_index
     in the caller's edge order (the order of its edge features) and gives the size."""
@@ -121,3 +128,13 @@ class PygFallback:
         else:
             return True
         return False
+
+    def fused_sum(self) -> Optional[str]:
+        """"sum" where a layer whose kernel sums its messages may run fused; else None, with the
+        one-time warning that says why."""
+        if not self.runs_fused():
+            return None
+        if type(self.aggr_module) is not pyg_aggr.SumAggregation:
+            warn_once(f"{type(self).__name__} aggregation {self.aggr_module!r} is not fused")
+            return None
+        return "sum"

@@ -9,17 +9,16 @@ silent NaN); BatchNorm statistics and dropout replay are left to the user (its d
 module of its own, reset by hand per solve); and it pulls in numpy. What we need of it, two
 limited-memory solvers and the adjoint solve, is about 100 lines here, with no dependency.
 """
-import copy
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .group_add_rev import GroupAddRev, _statistics_frozen
+from .grouped import GroupedBlock, rng_state, set_rng_state, statistics_frozen
 
 __all__ = ["DEQ", "SolverTrace", "anderson", "broyden"]
 
@@ -161,30 +160,22 @@ class _DrawReplay:
     one evaluation leaves them."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device if device.type == "cuda" else None
-        self.start = self._get()
+        self.device = device
+        self.start = rng_state(device)
         self.after = None
-
-    def _get(self):
-        return torch.get_rng_state(), (torch.cuda.get_rng_state(self.cuda) if self.cuda is not None else None)
-
-    def _set(self, state) -> None:
-        torch.set_rng_state(state[0])
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(state[1], self.cuda)
 
     def __call__(self, f: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
         def replayed(z: Tensor) -> Tensor:
-            self._set(self.start)
+            set_rng_state(self.start, self.device)
             out = f(z)
             if self.after is None:
-                self.after = self._get()
+                self.after = rng_state(self.device)
             return out
         return replayed
 
     def finish(self) -> None:
         if self.after is not None:
-            self._set(self.after)
+            set_rng_state(self.after, self.device)
 
 
 class _ImplicitBackward(torch.autograd.Function):
@@ -216,7 +207,7 @@ class _ImplicitBackward(torch.autograd.Function):
         return None, None, g
 
 
-class DEQ(torch.nn.Module):
+class DEQ(GroupedBlock):
     r"""RevGNN-DEQ: a weight-tied grouped block at its fixed point z* = f(z*; x).
 
     f has GroupAddRev's group structure with the input x injected through the skip connections:
@@ -250,7 +241,6 @@ class DEQ(torch.nn.Module):
                  num_groups: Optional[int] = None, *, solver: str = "anderson", max_iter: int = 50,
                  tol: float = 1e-4, backward_max_iter: Optional[int] = None, backward_tol: Optional[float] = None,
                  memory: int = 5):
-        super().__init__()
         if solver not in SOLVERS:
             raise ValueError(f"DEQ: solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
         if max_iter < 1 or memory < 1 or (backward_max_iter is not None and backward_max_iter < 1):
@@ -260,39 +250,32 @@ class DEQ(torch.nn.Module):
             if value is not None and not value >= 0:  # NaN fails too
                 raise ValueError(f"DEQ: {name} must be a relative residual >= 0 (0 runs every iteration), "
                                  f"got {value!r}")
-        if isinstance(conv, torch.nn.ModuleList):
-            self.convs = conv
-        else:  # as GroupAddRev: num_groups - 1 freshly initialized copies
-            self.convs = torch.nn.ModuleList([conv, *(copy.deepcopy(conv) for _ in range((num_groups or 1) - 1))])
-            for copy_ in self.convs[1:]:
-                if hasattr(copy_, "reset_parameters"):
-                    copy_.reset_parameters()
-        self.split_dim, self.solver, self.memory = split_dim, solver, memory
+        super().__init__(conv, split_dim, 1 if num_groups is None else num_groups)
+        self.solver, self.memory = solver, memory
         self.max_iter, self.tol = max_iter, tol
         self.backward_max_iter = max_iter if backward_max_iter is None else backward_max_iter
         self.backward_tol = tol if backward_tol is None else backward_tol
         self.forward_trace: Optional[SolverTrace] = None
         self.backward_trace: Optional[SolverTrace] = None
 
-    num_groups = GroupAddRev.num_groups
-    reset_parameters = GroupAddRev.reset_parameters
-    _chunk = GroupAddRev._chunk
-    _group_args = GroupAddRev._group_args
-
     def extra_repr(self) -> str:
         return (f"num_groups={self.num_groups}, solver={self.solver!r}, max_iter={self.max_iter}, tol={self.tol:g}, "
                 f"memory={self.memory}")
 
     def f(self, z: Tensor, x: Tensor, edge_index, *args) -> Tensor:
-        """One evaluation of the block: f(z; x)."""
-        channels = x.size(self.split_dim)
-        if channels % self.num_groups:
-            raise ValueError(f"DEQ: {channels} channels do not split into {self.num_groups} equal groups")
-        return self._f(z, x, edge_index, self._group_args(args, channels))
+        """One evaluation of the block: f(z; x).
 
-    def _f(self, z: Tensor, x: Tensor, edge_index, group_args) -> Tensor:
+        Args:
+            z: the current iterate, shaped like x.
+            x: the block's input, injected into every group.
+            edge_index: the graph.
+            *args: further arguments of the groups' modules (split as GroupAddRev splits them).
+        """
+        xs, group_args = self.split(x, args)
+        return self._f(z, xs, edge_index, group_args)
+
+    def _f(self, z: Tensor, xs: Sequence[Tensor], edge_index, group_args) -> Tensor:
         zs = torch.chunk(z, self.num_groups, dim=self.split_dim)
-        xs = torch.chunk(x, self.num_groups, dim=self.split_dim)
         h = sum(zs[1:]) if self.num_groups > 1 else zs[0]
         out = []
         for conv, x_i, a in zip(self.convs, xs, group_args):
@@ -301,16 +284,13 @@ class DEQ(torch.nn.Module):
         return torch.cat(out, dim=self.split_dim)
 
     def forward(self, x: Tensor, edge_index, *args) -> Tensor:
-        channels = x.size(self.split_dim)
-        if channels % self.num_groups:
-            raise ValueError(f"DEQ: {channels} channels do not split into {self.num_groups} equal groups")
-        group_args = self._group_args(args, channels)
+        xs, group_args = self.split(x, args)
         replay = _DrawReplay(x.device)
 
         def f(z: Tensor) -> Tensor:
-            return self._f(z, x, edge_index, group_args)
+            return self._f(z, xs, edge_index, group_args)
 
-        with torch.no_grad(), _statistics_frozen(self):
+        with torch.no_grad(), statistics_frozen(self):
             flat = replay(lambda z: f(z.view_as(x)).reshape(-1))
             z, fz, self.forward_trace = SOLVERS[self.solver](flat, torch.zeros_like(x), self.max_iter, self.tol,
                                                              memory=self.memory)

@@ -1,6 +1,5 @@
-"""GATConv on revgnn_ext's GAT attention op (``gat_aggregate``, called in one place: ``_attend``)."""
-import functools
-from typing import Any, Optional, Tuple, Union
+"""GATConv on revgnn_ext's fused GAT attention op, gat_aggregate: no per-edge tensor."""
+from typing import Optional, Tuple, Union
 
 import torch
 import torch_geometric.nn as pyg_nn
@@ -10,27 +9,13 @@ from torch_geometric.typing import OptPairTensor, OptTensor
 from torch_geometric.utils import add_self_loops
 
 from .. import ops
-from ..graph import CSRGraph, as_graph, refuse_under_export
-from ._pyg import PygFallback, coalesced, node_counts, pyg_adjacency, warn_once
-from .gcn_conv import fused_sum
-from .group_add_rev import Aggregation
+from ..adjacency import as_graph
+from ..graph import CSRGraph, refuse_under_export
+from ._pyg import PygFallback, added, coalesced, node_counts, pyg_adjacency, warn_once
 
 # A graph -> (number of self loops, the graph without its loops and with that many added), so that
 # a model that passes one edge_index to every layer builds the looped graph once.
 _LOOPED = WeakIdKeyDictionary()
-
-
-def _attend(graph: CSRGraph, x: Tensor, src_score: Tensor, dst_score: Optional[Tensor], *, edge_attr: Optional[Tensor],
-            edge_weight: Optional[Tensor], negative_slope: float, attn_dropout: float, seed: int,
-            out: Optional[Tensor] = None) -> Tensor:
-    """The attention and aggregation of every GATConv: revgnn_ext's fused ``gat_aggregate`` (its
-    contract: revgnn_ext.reference.gat_aggregate), with no per-edge tensor; with ``out``, added
-    into it in place (the op's accumulate form)."""
-    if out is not None:
-        return ops.gat_aggregate_accumulate_(out, graph, x, src_score, dst_score, edge_attr, edge_weight,
-                                             negative_slope, attn_dropout=attn_dropout, seed=seed)
-    return ops.gat_aggregate(graph, x, src_score, dst_score, edge_attr, edge_weight, negative_slope,
-                             attn_dropout=attn_dropout, seed=seed)
 
 
 @torch.compiler.disable  # builds a graph (eager, once per graph; then read from the cache)
@@ -80,10 +65,25 @@ class GATConv(PygFallback, pyg_nn.GATConv):
 
     def _fused_aggregation(self) -> Optional[str]:
         """"sum" (the attention-weighted sum), or None with a warning when it cannot run fused."""
-        return fused_sum(self)
+        return self.fused_sum()
 
     def forward(self, x: Union[Tensor, Tuple[Tensor, Optional[Tensor]]], edge_index, edge_attr: Optional[Tensor] = None,
-                size: Optional[Tuple[int, int]] = None, return_attention_weights: Optional[bool] = None):
+                size: Optional[Tuple[int, int]] = None, return_attention_weights: Optional[bool] = None, *,
+                out: Optional[Tensor] = None):
+        """PyG's GATConv.forward, and one argument more.
+
+        Args:
+            x: node features [num_nodes, in_channels], or a (source, destination) pair.
+            edge_index: the graph (see the class docstring).
+            edge_attr: edge features in edge_index's edge order.
+            size: (num_src, num_dst) where the features do not give them.
+            return_attention_weights: as in PyG (the weights from PyG's computation).
+            out: a tensor of the output's shape to add the output into, in place (and return);
+                without autograd and autocast, where the layer ends in its aggregation (heads
+                concatenated or one head, no residual), the aggregation goes into it through
+                gat_aggregate's accumulate form and the output is never formed (GroupAddRev
+                passes a group's slice).
+        """
         if return_attention_weights is not None:
             # The weights come from PyG's computation; the output is ours (the same as without
             # them, bit for bit) except under attention dropout, where PyG's masks must make both.
@@ -93,21 +93,11 @@ class GATConv(PygFallback, pyg_nn.GATConv):
             if not isinstance(result, tuple) or (self.training and self.dropout > 0):
                 return result
             return self.forward(x, edge_index, edge_attr, size), result[1]
-        h, last = self.forward_split(x, edge_index, edge_attr, size)
-        return h if last is None else last(h)
-
-    def forward_split(self, x: Union[Tensor, Tuple[Tensor, Optional[Tensor]]], edge_index,
-                      edge_attr: Optional[Tensor] = None,
-                      size: Optional[Tuple[int, int]] = None) -> Tuple[Any, Optional[Aggregation]]:
-        """``(h, last)`` with ``forward(...) == last(h)`` where the layer ends in its aggregation
-        (heads concatenated or one head, no residual): ``last`` an :class:`Aggregation` of the
-        projected features and scores ``h``, which GroupAddRev adds into a group's slice in place;
-        else ``(forward(...), None)``."""
         if not isinstance(edge_index, (Tensor, CSRGraph)):
             warn_once(f"GATConv with a {type(edge_index).__name__} adjacency")
         if not isinstance(edge_index, (Tensor, CSRGraph)) or self._fused_aggregation() is None:
             adj, size = pyg_adjacency(edge_index, x, size)
-            return super().forward(x, adj, edge_attr, size), None
+            return added(out, super().forward(x, adj, edge_attr, size))
         heads, channels = self.heads, self.out_channels
         x_src, x_dst = (x, x) if isinstance(x, Tensor) else x
         if x_src.dim() != 2:
@@ -141,14 +131,14 @@ class GATConv(PygFallback, pyg_nn.GATConv):
             edge_weight = (self.lin_edge.weight.view(heads, channels, -1) * self.att_edge.view(heads, channels, 1)).sum(1)
         dropout = self.dropout if self.training else 0.0
         seed = int(torch.randint(2**62, ())) if dropout > 0 else 0
-        aggregate = functools.partial(_attend, graph, edge_attr=edge_attr, edge_weight=edge_weight,
-                                      negative_slope=self.negative_slope, attn_dropout=dropout, seed=seed)
-        h = (h_src, src_score, dst_score)
-        if (self.concat or heads == 1) and res is None:
-            return h, Aggregation(aggregate, self.bias)
-        out = aggregate(*h)
+        attend = dict(edge_attr=edge_attr, edge_weight=edge_weight, negative_slope=self.negative_slope,
+                      attn_dropout=dropout, seed=seed)
+        if out is not None and (self.concat or heads == 1) and res is None:
+            ops.gat_aggregate(graph, h_src, src_score, dst_score, **attend, out=out)
+            return out if self.bias is None else out.add_(self.bias)
+        result = ops.gat_aggregate(graph, h_src, src_score, dst_score, **attend)
         if not self.concat:
-            out = out.view(-1, heads, channels).mean(1)
+            result = result.view(-1, heads, channels).mean(1)
         if res is not None:
-            out = out + res
-        return (out if self.bias is None else out + self.bias), None
+            result = result + res
+        return added(out, result if self.bias is None else result + self.bias)

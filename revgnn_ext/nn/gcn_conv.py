@@ -1,34 +1,15 @@
 """GCNConv on the fused spmm op: the normalized propagation without a [num_edges, channels] tensor."""
-import functools
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch_geometric.nn as pyg_nn
 from torch import Tensor
-from torch_geometric.nn import aggr as pyg_aggr
 from torch_geometric.typing import OptTensor
 
 from .. import ops
-from ..graph import CSRGraph, as_graph
-from ._pyg import PygFallback, coalesced, edge_values, pyg_adjacency, warn_once
-from .group_add_rev import Aggregation
-
-
-def _destinations(graph: CSRGraph) -> Tensor:
-    """The destination of each edge of ``graph``, in CSR order."""
-    return torch.repeat_interleave(torch.arange(graph.num_dst, device=graph.device), graph.rowptr.diff().long(),
-                                   output_size=graph.num_edges)
-
-
-def fused_sum(module: pyg_nn.MessagePassing) -> Optional[str]:
-    """"sum" where ``module``, a conv whose kernel sums its messages, may run fused; else None,
-    with the one-time warning that says why."""
-    if not module.runs_fused():
-        return None
-    if type(module.aggr_module) is not pyg_aggr.SumAggregation:
-        warn_once(f"{type(module).__name__} aggregation {module.aggr_module!r} is not fused")
-        return None
-    return "sum"
+from ..adjacency import as_graph
+from ..graph import CSRGraph
+from ._pyg import PygFallback, added, coalesced, edge_values, pyg_adjacency, warn_once
 
 
 def _last_loop_weight(slots: Tensor, weight: Tensor, fill: float, num_nodes: int) -> Tensor:
@@ -63,24 +44,27 @@ class GCNConv(PygFallback, pyg_nn.GCNConv):
 
     def _fused_aggregation(self) -> Optional[str]:
         """The spmm reduce of the aggregation ("sum"), or None with a warning when it cannot run fused."""
-        return fused_sum(self)
+        return self.fused_sum()
 
-    def forward(self, x: Tensor, edge_index, edge_weight: Optional[Tensor] = None) -> Tensor:
-        h, last = self.forward_split(x, edge_index, edge_weight)
-        return h if last is None else last(h)
+    def forward(self, x: Tensor, edge_index, edge_weight: Optional[Tensor] = None, *,
+                out: Optional[Tensor] = None) -> Tensor:
+        """PyG's GCNConv.forward, and one argument more.
 
-    def forward_split(self, x: Tensor, edge_index,
-                      edge_weight: Optional[Tensor] = None) -> Tuple[Any, Optional[Aggregation]]:
-        """``(h, last)`` with ``forward(...) == last(h)``: ``last`` the :class:`Aggregation` (the
-        normalized propagation and the bias) of the projected features ``h``, which GroupAddRev
-        adds into a group's slice in place; ``(forward(...), None)`` where PyG's computation runs."""
+        Args:
+            x: node features [num_nodes, in_channels].
+            edge_index: the graph (see the class docstring).
+            edge_weight: [num_edges] weights in edge_index's edge order.
+            out: a tensor of the output's shape to add the output into, in place (and return);
+                without autograd and autocast, the propagation goes into it through spmm's
+                accumulate form, and the output is never formed (GroupAddRev passes a group's slice).
+        """
         if isinstance(x, (tuple, list)):
-            return super().forward(x, edge_index, edge_weight), None  # PyG's error: no bipartite message passing
+            return added(out, super().forward(x, edge_index, edge_weight))  # PyG's error: no bipartite passing
         if not isinstance(edge_index, (Tensor, CSRGraph)):
             warn_once(f"GCNConv with a {type(edge_index).__name__} adjacency")
-            return super().forward(x, edge_index, edge_weight), None
+            return added(out, super().forward(x, edge_index, edge_weight))
         if self._fused_aggregation() is None:
-            return super().forward(x, pyg_adjacency(edge_index, x, None)[0], edge_weight), None
+            return added(out, super().forward(x, pyg_adjacency(edge_index, x, None)[0], edge_weight))
         num_nodes = x.size(self.node_dim)
         x = self.lin(x)
         edge_index = coalesced(edge_index)
@@ -99,8 +83,7 @@ class GCNConv(PygFallback, pyg_nn.GCNConv):
         else:
             graph = as_graph(edge_index, (num_nodes, num_nodes))
             weight, loop_weight = (None if given is None else given.to(x.dtype)), None
-        return (x,), Aggregation(functools.partial(self._propagate, graph, weight=weight, loop_weight=loop_weight),
-                                 self.bias)
+        return self._propagate(graph, x, weight, loop_weight, out)
 
     def _normalized(self, adj, edge_weight: Optional[Tensor], num_nodes: int,
                     dtype: torch.dtype) -> Tuple[CSRGraph, Tensor, Optional[Tensor]]:
@@ -114,7 +97,7 @@ class GCNConv(PygFallback, pyg_nn.GCNConv):
             weight = torch.ones(graph.num_edges, dtype=dtype, device=graph.device)
         else:
             weight = graph.edges_to_csr(edge_weight, "GCNConv: edge_weight").to(dtype)
-        dst = _destinations(graph)
+        dst = graph.destinations()
         loop_weight = None
         if self.add_self_loops:
             fill = 2.0 if self.improved else 1.0
@@ -136,19 +119,21 @@ class GCNConv(PygFallback, pyg_nn.GCNConv):
         weight = scale.index_select(0, graph.col.long()) * weight * scale.index_select(0, dst)
         return graph, weight, None if loop_weight is None else scale * loop_weight * scale
 
-    def _propagate(self, graph: CSRGraph, x: Tensor, *, weight: Optional[Tensor], loop_weight: Optional[Tensor],
-                   out: Optional[Tensor] = None) -> Tensor:
-        """sum over in-edges j -> i of weight * x[j], plus loop_weight[i] * x[i]; the node dimension
-        is ``node_dim`` (a batch of feature sets on one graph is one spmm over their channels).
-        With ``out`` (2-D), added into it in place: the loop term, then spmm's accumulate form."""
+    def _propagate(self, graph: CSRGraph, x: Tensor, weight: Optional[Tensor], loop_weight: Optional[Tensor],
+                   out: Optional[Tensor]) -> Tensor:
+        """sum over in-edges j -> i of weight * x[j], plus loop_weight[i] * x[i], plus the bias;
+        the node dimension is ``node_dim`` (a batch of feature sets on one graph is one spmm over
+        their channels). With a 2-D ``out``, added into it in place."""
+        if out is not None and x.dim() == 2:
+            if loop_weight is not None:
+                out.addcmul_(x, loop_weight.unsqueeze(-1))
+            ops.spmm(graph, x, weight, out=out)
+            return out if self.bias is None else out.add_(self.bias)
         nodes_first = x.movedim(self.node_dim, 0)
         flat = nodes_first.reshape(nodes_first.size(0), -1)
-        if out is not None:
-            if loop_weight is not None:
-                out.addcmul_(flat, loop_weight.unsqueeze(-1))
-            return ops.spmm_accumulate_(out, graph, flat, weight)
         if loop_weight is None:
-            out = ops.spmm(graph, flat, weight)
+            result = ops.spmm(graph, flat, weight)
         else:
-            out = ops.spmm_accumulate_(flat * loop_weight.unsqueeze(-1), graph, flat, weight)
-        return out.view(nodes_first.shape).movedim(0, self.node_dim).contiguous()  # contiguous, as PyG's
+            result = ops.spmm(graph, flat, weight, out=flat * loop_weight.unsqueeze(-1))
+        result = result.view(nodes_first.shape).movedim(0, self.node_dim).contiguous()  # contiguous, as PyG's
+        return added(out, result if self.bias is None else result + self.bias)

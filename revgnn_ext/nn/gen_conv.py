@@ -8,7 +8,8 @@ from torch_geometric.nn import aggr as pyg_aggr
 from torch_geometric.typing import OptPairTensor, OptTensor
 
 from .. import ops
-from ..graph import CSRGraph, as_graph
+from ..adjacency import as_graph
+from ..graph import CSRGraph
 from ._pyg import PygFallback, edge_values, node_counts, pyg_adjacency, warn_once
 
 
@@ -21,7 +22,7 @@ class GENConv(PygFallback, pyg_nn.GENConv):
 
     ``edge_index`` may be a ``revgnn_ext.CSRGraph``, an edge_index tensor or PyG ``EdgeIndex``,
     a ``torch.sparse`` adjacency or a ``torch_sparse.SparseTensor`` (both as ``adj_t``: rows are
-    destinations); it is converted once per adjacency object (see ``revgnn_ext.graph.as_graph``). Configurations the kernel
+    destinations); it is converted once per adjacency object (see ``revgnn_ext.adjacency.as_graph``). Configurations the kernel
     does not cover (multi-aggregations, ``softmax_sg``, a custom aggregation module,
     ``flow='target_to_source'``, an explainer's edge masks, message-passing hooks) fall back to
     PyG's computation with a one-time warning.
@@ -49,29 +50,27 @@ class GENConv(PygFallback, pyg_nn.GENConv):
         return None
 
     def forward(self, x: Union[Tensor, Tuple[Tensor, Optional[Tensor]]], edge_index,
-                edge_attr: Optional[Tensor] = None, size: Optional[Tuple[int, int]] = None) -> Tensor:
-        h, last = self.forward_split(x, edge_index, edge_attr, size=size)
-        return h if last is None else last(h)
+                edge_attr: Optional[Tensor] = None, size: Optional[Tuple[int, int]] = None,
+                edge_encoder_weight: Optional[Tensor] = None, edge_encoder_bias: Optional[Tensor] = None) -> Tensor:
+        """PyG's GENConv.forward, and an edge encoder.
 
-    def forward_split(self, x: Union[Tensor, Tuple[Tensor, Optional[Tensor]]], edge_index,
-                      edge_attr: Optional[Tensor] = None, encoder: Optional[Tuple[Tensor, Optional[Tensor]]] = None,
-                      size: Optional[Tuple[int, int]] = None) -> Tuple[Tensor, Optional[torch.nn.Module]]:
-        """``(h, last)`` with ``forward(...) == last(h)``: ``last`` is the MLP's final Linear and
-        ``h`` its input, so that a caller can fold its own work into that product (GroupAddRev
-        subtracts it in place when it rebuilds a block's input); ``(output, None)`` where the
-        computation falls back to PyG's.
-
-        ``encoder = (weight [out_channels, F], bias [out_channels] or None)`` replaces ``lin_edge``:
-        ``edge_attr`` then holds raw features and the embedding ``edge_attr @ weight.T + bias`` is
-        computed inside the kernel. RevGNN composes its model-level Linear(F, hidden) with each
-        group's lin_edge into one such map, so that the [num_edges, hidden] embedding never exists.
+        Args:
+            x: node features [num_nodes, in_channels], or a (source, destination) pair.
+            edge_index: the graph (see the class docstring).
+            edge_attr: edge features [num_edges, edge_dim] in edge_index's edge order.
+            size: (num_src, num_dst) where the features do not give them.
+            edge_encoder_weight: [edge_dim, F], with ``edge_encoder_bias`` ([edge_dim] or
+                [edge_dim, 1], optional), a Linear(F, edge_dim) that ``edge_attr`` (then raw
+                features [num_edges, F]) goes through before ``lin_edge``; the two are composed
+                into one map that the kernel applies, so that the [num_edges, edge_dim] embedding
+                never exists (RevGNN's model-level edge encoder).
         """
         fused = self._fused_aggregation()
         if fused is None:
-            if encoder is not None:
+            if edge_encoder_weight is not None:
                 raise ValueError("GENConv: an edge encoder needs the fused computation (see the warning)")
             adj, size = pyg_adjacency(edge_index, x, size)
-            return super().forward(x, adj, edge_attr, size), None
+            return super().forward(x, adj, edge_attr, size)
         if edge_attr is None and not isinstance(edge_index, CSRGraph) and edge_index.dim() > 2:
             edge_attr = edge_values(edge_index)  # a hybrid sparse adjacency's values are edge features, as in PyG
         aggr, kwargs = fused
@@ -80,18 +79,21 @@ class GENConv(PygFallback, pyg_nn.GENConv):
         x_src, x_dst = x
         if hasattr(self, "lin_src"):
             x_src = self.lin_src(x_src)
-        if encoder is None and edge_attr is not None and hasattr(self, "lin_edge"):
-            if isinstance(self.lin_edge.weight, torch.nn.UninitializedParameter):  # edge_dim=-1: sized on first use
-                self.lin_edge.initialize_parameters(self.lin_edge, (edge_attr,))
-            encoder = (self.lin_edge.weight, self.lin_edge.bias)
+        weight = edge_encoder_weight
+        bias = None if weight is None or edge_encoder_bias is None else edge_encoder_bias.reshape(-1)
+        if edge_attr is not None and hasattr(self, "lin_edge"):
+            lin = self.lin_edge
+            if isinstance(lin.weight, torch.nn.UninitializedParameter):  # edge_dim=-1: sized on first use
+                lin.initialize_parameters(lin, (edge_attr,))
+            if weight is None:
+                weight, bias = lin.weight, lin.bias
+            else:  # lin_edge after the given Linear: one map
+                weight, bias = lin.weight @ weight, (None if bias is None else lin.weight @ bias)
+                bias = lin.bias if bias is None else (bias if lin.bias is None else bias + lin.bias)
         graph = as_graph(edge_index, node_counts(x_src, x_dst, size, edge_index))
-        weight, bias = encoder if encoder is not None else (None, None)
         out = ops.gen_aggregate(graph, x_src, edge_attr, weight, bias, aggr, eps=self.eps, **kwargs)
         if hasattr(self, "msg_norm"):
             out = self.msg_norm(x_dst if x_dst is not None else x_src, out)
         if x_dst is not None:
             out = out + (self.lin_dst(x_dst) if hasattr(self, "lin_dst") else x_dst)
-        *body, last = self.mlp
-        for module in body:
-            out = module(out)
-        return out, last
+        return self.mlp(out)

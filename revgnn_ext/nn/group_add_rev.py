@@ -1,36 +1,19 @@
 """Grouped reversible block (RevGNN) whose backward evaluates each group's function once."""
 import contextlib
-import copy
 import functools
+import inspect
 import threading
 import warnings
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .. import _C, ops
-from ..graph import adjacency_tensors
+from ..adjacency import adjacency_tensors
+from .grouped import GroupedBlock, autocast_state, rng_state, set_rng_state, statistics_frozen
 
-__all__ = ["Aggregation", "GroupAddRev"]
-
-
-class Aggregation(NamedTuple):
-    """The final step of F that a conv's ``forward_split`` returns when F ends in a sparse
-    aggregation (our GATConv and GCNConv): F(x) = ``aggregate(*h) + bias``. ``aggregate(*h)`` is
-    differentiable; ``aggregate(*h, out=t)`` adds the same term into ``t`` in place through the
-    op's accumulate form, without forming it (GroupAddRev adds a group's F into its slice so)."""
-    aggregate: Callable[..., Tensor]
-    bias: Optional[Tensor]
-
-    def __call__(self, h: Sequence[Tensor]) -> Tensor:
-        out = self.aggregate(*h)
-        return out if self.bias is None else out + self.bias
-
-
-def _batch_norms(module: torch.nn.Module) -> List[torch.nn.modules.batchnorm._BatchNorm]:
-    return [m for m in module.modules()
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+__all__ = ["GroupAddRev"]
 
 
 # The random generators are global: a thread that draws while another block's F records or
@@ -67,42 +50,38 @@ class _PendingDraws:
                 _PENDING_DRAWS[self.thread] -= 1
 
 
-def _rng_fingerprint(device: torch.device) -> Tuple[int, Optional[int]]:
-    cpu = hash(torch.get_rng_state().numpy().tobytes())
-    return cpu, (hash(torch.cuda.get_rng_state(device).numpy().tobytes()) if device.type == "cuda" else None)
+def _fingerprint(state) -> Tuple[int, Optional[int]]:
+    return tuple(None if t is None else hash(t.numpy().tobytes()) for t in state)
 
 
 class _RngState:
-    """The CPU and (if used) CUDA generator states before a group's function, so that its
-    recomputation in backward draws the same random numbers (dropout, edge dropping), and a
-    fingerprint of the states after it, so that a replay that drew other numbers (another thread
-    drew from the global generators meanwhile) raises instead of giving wrong gradients."""
+    """The generator states before a group's function, so that its recomputation in backward
+    draws the same random numbers (dropout, edge dropping), and a fingerprint of the states after
+    it, so that a replay that drew other numbers (another thread drew from the global generators
+    meanwhile) raises instead of giving wrong gradients."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.before = rng_state(device)
         self.after = None
 
     def drawn(self) -> bool:
         """Whether any random number was drawn since (if so, records the fingerprint of the
         states now); if not, the state need not be kept (the CPU state is 5 KB, per group and
         layer, which would otherwise grow with depth)."""
-        drawn = not torch.equal(torch.get_rng_state(), self.cpu) or (
-            self.cuda is not None and not torch.equal(torch.cuda.get_rng_state(self.device), self.cuda))
+        now = rng_state(self.device)
+        drawn = any(a is not None and not torch.equal(a, b) for a, b in zip(now, self.before))
         if drawn:
-            self.after = _rng_fingerprint(self.device)
+            self.after = _fingerprint(now)
         return drawn
 
     @contextlib.contextmanager
     def replay(self):
-        with _RNG_LOCK, torch.random.fork_rng(devices=[self.device] if self.cuda is not None else []):
-            torch.set_rng_state(self.cpu)
-            if self.cuda is not None:
-                torch.cuda.set_rng_state(self.cuda, self.device)
-            start = _rng_fingerprint(self.device)
+        with _RNG_LOCK, torch.random.fork_rng(devices=[self.device] if self.before[1] is not None else []):
+            set_rng_state(self.before, self.device)
+            start = _fingerprint(rng_state(self.device))
             yield
-            end = _rng_fingerprint(self.device)
+            end = _fingerprint(rng_state(self.device))
             if end != start and end != self.after:
                 raise RuntimeError(
                     "GroupAddRev: the recomputation of F in backward drew other random numbers than its forward "
@@ -116,21 +95,6 @@ def _replay(states: Sequence[Optional[_RngState]], i: int):
     """Replays the draws of group i's function (states empty, or its entry None: nothing drawn)."""
     state = states[i] if states else None
     return contextlib.nullcontext() if state is None else state.replay()
-
-
-@contextlib.contextmanager
-def _statistics_frozen(module: torch.nn.Module):
-    """BatchNorm running statistics stay as they are (the recomputation must not move them a
-    second time in one step)."""
-    norms = _batch_norms(module)
-    saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in norms]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for m, buffers in zip(norms, saved):
-                for k, v in m.named_buffers(recurse=False):
-                    v.copy_(buffers[k])
 
 
 class _Released(torch.Tensor):
@@ -163,15 +127,9 @@ _NOT_READS = {torch.autograd.grad, torch.autograd.backward, Tensor.untyped_stora
               *(getattr(Tensor, name).__get__ for name in ("grad", "grad_fn", "requires_grad", "is_leaf"))}
 
 
-_EMPTY: dict = {}  # (dtype, device) -> an empty tensor, the data of every released tensor
-
-
 def _release(t: Tensor, kind: type) -> None:
     """Frees t's memory (its version counter is left as it is) and makes every later use raise."""
-    key = (t.dtype, t.device)
-    if key not in _EMPTY:
-        _EMPTY[key] = torch.empty(0, dtype=t.dtype, device=t.device)
-    t.data = _EMPTY[key]
+    t.data = torch.empty(0, dtype=t.dtype, device=t.device)
     t.__class__ = kind
 
 
@@ -206,17 +164,6 @@ def _releasable(x: Tensor) -> bool:
                       "instead of releasing it: memory grows by one input per such block. Feed the block a tensor "
                       "that nothing else uses to get the memory saving. (Warned once.)", stacklevel=4)
     return False
-
-
-_AUTOCAST_STATES: dict = {}  # one shared tuple per state: a block's context holds a reference
-
-
-def _autocast_state(device_type: str) -> Tuple[str, bool, torch.dtype, bool]:
-    """What ``torch.autocast`` is doing now for ``device_type``, to be replayed by
-    ``torch.autocast(device_type, dtype, enabled, cache_enabled)``."""
-    state = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type),
-             torch.is_autocast_cache_enabled())
-    return _AUTOCAST_STATES.setdefault(state, state)
 
 
 def _graph_tensors(values: Sequence[Any]) -> Tuple[Tensor, ...]:
@@ -256,7 +203,7 @@ class _GroupAddRevFunction(torch.autograd.Function):
         ctx.block, ctx.edge_index, ctx.args, ctx.params = block, edge_index, args, params
         ctx.graph_tensors = _graph_tensors((edge_index, *args))
         ctx.passes_left = block.num_bwd_passes
-        ctx.autocast = _autocast_state(x.device.type)  # backward recomputes F in the forward's precision
+        ctx.autocast = autocast_state(x.device.type)  # backward recomputes F in the forward's precision
         with torch.no_grad(), _RNG_LOCK:
             y, ctx.rng = block._forward_groups(x.detach(), edge_index, args, rng=None)
             ctx.pending = _PendingDraws() if ctx.rng else None
@@ -269,9 +216,9 @@ class _GroupAddRevFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    def _check_unchanged(ctx) -> None:
-        """Raises, as plain autograd does, when a tensor backward needs was modified in place."""
-        block = ctx.block
+    def _check_unchanged(ctx, num_params: int) -> None:
+        """Raises, as plain autograd does, when a tensor backward needs was modified in place
+        (``num_params``: how many parameters the block has now)."""
         if ctx.y._version != ctx.y_version:
             raise RuntimeError("GroupAddRev: the block's output was modified in place before backward (e.g. by "
                                "ReLU(inplace=True) or y.mul_(...) after the block); backward rebuilds the block's "
@@ -282,8 +229,7 @@ class _GroupAddRevFunction(torch.autograd.Function):
                                "of the block was modified in place between the block's forward and its backward (e.g. "
                                "optimizer.step() before loss.backward(), or an edge_index buffer refilled for the next "
                                "batch); the gradients would be wrong. Run backward before modifying them.")
-        current = tuple(block.parameters())
-        if len(current) != len(ctx.params):
+        if num_params != len(ctx.params):
             raise RuntimeError("GroupAddRev: the block's parameters were added or removed between forward and "
                                "backward")
         for p, need in zip(ctx.params, ctx.needs_input_grad[5 + len(ctx.args):]):
@@ -304,16 +250,18 @@ class _GroupAddRevFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_y: Tensor):
-        _GroupAddRevFunction._check_unchanged(ctx)
+        block = ctx.block
+        named = list(block.named_parameters())
+        _GroupAddRevFunction._check_unchanged(ctx, len(named))
         # A pass that keeps autograd's graph (retain_graph=True) leaves the block ready for another.
         ctx.passes_left = max(ctx.passes_left - 1, 1 if _graph_retained() else 0)
-        block, x, y = ctx.block, ctx.x, ctx.y
+        x, y = ctx.x, ctx.y
         num_args = len(ctx.args)
         trainable = [p for p, need in zip(ctx.params, ctx.needs_input_grad[5 + num_args:]) if need]
         device_type, enabled, dtype, cache = ctx.autocast
-        with _parameters_of_forward(block, ctx.params), torch.autocast(device_type, dtype, enabled, cache):
+        with _parameters_of_forward(block, named, ctx.params), torch.autocast(device_type, dtype, enabled, cache):
             if ctx.x_class is None:  # x is intact (not released, or a later pass): recompute y
-                with torch.no_grad(), _statistics_frozen(block):
+                with torch.no_grad(), statistics_frozen(block):
                     y, _ = block._forward_groups(x.detach(), ctx.edge_index, ctx.args, rng=ctx.rng)
             elif ctx.passes_left > 0:  # y stays as it is for the passes still to come
                 y = y.detach().clone()
@@ -343,12 +291,12 @@ def _graph_retained() -> bool:
 
 
 @contextlib.contextmanager
-def _parameters_of_forward(block: torch.nn.Module, params: Sequence[Tensor]):
+def _parameters_of_forward(block: torch.nn.Module, named: Sequence[Tuple[str, Tensor]], params: Sequence[Tensor]):
     """The block holds the tensors it ran with in forward while backward recomputes; they differ
     from its own when forward ran under torch.func.functional_call, which has returned since."""
     swapped = []
     try:
-        for (name, own), p in zip(block.named_parameters(), params):
+        for (name, own), p in zip(named, params):
             if own is not p:
                 module_name, _, attr = name.rpartition(".")
                 module = block.get_submodule(module_name)
@@ -360,7 +308,7 @@ def _parameters_of_forward(block: torch.nn.Module, params: Sequence[Tensor]):
             module._parameters[attr] = p
 
 
-class GroupAddRev(torch.nn.Module):
+class GroupAddRev(GroupedBlock):
     r"""A drop-in for ``torch_geometric.nn.GroupAddRev``: the grouped reversible block of
     RevGNN. Channels are split into C groups, X'_0 = sum_{i>=2} X_i and
     X'_i = F_i(X'_{i-1}) + X_i; only the block's output is kept, and backward rebuilds its input.
@@ -372,15 +320,13 @@ class GroupAddRev(torch.nn.Module):
     - backward evaluates each F_i once (it both rebuilds X_i = X'_i - F_i and back-propagates
       through F_i); PyG's evaluates it twice;
     - the input is rebuilt in place in the output's storage (no new [N, D] buffer); where F_i
-      ends in a Linear and says so through ``forward_split`` (our GENConv and RevGNN groups),
-      the addition X'_i = X_i + F_i and the subtraction that undoes it are folded into that
-      product (an in-place addmm into the group's slice), so F_i's output is never formed; where
-      F_i ends in a sparse aggregation (our GATConv and GCNConv, returning an :class:`Aggregation`),
-      forward adds it into the slice through the op's accumulate form;
+      takes an ``out`` tensor to add its output into (our GATConv and GCNConv, whose F ends in a
+      sparse aggregation), each evaluation without autograd adds F_i into the group's slice
+      through the op's accumulate form, without forming F_i's output;
     - random draws inside F (dropout) are replayed in the recomputation from the saved RNG
       state; BatchNorm running statistics are updated once per step, not once per evaluation;
     - under ``torch.no_grad()`` / ``inference_mode`` it runs without any bookkeeping, each F_i
-      added in place into a copy of X_i (through its final step where F_i exposes one);
+      added into a copy of X_i (in place, through ``out``, where F_i takes one);
     - the input is released only when nothing else holds it (another operation that saved it for
       its backward, a view): otherwise it is kept, with a warning, and gradients stay right; any
       use of a released input raises (so does a use of the output after the last backward);
@@ -401,200 +347,90 @@ class GroupAddRev(torch.nn.Module):
       random numbers differently from that recomputation. ``disable=True`` blocks compile whole.
     """
 
+
     def __init__(self, conv: Union[torch.nn.Module, torch.nn.ModuleList], split_dim: int = -1,
                  num_groups: Optional[int] = None, disable: bool = False, num_bwd_passes: int = 1):
-        super().__init__()
-        self.split_dim = split_dim
+        super().__init__(conv, split_dim, num_groups)
         self.disable = disable
         self.num_bwd_passes = num_bwd_passes
-        if isinstance(conv, torch.nn.ModuleList):
-            self.convs = conv
-        else:
-            if num_groups is None:
-                raise ValueError("GroupAddRev: num_groups is required when conv is a single module")
-            self.convs = torch.nn.ModuleList([conv])
-            for _ in range(num_groups - 1):
-                copy_ = copy.deepcopy(conv)
-                if hasattr(copy_, "reset_parameters"):
-                    copy_.reset_parameters()
-                self.convs.append(copy_)
         if len(self.convs) < 2:
             raise ValueError(f"GroupAddRev: the number of groups must be at least 2, got {len(self.convs)}")
         if num_bwd_passes < 1:
             raise ValueError(f"GroupAddRev: num_bwd_passes must be >= 1, got {num_bwd_passes}")
 
-    @property
-    def num_groups(self) -> int:
-        return len(self.convs)
-
-    def reset_parameters(self):
-        for conv in self.convs:
-            conv.reset_parameters()
-
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.convs[0]}, num_groups={self.num_groups})"
 
-    # ------------------------------------------------------------------ helpers
-    def _chunk(self, value: Any, channels: int) -> Sequence[Any]:
-        if isinstance(value, Tensor) and value.dim() > 0:
-            dim = self.split_dim if self.split_dim >= 0 else value.dim() + self.split_dim
-            if 0 <= dim < value.dim() and value.size(dim) == channels:
-                return torch.chunk(value, self.num_groups, dim=self.split_dim)
-        return [value] * self.num_groups
-
-    def _group_args(self, args: Sequence[Any], channels: int) -> List[Tuple[Any, ...]]:
-        split = [self._chunk(a, channels) for a in args]
-        return [tuple(s[i] for s in split) for i in range(self.num_groups)]
-
-    def _check(self, x: Tensor) -> int:
-        channels = x.size(self.split_dim)
-        if channels % self.num_groups != 0:
-            raise ValueError(f"GroupAddRev: {channels} channels do not split into {self.num_groups} equal groups")
-        return channels
-
-    def _evaluate(self, conv: torch.nn.Module, inp: Tensor, edge_index, group_args,
-                  in_place: bool = False) -> Tuple[Any, Any]:
-        """F_i(inp) as (h, last) with F_i = last(h) when F_i exposes its final step through
-        ``forward_split(x, edge_index, *args)`` and the block splits the channels of a 2-D tensor:
-        ``last`` a Linear (our GENConv and RevGNN groups) or an :class:`Aggregation` (our GATConv
-        and GCNConv), whose term is formed, (term, last), unless ``in_place``; else (F_i(inp), None)."""
-        split = getattr(conv, "forward_split", None)
-        # Under autocast the final step runs in low precision inside F, as in a plain model.
-        if (split is None or inp.dim() != 2 or self.split_dim not in (-1, 1)
-                or torch.is_autocast_enabled(inp.device.type)):
-            return conv(inp, edge_index, *group_args), None
-        h, last = split(inp, edge_index, *group_args)
-        if isinstance(last, Aggregation) and h[0].dtype != inp.dtype:  # a wider F (float64 edge weights)
-            return last(h), None  # added as a plain F's output: no accumulate form takes a wider operand
-        if isinstance(last, Aggregation) and not in_place:
-            return last.aggregate(*h), last
-        return h, last
-
-    @staticmethod
-    def _add(out: Tensor, f: Any, last) -> None:
-        """out += F_i in place, F_i = last(f) or f. With a final step the bias is added, then the
-        Linear's product (addmm_) or the aggregation (its accumulate form) goes straight into
-        out's column slice: F_i's output is never formed."""
-        if last is None:
-            out.add_(f)
-            return
-        if last.bias is not None:
-            out.add_(last.bias)
-        if isinstance(last, Aggregation):
-            last.aggregate(*f, out=out)
+    def _add_into(self, out: Tensor, i: int, inp: Tensor, edge_index, args) -> None:
+        """out += F_i(inp) in place, without autograd; through F_i's own ``out`` where it takes one."""
+        conv = self.convs[i]
+        if inp.dim() == 2 and self.split_dim in (-1, 1) and _takes_out(type(conv)):
+            conv(inp, edge_index, *args, out=out)
         else:
-            out.addmm_(f, last.weight.t())
+            out.add_(conv(inp, edge_index, *args))
 
-    def _rebuild(self, y: Tensor, ys: Sequence[Tensor], i: int, f: Tensor, last) -> Optional[Tensor]:
-        """X_i = Y_i - F_i in place in y's slice i (``_add`` undone: its two steps in reverse
-        order, against the same bitwise operands, so each rounding is undone where it was made;
-        an Aggregation's formed term f is the value its accumulate form added).
-        For i = 1 of more than 2 groups, also returns X'_0 = X_1 + ... + X_{C-1}, formed with a
-        plain F_1's subtraction in one pass by the fused op rev_subtract_ (1.3-3x faster than sub_
-        and the adds on CPU); any other plain F_i's output is subtracted by sub_ (as fast as the op)."""
-        total = i == 1 and self.num_groups > 2
-        if 0 <= f.data_ptr() - y.data_ptr() < y.numel() * y.element_size():
-            f = f.clone()  # F returned (a view of) its input, which lies in y's buffer
-        if last is not None:
-            y_i = ys[i]
-            if isinstance(last, Aggregation):
-                y_i.sub_(f)
-            else:
-                y_i.addmm_(f, last.weight.t(), alpha=-1.0)
-            if last.bias is not None:
-                y_i.sub_(last.bias)
-        elif (total and y.dim() == 2 and self.split_dim in (-1, 1)
-              and torch.promote_types(f.dtype, y.dtype) == y.dtype):
-            sum_out = torch.empty_like(ys[i], memory_format=torch.contiguous_format)
-            ops.rev_subtract_(y, f, i, self.num_groups, sum_out)
-            return sum_out
-        else:
-            ys[i].sub_(f)
-        return functools.reduce(torch.add, ys[1:]) if total else None
+    def _subtract(self, ys: Sequence[Tensor], i: int, f: Tensor) -> Optional[Tensor]:
+        """X_i = X'_i - F_i in place in slice i of the output; after X_1 of three or more groups,
+        also returns X'_0 = X_1 + ... + X_{C-1}, F_0's input."""
+        y_i = ys[i]
+        base = y_i.untyped_storage().data_ptr()
+        if f.untyped_storage().data_ptr() == base:  # F returned (a view of) its input, which lies in y
+            f = f.clone()
+        y_i.sub_(f)
+        return functools.reduce(torch.add, ys[1:]) if i == 1 and self.num_groups > 2 else None
 
     def _forward_groups(self, x: Tensor, edge_index, args, rng=None):
         """y = [X'_1 .. X'_C] in one new buffer, and the RNG state before each F_i that drew
         random numbers (an empty tuple if none did); recorded when `rng` is None, else replayed
         from it."""
-        channels = self._check(x)
-        xs = torch.chunk(x, self.num_groups, dim=self.split_dim)
-        group_args = self._group_args(args, channels)
+        xs, group_args = self.split(x, args)
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # row-major, whatever x's layout
         ys = torch.chunk(y, self.num_groups, dim=self.split_dim)
-        record = rng is None
         states = []
         inp = functools.reduce(torch.add, xs[1:])  # X'_0; for 2 groups X_1 itself
-        for i, conv in enumerate(self.convs):
-            if record:  # first evaluation: draw as usual, remember where any draws started
+        for i in range(self.num_groups):
+            if rng is None:  # first evaluation: draw as usual, remember where any draws started
                 state = _RngState(x.device)
-                f, last = self._evaluate(conv, inp, edge_index, group_args[i], in_place=True)
+                self._add_into(ys[i].copy_(xs[i]), i, inp, edge_index, group_args[i])
                 states.append(state if state.drawn() else None)
             else:
                 with _replay(rng, i):
-                    f, last = self._evaluate(conv, inp, edge_index, group_args[i], in_place=True)
-            self._add(ys[i].copy_(xs[i]), f, last)
+                    self._add_into(ys[i].copy_(xs[i]), i, inp, edge_index, group_args[i])
             inp = ys[i]
-        return y, ((states if any(states) else ()) if record else rng)
+        return y, ((states if any(states) else ()) if rng is None else rng)
 
     def _backward_groups(self, y: Tensor, grad_y: Tensor, edge_index, args, params, rng):
         """One evaluation of each F_i, with grad, for C down to 1: back-propagate through it,
         then rebuild X_i = X'_i - F_i in place in y's storage. Returns (grad_x, grads of args,
         grads of params)."""
-        channels = y.size(self.split_dim)
         ys = torch.chunk(y, self.num_groups, dim=self.split_dim)
         gys = list(torch.chunk(grad_y, self.num_groups, dim=self.split_dim))
         leaves = [a.detach().requires_grad_() if isinstance(a, Tensor) and a.requires_grad else a for a in args]
         leaf_tensors = [a for a in leaves if isinstance(a, Tensor) and a.requires_grad]
-        arg_grads: List[Optional[Tensor]] = [None] * len(leaf_tensors)
-        param_index = {id(p): k for k, p in enumerate(params)}
-        param_grads: List[Optional[Tensor]] = [None] * len(params)
-
+        group_args = self.split(y, leaves)[1]
+        grads_of = {id(t): None for t in (*leaf_tensors, *params)}
         x0 = None
-
-        def add(total, g):
-            return g if total is None else (total if g is None else total + g)
-
         for i in range(self.num_groups - 1, -1, -1):
             conv = self.convs[i]
-            if i > 0:
-                inp = ys[i - 1].detach().requires_grad_()
-            else:  # X'_0, formed when X_1 was rebuilt; for 2 groups X_1 itself: no copy
-                inp = (ys[1] if x0 is None else x0).detach().requires_grad_()
-            conv_params = [p for p in conv.parameters() if id(p) in param_index]
-            with _statistics_frozen(conv):  # restored after the gradient, which may read them
+            # F_i's input: X'_{i-1}; for i = 0, X'_0, formed when X_1 was rebuilt (for 2 groups X_1 itself)
+            inp = (ys[i - 1] if i > 0 else ys[1] if x0 is None else x0).detach().requires_grad_()
+            wrt = [inp, *leaf_tensors, *(p for p in conv.parameters() if id(p) in grads_of)]
+            with statistics_frozen(conv):  # restored after the gradient, which may read them
                 with torch.enable_grad(), _replay(rng, i):
-                    f, last = self._evaluate(conv, inp, edge_index, self._group_args(leaves, channels)[i])
-                # The final step's parameters by hand: the bias; a Linear's weight, whose input f is.
-                by_hand, grad_f = {}, gys[i]
-                g = gys[i].reshape(-1, gys[i].size(-1))
-                if last is not None and not isinstance(last, Aggregation):  # a Linear (torch's or PyG's)
-                    by_hand[id(last.weight)] = g.t() @ f.detach().reshape(-1, f.size(-1))
-                    grad_f = gys[i] @ last.weight
-                if last is not None and last.bias is not None:
-                    by_hand[id(last.bias)] = g.sum(0)
-                grads = list(torch.autograd.grad(f, [inp] + leaf_tensors + conv_params, grad_f, allow_unused=True))
-                for k, p in enumerate(conv_params):
-                    grads[1 + len(leaf_tensors) + k] = by_hand.get(id(p), grads[1 + len(leaf_tensors) + k])
+                    f = conv(inp, edge_index, *group_args[i])
+                grads = torch.autograd.grad(f, wrt, gys[i], allow_unused=True)
             with torch.no_grad():
-                x0 = self._rebuild(y, ys, i, f.detach(), last)  # X_i in place (and X'_0 after X_1)
-            for k, g in enumerate(grads[1:1 + len(leaf_tensors)]):
-                arg_grads[k] = add(arg_grads[k], g)
-            for p, g in zip(conv_params, grads[1 + len(leaf_tensors):]):
-                param_grads[param_index[id(p)]] = add(param_grads[param_index[id(p)]], g)
-            grad_inp = grads[0]
-            if grad_inp is None:
-                continue
-            if i > 0:
-                gys[i - 1] = gys[i - 1] + grad_inp
-            else:
-                for j in range(1, self.num_groups):
-                    gys[j] = gys[j] + grad_inp
-        grad_x = torch.cat(gys, dim=self.split_dim)
-        it = iter(arg_grads)
-        grad_args = [next(it) if isinstance(a, Tensor) and a.requires_grad else None for a in leaves]
-        return grad_x, grad_args, param_grads
+                x0 = self._subtract(ys, i, f.detach())
+            for t, g in zip(wrt[1:], grads[1:]):
+                if g is not None:
+                    total = grads_of[id(t)]
+                    grads_of[id(t)] = g if total is None else total + g
+            if grads[0] is not None:
+                for j in (i - 1,) if i > 0 else range(1, self.num_groups):
+                    gys[j] = gys[j] + grads[0]
+        grad_args = [grads_of[id(a)] if isinstance(a, Tensor) and a.requires_grad else None for a in leaves]
+        return torch.cat(gys, dim=self.split_dim), grad_args, [grads_of[id(p)] for p in params]
 
-    # ------------------------------------------------------------------ public
     def forward(self, x: Tensor, edge_index, *args) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"GroupAddRev: x must be a tensor, got {type(x).__name__}")
@@ -624,38 +460,43 @@ class GroupAddRev(torch.nn.Module):
         return self._plain(x, edge_index, args)
 
     def _plain(self, x: Tensor, edge_index, args) -> Tensor:
-        channels = self._check(x)
-        xs = torch.chunk(x, self.num_groups, dim=self.split_dim)
-        group_args = self._group_args(args, channels)
+        xs, group_args = self.split(x, args)
         ys = []
         inp = functools.reduce(torch.add, xs[1:])
-        # Without autograd (forward-mode AD aside: the in-place ops drop tangents), F_i's final step in place.
-        in_place = not torch.is_grad_enabled() and not ops.forward_ad_tracks((x, *args))
         _KEEP_INPUTS.depth = getattr(_KEEP_INPUTS, "depth", 0) + 1  # a nested block must not release ys[i]
         try:
             for i, conv in enumerate(self.convs):
-                if not in_place:
+                if torch.is_grad_enabled():
                     inp = xs[i] + conv(inp, edge_index, *group_args[i])
-                else:  # F_i's output is not formed where F_i exposes its final step
-                    f, last = self._evaluate(conv, inp, edge_index, group_args[i], in_place=True)
-                    inp = xs[i].clone(memory_format=torch.contiguous_format)
-                    self._add(inp, f, last)
-                    del f, last  # not held during the next group's F
+                else:
+                    out = xs[i].clone(memory_format=torch.contiguous_format)
+                    self._add_into(out, i, inp, edge_index, group_args[i])
+                    inp = out
                 ys.append(inp)
         finally:
             _KEEP_INPUTS.depth -= 1
         return torch.cat(ys, dim=self.split_dim)
 
     def inverse(self, y: Tensor, edge_index, *args) -> Tensor:
-        """The block's input from its output (no autograd)."""
+        """The block's input from its output (no autograd).
+
+        Args:
+            y: the block's output.
+            edge_index: the graph the block ran on.
+            *args: the further arguments the block ran with.
+        """
         with torch.no_grad():
-            channels = self._check(y)
-            ys = torch.chunk(y, self.num_groups, dim=self.split_dim)
-            group_args = self._group_args(args, channels)
+            ys, group_args = self.split(y, args)
             x = y.clone()
             xs = torch.chunk(x, self.num_groups, dim=self.split_dim)
             x0 = None
             for i in range(self.num_groups - 1, -1, -1):  # the arithmetic of backward's rebuild
                 inp = ys[i - 1] if i > 0 else (xs[1] if x0 is None else x0)
-                x0 = self._rebuild(x, xs, i, *self._evaluate(self.convs[i], inp, edge_index, group_args[i]))
+                x0 = self._subtract(xs, i, self.convs[i](inp, edge_index, *group_args[i]))
             return x
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_out(conv_type: type) -> bool:
+    """Whether a module's forward takes ``out``, a tensor to add its output into in place."""
+    return "out" in inspect.signature(conv_type.forward).parameters

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..graph import CSRGraph, as_graph
+from ..adjacency import as_graph
+from ..graph import CSRGraph
 from .group_add_rev import GroupAddRev
-from .rev_gnn import SharedDropout
+from .rev_gnn import Presets, ResPlusGroup, SharedDropout
 
 __all__ = ["RevGAT", "RevGATConv"]
 
@@ -30,8 +31,9 @@ class RevGATConv(torch.nn.Module):
     paper adds one per node to the graph once), has no bias, and scales by the degrees
     (``symmetric_norm=False`` leaves that out). Initialization: Xavier-normal with ReLU gain.
 
-    ``forward(x, edge_index, edge_keep=None)``: ``edge_keep`` (bool [num_edges], in
-    ``edge_index``'s edge order) drops the other edges from the softmax and the sum, as the
+    ``forward(x, edge_index, edge_keep=None)``: ``edge_keep`` (bool [num_edges], or a column
+    [num_edges, 1], which a grouped block passes whole to every group; in ``edge_index``'s edge
+    order) drops the other edges from the softmax and the sum, as the
     paper's edge dropout does (a node with no kept in-edge gets only its residual)."""
 
     def __init__(self, in_channels: int, out_channels: int, heads: int = 1, negative_slope: float = 0.2,
@@ -59,41 +61,22 @@ class RevGATConv(torch.nn.Module):
             out_degree = torch.bincount(graph.col.long(), minlength=graph.num_src)
             h = h * out_degree.clamp(min=1).to(h.dtype).rsqrt().unsqueeze(1)
         src_score = (h.view(-1, self.heads, self.out_channels) * self.att_src).sum(-1)
+        if edge_keep is not None:
+            edge_keep = edge_keep.view(-1)
         out = ops.gat_aggregate(graph, h, src_score, None, negative_slope=self.negative_slope, edge_keep=edge_keep)
         if self.symmetric_norm:
             out = out * graph.rowptr.diff().clamp(min=1).to(out.dtype).sqrt().unsqueeze(1)
         return out + self.res(x)
 
 
-class _RevGATGroup(torch.nn.Module):
-    """One group's F in a RevGAT block, "res+" pre-activation: conv(SharedDropout(ReLU(BatchNorm(x)), mask)).
-    ``edge_keep`` comes as a column [num_edges, 1], so that GroupAddRev passes it whole to every
-    group (it splits a tensor whose last size is the channel count)."""
-
-    def __init__(self, channels: int, out_channels: int, heads: int, negative_slope: float):
-        super().__init__()
-        self.norm = torch.nn.BatchNorm1d(channels)
-        self.dropout = SharedDropout(0.0)  # the mask comes from the model
-        self.conv = RevGATConv(channels, out_channels, heads, negative_slope)
-
-    def reset_parameters(self):
-        self.norm.reset_parameters()
-        self.conv.reset_parameters()
-
-    def forward(self, x: Tensor, graph: CSRGraph, mask: Optional[Tensor] = None,
-                edge_keep: Optional[Tensor] = None) -> Tensor:
-        h = self.dropout(F.relu(self.norm(x)), mask)
-        return self.conv(h, graph, None if edge_keep is None else edge_keep.view(-1))
-
-
-PRESETS = {
+_PRESETS = {
     # ogbn-arxiv: 128 node features + a 40-class label one-hot (label reuse), 40 classes.
     "arxiv": dict(in_channels=168, hidden_channels=256, out_channels=40, num_layers=5, heads=3, dropout=0.75,
                   input_dropout=0.25, edge_dropout=0.3),
 }
 
 
-class RevGAT(torch.nn.Module):
+class RevGAT(Presets, torch.nn.Module):
     r"""RevGAT: a :class:`RevGATConv` from ``in_channels`` to ``heads`` x ``hidden_channels``
     (width D = heads * hidden_channels), ``num_layers - 2`` grouped reversible blocks
     (:class:`GroupAddRev`, ``num_groups`` groups; each group's F = RevGATConv(D / G,
@@ -115,6 +98,8 @@ class RevGAT(torch.nn.Module):
     ``forward(x, edge_index)`` accepts any adjacency our layers do; ``reversible=False`` gives the
     same function with plain autograd."""
 
+    PRESETS = _PRESETS
+
     def __init__(self, in_channels: int, hidden_channels: int, out_channels: int, num_layers: int, *, heads: int = 3,
                  num_groups: int = 2, dropout: float = 0.75, input_dropout: float = 0.25, edge_dropout: float = 0.3,
                  negative_slope: float = 0.2, reversible: bool = True):
@@ -131,8 +116,10 @@ class RevGAT(torch.nn.Module):
         self.num_layers, self.heads, self.num_groups, self.reversible = num_layers, heads, num_groups, reversible
         self.edge_dropout = edge_dropout
 
-        def group() -> _RevGATGroup:
-            return _RevGATGroup(width // num_groups, hidden_channels // num_groups, heads, negative_slope)
+        def group() -> ResPlusGroup:
+            c = width // num_groups
+            return ResPlusGroup(torch.nn.BatchNorm1d(c), RevGATConv(c, hidden_channels // num_groups, heads,
+                                                                    negative_slope))
 
         self.input_dropout = torch.nn.Dropout(input_dropout)
         self.first = RevGATConv(in_channels, hidden_channels, heads, negative_slope)
@@ -143,14 +130,6 @@ class RevGAT(torch.nn.Module):
         self.norm = torch.nn.BatchNorm1d(width)
         self.last = RevGATConv(width, out_channels, 1, negative_slope)
         self.bias = torch.nn.Parameter(torch.zeros(out_channels))
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "RevGAT":
-        """The paper's model: ``arxiv`` (5 layers, 3 heads x 256, 2,098,256 parameters);
-        ``overrides`` replace any constructor argument (e.g. num_layers, hidden_channels)."""
-        if name not in PRESETS:
-            raise ValueError(f"RevGAT.preset: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
 
     def reset_parameters(self):
         for module in (self.first, *self.layers, self.norm, self.last):

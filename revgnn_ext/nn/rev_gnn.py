@@ -1,18 +1,19 @@
 """RevGNN ("Training Graph Neural Networks with 1000 Layers", Li et al., ICML 2021): deep
 grouped-reversible GNNs built from revgnn_ext's GroupAddRev, GENConv and SAGEConv."""
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..graph import CSRGraph, as_graph
+from ..adjacency import as_graph
+from ..graph import CSRGraph
 from .deq import DEQ
 from .gen_conv import GENConv
 from .group_add_rev import GroupAddRev
 from .sage_conv import SAGEConv
 
-__all__ = ["RevGNN", "SharedDropout"]
+__all__ = ["Presets", "ResPlusGroup", "RevGNN", "SharedDropout"]
 
 
 class SharedDropout(torch.nn.Module):
@@ -41,14 +42,17 @@ class SharedDropout(torch.nn.Module):
 
 
 class ResPlusGroup(torch.nn.Module):
-    """One group's function F_i in a RevGNN block, "res+" pre-activation:
-    conv(SharedDropout(ReLU(LayerNorm(x)), mask)). With ``edge_attr``, a GENConv's edge
-    embedding is the model's edge encoder followed by the conv's ``lin_edge``, applied inside the
-    fused kernel (see forward_split)."""
+    """One group's function F_i in a RevGNN or RevGAT block, "res+" pre-activation:
+    ``conv(SharedDropout(ReLU(norm(x)), mask), graph, *args)``.
 
-    def __init__(self, channels: int, conv: torch.nn.Module):
+    Args:
+        norm: the normalization (LayerNorm in RevGNN, BatchNorm1d in RevGAT).
+        conv: the layer, called as ``conv(h, graph, *args)``.
+    """
+
+    def __init__(self, norm: torch.nn.Module, conv: torch.nn.Module):
         super().__init__()
-        self.norm = torch.nn.LayerNorm(channels)
+        self.norm = norm
         self.dropout = SharedDropout(0.0)  # the mask comes from the model
         self.conv = conv
 
@@ -56,27 +60,23 @@ class ResPlusGroup(torch.nn.Module):
         self.norm.reset_parameters()
         self.conv.reset_parameters()
 
-    def forward(self, x: Tensor, graph: CSRGraph, *args) -> Tensor:
-        h, last = self.forward_split(x, graph, *args)
-        return h if last is None else last(h)
+    def forward(self, x: Tensor, graph: CSRGraph, mask: Optional[Tensor] = None, *args) -> Tensor:
+        return self.conv(self.dropout(F.relu(self.norm(x)), mask), graph, *args)
 
-    def forward_split(self, x: Tensor, graph: CSRGraph, mask: Optional[Tensor] = None,
-                      edge_attr: Optional[Tensor] = None, encoder_weight: Optional[Tensor] = None,
-                      encoder_bias: Optional[Tensor] = None) -> Tuple[Tensor, Optional[torch.nn.Module]]:
-        """(h, last) with F(x) = last(h) for a final Linear ``last`` (GENConv), else (F(x), None):
-        GroupAddRev folds its in-place subtraction into that last product. ``encoder_weight``
-        [hidden, F] and ``encoder_bias`` [hidden, 1] (a column, so that GroupAddRev passes it
-        whole) are the model's edge encoder, composed here with the conv's ``lin_edge`` into one
-        Linear(F, c) that the fused kernel applies to the raw edge features."""
-        h = self.dropout(F.relu(self.norm(x)), mask)
-        if not isinstance(self.conv, GENConv):
-            return self.conv(h, graph), None
-        encoder = None
-        if encoder_weight is not None:
-            lin = self.conv.lin_edge
-            bias = (lin.weight @ encoder_bias).squeeze(1)
-            encoder = (lin.weight @ encoder_weight, bias if lin.bias is None else bias + lin.bias)
-        return self.conv.forward_split(h, graph, edge_attr, encoder)
+
+class Presets:
+    """``preset(name, **overrides)`` for a model class with a ``PRESETS`` table of constructor
+    arguments."""
+
+    PRESETS: dict = {}
+
+    @classmethod
+    def preset(cls, name: str, **overrides):
+        """The paper's model ``name`` (see the class's PRESETS); ``overrides`` replace any
+        constructor argument (e.g. num_layers, hidden_channels)."""
+        if name not in cls.PRESETS:
+            raise ValueError(f"{cls.__name__}.preset: unknown preset {name!r}; choose from {', '.join(cls.PRESETS)}")
+        return cls(**{**cls.PRESETS[name], **overrides})
 
 
 def _out_edge_sums(graph: CSRGraph, edge_attr: Tensor) -> Tensor:
@@ -86,7 +86,7 @@ def _out_edge_sums(graph: CSRGraph, edge_attr: Tensor) -> Tensor:
     return torch.segment_reduce(edge_attr[perm_t.long()], "sum", offsets=rowptr_t.long(), axis=0)
 
 
-PRESETS = {
+_PRESETS = {
     # ogbn-proteins: 8 species (one-hot) per node, 8 edge features, 112 binary tasks. Dropout as in
     # the paper's training commands (0.1 Deep, 0.2 Wide).
     "proteins-deep": dict(in_channels=8, hidden_channels=80, out_channels=112, num_layers=1001, conv="gen",
@@ -103,7 +103,7 @@ PRESETS = {
 }
 
 
-class RevGNN(torch.nn.Module):
+class RevGNN(Presets, torch.nn.Module):
     r"""The RevGNN models: a node encoder, ``num_layers`` grouped reversible blocks
     (:class:`GroupAddRev`, ``num_groups`` groups of width c = hidden / num_groups, each group's
     F = conv(SharedDropout(ReLU(LayerNorm(x))))), then LayerNorm -> ReLU -> dropout -> Linear.
@@ -128,10 +128,15 @@ class RevGNN(torch.nn.Module):
       same groups, solved to its fixed point with the block's input injected (Anderson, 50
       iterations at most, tol 1e-4; change them on ``model.layers[i]``).
 
-    Build the paper's models with :meth:`preset`. ``forward(x, edge_index, edge_attr=None,
+    Build the paper's models with :meth:`preset`: ``proteins-deep`` (RevGNN-Deep, 1001 x 80,
+    20,031,384 parameters), ``proteins-wide`` (RevGNN-Wide, 448 x 224, 68,471,608),
+    ``products-112`` (RevGNN-112, 112 x 160, 2,945,007), ``proteins-deq`` (RevGNN-DEQ, one
+    64-channel equilibrium block). ``forward(x, edge_index, edge_attr=None,
     edge_sums=None)`` accepts any adjacency our layers do (edge_index, CSRGraph, torch.sparse,
     SparseTensor).
     """
+
+    PRESETS = _PRESETS
 
     def __init__(self, in_channels: int, hidden_channels: int, out_channels: int, num_layers: int, *,
                  conv: str = "gen", aggr: str = "max", edge_dim: Optional[int] = None, edge_sums: bool = False,
@@ -171,7 +176,7 @@ class RevGNN(torch.nn.Module):
                 layer = GENConv(c, c, aggr=aggr, norm="layer", bias=True, edge_dim=hidden_channels if edge_dim else None)
             else:
                 layer = SAGEConv(c, c)
-            return ResPlusGroup(c, layer)
+            return ResPlusGroup(torch.nn.LayerNorm(c), layer)
 
         def block(groups: torch.nn.ModuleList) -> torch.nn.Module:
             return DEQ(groups) if equilibrium else GroupAddRev(groups, disable=not reversible)
@@ -182,17 +187,6 @@ class RevGNN(torch.nn.Module):
         self.dropout = SharedDropout(dropout)
         self.norm = torch.nn.LayerNorm(hidden_channels)
         self.head = torch.nn.Linear(hidden_channels, out_channels)
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "RevGNN":
-        """The paper's models: ``proteins-deep`` (RevGNN-Deep, 1001 x 80, 20,031,384 parameters),
-        ``proteins-wide`` (RevGNN-Wide, 448 x 224, 68,471,608), ``products-112`` (RevGNN-112,
-        112 x 160, 2,945,007), ``proteins-deq`` (RevGNN-DEQ, one 64-channel equilibrium block);
-        ``overrides`` replace any constructor argument (e.g. num_layers, hidden_channels,
-        weight_tied)."""
-        if name not in PRESETS:
-            raise ValueError(f"RevGNN.preset: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
 
     def reset_parameters(self):
         for module in (self.input_encoder, self.node_encoder, self.edge_encoder, self.norm, self.head):
@@ -237,10 +231,12 @@ class RevGNN(torch.nn.Module):
             # Reordered once for all layers; from here on edges are numbered in CSR order.
             edge_attr = graph.edges_to_csr(edge_attr, "RevGNN: edge_attr")
             graph = graph.csr_ordered()
+            # GENConv(h, graph, edge_attr, size, encoder weight, encoder bias), the bias as a column,
+            # which the blocks pass whole (they split a tensor whose last size is the channel count)
+            extra = (edge_attr, None, self.edge_encoder.weight, self.edge_encoder.bias.unsqueeze(1))
         if self.input_encoder is not None:
             sums = _out_edge_sums(graph, edge_attr) if edge_sums is None else edge_sums
             x = torch.cat([sums, self.input_encoder(x)], dim=-1)
-            extra = (edge_attr, self.edge_encoder.weight, self.edge_encoder.bias.unsqueeze(1))
         # The blocks carry the model's dtype (float32 under autocast too: F runs in low precision,
         # the residual stream and the reversible inversion do not).
         h = self.node_encoder(x).to(self.norm.weight.dtype)

@@ -1,7 +1,6 @@
 """SAGEConv on the fused spmm op (no [num_edges, channels] message tensor)."""
 from typing import Optional, Tuple, Union
 
-import torch
 import torch.nn.functional as F
 import torch_geometric.nn as pyg_nn
 from torch import Tensor
@@ -9,7 +8,7 @@ from torch_geometric.nn import aggr as pyg_aggr
 from torch_geometric.typing import OptPairTensor
 
 from .. import ops
-from ..graph import as_graph
+from ..adjacency import as_graph
 from ._pyg import PygFallback, coalesced, edge_values, node_counts, pyg_adjacency, warn_once
 
 _REDUCES = {pyg_aggr.SumAggregation: "sum", pyg_aggr.MeanAggregation: "mean", pyg_aggr.MaxAggregation: "max",
@@ -20,7 +19,7 @@ class SAGEConv(PygFallback, pyg_nn.SAGEConv):
     """A drop-in for ``torch_geometric.nn.SAGEConv`` (same arguments, submodules, ``state_dict``,
     ``repr``) whose neighbourhood aggregation runs in revgnn_ext's ``spmm`` (sum, mean, max,
     min; deterministic, no per-edge tensor). ``edge_index`` may be anything
-    ``revgnn_ext.graph.as_graph`` accepts; it is converted once per adjacency object. Other
+    ``revgnn_ext.adjacency.as_graph`` accepts; it is converted once per adjacency object. Other
     aggregations, ``flow='target_to_source'``, an explainer's edge masks and message-passing hooks
     fall back to PyG's computation with a one-time warning."""
 
