@@ -1,14 +1,5 @@
 """RevGNN-DEQ: one weight-tied grouped block iterated to its fixed point (a deep equilibrium
-model), solved by Anderson or Broyden, differentiated implicitly.
-
-Why our own solvers and not torchdeq (PyPI 0.1.0, the field's library; it imports and runs with
-our torch): it treats the first dimension as a batch of independent problems, while a graph's
-nodes are one coupled system (every call would need a reshape to a batch of one); it reports
-non-convergence only in a statistics dict (we warn, naming the residual, and never return a
-silent NaN); BatchNorm statistics and dropout replay are left to the user (its dropout is a
-module of its own, reset by hand per solve); and it pulls in numpy. What we need of it, two
-limited-memory solvers and the adjoint solve, is about 100 lines here, with no dependency.
-"""
+model), solved by Anderson or Broyden, differentiated implicitly (docs/design.md §2)."""
 import math
 import warnings
 from dataclasses import dataclass, field

@@ -309,42 +309,31 @@ def _parameters_of_forward(block: torch.nn.Module, named: Sequence[Tuple[str, Te
 
 
 class GroupAddRev(GroupedBlock):
-    r"""A drop-in for ``torch_geometric.nn.GroupAddRev``: the grouped reversible block of
-    RevGNN. Channels are split into C groups, X'_0 = sum_{i>=2} X_i and
-    X'_i = F_i(X'_{i-1}) + X_i; only the block's output is kept, and backward rebuilds its input.
+    r"""A drop-in for ``torch_geometric.nn.GroupAddRev``, the grouped reversible block of
+    RevGNN: X'_0 = sum_{i>=2} X_i, X'_i = F_i(X'_{i-1}) + X_i; only the output is kept and
+    backward rebuilds the input (docs/design.md §2). PyG's arguments, ``convs`` layout,
+    argument splitting, ``inverse()`` and ``reset_parameters()``; unlike PyG's:
 
-    Same arguments, ``convs`` ModuleList (``state_dict`` layout), argument splitting (a tensor
-    argument whose size along ``split_dim`` equals the channel count is split across groups,
-    anything else is passed whole), ``inverse()`` and ``reset_parameters()``. Differences:
+    - backward evaluates each F_i once, rebuilding the input in place in the output's storage;
+      an F_i that takes ``out`` (our GATConv, GCNConv) is added into its group's slice without
+      autograd through the op's accumulate form;
+    - random draws inside F, the autocast state and BatchNorm statistics are replayed or kept, so
+      the recomputation is F of the forward (statistics move once per step);
+    - no bookkeeping under ``torch.no_grad()`` / ``inference_mode``; forward-mode AD, torch.func
+      and ``torch.export`` run the plain computation;
+    - the input is released only when nothing else holds it (else kept, with a warning); reading a
+      released input, or the output after its last backward, raises;
+    - an in-place edit of the output, a parameter, the graph or an argument between forward and
+      backward raises, as plain autograd does; ``retain_graph=True`` keeps the block ready for
+      another pass (``num_bwd_passes`` counts the passes that do not retain it);
+    - under ``torch.compile`` the block runs eagerly (one graph break); ``disable=True`` compiles.
 
-    - backward evaluates each F_i once (it both rebuilds X_i = X'_i - F_i and back-propagates
-      through F_i); PyG's evaluates it twice;
-    - the input is rebuilt in place in the output's storage (no new [N, D] buffer); where F_i
-      takes an ``out`` tensor to add its output into (our GATConv and GCNConv, whose F ends in a
-      sparse aggregation), each evaluation without autograd adds F_i into the group's slice
-      through the op's accumulate form, without forming F_i's output;
-    - random draws inside F (dropout) are replayed in the recomputation from the saved RNG
-      state; BatchNorm running statistics are updated once per step, not once per evaluation;
-    - under ``torch.no_grad()`` / ``inference_mode`` it runs without any bookkeeping, each F_i
-      added into a copy of X_i (in place, through ``out``, where F_i takes one);
-    - the input is released only when nothing else holds it (another operation that saved it for
-      its backward, a view): otherwise it is kept, with a warning, and gradients stay right; any
-      use of a released input raises (so does a use of the output after the last backward);
-    - modifying the output, a parameter, the graph (an edge_index, a CSRGraph's or a sparse
-      adjacency's tensors, passed as edge_index or inside an argument), a tensor argument or a kept
-      input in place between forward and backward raises in backward, as plain autograd does;
-    - a backward pass with ``retain_graph=True`` (or ``create_graph=True``) keeps the block ready
-      for another pass (its output intact, the input rebuilt into a copy), as plain autograd keeps
-      its graph, whatever ``num_bwd_passes``; ``num_bwd_passes`` counts the passes that do not
-      retain the graph (autograd allows several when no other operation saved a tensor);
-    - under ``torch.autocast`` F runs in low precision while the carried activations keep the
-      input's dtype; the recomputation replays the forward's autocast state (as the RNG state),
-      so F is evaluated in the forward's precision and gradients stay as accurate as plain
-      autograd's under the same autocast (the rebuilt input is not exact: F's low-precision casts
-      may round a last-bit difference of the rebuilt input the other way; see docs/design.md);
-    - under ``torch.compile`` the block, F included, runs eagerly (one graph break per block):
-      backward recomputes F outside any compiled region, and a compiled F would round and draw
-      random numbers differently from that recomputation. ``disable=True`` blocks compile whole.
+    Args:
+        conv: F of each group (a ModuleList), or one module copied into ``num_groups`` groups.
+        split_dim: the dimension of the channels.
+        num_groups: the number of groups when ``conv`` is one module.
+        disable: run as a plain (non-reversible) block.
+        num_bwd_passes: how many backward passes that free autograd's graph may run.
     """
 
 
@@ -403,14 +392,16 @@ class GroupAddRev(GroupedBlock):
         """One evaluation of each F_i, with grad, for C down to 1: back-propagate through it,
         then rebuild X_i = X'_i - F_i in place in y's storage. Returns (grad_x, grads of args,
         grads of params)."""
-        ys = torch.chunk(y, self.num_groups, dim=self.split_dim)
-        gys = list(torch.chunk(grad_y, self.num_groups, dim=self.split_dim))
+        num_groups = self.num_groups
+        ys = torch.chunk(y, num_groups, dim=self.split_dim)
+        grad_x = grad_y.clone(memory_format=torch.contiguous_format)  # the groups' gradients, summed in place
+        gxs = torch.chunk(grad_x, num_groups, dim=self.split_dim)
         leaves = [a.detach().requires_grad_() if isinstance(a, Tensor) and a.requires_grad else a for a in args]
         leaf_tensors = [a for a in leaves if isinstance(a, Tensor) and a.requires_grad]
         group_args = self.split(y, leaves)[1]
         grads_of = {id(t): None for t in (*leaf_tensors, *params)}
         x0 = None
-        for i in range(self.num_groups - 1, -1, -1):
+        for i in range(num_groups - 1, -1, -1):
             conv = self.convs[i]
             # F_i's input: X'_{i-1}; for i = 0, X'_0, formed when X_1 was rebuilt (for 2 groups X_1 itself)
             inp = (ys[i - 1] if i > 0 else ys[1] if x0 is None else x0).detach().requires_grad_()
@@ -418,18 +409,18 @@ class GroupAddRev(GroupedBlock):
             with statistics_frozen(conv):  # restored after the gradient, which may read them
                 with torch.enable_grad(), _replay(rng, i):
                     f = conv(inp, edge_index, *group_args[i])
-                grads = torch.autograd.grad(f, wrt, gys[i], allow_unused=True)
+                grads = torch.autograd.grad(f, wrt, gxs[i], allow_unused=True)
             with torch.no_grad():
                 x0 = self._subtract(ys, i, f.detach())
-            for t, g in zip(wrt[1:], grads[1:]):
-                if g is not None:
-                    total = grads_of[id(t)]
-                    grads_of[id(t)] = g if total is None else total + g
-            if grads[0] is not None:
-                for j in (i - 1,) if i > 0 else range(1, self.num_groups):
-                    gys[j] = gys[j] + grads[0]
+                for t, g in zip(wrt[1:], grads[1:]):
+                    if g is not None:
+                        total = grads_of[id(t)]
+                        grads_of[id(t)] = g if total is None else total + g
+                if grads[0] is not None:
+                    for j in (i - 1,) if i > 0 else range(1, num_groups):
+                        gxs[j].add_(grads[0])
         grad_args = [grads_of[id(a)] if isinstance(a, Tensor) and a.requires_grad else None for a in leaves]
-        return torch.cat(gys, dim=self.split_dim), grad_args, [grads_of[id(p)] for p in params]
+        return grad_x, grad_args, [grads_of[id(p)] for p in params]
 
     def forward(self, x: Tensor, edge_index, *args) -> Tensor:
         if not isinstance(x, Tensor):
