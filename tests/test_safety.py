@@ -68,7 +68,7 @@ def _raw_calls(a):
         ("spmm_backward_weight", forward, lambda: r.spmm_backward_weight(*graph, x, g_out, arg, "mean")),
         ("gen_aggregate", forward, lambda: r.gen_aggregate(*graph, *gen_kw)),
         ("gen_aggregate_backward", forward | backward,
-         lambda: r.gen_aggregate_backward(*graph, *gen_kw[:6], gen_out, gen_state, g_out, *gen_kw[6:])),
+         lambda: r.gen_aggregate_backward(*graph, *gen_kw[:6], gen_out, gen_state, g_out, *gen_kw[6:], [True] * 6)),
     ]
 
 

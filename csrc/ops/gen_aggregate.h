@@ -29,9 +29,10 @@
 //   the first edge, NaN is selected over numbers); sum/mean: empty [0].
 //   For float16/bfloat16 x, a floating state is float32.
 // gen_aggregate_backward(graph, x, edge_attr?, edge_weight?, edge_bias?, t?, p?, out, state,
-//                        grad_out, aggr, eps)
+//                        grad_out, aggr, eps, output_mask)
 //     -> (grad_x, grad_edge_attr, grad_edge_weight, grad_edge_bias, grad_t, grad_p)
-//   The gradient of each defined input ([0] for an absent one). Messages are recomputed from
+//   The gradient of each defined input that output_mask asks for ([0] for an absent or unwanted
+//   one, neither allocated nor computed: autograd's needs_input_grad). Messages are recomputed from
 //   edge_attr: two passes, one over the transposed CSR (grad_x, a segment sum per source) and
 //   one over the CSR (per-edge grad_edge_attr; grad_edge_weight, grad_edge_bias, grad_t, grad_p
 //   summed per fixed block of rows, then over blocks in order; grad_t and grad_p from per-row sums
@@ -49,6 +50,7 @@
 
 #include <ATen/OpMathType.h>
 
+#include <array>
 #include <cmath>
 
 #include "ops/spmm.h"
@@ -257,9 +259,10 @@ inline bool gen_has_state(Aggr aggr) {
 
 // K holds one device's kernels (cpu/gen_aggregate_cpu.cpp, cuda/gen_aggregate_cuda.cu):
 //   K::forward(in, out, state)        out [num_dst, D] and state (as documented above) written
-//   K::backward(in, out, state, grad_out, grads)   grads: the six gradients, pre-allocated;
-//     grads.x [num_src, D] contiguous, fully written; grads.edge_attr [E, F] or undefined;
-//     grads.weight_t [F, D], grads.bias [D], grads.t [D], grads.p [D] or undefined.
+//   K::backward(in, out, state, grad_out, grads)   grads: the six gradients, allocated where
+//     wanted, undefined otherwise (and then not computed); each defined one is fully written:
+//     grads.x [num_src, D] contiguous, grads.edge_attr [E, F], grads.weight_t [F, D],
+//     grads.bias [D], grads.t [D], grads.p [D].
 struct GenGrads {
   at::Tensor x, edge_attr, weight_t, bias, t, p;
 };
@@ -289,7 +292,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& perm_t, const at::Tensor& x, const c10::optional<at::Tensor>& edge_attr,
     const c10::optional<at::Tensor>& edge_weight, const c10::optional<at::Tensor>& edge_bias,
     const c10::optional<at::Tensor>& t, const c10::optional<at::Tensor>& p, const at::Tensor& out,
-    const at::Tensor& state, const at::Tensor& grad_out_in, c10::string_view aggr, double eps) {
+    const at::Tensor& state, const at::Tensor& grad_out_in, c10::string_view aggr, double eps,
+    std::array<bool, 6> output_mask) {
   constexpr const char* op = "revgnn_ext.gen_aggregate_backward";
   GenInputs in = check_gen_inputs(op, rowptr, col, x, edge_attr, edge_weight, edge_bias, t, p, aggr, eps);
   const auto dev = in.x.device();
@@ -319,13 +323,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                 " state returned by gen_aggregate");
   }
   GenGrads grads;
-  grads.x = at::empty({in.x.size(0), in.d}, in.x.options());
+  auto wanted = [](bool want, const at::Tensor& v) { return want && v.defined() ? at::empty_like(v) : at::Tensor(); };
+  if (output_mask[0]) grads.x = at::empty({in.x.size(0), in.d}, in.x.options());
+  grads.edge_attr = wanted(output_mask[1], in.edge_attr);
+  grads.weight_t = wanted(output_mask[2], in.weight_t);
+  grads.bias = wanted(output_mask[3], in.bias);
+  grads.t = wanted(output_mask[4], in.t);
+  grads.p = wanted(output_mask[5], in.p);
   auto none = [&] { return at::empty({0}, in.x.options()); };  // a fresh one per output: no aliasing
-  grads.edge_attr = in.edge_attr.defined() ? at::empty_like(in.edge_attr) : at::Tensor();
-  grads.weight_t = in.weight_t.defined() ? at::empty_like(in.weight_t) : at::Tensor();
-  grads.bias = in.bias.defined() ? at::empty_like(in.bias) : at::Tensor();
-  grads.t = in.t.defined() ? at::empty_like(in.t) : at::Tensor();
-  grads.p = in.p.defined() ? at::empty_like(in.p) : at::Tensor();
   if (in.d > 0) {
     K::backward(in, out, state, grad_out, grads);
   } else {
@@ -337,7 +342,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (!g.defined()) return none();
     return v->numel() == 1 && v->dim() <= 1 ? g.sum().reshape(v->sizes()) : g.reshape(v->sizes());
   };
-  return {grads.x,
+  return {grads.x.defined() ? grads.x : none(),
           grads.edge_attr.defined() ? grads.edge_attr : none(),
           grads.weight_t.defined() ? grads.weight_t.t().contiguous() : none(),
           grads.bias.defined() ? grads.bias : none(),
