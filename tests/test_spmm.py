@@ -293,6 +293,9 @@ def test_raw_ops_check_their_arguments():
         lib.spmm_backward_x(g.rowptr, g.col, rowptr_t, col_t, perm_t, w, out, arg[:2], "max")
     with pytest.raises(ValueError, match="out must have contiguous channels"):
         lib.spmm_accumulate_(torch.zeros(8, g.num_dst).t(), g.rowptr, g.col, w, x, "sum")
+    buf = torch.zeros(g.num_dst * 8 + g.num_edges)  # weight overlapping out's elements
+    with pytest.raises(RuntimeError, match="revgnn_ext.spmm_accumulate_: out shares elements with weight"):
+        lib.spmm_accumulate_(buf[:g.num_dst * 8].view(g.num_dst, 8), g.rowptr, g.col, buf[8:8 + g.num_edges], x, "sum")
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no GPU")

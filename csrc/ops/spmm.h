@@ -130,6 +130,7 @@ void spmm_accumulate_op(const at::Tensor& out, const at::Tensor& rowptr, const a
   // A lower-precision x (bfloat16 from autocast beside a float32 out) is converted, exactly: the
   // sum runs in out's precision.
   const auto w = weight.has_value() ? c10::optional<at::Tensor>(weight->to(dtype)) : c10::nullopt;
+  TORCH_CHECK(!w.has_value() || !shares_elements(out, w->unsqueeze(1)), op, ": out shares elements with weight");
   if (n > 0 && d > 0) K::forward(rowptr, col, w, x.to(dtype), r, out, at::Tensor(), alpha, true);
 }
 
