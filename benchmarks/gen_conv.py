@@ -6,7 +6,9 @@ GENConv with the same state_dict?
 Each configuration first checks that both layers give the same output and gradients, then times
 forward+backward (median after a warm-up, the two layers in interleaved rounds) and measures the
 peak memory of one step above the inputs. Where PyG's layer would not fit in memory (on GPU, the
-full proteins scale) its estimated footprint is shown instead.
+full proteins scale) its estimated footprint is shown instead. For ours, also the feature rows its
+kernels gather per edge over the step's time, against the gather bandwidth measured in the same run
+into a table of x's size (measure.gather_bandwidth).
 """
 import argparse
 
@@ -17,12 +19,16 @@ from revgnn_ext import CSRGraph
 from revgnn_ext.nn import GENConv
 
 from graphs import PRESETS, make_graph
-from measure import (PeakMemory, available_memory, check_gradients, median_seconds, no_gpu, output_arguments, report,
-                     set_malloc_thresholds)
+from measure import (PeakMemory, available_memory, check_gradients, gather_bandwidth, median_seconds, no_gpu,
+                     output_arguments, report, set_malloc_thresholds)
 
 AGGRS = {"softmax": dict(aggr="softmax", learn_t=True), "max": dict(aggr="max")}
 PYG_EDGE_COPIES = 6  # [E, D] float32 tensors PyG's GENConv keeps for softmax's backward (embedding,
 # message, scores, exp, weights, weighted message)
+# Rows of D values that ours gathers per edge in a step: x[col_e] in the forward and again in the
+# backward's per-edge pass, and in the backward of x, per transposed entry, the destination's
+# grad_out, plus its out and log-normalizer (softmax) or its selected edge (max).
+GATHERED_ROWS = {"softmax": 5, "max": 4}
 
 
 def step(conv, x, adj, edge_attr, grad):
@@ -84,6 +90,8 @@ def run(graph_name: str, aggr: str, device, args, profiles: list) -> list:
         with PeakMemory(device) as memory:
             fn()
         peaks[name] = memory.peak
+    gather = gather_bandwidth(device, n, width)
+    gathered = GATHERED_ROWS[aggr] * num_edges * width * 4
     if args.profile:
         profiles.extend(dict(graph=graph_name, aggr=aggr, **r) for r in where_time_goes(fns["revgnn_ext"], device))
     rows = []
@@ -92,6 +100,9 @@ def run(graph_name: str, aggr: str, device, args, profiles: list) -> list:
         if name in medians:
             row.update(ms=medians[name] * 1e3, peak_mb=peaks[name] / 2**20,
                        speedup=medians[name] / medians["revgnn_ext"], mem_ratio=peaks[name] / peaks["revgnn_ext"])
+            if name == "revgnn_ext":
+                row.update(gather_gbps=gathered / medians[name] / 1e9, gather_pct=100 * gathered / medians[name] /
+                           gather["table"], gather_table=gather["table"] / 1e9, gather_cached=gather["cached"] / 1e9)
         else:
             row.update(est_mb=pyg_bytes / 2**20)
         rows.append(row)
@@ -121,14 +132,19 @@ def main():
     columns = [("graph", "graph", ""), ("nodes", "N", ","), ("edges", "E", ","), ("width", "D", "d"),
                ("aggr", "aggr", ""), ("peer", "peer", ""), ("ms", "fwd+bwd ms", ".1f"),
                ("peak_mb", "peak MB", ".1f"), ("est_mb", "PyG est. MB", ".0f"), ("speedup", "peer ms / ours", ".2f"),
-               ("mem_ratio", "peer MB / ours", ".1f")]
+               ("mem_ratio", "peer MB / ours", ".1f"), ("gather_gbps", "gathered GB/s", ".1f"),
+               ("gather_pct", "% of gather BW", ".0f"), ("gather_table", "gather GB/s (x's table)", ".1f"),
+               ("gather_cached", "gather GB/s (cached)", ".1f")]
     memory = ("torch.cuda.max_memory_allocated" if args.device == "cuda" else
               "the process's resident-set high-water mark (revgnn_ext.memory.PeakMemory, malloc thresholds fixed)")
     notes = ["forward+backward of one GENConv layer (MLP included), ours vs PyG's with the same state_dict; outputs "
              f"and gradients checked equal first; median of up to {args.repeat} runs after 1 warm-up, the two in "
              f"interleaved rounds",
              f"peak MB: one step above the inputs, {memory}; PyG est.: {PYG_EDGE_COPIES} [E, D] float32 tensors, "
-             "shown where PyG is not run because it would not fit"]
+             "shown where PyG is not run because it would not fit",
+             "gathered GB/s (ours): E x D rows gathered per step (softmax 5, max 4: x twice, grad_out, and out and "
+             "the log-normalizer or the selected edge) / step time, the whole step's (MLP included); % of gather BW: "
+             "that against a random-index index_select into a table of x's size (and, for scale, into a cached one)"]
     tables = {"GENConv": (rows, columns)}
     if profiles:
         tables["where one step of ours spends its time (torch.profiler, self time)"] = (profiles, [

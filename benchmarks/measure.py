@@ -1,6 +1,6 @@
 """What the benchmarks measure, one way each: time (median of runs, CUDA events on GPU), peak
 memory (revgnn_ext.memory.PeakMemory: the allocator on GPU, the process's resident set on CPU),
-copy bandwidth, the machine; and the report (Markdown and JSON)."""
+copy bandwidth, gather bandwidth, the machine; and the report (Markdown and JSON)."""
 import json
 import os
 import statistics
@@ -14,7 +14,8 @@ from revgnn_ext.memory import PeakMemory, available_memory, set_malloc_threshold
 from machine_info import RESULTS, machine, results_dir
 
 __all__ = ["PeakMemory", "available_memory", "set_malloc_thresholds", "output_arguments", "no_gpu", "timed",
-           "median_seconds", "short", "check_gradients", "copy_bandwidth", "machine", "results_dir", "plot", "report"]
+           "median_seconds", "short", "check_gradients", "copy_bandwidth", "gather_bandwidth", "machine", "results_dir",
+           "plot", "report"]
 
 MIN_REPEAT = 3  # a time budget never cuts a measurement below this many runs
 
@@ -100,6 +101,27 @@ def copy_bandwidth(device) -> float:
     dst = torch.empty_like(src)
     medians, _ = median_seconds({"copy": lambda: dst.copy_(src)}, device, warmup=2, repeat=10)
     return 2 * nbytes / medians["copy"]
+
+
+def gather_bandwidth(device, rows: int, width: int, dtype=torch.float32) -> Dict[str, float]:
+    """Bytes per second that a row gather reads, ``table.index_select(0, idx)`` with uniformly
+    random idx: the practical ceiling of a kernel that gathers a feature row per edge. Measured
+    into a [rows, width] table (the kernel's own x) and into one small enough to stay in cache
+    (4 MiB on GPU, within L2; 256 KiB on CPU): {"table": ..., "cached": ...}. 2^21 rows gathered
+    per run (CPU: 2^17)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    row_bytes = width * torch.empty((), dtype=dtype).element_size()
+    count = 2**21 if cuda else 2**17
+    result = {}
+    for name, n in (("table", rows), ("cached", max(1, (2**22 if cuda else 2**18) // row_bytes))):
+        table = torch.randn(n, width, device=device).to(dtype)
+        idx = torch.randint(0, n, (count,), device=device)
+        out = torch.empty(count, width, device=device, dtype=dtype)
+        medians, _ = median_seconds({name: lambda: torch.index_select(table, 0, idx, out=out)}, device, warmup=2,
+                                    repeat=10)
+        result[name] = count * row_bytes / medians[name]
+    return result
 
 
 def plot(path: str, panels: Sequence[tuple], title: str = "") -> str:

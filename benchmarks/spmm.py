@@ -6,7 +6,9 @@
 For each graph x reduction: check ours against revgnn_ext.reference (output and gradient of x;
 the script stops on a mismatch), then time every peer on the same inputs in interleaved rounds,
 measure the peak memory of one run and the ratio peer time / our time (> 1: we are faster). On
-GPU also the bytes each pass must move over its time, against the measured copy bandwidth. A peer
+GPU also the bytes each pass must move over its time, against the measured copy bandwidth; on any
+device the feature rows each pass gathers (one per edge) over its time, against the gather
+bandwidth measured in the same run into a table of x's size (measure.gather_bandwidth). A peer
 that cannot run a case shows as n/a with the reason; peers whose modules are not installed are
 listed in the notes. Graphs: benchmarks/graphs.py.
 """
@@ -21,8 +23,8 @@ import revgnn_ext
 from revgnn_ext import CSRGraph, ops, reference
 
 from graphs import PRESETS, make_graph
-from measure import (PeakMemory, available_memory, copy_bandwidth, median_seconds, no_gpu, output_arguments, report,
-                     set_malloc_thresholds, short, timed)
+from measure import (PeakMemory, available_memory, copy_bandwidth, gather_bandwidth, median_seconds, no_gpu,
+                     output_arguments, report, set_malloc_thresholds, short, timed)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # (rtol, atol) against the reference; low precision is compared with the reference run in float32
@@ -147,7 +149,7 @@ def check(g: CSRGraph, name: str, reduce: str, width: int, dtype, device, gen) -
     return ("output and gradient" if compare_grad else "output (gradient not compared: ties)") + " on " + where
 
 
-def bench_case(g: CSRGraph, name: str, reduce: str, args, device, bandwidth: float) -> list:
+def bench_case(g: CSRGraph, name: str, reduce: str, args, device, bandwidth: float, gather: float) -> list:
     """Checks ours on one case, then times and measures every peer: the case's table rows."""
     gen = torch.Generator(device=device).manual_seed(args.seed)
     checked = check(g, name, reduce, args.width, args.dtype, device, gen)
@@ -168,6 +170,8 @@ def bench_case(g: CSRGraph, name: str, reduce: str, args, device, bandwidth: flo
         failures.update(errors)
         min_bytes = (g.rowptr.element_size() * (g.num_dst + 1 + g.num_edges)
                      + (g.num_src + g.num_dst) * args.width * args.dtype.itemsize) * (1 if pass_name == "fwd" else 2)
+        # a row of x per edge; backward, a row of grad_out per transposed entry
+        gathered = g.num_edges * args.width * args.dtype.itemsize * (1 if pass_name == "fwd" else 2)
         for peer in runners:
             row = {"graph": name, "N": g.num_dst, "E": g.num_edges, "D": args.width, "reduce": reduce,
                    "pass": pass_name, "peer": peer}
@@ -177,7 +181,8 @@ def bench_case(g: CSRGraph, name: str, reduce: str, args, device, bandwidth: flo
                         fns[peer](*inputs[0])
                     seconds = medians[peer]
                     row.update(median_ms=seconds * 1e3, peak_mb=memory.peak / 1e6,
-                               speedup=seconds / medians["revgnn_ext"] if "revgnn_ext" in medians else None)
+                               speedup=seconds / medians["revgnn_ext"] if "revgnn_ext" in medians else None,
+                               gather_gbps=gathered / seconds / 1e9, gather_pct=100 * gathered / seconds / gather)
                     if device.type == "cuda":
                         row.update(gbps=min_bytes / seconds / 1e9, roofline=100 * min_bytes / seconds / bandwidth)
                 except Exception as err:  # a peer that breaks is reported, never fatal
@@ -229,10 +234,12 @@ def main() -> None:
         g, build_s = timed(CSRGraph.from_edge_index, device, synthetic.edge_index, synthetic.num_nodes)
         del synthetic
         _, transpose_s = timed(g.transposed, device)  # built once, outside every timing
+        gather = gather_bandwidth(device, g.num_src, args.width, args.dtype)
         graph_rows.append(dict(graph=name, N=g.num_dst, E=g.num_edges, max_in=int(g.rowptr.diff().max()),
-                               generate_s=generate_s, build_s=build_s, transpose_s=transpose_s))
+                               generate_s=generate_s, build_s=build_s, transpose_s=transpose_s,
+                               gather_table=gather["table"] / 1e9, gather_cached=gather["cached"] / 1e9))
         for reduce in reduces:
-            rows += bench_case(g, name, reduce, args, device, bandwidth)
+            rows += bench_case(g, name, reduce, args, device, bandwidth, gather["table"])
         del g
     dtype = str(args.dtype).split(".")[-1]
     notes = [f"{dtype}, D = {args.width}; median of up to {args.repeat} runs after {args.warmup} warm-up (fewer, at "
@@ -246,16 +253,21 @@ def main() -> None:
              "torch.sparse.mm: mean as precomputed 1/deg values",
              f"device copy bandwidth (read + write): {bandwidth / 1e9:.1f} GB/s"]
     notes += [f"not measured: {peer}: {why}" for peer, why in MISSING.items()]
+    notes.append("gathered GB/s: the rows of x (fwd) and of grad_out (bwd) gathered, one per edge, / median time; % of "
+                 "gather BW: that against the graph's gather bandwidth into x's table (graphs table: random-index "
+                 "index_select, into x's table and into a cached one)")
     if cuda:
         notes.append("GB/s: minimum bytes (rowptr + col + x + out, each once; twice that for fwd+bwd) / median time; "
                      "% of copy BW: that against the device copy bandwidth")
     columns = [("graph", "graph", ""), ("N", "N", ","), ("E", "E", ","), ("D", "D", "d"), ("reduce", "reduce", ""),
                ("pass", "pass", ""), ("peer", "peer", ""), ("median_ms", "median ms", ".2f"),
-               ("peak_mb", "peak MB", ".1f"), ("speedup", "ours ×", ".2f")]
+               ("peak_mb", "peak MB", ".1f"), ("speedup", "ours ×", ".2f"), ("gather_gbps", "gathered GB/s", ".1f"),
+               ("gather_pct", "% of gather BW", ".0f")]
     columns += [("gbps", "GB/s (min bytes)", ".0f"), ("roofline", "% of copy BW", ".0f")] if cuda else []
     graph_columns = [("graph", "graph", ""), ("N", "N", ","), ("E", "E", ","), ("max_in", "max in-degree", ","),
                      ("generate_s", "generate s", ".2f"), ("build_s", "CSRGraph s", ".2f"),
-                     ("transpose_s", "transposed() s", ".2f")]
+                     ("transpose_s", "transposed() s", ".2f"), ("gather_table", "gather GB/s (x's table)", ".1f"),
+                     ("gather_cached", "gather GB/s (cached)", ".1f")]
     columns.append(("note", "note", ""))
     report("spmm benchmark", device, {"graphs": (graph_rows, graph_columns), "spmm": (rows, columns)}, notes,
            json_path=args.json, markdown_path=args.markdown)

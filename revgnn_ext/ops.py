@@ -335,13 +335,16 @@ def _gen_aggregate_fake(rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge
 
 @torch.library.register_fake("revgnn_ext::gen_aggregate_backward")
 def _gen_aggregate_backward_fake(rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias, t, p,
-                                 out, state, grad_out, aggr, eps):
-    def like(v):
-        return x.new_empty((0,)) if v is None else torch.empty_like(v, memory_format=torch.contiguous_format)
+                                 out, state, grad_out, aggr, eps, output_mask):
+    def like(v, wanted):
+        if not wanted or v is None:
+            return x.new_empty((0,))
+        return torch.empty_like(v, memory_format=torch.contiguous_format)
     used_t = t if aggr == "softmax" else None
     used_p = p if aggr == "powermean" else None
-    return (x.new_empty((rowptr_t.shape[0] - 1, x.shape[1])), like(edge_attr), like(edge_weight), like(edge_bias),
-            like(used_t), like(used_p))
+    grad_x = x.new_empty((rowptr_t.shape[0] - 1, x.shape[1])) if output_mask[0] else x.new_empty((0,))
+    return (grad_x, like(edge_attr, output_mask[1]), like(edge_weight, output_mask[2]),
+            like(edge_bias, output_mask[3]), like(used_t, output_mask[4]), like(used_p, output_mask[5]))
 
 
 def _gen_setup(ctx, inputs, output):
@@ -357,9 +360,9 @@ def _gen_backward(ctx, grad_out, _grad_state):
     if not ctx.has_transpose:
         raise RuntimeError("revgnn_ext.gen_aggregate: the backward needs the transposed CSR (rowptr_t, col_t, "
                            "perm_t); revgnn_ext.ops.gen_aggregate passes it when gradients are recorded")
+    wanted = list(ctx.needs_input_grad[5:11])
     grads = _ops.gen_aggregate_backward(rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias,
-                                        t, p, out, state, grad_out, ctx.aggr, ctx.eps)
-    wanted = ctx.needs_input_grad[5:11]
+                                        t, p, out, state, grad_out, ctx.aggr, ctx.eps, wanted)
     return (None,) * 5 + tuple(g if need else None for g, need in zip(grads, wanted)) + (None, None)
 
 

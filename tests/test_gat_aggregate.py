@@ -278,12 +278,12 @@ def test_bad_inputs_raise_naming_the_argument():
     lib = torch.ops.revgnn_ext
     bad_col = g.col.clone()
     bad_col[3] = 999
-    with pytest.raises(RuntimeError, match="col index 999 is out of range"):
+    with pytest.raises(ValueError, match="revgnn_ext.gat_aggregate: col index 999 is out of range"):
         lib.gat_aggregate(g.rowptr, bad_col, None, None, None, None, x, s, None, None, None, None, 0.2, 0.0, 0)
     bad_perm_t = g.transposed()[2].clone()
     bad_perm_t[0] = -1
     out, lse = lib.gat_aggregate(g.rowptr, g.col, None, None, None, None, x, s, None, None, None, None, 0.2, 0.0, 0)
-    with pytest.raises(RuntimeError, match="perm_t index -1 is out of range"):
+    with pytest.raises(ValueError, match="revgnn_ext.gat_aggregate_backward: perm_t index -1 is out of range"):
         lib.gat_aggregate_backward(g.rowptr, g.col, g.transposed()[0], g.transposed()[1], bad_perm_t, None, x, s, None,
                                    None, None, None, out, lse, torch.ones_like(out), 0.2, 0.0, 0, [True] * 5)
 

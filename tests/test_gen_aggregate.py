@@ -122,9 +122,10 @@ def test_opcheck(device, aggr):
     torch.library.opcheck(lib.gen_aggregate.default, args, test_utils=(
         "test_schema", "test_faketensor", "test_aot_dispatch_static", "test_aot_dispatch_dynamic"))
     out, state = lib.gen_aggregate(*args)
-    bargs = args[:11] + (out, state, torch.randn_like(out), aggr, 1e-7)
-    torch.library.opcheck(lib.gen_aggregate_backward.default, bargs,
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    for mask in ([True] * 6, [False, False, True, False, True, True]):
+        bargs = args[:11] + (out, state, torch.randn_like(out), aggr, 1e-7, mask)
+        torch.library.opcheck(lib.gen_aggregate_backward.default, bargs,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
 def test_double_backward_is_refused_clearly():
@@ -152,6 +153,50 @@ def test_no_edge_by_channel_allocation(aggr):
     assert max_cpu_allocation(step) <= g.num_edges * 8 * 4 < edge_by_channel / 8
     # The reference does allocate [E, D] tensors: the probe can see them.
     assert max_cpu_allocation(lambda: reference.gen_aggregate(g, aggr=aggr, **kw).sum().backward()) >= edge_by_channel
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("aggr", AGGRS)
+@pytest.mark.parametrize("mode, feat", [("encoded", 5), ("encoded", 20), ("direct", None)])
+def test_output_mask_computes_only_the_wanted_gradients_bit_for_bit(device, aggr, mode, feat):
+    """Each gradient asked for alone, and all but one: the bits of the call that asks for all
+    six; the others come back empty. (F = 20 exceeds what the CUDA kernel stages in shared memory.)"""
+    g = _graph("power_law", device)
+    kw = _case(g, aggr, mode, 19, torch.float32, device, per_channel=True, feat=feat)
+    args = (g.rowptr, g.col, *g.transposed(), kw["x"], g.edges_to_csr(kw["edge_attr"]), kw.get("edge_weight"),
+            kw.get("edge_bias"), kw.get("t"), kw.get("p"))
+    lib = torch.ops.revgnn_ext
+    out, state = lib.gen_aggregate(*args, aggr, 1e-7)
+    rest = (out, state, torch.randn_like(out), aggr, 1e-7)
+    full = lib.gen_aggregate_backward(*args, *rest, [True] * 6)
+    learnable = aggr in ("softmax", "powermean")  # t or p
+    assert sum(grad.numel() > 0 for grad in full) == (4 if mode == "encoded" else 2) + learnable
+    for k in range(6):
+        for mask in ([i == k for i in range(6)], [i != k for i in range(6)]):
+            grads = lib.gen_aggregate_backward(*args, *rest, mask)
+            for i, (grad, expected) in enumerate(zip(grads, full)):
+                assert torch.equal(grad, expected) if mask[i] else grad.numel() == 0, (mask, i)
+
+
+def test_rev_gnn_step_allocates_no_gradient_of_the_edge_features():
+    """A proteins-deep training step: its edge features need no gradient (the edge encoder's
+    weight does), so backward allocates nothing as large as the [E, F] features; with features
+    that require grad, the probe sees their gradient."""
+    from revgnn_ext.nn import RevGNN
+    num_nodes, num_edges, feat = 200, 6000, 8
+    ei = torch.randint(0, num_nodes, (2, num_edges))
+    edge_attr = torch.rand(num_edges, feat)
+    x = torch.nn.functional.one_hot(torch.randint(0, 8, (num_nodes,)), 8).float()
+    model = RevGNN.preset("proteins-deep", num_layers=3, hidden_channels=16)
+    edge_by_feature = num_edges * feat * 4
+
+    def backward_peak(attr):
+        loss = model(x, ei, attr).square().mean()
+        return max_cpu_allocation(loss.backward)
+    backward_peak(edge_attr)  # builds and caches the graph
+    assert backward_peak(edge_attr) < edge_by_feature
+    assert model.edge_encoder.weight.grad.abs().sum() > 0
+    assert backward_peak(edge_attr.clone().requires_grad_()) >= edge_by_feature
 
 
 @pytest.mark.parametrize("aggr", AGGRS)
@@ -211,7 +256,7 @@ def test_bad_inputs_raise_naming_the_argument():
     lib = torch.ops.revgnn_ext
     bad_col = g.col.clone()
     bad_col[3] = 999
-    with pytest.raises(RuntimeError, match="col index 999 is out of range"):
+    with pytest.raises(ValueError, match="revgnn_ext.gen_aggregate: col index 999 is out of range"):
         lib.gen_aggregate(g.rowptr, bad_col, None, None, None, x, None, None, None, torch.ones(1), None, "softmax", 0.0)
     with pytest.raises(ValueError, match="t is required"):
         lib.gen_aggregate(g.rowptr, g.col, None, None, None, x, None, None, None, None, None, "softmax", 0.0)

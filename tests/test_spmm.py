@@ -268,12 +268,12 @@ def test_raw_ops_check_their_arguments():
     lib = torch.ops.revgnn_ext
     bad_col = g.col.clone()
     bad_col[5] = 1000
-    with pytest.raises(RuntimeError, match="col index 1000 is out of range"):
+    with pytest.raises(ValueError, match="revgnn_ext.spmm: col index 1000 is out of range"):
         lib.spmm(g.rowptr, bad_col, None, None, None, w, x, "sum")
     bad_col[5] = -2
-    with pytest.raises(RuntimeError, match="col index -2 is out of range"):
+    with pytest.raises(ValueError, match="revgnn_ext.spmm: col index -2 is out of range"):
         lib.spmm(g.rowptr, bad_col, None, None, None, w, x, "max")
-    with pytest.raises(RuntimeError, match="rowptr must have the index dtype|index dtype"):
+    with pytest.raises(TypeError, match="revgnn_ext.spmm: col must have the index dtype"):
         lib.spmm(g.rowptr, g.col.long(), None, None, None, w, x, "sum")
     with pytest.raises(ValueError, match="weight must have shape"):
         lib.spmm(g.rowptr, g.col, None, None, None, w[:3], x, "sum")
@@ -287,12 +287,15 @@ def test_raw_ops_check_their_arguments():
     out, arg = lib.spmm(g.rowptr, g.col, None, None, None, w, x, "max")
     bad_perm = perm_t.clone()
     bad_perm[0] = g.num_edges
-    with pytest.raises(RuntimeError, match="perm_t index"):
+    with pytest.raises(ValueError, match="revgnn_ext.spmm_backward_x: perm_t index"):
         lib.spmm_backward_x(g.rowptr, g.col, rowptr_t, col_t, bad_perm, w, out, arg, "max")
-    with pytest.raises(RuntimeError, match="arg must have the shape"):
+    with pytest.raises(ValueError, match="revgnn_ext.spmm_backward_x: arg must have the shape"):
         lib.spmm_backward_x(g.rowptr, g.col, rowptr_t, col_t, perm_t, w, out, arg[:2], "max")
     with pytest.raises(ValueError, match="out must have contiguous channels"):
         lib.spmm_accumulate_(torch.zeros(8, g.num_dst).t(), g.rowptr, g.col, w, x, "sum")
+    buf = torch.zeros(g.num_dst * 8 + g.num_edges)  # weight overlapping out's elements
+    with pytest.raises(RuntimeError, match="revgnn_ext.spmm_accumulate_: out shares elements with weight"):
+        lib.spmm_accumulate_(buf[:g.num_dst * 8].view(g.num_dst, 8), g.rowptr, g.col, buf[8:8 + g.num_edges], x, "sum")
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no GPU")

@@ -277,10 +277,10 @@ void backward_x_kernel(const GenInputs& in, const at::Tensor& out_t, const at::T
   });
 }
 
-// Per-edge grad_edge_attr and the parameter gradients, over the CSR. Terms are summed in a small
-// buffer that is added in float64, every kFlush edges and at each row's end, to the partial of
-// the row's fixed block of kRowBlock rows; the blocks' partials are then added in order.
-// Deterministic, and no float sum runs over more than kFlush terms.
+// Per-edge grad_edge_attr and the parameter gradients, those that `grads` holds, over the CSR.
+// Terms are summed in a small buffer that is added in float64, every kFlush edges and at each
+// row's end, to the partial of the row's fixed block of kRowBlock rows; the blocks' partials are
+// then added in order. Deterministic, and no float sum runs over more than kFlush terms.
 template <typename scalar_t, typename index_t, Aggr A>
 void backward_params_kernel(const GenInputs& in, const at::Tensor& out_t, const at::Tensor& state,
                             const at::Tensor& grad_out, const GenGrads& grads) {
@@ -299,11 +299,14 @@ void backward_params_kernel(const GenInputs& in, const at::Tensor& out_t, const 
   const V eps(static_cast<acc_t>(in.eps));
   scalar_t* ga = grads.edge_attr.defined() ? grads.edge_attr.data_ptr<scalar_t>() : nullptr;
   const bool want_w = grads.weight_t.defined(), want_b = grads.bias.defined();
+  const bool want_param = kParam && (grads.t.defined() || grads.p.defined());
+  // The encoded edge features, read only for their own gradient or the weight's.
+  const bool read_attr = prm.has_attr && !prm.direct && (ga != nullptr || want_w);
   // Partials per block: [F rows of the weight | bias | t or p], each dpad wide.
   const int64_t stride = (f + 2) * dpad, blocks = (n + kRowBlock - 1) / kRowBlock;
   std::vector<double> partial(static_cast<size_t>(blocks * stride), 0.0);
   at::parallel_for(0, blocks, 1, [&](int64_t bb, int64_t be) {
-    std::vector<V> ga_acc(static_cast<size_t>(want_w || ga ? f : 0));
+    std::vector<V> ga_acc(static_cast<size_t>(read_attr && ga != nullptr ? f : 0));
     // Per-row sums of the edges' terms for d/dt (sum a m (m - out)) or d/dp (sum q log m).
     std::vector<acc_t> s1(static_cast<size_t>(dpad));
     std::vector<acc_t> row_sum(static_cast<size_t>(stride));
@@ -322,7 +325,7 @@ void backward_params_kernel(const GenInputs& in, const at::Tensor& out_t, const 
         const auto [e0, e1] = checked_row(rowptr, i, n, in.col.numel(), op, "rowptr");
         for (int64_t e = e0; e < e1; ++e) {
           const scalar_t* xr = x + checked(col[e], num_src, op, "col") * ldx;
-          const scalar_t* a = prm.has_attr && !prm.direct ? prm.attr + e * f : nullptr;
+          const scalar_t* a = read_attr ? prm.attr + e * f : nullptr;
           for (auto& v : ga_acc) v = V(0);
           for (int64_t v0 = 0; v0 < d; v0 += VS) {
             const int64_t cnt = std::min(VS, d - v0);
@@ -334,23 +337,24 @@ void backward_params_kernel(const GenInputs& in, const at::Tensor& out_t, const 
             const V dpre = relu_grad<V, M>(pre, message_grad<scalar_t, index_t, A>(row, e, m, t, p, extra));
             if (ga != nullptr && prm.direct) store_acc(dpre, ga + e * d + v0, cnt);
             if (a != nullptr) {
-              for (int64_t k = 0; k < f; ++k) {
-                const V w = V::loadu(prm.wt.data() + k * dpad + v0);
-                ga_acc[k] = at::vec::fmadd(dpre, w, ga_acc[k]);
-                if (want_w) {
+              if (ga != nullptr)
+                for (int64_t k = 0; k < f; ++k)
+                  ga_acc[k] = at::vec::fmadd(dpre, V::loadu(prm.wt.data() + k * dpad + v0), ga_acc[k]);
+              if (want_w) {
+                for (int64_t k = 0; k < f; ++k) {
                   acc_t* pwk = pw + k * dpad + v0;
                   at::vec::fmadd(V(static_cast<acc_t>(a[k])), dpre, V::loadu(pwk)).store(pwk);
                 }
               }
             }
             if (want_b) (V::loadu(pb + v0) + dpre).store(pb + v0);
-            if constexpr (kParam) (V::loadu(s1.data() + v0) + extra).store(s1.data() + v0);
+            if (want_param) (V::loadu(s1.data() + v0) + extra).store(s1.data() + v0);
           }
           if (ga != nullptr && a != nullptr)
             for (int64_t k = 0; k < f; ++k) ga[e * f + k] = static_cast<scalar_t>(cpu::lane_sum(ga_acc[k]));
           if ((e - e0 + 1) % kFlush == 0) flush();
         }
-        if constexpr (kParam) {  // every row, empty ones included
+        if (want_param) {  // every row, empty ones included
           for (int64_t v0 = 0; v0 < d; v0 += VS) {
             const int64_t cnt = std::min(VS, d - v0);
             const auto row = row_grad<scalar_t, index_t, A>(rows, i, v0, cnt);
@@ -377,7 +381,7 @@ void backward_params_kernel(const GenInputs& in, const at::Tensor& out_t, const 
   };
   if (want_w) copy_rows(grads.weight_t, 0, f);
   if (want_b) copy_rows(grads.bias, f, 1);
-  if (kParam) copy_rows(A == Aggr::Softmax ? grads.t : grads.p, f + 1, 1);
+  if (want_param) copy_rows(A == Aggr::Softmax ? grads.t : grads.p, f + 1, 1);
 }
 
 struct CpuGen {
@@ -398,7 +402,7 @@ struct CpuGen {
       AT_DISPATCH_INDEX_TYPES(in.rowptr.scalar_type(), op, [&] {
         dispatch_aggr(in.aggr, [&](auto aggr) {
           constexpr Aggr AG = decltype(aggr)::value;
-          backward_x_kernel<scalar_t, index_t, AG>(in, out, state, grad_out, grads.x);
+          if (grads.x.defined()) backward_x_kernel<scalar_t, index_t, AG>(in, out, state, grad_out, grads.x);
           if (grads.edge_attr.defined() || grads.weight_t.defined() || grads.bias.defined() || grads.t.defined() ||
               grads.p.defined())
             backward_params_kernel<scalar_t, index_t, AG>(in, out, state, grad_out, grads);

@@ -364,8 +364,9 @@ __global__ void __launch_bounds__(kBlock)
 // Over the CSR, block b owning rows [b * kRowsPerBlock, (b + 1) * kRowsPerBlock): the per-edge
 // grad_edge_attr (grad_attr_direct [E, D], or grad_attr_enc [E, F] in opmath precision, either
 // may be null) and, when `partial` is not null, the block's sums of the parameter gradients in
-// partial[b, :], laid out as [fw rows of the weight (fw = F with a weight, else 0) | bias | t or
-// p], each D wide. Feature chunks [k0, k0 + kMaxF) take one pass each (one pass when F <= kMaxF).
+// partial[b, :], laid out as [fw rows of the weight (fw = F when its gradient is wanted, else 0) |
+// bias | t or p], each D wide. Feature chunks [k0, k0 + kMaxF) of the features whose gradients
+// are wanted take one pass each (one pass when there are at most kMaxF, or none).
 template <typename scalar_t, typename index_t, Aggr A>
 __global__ void __launch_bounds__(kBlock)
     gen_backward_params_kernel(const index_t* __restrict__ rowptr, const index_t* __restrict__ col,
@@ -375,21 +376,25 @@ __global__ void __launch_bounds__(kBlock)
                                const RowSource<scalar_t, index_t> rows, int64_t n, int64_t d,
                                scalar_t* __restrict__ grad_attr_direct,
                                at::opmath_type<scalar_t>* __restrict__ grad_attr_enc,
-                               at::opmath_type<scalar_t>* __restrict__ partial, int64_t width, int group_size) {
+                               at::opmath_type<scalar_t>* __restrict__ partial, int64_t fw, int64_t width,
+                               int group_size) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kSlots = kMaxF + 2;  // per lane: kMaxF weight sums, the bias sum, the t or p sum
   // The groups' tiles while rows are processed, then the lanes' sums for the block's combination.
   SIMT_SHARED(acc_t, smem, kBlock * kSlots);
   const LaneGroup g(group_size);
   acc_t* tile = smem + static_cast<int64_t>(g.index) * g.size * kMaxF;
-  const bool has_weight = emb.weight_t != nullptr;
-  const int64_t fw = has_weight ? emb.f : 0;
+  // The features whose gradients are wanted (theirs or the weight's); the staged embedding
+  // reads all F <= kMaxF from the tile, in its one chunk.
+  const int64_t fg = fw > 0 || grad_attr_enc != nullptr ? emb.f : 0;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
   const int64_t row1 = n < row0 + kRowsPerBlock ? n : row0 + kRowsPerBlock;
-  const int64_t feature_chunks = fw > kMaxF ? (fw + kMaxF - 1) / kMaxF : 1;
+  const int64_t feature_chunks = fg > kMaxF ? (fg + kMaxF - 1) / kMaxF : 1;
   for (int64_t fc = 0; fc < feature_chunks; ++fc) {
     const int64_t k0 = fc * kMaxF;
-    const int kf = static_cast<int>(fw - k0 < kMaxF ? fw - k0 : kMaxF);  // features of this chunk
+    const int kf = static_cast<int>(fg - k0 < kMaxF ? fg - k0 : kMaxF);  // features of this chunk
+    const int kw = fw > 0 ? kf : 0;                                      // ... whose weights are summed
+    const int staged = emb.mode == EmbMode::Staged ? static_cast<int>(emb.f) : kf;  // features in the tile
     for (int64_t c0 = 0; c0 < d; c0 += g.size) {
       const int64_t c = c0 + g.lane;
       const bool active = c < d;
@@ -410,8 +415,8 @@ __global__ void __launch_bounds__(kBlock)
         for (int64_t base = e0; base < e1; base += g.size) {
           const index_t src = fetch_index(col, base + g.lane, e1, num_src);
           const int count = batch_count(base, e1, g.size);
-          if (has_weight) {
-            emb.stage_range(g, tile, base, count, k0, kf);
+          if (staged > 0) {
+            emb.stage_range(g, tile, base, count, k0, staged);
             g.sync();
           }
           for (int k = 0; k < count; k += kUnroll) {
@@ -433,7 +438,7 @@ __global__ void __launch_bounds__(kBlock)
                 s1 += extra;
 #pragma unroll
                 for (int kk = 0; kk < kMaxF; ++kk) {
-                  if (kk < kf) w_sum[kk] += dpre * a[kk];
+                  if (kk < kw) w_sum[kk] += dpre * a[kk];
                 }
                 b_sum += dpre;
               }
@@ -453,7 +458,7 @@ __global__ void __launch_bounds__(kBlock)
               }
             }
           }
-          if (has_weight) g.sync();  // the tile is read before the next batch overwrites it
+          if (staged > 0) g.sync();  // the tile is read before the next batch overwrites it
         }
         if (active) {
           if constexpr (A == Aggr::Softmax) param_sum += rv.g * s1;
@@ -473,7 +478,7 @@ __global__ void __launch_bounds__(kBlock)
         const int s = idx / g.size, l = idx - s * g.size;
         const int64_t cc = c0 + l;
         // Weight slots past the chunk's features hold nothing; bias and t/p once, in chunk 0.
-        if (cc >= d || (s < kMaxF && s >= kf) || (s >= kMaxF && k0 != 0)) continue;
+        if (cc >= d || (s < kMaxF && s >= kw) || (s >= kMaxF && k0 != 0)) continue;
         acc_t total = acc_t(0);
         for (int q = 0; q < g.count; ++q) total += smem[s * kBlock + q * g.size + l];
         const int64_t column = s < kMaxF ? (k0 + s) * d + cc : (fw + s - kMaxF) * d + cc;
@@ -568,7 +573,7 @@ struct CudaGen {
           const EdgeEmb<scalar_t> emb = edge_emb<scalar_t>(in);
           const RowSource<scalar_t, index_t> rows = row_source<scalar_t, index_t>(in, out, state, grad_out);
           const acc_t eps = static_cast<acc_t>(in.eps);
-          if (n_src > 0) {
+          if (n_src > 0 && grads.x.defined()) {
             simt::launch<gen_backward_x_kernel<scalar_t, index_t, A>>(num_blocks(n_src, lanes), kBlock, 0, stream,
                 in.rowptr.data_ptr<index_t>(), in.rowptr_t.data_ptr<index_t>(), in.col_t.data_ptr<index_t>(),
                 in.perm_t.data_ptr<index_t>(), in.x.data_ptr<scalar_t>(), in.x.stride(0), emb,
@@ -584,7 +589,7 @@ struct CudaGen {
                                 ? grads.edge_attr
                                 : at::empty(grads.edge_attr.sizes(), grads.edge_attr.options().dtype(at::kFloat));
           }
-          const int64_t fw = in.weight_t.defined() ? in.f : 0, width = (fw + 2) * in.d;
+          const int64_t fw = grads.weight_t.defined() ? in.f : 0, width = (fw + 2) * in.d;
           const int64_t blocks = (in.num_dst + kRowsPerBlock - 1) / kRowsPerBlock;
           const at::Tensor partial =
               want_params ? at::empty({blocks, width}, in.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value))
@@ -596,7 +601,7 @@ struct CudaGen {
                 in.x.stride(0), n_src, emb, ptr_or_null<scalar_t>(in.t), ptr_or_null<scalar_t>(in.p), eps, rows,
                 in.num_dst, in.d,
                 in.direct ? ptr_or_null<scalar_t>(grads.edge_attr) : nullptr, ptr_or_null<acc_t>(grad_attr_enc),
-                ptr_or_null<acc_t>(partial), width, lanes);
+                ptr_or_null<acc_t>(partial), fw, width, lanes);
           }
           if (want_params) {  // with no row block, the sums are 0
             const int64_t grid = std::min<int64_t>((width + kBlock - 1) / kBlock, std::numeric_limits<int32_t>::max());

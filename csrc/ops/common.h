@@ -1,8 +1,13 @@
 // What every op shares: the graph's row and index checks (host and device), the argument checks
 // at the boundary (host), and one way to turn an enum (Reduce, Aggr) into a compile-time constant.
 //
-// Errors: a bad dtype raises TypeError, a bad shape, device, layout or name ValueError (as the
-// Python layer's own checks do), a malformed graph (arrays that disagree) RuntimeError.
+// Errors, one exception type per kind, in every op (TORCH_CHECK_TYPE / TORCH_CHECK_VALUE):
+//   a bad dtype                                              TypeError
+//   a bad shape, device, layout or name                      ValueError
+//   a malformed graph (arrays that disagree, an index out
+//   of range: the kernels' own checks included)              ValueError, as CSRGraph's validation
+//   an in-place output that shares elements with an input    RuntimeError
+// and each names the op and the argument.
 //
 // Floating dtypes: float32, float64, float16 and bfloat16 on both devices; float16/bfloat16 are
 // computed in float32 (at::opmath_type) and rounded once per stored value. Index dtypes: int32
@@ -64,7 +69,7 @@ constexpr const char* kRebuildGraph =
 // An index a CPU kernel is about to follow, checked against its bound (the CUDA kernels assert).
 template <typename index_t>
 inline int64_t checked(index_t v, int64_t bound, const char* op, const char* what) {
-  TORCH_CHECK(static_cast<uint64_t>(v) < static_cast<uint64_t>(bound), op, ": ", what, " index ",
+  TORCH_CHECK_VALUE(static_cast<uint64_t>(v) < static_cast<uint64_t>(bound), op, ": ", what, " index ",
               static_cast<int64_t>(v), " is out of range [0, ", bound, ")", kRebuildGraph);
   return static_cast<int64_t>(v);
 }
@@ -74,9 +79,9 @@ template <typename index_t>
 inline RowRange checked_row(const index_t* rowptr, int64_t i, int64_t n, int64_t num_entries, const char* op,
                             const char* name) {
   const RowRange r{static_cast<int64_t>(rowptr[i]), static_cast<int64_t>(rowptr[i + 1])};
-  TORCH_CHECK(row_ok(i, n, r, num_entries), op, ": ", name, "[", i, "] = ", r.begin, " and ", name, "[", i + 1,
-              "] = ", r.end, " do not delimit a row of a CSR with ", num_entries, " entries (", name,
-              " must rise from 0 to ", num_entries, ")", kRebuildGraph);
+  TORCH_CHECK_VALUE(row_ok(i, n, r, num_entries), op, ": ", name, "[", i, "] = ", r.begin, " and ", name, "[",
+                    i + 1, "] = ", r.end, " do not delimit a row of a CSR with ", num_entries, " entries (", name,
+                    " must rise from 0 to ", num_entries, ")", kRebuildGraph);
   return r;
 }
 
@@ -84,26 +89,48 @@ inline RowRange checked_row(const index_t* rowptr, int64_t i, int64_t n, int64_t
 // pointer when there are entries and, on CPU (two reads, no device sync), rowptr[0] == 0 and
 // rowptr[-1] == num_entries. The kernels check every row they visit, the first and the last included.
 inline void check_rowptr(const at::Tensor& rowptr, int64_t num_entries, const char* op, const char* name) {
-  TORCH_CHECK(rowptr.numel() >= 1, op, ": ", name, " must have num_rows + 1 >= 1 entries");
-  TORCH_CHECK(rowptr.numel() > 1 || num_entries == 0, op, ": ", name, " describes no rows but the graph has ",
-              num_entries, " edges", kRebuildGraph);
+  TORCH_CHECK_VALUE(rowptr.numel() >= 1, op, ": ", name, " must have num_rows + 1 >= 1 entries");
+  TORCH_CHECK_VALUE(rowptr.numel() > 1 || num_entries == 0, op, ": ", name, " describes no rows but the graph has ",
+                    num_entries, " edges", kRebuildGraph);
   if (!rowptr.is_cpu()) return;
   const auto value = [&](int64_t k) -> int64_t {
     return rowptr.scalar_type() == at::kInt ? rowptr.data_ptr<int32_t>()[k] : rowptr.data_ptr<int64_t>()[k];
   };
   const int64_t first = value(0), last = value(rowptr.numel() - 1);
-  TORCH_CHECK(first == 0 && last == num_entries, op, ": ", name, " must start at 0 and end at the number of edges ",
-              num_entries, ", got ", first, " and ", last, kRebuildGraph);
+  TORCH_CHECK_VALUE(first == 0 && last == num_entries, op, ": ", name,
+                    " must start at 0 and end at the number of edges ", num_entries, ", got ", first, " and ", last,
+                    kRebuildGraph);
 }
 
 // Index tensors: 1-D, contiguous, int32 or int64, on `device`, of the graph's index dtype.
 inline void check_index(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype,
                         const at::Device& device) {
-  TORCH_CHECK(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have the index dtype ", dtype,
-              ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, " must have the index dtype ", dtype,
+                   ", got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, " is on ", t.device(), ", expected ", device);
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+// x's rows against the graph's source nodes, where the op has the transposed CSR (rowptr_t:
+// one entry per source node, and one more).
+inline void check_source_rows(const at::Tensor& x, const c10::optional<at::Tensor>& rowptr_t, const char* op) {
+  TORCH_CHECK_VALUE(!rowptr_t.has_value() || rowptr_t->numel() == x.size(0) + 1, op, ": x has ", x.size(0),
+                    " rows but the graph has ", rowptr_t.has_value() ? rowptr_t->numel() - 1 : 0, " source nodes");
+}
+
+// The transposed CSR (rowptr_t, col_t, perm_t) of a graph with num_edges edges and index dtype
+// `dtype`, whose sources are x's rows.
+inline void check_transposed(const at::Tensor& rowptr_t, const at::Tensor& col_t, const at::Tensor& perm_t,
+                             int64_t num_edges, at::ScalarType dtype, const at::Tensor& x, const char* op) {
+  check_index(rowptr_t, op, "rowptr_t", dtype, x.device());
+  check_index(col_t, op, "col_t", dtype, x.device());
+  check_index(perm_t, op, "perm_t", dtype, x.device());
+  check_source_rows(x, rowptr_t, op);
+  TORCH_CHECK_VALUE(col_t.numel() == num_edges && perm_t.numel() == num_edges, op,
+                    ": the transposed graph must have as many entries as the graph (", num_edges, ")",
+                    kRebuildGraph);
+  check_rowptr(rowptr_t, num_edges, op, "rowptr_t");
 }
 
 // A tensor the kernels read or write as values: a supported floating dtype, on `device`.
@@ -163,8 +190,8 @@ inline void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* o
 inline void check_graph(const at::Tensor& rowptr, const at::Tensor& col, const c10::optional<at::Tensor>& weight,
                         const at::Tensor& x, const char* op, const char* rowptr_name = "rowptr") {
   const auto device = x.device();
-  TORCH_CHECK(rowptr.scalar_type() == at::kInt || rowptr.scalar_type() == at::kLong, op,
-              ": rowptr must be int32 or int64, got ", rowptr.scalar_type());
+  TORCH_CHECK_TYPE(rowptr.scalar_type() == at::kInt || rowptr.scalar_type() == at::kLong, op,
+                   ": rowptr must be int32 or int64, got ", rowptr.scalar_type());
   check_index(rowptr, op, "rowptr", rowptr.scalar_type(), device);
   check_index(col, op, "col", rowptr.scalar_type(), device);
   check_rowptr(rowptr, col.numel(), op, rowptr_name);
@@ -172,6 +199,32 @@ inline void check_graph(const at::Tensor& rowptr, const at::Tensor& col, const c
     TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == col.size(0), op, ": weight must have shape [",
                       col.size(0), "] (one value per edge), got ", weight->sizes());
     check_like_x(*weight, x, op, "weight");
+  }
+}
+
+// Edge features and the encoder that the kernel applies to them: edge_attr [num_edges, F] with
+// edge_weight [rows, F] (an nn.Linear(F, rows) weight), or edge_attr [num_edges, rows] alone
+// (then it is `direct`: what the kernel takes it as), or neither; x's dtype and device.
+inline void check_edge_encoder(const c10::optional<at::Tensor>& edge_attr,
+                               const c10::optional<at::Tensor>& edge_weight, int64_t num_edges, int64_t rows,
+                               const char* rows_name, const char* direct, const at::Tensor& x, const char* op) {
+  if (!edge_attr.has_value()) {
+    TORCH_CHECK_VALUE(!edge_weight.has_value(), op, ": edge_weight given without edge_attr");
+    return;
+  }
+  const auto& a = *edge_attr;
+  TORCH_CHECK_VALUE(a.dim() == 2 && a.size(0) == num_edges, op, ": edge_attr must have one entry per edge: "
+                    "shape [num_edges = ", num_edges, ", F], got ", a.sizes());
+  check_like_x(a, x, op, "edge_attr");
+  if (edge_weight.has_value()) {
+    const auto& w = *edge_weight;
+    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == rows && w.size(1) == a.size(1), op, ": edge_weight must have "
+                      "shape [", rows_name, " = ", rows, ", F = ", a.size(1), "] (an nn.Linear(F, ", rows_name,
+                      ") weight), got ", w.sizes());
+    check_like_x(w, x, op, "edge_weight");
+  } else {
+    TORCH_CHECK_VALUE(a.size(1) == rows, op, ": without edge_weight, edge_attr ", direct, " and must have ",
+                      rows_name, " = ", rows, " columns, got ", a.size(1));
   }
 }
 

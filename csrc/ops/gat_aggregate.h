@@ -158,25 +158,11 @@ inline GatInputs check_gat_inputs(const char* op, const at::Tensor& rowptr, cons
   in.c = in.x.size(1) / in.heads;
   in.src = check_scores(src_score, in.x.size(0), in.heads, in.x, op, "src_score", "num_src");
   if (dst_score.has_value()) in.dst = check_scores(*dst_score, in.num_dst, in.heads, in.x, op, "dst_score", "num_dst");
+  check_edge_encoder(edge_attr, edge_weight, in.num_edges, in.heads, "heads", "holds the edge scores", in.x, op);
   if (edge_attr.has_value()) {
-    const auto& a = *edge_attr;
-    TORCH_CHECK_VALUE(a.dim() == 2 && a.size(0) == in.num_edges, op, ": edge_attr must have one entry per edge: "
-                      "shape [num_edges = ", in.num_edges, ", F], got ", a.sizes());
-    check_like_x(a, in.x, op, "edge_attr");
-    in.edge_attr = a.contiguous();
-    in.f = a.size(1);
-    if (edge_weight.has_value()) {
-      const auto& w = *edge_weight;
-      TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == in.heads && w.size(1) == in.f, op,
-                        ": edge_weight must have shape [heads = ", in.heads, ", F = ", in.f, "], got ", w.sizes());
-      check_like_x(w, in.x, op, "edge_weight");
-      in.weight = w.contiguous();
-    } else {
-      TORCH_CHECK_VALUE(in.f == in.heads, op, ": without edge_weight, edge_attr holds the edge scores and must have "
-                        "heads = ", in.heads, " columns, got ", in.f);
-    }
-  } else {
-    TORCH_CHECK_VALUE(!edge_weight.has_value(), op, ": edge_weight given without edge_attr");
+    in.edge_attr = edge_attr->contiguous();
+    in.f = edge_attr->size(1);
+    if (edge_weight.has_value()) in.weight = edge_weight->contiguous();
   }
   if (edge_keep.has_value()) {
     const auto& k = *edge_keep;
@@ -194,22 +180,6 @@ inline GatInputs check_gat_inputs(const char* op, const at::Tensor& rowptr, cons
   in.threshold = static_cast<uint64_t>(p * 4294967296.0);
   in.drop_scale = p < 1 ? 1.0 / (1.0 - p) : 0.0;
   return in;
-}
-
-inline void check_transposed(GatInputs& in, const at::Tensor& rowptr_t, const at::Tensor& col_t,
-                             const at::Tensor& perm_t, const char* op) {
-  const auto dev = in.x.device();
-  check_index(rowptr_t, op, "rowptr_t", in.rowptr.scalar_type(), dev);
-  check_index(col_t, op, "col_t", in.rowptr.scalar_type(), dev);
-  check_index(perm_t, op, "perm_t", in.rowptr.scalar_type(), dev);
-  TORCH_CHECK_VALUE(rowptr_t.numel() == in.x.size(0) + 1, op, ": x has ", in.x.size(0), " rows but the graph has ",
-                    rowptr_t.numel() - 1, " source nodes");
-  TORCH_CHECK_VALUE(col_t.numel() == in.num_edges && perm_t.numel() == in.num_edges, op,
-                    ": the transposed graph must have as many entries as the graph (", in.num_edges, ")");
-  check_rowptr(rowptr_t, in.num_edges, op, "rowptr_t");
-  in.rowptr_t = rowptr_t;
-  in.col_t = col_t;
-  in.perm_t = perm_t;
 }
 
 inline at::ScalarType gat_state_dtype(const GatInputs& in) { return at::toOpMathType(in.x.scalar_type()); }
@@ -290,8 +260,7 @@ std::tuple<at::Tensor, at::Tensor> gat_aggregate_op(
   const GatInputs in =
       check_gat_inputs(op, rowptr, col, perm, x, src_score, dst_score, edge_attr, edge_weight, edge_keep, slope, p,
                        seed);
-  TORCH_CHECK_VALUE(!rowptr_t.has_value() || rowptr_t->numel() == in.x.size(0) + 1, op, ": x has ", in.x.size(0),
-                    " rows but the graph has ", rowptr_t.has_value() ? rowptr_t->numel() - 1 : 0, " source nodes");
+  check_source_rows(in.x, rowptr_t, op);
   at::Tensor out = at::empty({in.num_dst, in.x.size(1)}, in.x.options());
   at::Tensor lse = at::empty({in.num_dst, in.heads}, in.x.options().dtype(gat_state_dtype(in)));
   if (in.num_dst > 0 && in.c > 0) K::forward(in, out, lse, 1.0);
@@ -334,21 +303,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_aggre
   constexpr const char* op = "revgnn_ext.gat_aggregate_backward";
   GatInputs in = check_gat_inputs(op, rowptr, col, perm, x, src_score, dst_score, edge_attr, edge_weight, edge_keep,
                                   slope, p, seed);
-  check_transposed(in, rowptr_t, col_t, perm_t, op);
+  check_transposed(rowptr_t, col_t, perm_t, in.num_edges, in.rowptr.scalar_type(), in.x, op);
+  in.rowptr_t = rowptr_t;
+  in.col_t = col_t;
+  in.perm_t = perm_t;
   const auto dev = in.x.device();
   const int64_t d = in.x.size(1);
   const at::Tensor grad_out = check_features(grad_out_in, op, "grad_out", dev).contiguous();
-  TORCH_CHECK_VALUE(grad_out.scalar_type() == in.x.scalar_type() && grad_out.size(0) == in.num_dst &&
-                        grad_out.size(1) == d,
-                    op, ": grad_out must be [", in.num_dst, ", ", d, "] of x's dtype, got ", grad_out.sizes(), " ",
-                    grad_out.scalar_type());
-  TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == in.num_dst && out.size(1) == d && out.is_contiguous() &&
-                        out.scalar_type() == in.x.scalar_type() && out.device() == dev,
-                    op, ": out must be the contiguous [", in.num_dst, ", ", d, "] output of gat_aggregate");
+  check_like_x(grad_out, in.x, op, "grad_out");
+  TORCH_CHECK_VALUE(grad_out.size(0) == in.num_dst && grad_out.size(1) == d, op, ": grad_out must be [", in.num_dst,
+                    ", ", d, "], got ", grad_out.sizes());
+  check_like_x(out, in.x, op, "out");
+  TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == in.num_dst && out.size(1) == d && out.is_contiguous(), op,
+                    ": out must be the contiguous [", in.num_dst, ", ", d, "] output of gat_aggregate");
+  TORCH_CHECK_TYPE(lse.scalar_type() == gat_state_dtype(in), op, ": lse must be the ", gat_state_dtype(in),
+                   " state returned by gat_aggregate, got ", lse.scalar_type());
   TORCH_CHECK_VALUE(lse.dim() == 2 && lse.size(0) == in.num_dst && lse.size(1) == in.heads && lse.is_contiguous() &&
-                        lse.scalar_type() == gat_state_dtype(in) && lse.device() == dev,
-                    op, ": lse must be the contiguous [", in.num_dst, ", ", in.heads, "] ", gat_state_dtype(in),
-                    " state returned by gat_aggregate");
+                        lse.device() == dev,
+                    op, ": lse must be the contiguous [", in.num_dst, ", ", in.heads, "] state returned by "
+                    "gat_aggregate");
   GatGrads grads;
   if (output_mask[0]) grads.x = at::zeros({in.x.size(0), d}, in.x.options());
   if (output_mask[1]) grads.src = at::zeros_like(in.src);

@@ -29,9 +29,10 @@
 //   the first edge, NaN is selected over numbers); sum/mean: empty [0].
 //   For float16/bfloat16 x, a floating state is float32.
 // gen_aggregate_backward(graph, x, edge_attr?, edge_weight?, edge_bias?, t?, p?, out, state,
-//                        grad_out, aggr, eps)
+//                        grad_out, aggr, eps, output_mask)
 //     -> (grad_x, grad_edge_attr, grad_edge_weight, grad_edge_bias, grad_t, grad_p)
-//   The gradient of each defined input ([0] for an absent one). Messages are recomputed from
+//   The gradient of each defined input that output_mask asks for ([0] for an absent or unwanted
+//   one, neither allocated nor computed: autograd's needs_input_grad). Messages are recomputed from
 //   edge_attr: two passes, one over the transposed CSR (grad_x, a segment sum per source) and
 //   one over the CSR (per-edge grad_edge_attr; grad_edge_weight, grad_edge_bias, grad_t, grad_p
 //   summed per fixed block of rows, then over blocks in order; grad_t and grad_p from per-row sums
@@ -49,6 +50,7 @@
 
 #include <ATen/OpMathType.h>
 
+#include <array>
 #include <cmath>
 
 #include "ops/spmm.h"
@@ -212,27 +214,12 @@ inline GenInputs check_gen_inputs(const char* op, const at::Tensor& rowptr, cons
   in.num_dst = rowptr.numel() - 1;
   in.d = in.x.size(1);
   const int64_t num_edges = col.numel();
+  check_edge_encoder(edge_attr, edge_weight, num_edges, in.d, "D", "is the edge embedding", in.x, op);
   if (edge_attr.has_value()) {
-    const auto& a = *edge_attr;
-    TORCH_CHECK_VALUE(a.dim() == 2 && a.size(0) == num_edges, op, ": edge_attr must have shape [num_edges = ",
-                num_edges, ", F], got ", a.sizes());
-    check_like_x(a, in.x, op, "edge_attr");
-    in.edge_attr = a.contiguous();
-    in.f = a.size(1);
-    if (edge_weight.has_value()) {
-      const auto& w = *edge_weight;
-      TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == in.d && w.size(1) == in.f, op,
-                        ": edge_weight must have shape [D = ",
-                  in.d, ", F = ", in.f, "] (an nn.Linear(F, D) weight), got ", w.sizes());
-      check_like_x(w, in.x, op, "edge_weight");
-      in.weight_t = w.t().contiguous();
-    } else {
-      TORCH_CHECK_VALUE(in.f == in.d, op, ": without edge_weight, edge_attr is the edge embedding and must have D = ",
-                  in.d, " columns, got ", in.f);
-      in.direct = true;
-    }
-  } else {
-    TORCH_CHECK_VALUE(!edge_weight.has_value(), op, ": edge_weight given without edge_attr");
+    in.edge_attr = edge_attr->contiguous();
+    in.f = edge_attr->size(1);
+    if (edge_weight.has_value()) in.weight_t = edge_weight->t().contiguous();
+    in.direct = !edge_weight.has_value();
   }
   if (edge_bias.has_value()) {
     TORCH_CHECK_VALUE(in.weight_t.defined(), op, ": edge_bias needs edge_attr and edge_weight");
@@ -257,9 +244,10 @@ inline bool gen_has_state(Aggr aggr) {
 
 // K holds one device's kernels (cpu/gen_aggregate_cpu.cpp, cuda/gen_aggregate_cuda.cu):
 //   K::forward(in, out, state)        out [num_dst, D] and state (as documented above) written
-//   K::backward(in, out, state, grad_out, grads)   grads: the six gradients, pre-allocated;
-//     grads.x [num_src, D] contiguous, fully written; grads.edge_attr [E, F] or undefined;
-//     grads.weight_t [F, D], grads.bias [D], grads.t [D], grads.p [D] or undefined.
+//   K::backward(in, out, state, grad_out, grads)   grads: the six gradients, allocated where
+//     wanted, undefined otherwise (and then not computed); each defined one is fully written:
+//     grads.x [num_src, D] contiguous, grads.edge_attr [E, F], grads.weight_t [F, D],
+//     grads.bias [D], grads.t [D], grads.p [D].
 struct GenGrads {
   at::Tensor x, edge_attr, weight_t, bias, t, p;
 };
@@ -273,8 +261,7 @@ std::tuple<at::Tensor, at::Tensor> gen_aggregate_op(
     c10::string_view aggr, double eps) {
   constexpr const char* op = "revgnn_ext.gen_aggregate";
   GenInputs in = check_gen_inputs(op, rowptr, col, x, edge_attr, edge_weight, edge_bias, t, p, aggr, eps);
-  TORCH_CHECK(!rowptr_t.has_value() || rowptr_t->numel() == in.x.size(0) + 1, op, ": x has ", in.x.size(0),
-              " rows but the graph has ", rowptr_t.has_value() ? rowptr_t->numel() - 1 : 0, " source nodes");
+  check_source_rows(in.x, rowptr_t, op);
   at::Tensor out = at::empty({in.num_dst, in.d}, in.x.options());
   at::Tensor state = gen_has_state(in.aggr)
                          ? at::empty({in.num_dst, in.d}, in.x.options().dtype(gen_state_dtype(in)))
@@ -289,43 +276,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& perm_t, const at::Tensor& x, const c10::optional<at::Tensor>& edge_attr,
     const c10::optional<at::Tensor>& edge_weight, const c10::optional<at::Tensor>& edge_bias,
     const c10::optional<at::Tensor>& t, const c10::optional<at::Tensor>& p, const at::Tensor& out,
-    const at::Tensor& state, const at::Tensor& grad_out_in, c10::string_view aggr, double eps) {
+    const at::Tensor& state, const at::Tensor& grad_out_in, c10::string_view aggr, double eps,
+    std::array<bool, 6> output_mask) {
   constexpr const char* op = "revgnn_ext.gen_aggregate_backward";
   GenInputs in = check_gen_inputs(op, rowptr, col, x, edge_attr, edge_weight, edge_bias, t, p, aggr, eps);
   const auto dev = in.x.device();
-  check_index(rowptr_t, op, "rowptr_t", rowptr.scalar_type(), dev);
-  check_index(col_t, op, "col_t", rowptr.scalar_type(), dev);
-  check_index(perm_t, op, "perm_t", rowptr.scalar_type(), dev);
-  TORCH_CHECK(rowptr_t.numel() == in.x.size(0) + 1, op, ": x has ", in.x.size(0), " rows but the graph has ",
-              rowptr_t.numel() - 1, " source nodes");
-  TORCH_CHECK(col_t.numel() == col.numel() && perm_t.numel() == col.numel(), op,
-              ": the transposed graph must have as many entries as the graph (", col.numel(), ")");
-  check_rowptr(rowptr_t, col_t.numel(), op, "rowptr_t");
+  check_transposed(rowptr_t, col_t, perm_t, col.numel(), rowptr.scalar_type(), in.x, op);
   in.rowptr_t = rowptr_t;
   in.col_t = col_t;
   in.perm_t = perm_t;
   const at::Tensor grad_out = check_features(grad_out_in, op, "grad_out", dev).contiguous();
-  TORCH_CHECK(grad_out.scalar_type() == in.x.scalar_type() && grad_out.size(0) == in.num_dst &&
-                  grad_out.size(1) == in.d,
-              op, ": grad_out must be [", in.num_dst, ", ", in.d, "] of x's dtype, got ", grad_out.sizes(), " ",
-              grad_out.scalar_type());
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == in.num_dst && out.size(1) == in.d && out.is_contiguous() &&
-                  out.scalar_type() == in.x.scalar_type() && out.device() == dev,
-              op, ": out must be the contiguous [", in.num_dst, ", ", in.d, "] output of gen_aggregate");
+  check_like_x(grad_out, in.x, op, "grad_out");
+  TORCH_CHECK_VALUE(grad_out.size(0) == in.num_dst && grad_out.size(1) == in.d, op, ": grad_out must be [",
+                    in.num_dst, ", ", in.d, "], got ", grad_out.sizes());
+  check_like_x(out, in.x, op, "out");
+  TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == in.num_dst && out.size(1) == in.d && out.is_contiguous(), op,
+                    ": out must be the contiguous [", in.num_dst, ", ", in.d, "] output of gen_aggregate");
   if (gen_has_state(in.aggr)) {
-    TORCH_CHECK(state.dim() == 2 && state.size(0) == in.num_dst && state.size(1) == in.d && state.is_contiguous() &&
-                    state.scalar_type() == gen_state_dtype(in) && state.device() == dev,
-                op, ": state must be the contiguous [", in.num_dst, ", ", in.d, "] ", gen_state_dtype(in),
-                " state returned by gen_aggregate");
+    TORCH_CHECK_TYPE(state.scalar_type() == gen_state_dtype(in), op, ": state must be the ", gen_state_dtype(in),
+                     " state returned by gen_aggregate, got ", state.scalar_type());
+    TORCH_CHECK_VALUE(state.dim() == 2 && state.size(0) == in.num_dst && state.size(1) == in.d &&
+                          state.is_contiguous() && state.device() == dev,
+                      op, ": state must be the contiguous [", in.num_dst, ", ", in.d, "] state returned by "
+                      "gen_aggregate");
   }
   GenGrads grads;
-  grads.x = at::empty({in.x.size(0), in.d}, in.x.options());
+  auto wanted = [](bool want, const at::Tensor& v) { return want && v.defined() ? at::empty_like(v) : at::Tensor(); };
+  if (output_mask[0]) grads.x = at::empty({in.x.size(0), in.d}, in.x.options());
+  grads.edge_attr = wanted(output_mask[1], in.edge_attr);
+  grads.weight_t = wanted(output_mask[2], in.weight_t);
+  grads.bias = wanted(output_mask[3], in.bias);
+  grads.t = wanted(output_mask[4], in.t);
+  grads.p = wanted(output_mask[5], in.p);
   auto none = [&] { return at::empty({0}, in.x.options()); };  // a fresh one per output: no aliasing
-  grads.edge_attr = in.edge_attr.defined() ? at::empty_like(in.edge_attr) : at::Tensor();
-  grads.weight_t = in.weight_t.defined() ? at::empty_like(in.weight_t) : at::Tensor();
-  grads.bias = in.bias.defined() ? at::empty_like(in.bias) : at::Tensor();
-  grads.t = in.t.defined() ? at::empty_like(in.t) : at::Tensor();
-  grads.p = in.p.defined() ? at::empty_like(in.p) : at::Tensor();
   if (in.d > 0) {
     K::backward(in, out, state, grad_out, grads);
   } else {
@@ -337,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (!g.defined()) return none();
     return v->numel() == 1 && v->dim() <= 1 ? g.sum().reshape(v->sizes()) : g.reshape(v->sizes());
   };
-  return {grads.x,
+  return {grads.x.defined() ? grads.x : none(),
           grads.edge_attr.defined() ? grads.edge_attr : none(),
           grads.weight_t.defined() ? grads.weight_t.t().contiguous() : none(),
           grads.bias.defined() ? grads.bias : none(),

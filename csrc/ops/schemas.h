@@ -25,7 +25,8 @@ inline void define_ops(torch::Library& m) {
         "-> (Tensor, Tensor)");
   m.def("gen_aggregate_backward(Tensor rowptr, Tensor col, Tensor rowptr_t, Tensor col_t, Tensor perm_t, Tensor x, "
         "Tensor? edge_attr, Tensor? edge_weight, Tensor? edge_bias, Tensor? t, Tensor? p, Tensor out, Tensor state, "
-        "Tensor grad_out, str aggr, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor grad_out, str aggr, float eps, bool[6] output_mask) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // GAT attention softmax + aggregation, fused (no [E, H*C] nor [E, H] tensor): csrc/ops/gat_aggregate.h.
   // perm: the caller's edge ids, hashed by the attention-dropout draw.
   m.def("gat_aggregate(Tensor rowptr, Tensor col, Tensor? rowptr_t, Tensor? col_t, Tensor? perm_t, Tensor? perm, "

@@ -7,7 +7,7 @@
 //   afterwards, and the raw ops take any arrays: so the ops check shapes and dtypes at the
 //   boundary (on CPU also rowptr[0] == 0 and rowptr[-1] == E: two reads), and the kernels check
 //   every row they visit (row_ok) and every index they follow (col against num_src, col_t
-//   against num_dst, perm_t against E). A malformed graph raises a RuntimeError on CPU and fails
+//   against num_dst, perm_t against E). A malformed graph raises a ValueError on CPU and fails
 //   a device assert on CUDA (as PyTorch's own index ops do); no kernel reads out of bounds.
 //   Transposed CSR (by source): rowptr_t [num_src + 1], col_t [E] (destination), perm_t [E]
 //   (the CSR position of each transposed entry), same index dtype.
@@ -102,8 +102,7 @@ std::tuple<at::Tensor, at::Tensor> spmm_op(const at::Tensor& rowptr, const at::T
   const Reduce r = parse_reduce(reduce, op);
   const at::Tensor x = check_features(x_in, op, "x", x_in.device());
   check_graph(rowptr, col, weight, x, op);
-  TORCH_CHECK(!rowptr_t.has_value() || rowptr_t->numel() == x.size(0) + 1, op, ": x has ", x.size(0),
-              " rows but the graph has ", rowptr_t.has_value() ? rowptr_t->numel() - 1 : 0, " source nodes");
+  check_source_rows(x, rowptr_t, op);
   const int64_t n = rowptr.numel() - 1, d = x.size(1);
   at::Tensor out = at::empty({n, d}, x.options());
   at::Tensor arg = selects_edge(r) ? at::empty({n, d}, rowptr.options()) : at::empty({0}, rowptr.options());
@@ -131,6 +130,7 @@ void spmm_accumulate_op(const at::Tensor& out, const at::Tensor& rowptr, const a
   // A lower-precision x (bfloat16 from autocast beside a float32 out) is converted, exactly: the
   // sum runs in out's precision.
   const auto w = weight.has_value() ? c10::optional<at::Tensor>(weight->to(dtype)) : c10::nullopt;
+  TORCH_CHECK(!w.has_value() || !shares_elements(out, w->unsqueeze(1)), op, ": out shares elements with weight");
   if (n > 0 && d > 0) K::forward(rowptr, col, w, x.to(dtype), r, out, at::Tensor(), alpha, true);
 }
 
@@ -138,10 +138,10 @@ void spmm_accumulate_op(const at::Tensor& out, const at::Tensor& rowptr, const a
 inline void check_arg(const at::Tensor& arg, Reduce r, const at::Tensor& rowptr, const at::Tensor& grad_out,
                       const char* op) {
   if (!selects_edge(r)) return;
-  TORCH_CHECK(arg.dim() == 2 && arg.size(0) == grad_out.size(0) && arg.size(1) == grad_out.size(1), op,
-              ": arg must have the shape of grad_out ", grad_out.sizes(), ", got ", arg.sizes());
+  TORCH_CHECK_VALUE(arg.dim() == 2 && arg.size(0) == grad_out.size(0) && arg.size(1) == grad_out.size(1), op,
+                    ": arg must have the shape of grad_out ", grad_out.sizes(), ", got ", arg.sizes());
+  TORCH_CHECK_VALUE(arg.is_contiguous(), op, ": arg must be contiguous");
   check_index(arg.view(-1), op, "arg", rowptr.scalar_type(), grad_out.device());
-  TORCH_CHECK(arg.is_contiguous(), op, ": arg must be contiguous");
 }
 
 template <typename K>
@@ -156,10 +156,10 @@ at::Tensor spmm_backward_x_op(const at::Tensor& rowptr, const at::Tensor& /*col*
   check_index(rowptr, op, "rowptr", rowptr_t.scalar_type(), grad_out.device());
   check_rowptr(rowptr, col_t.numel(), op, "rowptr");
   check_index(perm_t, op, "perm_t", rowptr_t.scalar_type(), grad_out.device());
-  TORCH_CHECK(perm_t.numel() == col_t.numel(), op, ": perm_t must have one entry per edge (", col_t.numel(),
-              "), got ", perm_t.numel());
-  TORCH_CHECK(rowptr.numel() == grad_out.size(0) + 1, op, ": grad_out has ", grad_out.size(0),
-              " rows but the graph has ", rowptr.numel() - 1, " destination nodes");
+  TORCH_CHECK_VALUE(perm_t.numel() == col_t.numel(), op, ": perm_t must have one entry per edge (", col_t.numel(),
+                    "), got ", perm_t.numel(), kRebuildGraph);
+  TORCH_CHECK_VALUE(rowptr.numel() == grad_out.size(0) + 1, op, ": grad_out has ", grad_out.size(0),
+                    " rows but the graph has ", rowptr.numel() - 1, " destination nodes");
   check_arg(arg, r, rowptr, grad_out, op);
   at::Tensor grad_x = at::empty({rowptr_t.numel() - 1, grad_out.size(1)}, grad_out.options());
   if (grad_x.numel() > 0) K::backward_x(rowptr, rowptr_t, col_t, perm_t, weight, grad_out, arg, r, grad_x);
