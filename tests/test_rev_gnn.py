@@ -77,17 +77,22 @@ def explicit_forward(model, x, edge_index, edge_attr, sums=None):
     return model.head(torch.relu(model.norm(h)))
 
 
-@pytest.mark.parametrize("weight_tied", [False, True])
-def test_composed_edge_encoder_matches_explicit_embedding(weight_tied):
-    model = small("proteins-deep", num_layers=3, hidden_channels=16, weight_tied=weight_tied).eval()
-    x, edge_index, edge_attr = proteins_like()
-    out, ours = grads(model, x, edge_index, edge_attr)
+def assert_matches_explicit(model, x, edge_index, edge_attr, sums=None):
+    """The model's output and parameter gradients (for sum(out^2)) are explicit_forward's; returns both."""
+    out, ours = grads(model, x, edge_index, edge_attr, *(() if sums is None else (sums,)))
     model.zero_grad()
-    ref = explicit_forward(model, x, edge_index, edge_attr)
+    ref = explicit_forward(model, x, edge_index, edge_attr, sums)
     ref.square().sum().backward()
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     for name, p in model.named_parameters():  # both layers of the composed encoder included
         torch.testing.assert_close(ours[name], p.grad, rtol=1e-9, atol=1e-10, msg=name)
+    return out, ours
+
+
+@pytest.mark.parametrize("weight_tied", [False, True])
+def test_composed_edge_encoder_matches_explicit_embedding(weight_tied):
+    model = small("proteins-deep", num_layers=3, hidden_channels=16, weight_tied=weight_tied).eval()
+    _, ours = assert_matches_explicit(model, *proteins_like())
     assert ours["edge_encoder.weight"].abs().sum() > 0
 
 
@@ -124,13 +129,7 @@ def test_partition_looks_up_whole_graph_edge_sums():
     nodes = torch.randperm(x.size(0), generator=torch.Generator().manual_seed(1))[:40]
     sub_index, sub_attr = torch_geometric.utils.subgraph(nodes, edge_index, edge_attr, relabel_nodes=True,
                                                          num_nodes=x.size(0))
-    out, ours = grads(model, x[nodes], sub_index, sub_attr, sums[nodes])
-    model.zero_grad()
-    ref = explicit_forward(model, x[nodes], sub_index, sub_attr, sums=sums[nodes])
-    ref.square().sum().backward()
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(ours[name], p.grad, rtol=1e-9, atol=1e-10, msg=name)
+    out, _ = assert_matches_explicit(model, x[nodes], sub_index, sub_attr, sums[nodes])
     with torch.no_grad():
         # The partition's own sums (about a third of the edges here) are a different input...
         assert not torch.allclose(model(x[nodes], sub_index, sub_attr), out)
