@@ -68,7 +68,7 @@ def make_graph(shape, seed=0):
         src = torch.randint(0, 30, (150,), generator=gen)
         dst = torch.randint(0, 17, (150,), generator=gen)
         return torch.stack([src, dst]), (30, 17)
-    if shape == "power_law":  # hubs both ways: the largest in- and out-degrees near a third of the edges
+    if shape == "power_law":  # hubs both ways: the largest in- and out-degrees over a quarter of the edges
         return power_law_graph(300, 3000, exponent=1.8, seed=seed), 300
     raise ValueError(shape)
 
@@ -98,7 +98,8 @@ def csr_graph(shape="random", device="cpu", seed=0, shuffled=False, unique=False
     not CSR order (edge ids and CSR positions differ); `unique`: without duplicate edges."""
     edge_index, n = make_graph(shape, seed)
     if shuffled:
-        edge_index = edge_index[:, torch.randperm(edge_index.size(1), generator=torch.Generator().manual_seed(seed + 1))]
+        gen = torch.Generator().manual_seed(seed + 1)
+        edge_index = edge_index[:, torch.randperm(edge_index.size(1), generator=gen)]
     if unique:
         edge_index = edge_index.unique(dim=1)
     return CSRGraph.from_edge_index(edge_index, n).to(device)

@@ -85,7 +85,9 @@ def test_from_csr():
 EDGES, COL, META = torch.tensor([[0, 4], [1, 2]]), torch.tensor([1, 0, 4]), torch.empty(2, 7, dtype=torch.long,
                                                                                             device="meta")
 FROM_EDGE_INDEX, FROM_CSR, FROM_SPARSE = "CSRGraph.from_edge_index", "CSRGraph.from_csr", "CSRGraph.from_sparse"
-NOT_ONE_ADJACENCY = [torch.ones(2, 3, 3).to_sparse(), torch.ones(2, 3, 3).to_sparse_csr(), torch.ones(3, 3).to_sparse(1)]
+# batches of adjacencies (COO, CSR) and one sparse dimension: not one 2-D adjacency
+NOT_ONE_ADJACENCY = [torch.ones(2, 3, 3).to_sparse(), torch.ones(2, 3, 3).to_sparse_csr(),
+                     torch.ones(3, 3).to_sparse(1)]
 
 
 @pytest.mark.parametrize("call, exc, names", [
@@ -96,8 +98,8 @@ NOT_ONE_ADJACENCY = [torch.ones(2, 3, 3).to_sparse(), torch.ones(2, 3, 3).to_spa
      [FROM_EDGE_INDEX, "edge_index[1]", "7", "num_dst"]),
     (lambda: CSRGraph.from_edge_index(torch.tensor([[9, 1], [1, 1]]), 5), ValueError,
      [FROM_EDGE_INDEX, "edge_index[0]", "9", "num_src"]),
-    (lambda: CSRGraph.from_edge_index(torch.zeros(3, 4, dtype=torch.long), 3), ValueError, [FROM_EDGE_INDEX, "edge_index"]),
-    (lambda: CSRGraph.from_edge_index(torch.zeros(4, dtype=torch.long), 3), ValueError, [FROM_EDGE_INDEX, "edge_index"]),
+    *[(lambda bad=bad: CSRGraph.from_edge_index(bad, 3), ValueError, [FROM_EDGE_INDEX, "edge_index"])
+      for bad in (torch.zeros(3, 4, dtype=torch.long), torch.zeros(4, dtype=torch.long))],
     (lambda: CSRGraph.from_edge_index(torch.zeros(2, 4), 3), TypeError, [FROM_EDGE_INDEX, "edge_index"]),
     (lambda: CSRGraph.from_edge_index([[0, 1], [1, 0]], 3), TypeError, [FROM_EDGE_INDEX, "edge_index"]),
     # a huge node count, given or inferred from a stray index, is refused at once
@@ -110,7 +112,8 @@ NOT_ONE_ADJACENCY = [torch.ones(2, 3, 3).to_sparse(), torch.ones(2, 3, 3).to_spa
     (lambda: CSRGraph.from_csr(torch.zeros(4, dtype=torch.long, device="meta"), META[0]), ValueError,
      [FROM_CSR, "meta", "num_src"]),
     (lambda: CSRGraph.from_sparse(torch.zeros(3, 3)), TypeError, [FROM_SPARSE]),
-    *[(lambda adj=adj: CSRGraph.from_sparse(adj), ValueError, [FROM_SPARSE, "block-diagonal"]) for adj in NOT_ONE_ADJACENCY],
+    *[(lambda adj=adj: CSRGraph.from_sparse(adj), ValueError, [FROM_SPARSE, "block-diagonal"])
+      for adj in NOT_ONE_ADJACENCY],
     *[(lambda adj=adj: as_graph(adj, (3, 3)), ValueError, ["block-diagonal"]) for adj in NOT_ONE_ADJACENCY],
     (lambda: CSRGraph.from_edge_index(EDGES).edges_to_csr(torch.ones(3), "w"), ValueError, ["w"]),
 ])
