@@ -68,7 +68,7 @@ def test_implicit_gradients_equal_unrolled(solver, groups):
     weight = torch.randn_like(out)
     implicit = grads(out, inputs, weight)
     assert deq.backward_trace.converged
-    unrolled_out = _unrolled(deq, x, ei, weight)
+    unrolled_out = _unrolled(deq, x, ei)
     assert torch.allclose(out, unrolled_out, rtol=1e-10, atol=1e-12)
     _assert_close_relative(implicit, grads(unrolled_out, inputs, weight), 1e-6)
 
