@@ -282,9 +282,10 @@ def test_genconv_learnable_p_matches_pyg(p):
 
 @pytest.mark.parametrize("scale", [1e38, 3e38, 1e19])
 def test_softmax_of_huge_float32_messages_is_finite_as_in_pyg(scale):
-    # The online softmax keeps a weighted mean, never a weighted sum that overflows.
+    # The online softmax keeps a weighted mean, never a weighted sum that overflows. (Sources of
+    # few out-edges: a source's gradient sums one rounding of m per out-edge, see below.)
     aggr_mod = pytest.importorskip("torch_geometric.nn.aggr")
-    g = csr_graph("power_law", "cpu")
+    g = csr_graph("random", "cpu")
     x = (torch.rand(g.num_src, 8, dtype=torch.float64) + 0.1).mul(scale / 1.1).float()
     x_pyg, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
     expected = _pyg_aggregate(aggr_mod.SoftmaxAggregation(t=1.0), g, x_pyg)
