@@ -1,12 +1,20 @@
-"""Shared fixtures: devices, dtypes and the graph shapes every op is tested on."""
+"""Shared fixtures: devices, dtypes and the graph shapes every op is tested on; the one set of
+graph, gradient and error helpers the test files use."""
 import collections
+import contextlib
 import copy
+import json
+import os
+import re
+import subprocess
+import sys
 import zlib
 
 import pytest
 import torch
 
-from revgnn_ext import emulator
+from revgnn_ext import CSRGraph, emulator
+from revgnn_ext.datasets import power_law_graph
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -35,20 +43,16 @@ def device_dtype_params():
     return out
 
 
-def _power_law(gen, num_nodes, num_edges):
-    # In-degrees ~ Zipf: destination probabilities fall off as rank^-1.2 over shuffled nodes.
-    rank = torch.arange(1, num_nodes + 1, dtype=torch.float64)
-    probs = rank.pow(-1.2)[torch.randperm(num_nodes, generator=gen)]
-    dst = torch.multinomial(probs, num_edges, replacement=True, generator=gen)
-    src = torch.randint(0, num_nodes, (num_edges,), generator=gen)
-    return torch.stack([src, dst])
+def random_edges(num_nodes, num_edges, seed=0):
+    """edge_index [2, num_edges] with uniformly random endpoints (self loops and duplicates occur)."""
+    return torch.randint(0, num_nodes, (2, num_edges), generator=torch.Generator().manual_seed(seed))
 
 
 def make_graph(shape, seed=0):
     """(edge_index, num_nodes) for a named graph shape; num_nodes may be a (src, dst) pair."""
     gen = torch.Generator().manual_seed(seed)
     if shape == "random":
-        return torch.randint(0, 40, (2, 300), generator=gen), 40
+        return random_edges(40, 300, seed), 40
     if shape == "no_edges":
         return torch.empty(2, 0, dtype=torch.long), 7
     if shape == "isolated":  # edges only among the first 10 of 30 nodes
@@ -64,9 +68,92 @@ def make_graph(shape, seed=0):
         src = torch.randint(0, 30, (150,), generator=gen)
         dst = torch.randint(0, 17, (150,), generator=gen)
         return torch.stack([src, dst]), (30, 17)
-    if shape == "power_law":
-        return _power_law(gen, 300, 3000), 300
+    if shape == "power_law":  # hubs both ways: the largest in- and out-degrees over a quarter of the edges
+        return power_law_graph(300, 3000, exponent=1.8, seed=seed), 300
     raise ValueError(shape)
+
+
+def graph_inputs(shape, channels, edge_dim=None, dtype=torch.float64, device="cpu"):
+    """(x, edge_index) of make_graph(shape), and edge_attr if `edge_dim`: random features that require grad."""
+    edge_index, n = make_graph(shape)
+    x = torch.randn(n, channels, dtype=dtype, device=device, requires_grad=True)
+    if edge_dim is None:
+        return x, edge_index.to(device)
+    return x, edge_index.to(device), torch.randn(edge_index.size(1), edge_dim, dtype=dtype, device=device,
+                                                 requires_grad=True)
+
+
+def sparse_adj_t(edge_index, values, num_src, num_dst, layout="coo"):
+    """PyG's adj_t of a graph (rows = destinations; values [E] or [E, F]), as a coalesced COO or a CSR tensor."""
+    coo = torch.sparse_coo_tensor(edge_index.flip(0), values, (num_dst, num_src) + tuple(values.shape[1:])).coalesce()
+    return coo if layout in ("coo", torch.sparse_coo) else coo.to_sparse_csr()
+
+
+def config_id(config):
+    return "-".join(f"{k}={v}" for k, v in config.items()) or "default"
+
+
+def csr_graph(shape="random", device="cpu", seed=0, shuffled=False, unique=False):
+    """make_graph(shape, seed) as a CSRGraph on `device`; `shuffled`: the caller's edge order is
+    not CSR order (edge ids and CSR positions differ); `unique`: without duplicate edges."""
+    edge_index, n = make_graph(shape, seed)
+    if shuffled:
+        gen = torch.Generator().manual_seed(seed + 1)
+        edge_index = edge_index[:, torch.randperm(edge_index.size(1), generator=gen)]
+    if unique:
+        edge_index = edge_index.unique(dim=1)
+    return CSRGraph.from_edge_index(edge_index, n).to(device)
+
+
+@contextlib.contextmanager
+def raises(exc, *names):
+    """pytest.raises(exc) whose message must name each of `names` (the op or module, the argument):
+    as a whole word where a name begins or ends with a letter, digit or underscore. The wording
+    around them is free."""
+    with pytest.raises(exc) as info:
+        yield info
+    message = str(info.value)
+    for name in names:
+        pattern = re.escape(name)
+        if re.match(r"\w", name[0]):
+            pattern = r"(?<!\w)" + pattern
+        if re.match(r"\w", name[-1]):
+            pattern += r"(?!\w)"
+        assert re.search(pattern, message), f"{name!r} is not named in {type(info.value).__name__}: {message}"
+
+
+def grads(out, inputs, gout=None):
+    """The gradients of `inputs` (None for one that `out` does not depend on; all None when `out`
+    needs no grad) for the output gradient `gout`, by default a fixed random one."""
+    if not out.requires_grad:
+        return [None] * len(inputs)
+    if gout is None:
+        gout = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(out)
+    return list(torch.autograd.grad(out, inputs, gout, allow_unused=True))
+
+
+def module_grads(module, args, autocast=False):
+    """module(*args), random state seeded first (the same dropout draws for each module run), the
+    forward under CPU bfloat16 autocast if `autocast`; and by name the gradients of the tensor args
+    that require grad ("input0", ...) and of every parameter, for a random output gradient."""
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = module(*args)
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    names = [f"input{i}" for i in range(len(inputs))] + [n for n, _ in module.named_parameters()]
+    gout = torch.randn(out.shape, dtype=torch.float64).to(out)
+    return out, dict(zip(names, grads(out, inputs + list(module.parameters()), gout)))
+
+
+def fresh_process_json(script, *args):
+    """What `script` prints as JSON on its last line, run with `args` in a fresh Python process
+    without MALLOC_ variables; skips where the script exits 3 (set_malloc_thresholds does nothing)."""
+    result = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
+                            timeout=300, env={k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")})
+    if result.returncode == 3:
+        pytest.skip("set_malloc_thresholds does nothing here (not glibc)")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def assert_same_across_thread_counts(step):
@@ -111,9 +198,8 @@ def assert_same_as_pyg(ours, ref, out_ours, out_ref, inputs, tol):
     `inputs` and of every parameter (None where PyG's is None) for one random output gradient."""
     torch.testing.assert_close(out_ours, out_ref, rtol=tol, atol=tol)
     gout = torch.randn_like(out_ours)
-    grads_ours = torch.autograd.grad(out_ours, inputs + list(ours.parameters()), gout, allow_unused=True)
-    grads_ref = torch.autograd.grad(out_ref, inputs + list(ref.parameters()), gout, allow_unused=True)
-    for a, b in zip(grads_ours, grads_ref):
+    for a, b in zip(grads(out_ours, inputs + list(ours.parameters()), gout),
+                    grads(out_ref, inputs + list(ref.parameters()), gout)):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=tol, atol=tol)

@@ -14,7 +14,7 @@ from revgnn_ext import convert, nn as ours  # noqa: E402
 from revgnn_ext.convert import Left, Replaced  # noqa: E402
 from revgnn_ext.nn import _pyg  # noqa: E402
 
-from conftest import DEVICES, make_graph  # noqa: E402
+from conftest import DEVICES, config_id, graph_inputs, module_grads, raises  # noqa: E402
 from test_group_add_rev import Block  # noqa: E402
 
 GEN_CONFIGS = [
@@ -39,10 +39,6 @@ def _own_fallback_warnings(monkeypatch):
     monkeypatch.setattr(_pyg, "_warned", set())
 
 
-def _ids(config):
-    return "-".join(f"{k}={v}" for k, v in config.items()) or "default"
-
-
 class Wrapper(torch.nn.Module):
     """A user's model around one conv."""
 
@@ -52,17 +48,6 @@ class Wrapper(torch.nn.Module):
 
     def forward(self, x, edge_index, *args):
         return self.conv(x, edge_index, *args)
-
-
-def _run(model, args):
-    """Output and the gradients of the inputs and of every parameter, by name."""
-    torch.manual_seed(0)  # the same dropout masks for both models
-    out = model(*args)
-    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-    names = [f"input{i}" for i in range(len(inputs))] + [n for n, _ in model.named_parameters()]
-    gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype).to(out.device)
-    grads = torch.autograd.grad(out, inputs + list(model.parameters()), gout, allow_unused=True)
-    return out, dict(zip(names, grads))
 
 
 def _convert_and_compare(model, *args):
@@ -75,8 +60,8 @@ def _convert_and_compare(model, *args):
     assert list(model.state_dict()) == list(reference.state_dict())
     assert {n: m.training for n, m in model.named_modules()} == modes
     assert all(p is params[n] for n, p in model.named_parameters()) and len(params) == len(list(model.parameters()))
-    out, grads = _run(model, args)
-    out_ref, grads_ref = _run(reference, args)
+    out, grads = module_grads(model, args)
+    out_ref, grads_ref = module_grads(reference, args)
     torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
     assert grads.keys() == grads_ref.keys()
     for name, g in grads.items():
@@ -85,33 +70,25 @@ def _convert_and_compare(model, *args):
     return report
 
 
-def _graph(channels, edge_dim=None):
-    ei, n = make_graph("power_law")
-    x = torch.randn(n, channels, dtype=torch.float64, requires_grad=True)
-    if edge_dim is None:
-        return x, ei
-    return x, ei, torch.randn(ei.size(1), edge_dim, dtype=torch.float64, requires_grad=True)
-
-
 @pytest.mark.parametrize("in_channels", [16, 12])
-@pytest.mark.parametrize("config", GEN_CONFIGS, ids=_ids)
+@pytest.mark.parametrize("config", GEN_CONFIGS, ids=config_id)
 def test_gen_conv(config, in_channels):
     conv = pyg.nn.GENConv(in_channels, 16, **config).double()
     expected_repr = repr(conv)
     model = Wrapper(conv)
-    report = _convert_and_compare(model, *_graph(in_channels, config.get("edge_dim")))
+    report = _convert_and_compare(model, *graph_inputs("power_law", in_channels, config.get("edge_dim")))
     assert type(model.conv) is ours.GENConv and repr(model.conv) == expected_repr
     unfused = report.replaced[0].unfused
     assert report.replaced == [Replaced("conv", pyg.nn.GENConv, ours.GENConv, unfused)] and report.left == []
     assert (unfused is not None) == (str(config["aggr"]) in UNFUSED)
 
 
-@pytest.mark.parametrize("config", SAGE_CONFIGS, ids=_ids)
+@pytest.mark.parametrize("config", SAGE_CONFIGS, ids=config_id)
 def test_sage_conv(config):
     conv = pyg.nn.SAGEConv(12, 16, **config).double()
     expected_repr = repr(conv)
     model = Wrapper(conv)
-    report = _convert_and_compare(model, *_graph(12))
+    report = _convert_and_compare(model, *graph_inputs("power_law", 12))
     assert type(model.conv) is ours.SAGEConv and repr(model.conv) == expected_repr
     assert [(r.name, r.old, r.new) for r in report.replaced] == [("conv", pyg.nn.SAGEConv, ours.SAGEConv)]
     assert (report.replaced[0].unfused is not None) == (config.get("aggr") == "std")
@@ -133,7 +110,7 @@ def test_aggregation_state_extra_tensors_and_submodule_hooks_carried():
     rng = torch.get_rng_state()
     convert(copy.deepcopy(model))
     assert torch.equal(torch.get_rng_state(), rng)
-    _convert_and_compare(model, *_graph(12))
+    _convert_and_compare(model, *graph_inputs("power_law", 12))
     assert model.conv.aggr_module.t.item() == 3.0 and model.conv.aggr == conv.aggr
     assert model.conv.lin_l is conv.lin_l and calls[0] is conv.lin_l  # the converted model runs first
     assert model.conv.counter is conv.counter and "counter" not in model.conv.state_dict()
@@ -141,7 +118,7 @@ def test_aggregation_state_extra_tensors_and_submodule_hooks_carried():
 
 def test_explaining_model_is_left():
     from torch_geometric.explain.algorithm.utils import set_masks
-    x, ei = _graph(8)
+    x, ei = graph_inputs("power_law", 8)
     model = Wrapper(pyg.nn.GENConv(8, 8))
     set_masks(model, torch.ones(ei.size(1)), ei)
     report = convert(model)
@@ -162,14 +139,14 @@ class Lazy(torch.nn.Module):
 
 def test_lazy_modules():
     # in_channels=-1, edge_dim=-1: the uninitialized parameters are carried and materialize in our forward.
-    report = _convert_and_compare(Lazy().double(), *_graph(12, 4))
+    report = _convert_and_compare(Lazy().double(), *graph_inputs("power_law", 12, 4))
     assert [r.name for r in report.replaced] == ["gen", "sage"]
 
 
 def test_sparse_adjacency_values():
     """A converted model given a torch.sparse adj_t: GENConv takes a hybrid one's values as edge
     features, SAGEConv weights by a plain one's values, as PyG's layers do."""
-    x, ei = _graph(12)
+    x, ei = graph_inputs("power_law", 12)
     n = x.size(0)
     features = torch.sparse_coo_tensor(ei.flip(0), torch.randn(ei.size(1), 4, dtype=torch.float64),
                                        (n, n, 4)).coalesce()
@@ -178,22 +155,13 @@ def test_sparse_adjacency_values():
     _convert_and_compare(Wrapper(pyg.nn.SAGEConv(12, 16).double()), x, weights.coalesce().to_sparse_csr())
 
 
-class TwoLayers(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = torch.nn.Linear(12, 12)
-        self.conv = pyg.nn.SAGEConv(12, 16)
-
-    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.lin(x), edge_index)
-
-
-def test_converted_model_refuses_torchscript():
-    model = TwoLayers()
-    torch.jit.script(model)  # PyG's layer scripts
-    convert(model)
-    with pytest.raises(RuntimeError, match="SAGEConv: TorchScript .* not supported"):
-        torch.jit.script(model)
+@pytest.mark.parametrize("conv", [ours.GENConv(8, 8, edge_dim=4), ours.SAGEConv(8, 8), ours.GCNConv(8, 8),
+                                  ours.GATConv(8, 8)], ids=lambda conv: type(conv).__name__)
+def test_our_convs_refuse_torchscript(conv):
+    """(PyG's script.) Scripting ours, alone or inside a model, raises naming the layer and torch.compile."""
+    for module in (conv, torch.nn.Sequential(torch.nn.Linear(8, 8), conv)):
+        with raises(RuntimeError, type(conv).__name__, "TorchScript", "torch.compile"):
+            torch.jit.script(module)
 
 
 class DeeperGCN(torch.nn.Module):
@@ -221,7 +189,7 @@ class DeeperGCN(torch.nn.Module):
 
 def test_deep_gcn_layer_stack():
     model = DeeperGCN(8, 4).double()
-    report = _convert_and_compare(model, *_graph(6, 4))
+    report = _convert_and_compare(model, *graph_inputs("power_law", 6, 4))
     assert [(r.name, r.old, r.new) for r in report.replaced] == [
         (f"layers.{i}.conv", pyg.nn.GENConv, ours.GENConv) for i in range(4)]
     assert all(type(layer.conv) is ours.GENConv for layer in model.layers) and report.left == []
@@ -248,7 +216,7 @@ class RevModel(torch.nn.Module):
 
 def test_group_add_rev_model():
     model = RevModel().double()
-    report = _convert_and_compare(model, *_graph(6, 4))
+    report = _convert_and_compare(model, *graph_inputs("power_law", 6, 4))
     expected = []
     for i in range(4):
         conv = pyg.nn.SAGEConv if i == 3 else pyg.nn.GENConv
@@ -297,7 +265,7 @@ class Mixed(torch.nn.Module):
 def test_user_model_report_and_idempotence(capsys):
     model = Mixed().double().train()
     model.gcn.eval()
-    report = _convert_and_compare(model, *_graph(8, 3))
+    report = _convert_and_compare(model, *graph_inputs("power_law", 8, 3))
     assert capsys.readouterr() == ("", "")
     assert report.replaced == [Replaced("convs.gen", pyg.nn.GENConv, ours.GENConv),
                                Replaced("convs.sage", pyg.nn.SAGEConv, ours.SAGEConv),
@@ -332,7 +300,7 @@ def test_device_dtype_mode_and_hooks_carried(device):
     assert len(report.replaced) == 1 and type(model.conv) is ours.GENConv
     assert {(p.device.type, p.dtype) for p in model.parameters()} == {(torch.device(device).type, torch.float64)}
     assert not any(m.training for m in model.modules()) and not model.conv.mlp[0].weight.requires_grad
-    x, ei, e = (t.to(device) for t in _graph(8, 2))
+    x, ei, e = graph_inputs("power_law", 8, 2, device=device)
     model(x, ei, e)
     handle.remove()
     model(x, ei, e)
@@ -340,9 +308,9 @@ def test_device_dtype_mode_and_hooks_carried(device):
 
 
 def test_bad_arguments():
-    with pytest.raises(TypeError, match="convert: model must be a torch.nn.Module"):
+    with raises(TypeError, "convert", "model"):
         convert([pyg.nn.GENConv(4, 4)])
-    with pytest.raises(ValueError, match="convert: model is itself a .*GENConv"):
+    with raises(ValueError, "convert", "model", "GENConv"):
         convert(pyg.nn.GENConv(4, 4))
 
 

@@ -1,13 +1,7 @@
 """DistributedDataParallel over revgnn_ext's GroupAddRev: 2 gloo processes on CPU, each on its own
-half of a graph, get the average of the single-process gradients of the two halves.
-
-GroupAddRev's backward is a custom autograd.Function whose inputs include the block's parameters;
-it returns their gradients (from torch.autograd.grad, which accumulates nothing), so each
-parameter's AccumulateGrad node runs once per backward and DDP's hooks on it fire once, as for any
-module. DDP's defaults work (no
-find_unused_parameters or static_graph needed); so do both options, and a block applied twice in
-one forward (weight tying).
-"""
+half of a graph, get the average of the single-process gradients of the two halves, with DDP's
+defaults (GroupAddRev's backward returns the parameters' gradients, so DDP's hooks fire once per
+backward), with find_unused_parameters or static_graph, and with a block applied twice (weight tying)."""
 import datetime
 
 import pytest

@@ -1,10 +1,6 @@
 """DEQ (RevGNN-DEQ): the fixed point found, implicit gradients equal to the unrolled iteration's
 at convergence, gradcheck, one dropout mask per solve, BatchNorm statistics, non-convergence and
 non-finite values reported, memory independent of the number of iterations."""
-import json
-import os
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -15,6 +11,8 @@ pytest.importorskip("torch_geometric")
 from revgnn_ext.nn import GENConv, SAGEConv  # noqa: E402
 from revgnn_ext.nn.deq import DEQ, anderson, broyden  # noqa: E402
 from revgnn_ext.nn.rev_gnn import ResPlusGroup  # noqa: E402
+
+from conftest import fresh_process_json, grads, random_edges, raises  # noqa: E402
 
 SOLVERS = ["anderson", "broyden"]
 
@@ -36,10 +34,6 @@ class Tanh(torch.nn.Module):
         return torch.tanh(self.conv(self.dropout(h), edge_index))
 
 
-def _graph(n=40, e=200, seed=0):
-    return torch.randint(0, n, (2, e), generator=torch.Generator().manual_seed(seed))
-
-
 def _sage_deq(channels=8, groups=2, dtype=torch.float64, **kw):
     torch.manual_seed(0)
     c = channels // groups
@@ -55,10 +49,6 @@ def _unrolled(deq, x, *args, steps=200):
     return z
 
 
-def _grads(out, weight, inputs):
-    return torch.autograd.grad((out * weight).sum(), inputs)
-
-
 def _assert_close_relative(actual, expected, rtol):
     for a, b in zip(actual, expected):
         assert ((a - b).norm() / b.norm()).item() <= rtol
@@ -68,7 +58,7 @@ def _assert_close_relative(actual, expected, rtol):
 @pytest.mark.parametrize("groups", [1, 2, 3])
 def test_implicit_gradients_equal_unrolled(solver, groups):
     deq = _sage_deq(channels=6, groups=groups, solver=solver, tol=1e-12, max_iter=100)
-    ei = _graph()
+    ei = random_edges(40, 200)
     x = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
     out = deq(x, ei)
     assert deq.forward_trace.converged and deq.forward_trace.residual < 1e-12
@@ -76,18 +66,18 @@ def test_implicit_gradients_equal_unrolled(solver, groups):
     assert ((deq.f(out, x, ei) - out).norm() / out.norm()).item() < 1e-11
     inputs = [x, *deq.parameters()]
     weight = torch.randn_like(out)
-    implicit = _grads(out, weight, inputs)
+    implicit = grads(out, inputs, weight)
     assert deq.backward_trace.converged
     unrolled_out = _unrolled(deq, x, ei)
     assert torch.allclose(out, unrolled_out, rtol=1e-10, atol=1e-12)
-    _assert_close_relative(implicit, _grads(unrolled_out, weight, inputs), 1e-6)
+    _assert_close_relative(implicit, grads(unrolled_out, inputs, weight), 1e-6)
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_fused_gen_conv_block(solver):
     """RevGNN's res+ groups around our fused GENConv (softmax, learnable t, edge features)."""
     torch.manual_seed(0)
-    ei = _graph(30, 150)
+    ei = random_edges(30, 150)
     edge_attr = torch.rand(150, 4, dtype=torch.float64)
     groups = torch.nn.ModuleList(
         ResPlusGroup(torch.nn.LayerNorm(4),
@@ -100,13 +90,13 @@ def test_fused_gen_conv_block(solver):
     assert deq.forward_trace.converged
     inputs = [x, *deq.parameters()]
     weight = torch.randn_like(out)
-    _assert_close_relative(_grads(out, weight, inputs), _grads(_unrolled(deq, x, ei, mask, edge_attr, steps=60),
-                                                                    weight, inputs), 1e-6)
+    unrolled = _unrolled(deq, x, ei, mask, edge_attr, steps=60)
+    _assert_close_relative(grads(out, inputs, weight), grads(unrolled, inputs, weight), 1e-6)
 
 
 def test_gradcheck():
     deq = _sage_deq(channels=4, tol=1e-14, max_iter=100)
-    ei = _graph(12, 40)
+    ei = random_edges(12, 40)
     x = torch.randn(12, 4, dtype=torch.float64, requires_grad=True)
     weight = deq.convs[0].conv.lin_l.weight
     assert torch.autograd.gradcheck(lambda x, w: deq(x, ei), (x, weight), eps=1e-6, atol=1e-7)
@@ -126,7 +116,7 @@ def test_solvers_on_a_linear_system():
 
 def test_no_grad_and_eval_give_the_fixed_point():
     deq = _sage_deq()
-    ei = _graph()
+    ei = random_edges(40, 200)
     x = torch.randn(40, 8, dtype=torch.float64)
     with torch.no_grad():
         plain = deq(x, ei)
@@ -138,14 +128,14 @@ def test_dropout_one_mask_per_solve():
     evaluation would move the fixed point), the generators end where one evaluation of f leaves
     them, and the gradients are those of the unrolled iteration under that one mask."""
     deq = _sage_deq(tol=1e-12, max_iter=100, group={"dropout": 0.5}).train()
-    ei = _graph()
+    ei = random_edges(40, 200)
     x = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
     torch.manual_seed(5)
     out = deq(x, ei)
     after = torch.rand(3)
     assert deq.forward_trace.converged
     weight = torch.randn_like(out)
-    implicit = _grads(out, weight, [x, *deq.parameters()])
+    implicit = grads(out, [x, *deq.parameters()], weight)
 
     torch.manual_seed(5)
     deq.f(torch.zeros_like(x), x, ei)
@@ -156,7 +146,7 @@ def test_dropout_one_mask_per_solve():
         torch.manual_seed(5)  # the same mask at every step
         z = deq.f(z, x, ei)
     assert torch.allclose(out, z, rtol=1e-10)
-    _assert_close_relative(implicit, _grads(z, weight, [x, *deq.parameters()]), 1e-6)
+    _assert_close_relative(implicit, grads(z, [x, *deq.parameters()], weight), 1e-6)
 
     # Fresh masks at every step never settle: the replay is what makes the solve converge.
     with torch.no_grad():
@@ -169,7 +159,7 @@ def test_batch_norm_statistics_moved_once_per_forward():
     convs = torch.nn.ModuleList(Tanh(SAGEConv(4, 4), norm=torch.nn.BatchNorm1d(4)) for _ in range(2))
     deq = DEQ(convs, tol=1e-10, max_iter=100).double().train()
     x = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
-    out = deq(x, _graph())
+    out = deq(x, random_edges(40, 200))
     assert deq.forward_trace.iterations > 3
     norms = [conv.norm for conv in deq.convs]
     assert [n.num_batches_tracked.item() for n in norms] == [1, 1]
@@ -183,7 +173,7 @@ def test_non_convergence_is_reported(solver):
     x = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
     with pytest.warns(RuntimeWarning, match=rf"{solver} solver of the forward solve did not converge in 3 "
                                             r"iterations: relative residual [\d.e-]+ > tol 1e-14"):
-        out = deq(x, _graph())
+        out = deq(x, random_edges(40, 200))
     assert deq.forward_trace.iterations == 3 and not deq.forward_trace.converged
     with pytest.warns(RuntimeWarning, match="backward \\(adjoint\\) solve did not converge"):
         out.sum().backward()
@@ -206,24 +196,24 @@ def test_non_finite_values_never_pass_silently():
     broken = _sage_deq()
     with torch.no_grad():
         broken.convs[0].conv.lin_l.weight.fill_(float("nan"))
-    with pytest.raises(RuntimeError, match="DEQ: f returned non-finite values at the solver's first evaluation"):
-        broken(torch.randn(40, 8, dtype=torch.float64), _graph())
+    with raises(RuntimeError, "DEQ", "f"):
+        broken(torch.randn(40, 8, dtype=torch.float64), random_edges(40, 200))
 
 
 def test_arguments_are_checked():
-    with pytest.raises(ValueError, match="DEQ: solver must be one of anderson, broyden"):
+    with raises(ValueError, "DEQ", "solver", "newton"):
         DEQ(Exploding(), solver="newton")
     for name in ("tol", "backward_tol"):  # checked where given, not warned about at every forward
         for value in (-1e-4, float("nan")):
-            with pytest.raises(ValueError, match=name):
+            with raises(ValueError, "DEQ", name):
                 _sage_deq(**{name: value})
-    with pytest.raises(ValueError, match="DEQ: 7 channels do not split into 2 equal groups"):
-        _sage_deq()(torch.randn(40, 7, dtype=torch.float64), _graph())
+    with raises(ValueError, "DEQ", "7", "2"):
+        _sage_deq()(torch.randn(40, 7, dtype=torch.float64), random_edges(40, 200))
 
 
 def test_saved_tensors_do_not_grow_with_iterations():
     """What a training step keeps for backward is one evaluation of f, whatever the iterations."""
-    ei = _graph(200, 2000)
+    ei = random_edges(200, 2000)
 
     def saved_bytes(iterations):
         deq = _sage_deq(dtype=torch.float32, tol=0.0, max_iter=iterations)
@@ -246,7 +236,7 @@ def test_saved_tensors_do_not_grow_with_iterations():
 # examples set them), after one step that allocates what the process keeps.
 SCRIPT = """
 import json, sys, warnings
-from revgnn_ext.memory import set_malloc_thresholds
+from revgnn_ext.memory import PeakMemory, set_malloc_thresholds
 if not set_malloc_thresholds():
     sys.exit(3)
 import torch
@@ -255,11 +245,6 @@ from revgnn_ext.nn.deq import DEQ
 from revgnn_ext.nn import GENConv
 from revgnn_ext.nn.rev_gnn import ResPlusGroup
 warnings.simplefilter("ignore")
-
-def status(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
 iterations, nodes, hidden = map(int, sys.argv[1:])
 torch.manual_seed(0)
 graph = CSRGraph.from_edge_index(torch.randint(0, nodes, (2, 5 * nodes)), nodes)
@@ -270,11 +255,9 @@ deq = DEQ(torch.nn.ModuleList(ResPlusGroup(torch.nn.LayerNorm(c), GENConv(c, c, 
 x = torch.randn(nodes, hidden, requires_grad=True)
 peaks = []
 for step in range(2):
-    before = status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    deq(x, graph).square().mean().backward()
-    peaks.append(status("VmHWM") - before)
+    with PeakMemory("cpu") as memory:
+        deq(x, graph).square().mean().backward()
+    peaks.append(memory.peak)
 print(json.dumps([peaks[-1], deq.forward_trace.iterations, deq.backward_trace.iterations]))
 """
 
@@ -283,13 +266,7 @@ def test_step_memory_independent_of_iterations():
     """The resident peak of a step at 30 solver iterations is within 10% (+ 1 MB) of that at 5:
     the solver keeps nothing per iteration (one [N, D] tensor an iteration would add 25 x 1 MB)."""
     def peak(iterations):
-        result = subprocess.run([sys.executable, "-c", SCRIPT, str(iterations), "4000", "64"], capture_output=True,
-                                text=True, timeout=300,
-                                env={k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")})
-        if result.returncode == 3:
-            pytest.skip("set_malloc_thresholds does nothing here (not glibc)")
-        assert result.returncode == 0, result.stderr
-        value, forward, backward = json.loads(result.stdout.strip().splitlines()[-1])
+        value, forward, backward = fresh_process_json(SCRIPT, iterations, 4000, 64)
         assert forward == backward == iterations
         print(f"step peak at {iterations} iterations: {value / 2**20:.1f} MB")
         return value

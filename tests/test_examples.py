@@ -20,8 +20,12 @@ pytest.importorskip("tqdm")
 from revgnn_ext.datasets import synthetic_proteins  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-SCRIPTS = {"ogbn-proteins": ("ogbn_proteins.py", "rocauc"), "ogbn-products": ("ogbn_products.py", "acc")}
 TINY = ["--epochs", "1", "--num-layers", "2", "--hidden-channels", "16", "--num-parts", "2"]
+# name: (script, its metric, a tiny model's arguments, the scale of a tiny synthetic graph)
+SCRIPTS = {"ogbn-proteins": ("ogbn_proteins.py", "rocauc", TINY, "0.001"),
+           "ogbn-products": ("ogbn_products.py", "acc", TINY, "0.0002"),
+           "ogbn-arxiv": ("ogbn_arxiv.py", "acc", ["--epochs", "1", "--num-layers", "3", "--hidden-channels", "8"],
+                          "0.002")}
 SYNTHETIC = [sys.executable, str(EXAMPLES / "ogbn_proteins.py"), "--synthetic", "--scale", "0.001", "--device", "cpu",
              *TINY]
 
@@ -33,13 +37,15 @@ def _csv(path: Path, rows, fmt: str):
 
 
 def write_ogb_dataset(root: Path, name: str, num_nodes: int = 300, num_edges: int = 1500):
-    """A small random graph in the layout ogb 1.3.6 reads for ``name`` (its master.csv): one
-    undirected edge per row of raw/edge.csv.gz (ogb adds the reverse edges), the split in
-    split/<split type>/, and RELEASE_v1.txt, without which ogb offers to download again."""
+    """A small random graph in the layout ogb 1.3.6 reads for ``name`` (its master.csv): one edge
+    per row of raw/edge.csv.gz (undirected but for arxiv's: ogb adds the reverse edges), the split
+    in split/<split type>/, and RELEASE_v1.txt, without which ogb offers to download again.
+    Returns the edges written, [2, num_edges]."""
     rng = np.random.default_rng(0)
     home = root / name.replace("-", "_")
     raw = home / "raw"
-    _csv(raw / "edge.csv.gz", rng.integers(0, num_nodes, (num_edges, 2)), "%d")
+    edges = rng.integers(0, num_nodes, (num_edges, 2))
+    _csv(raw / "edge.csv.gz", edges, "%d")
     _csv(raw / "num-node-list.csv.gz", [[num_nodes]], "%d")
     _csv(raw / "num-edge-list.csv.gz", [[num_edges]], "%d")
     if name == "ogbn-proteins":
@@ -48,6 +54,11 @@ def write_ogb_dataset(root: Path, name: str, num_nodes: int = 300, num_edges: in
         _csv(raw / "edge-feat.csv.gz", rng.random((num_edges, 8)), "%.3f")
         _csv(raw / "node-label.csv.gz", rng.integers(0, 2, (num_nodes, 112)), "%d")
         split = "species"
+    elif name == "ogbn-arxiv":
+        _csv(raw / "node-feat.csv.gz", rng.standard_normal((num_nodes, 128)), "%.4f")
+        _csv(raw / "node-label.csv.gz", rng.integers(0, 40, (num_nodes, 1)), "%d")
+        _csv(raw / "node_year.csv.gz", rng.integers(2000, 2021, (num_nodes, 1)), "%d")
+        split = "time"
     else:
         _csv(raw / "node-feat.csv.gz", rng.standard_normal((num_nodes, 100)), "%.4f")
         _csv(raw / "node-label.csv.gz", rng.integers(0, 47, (num_nodes, 1)), "%d")
@@ -56,6 +67,7 @@ def write_ogb_dataset(root: Path, name: str, num_nodes: int = 300, num_edges: in
     for part, idx in zip(("train", "valid", "test"), np.split(order, [num_nodes // 2, 3 * num_nodes // 4])):
         _csv(home / "split" / split / f"{part}.csv.gz", idx[:, None], "%d")
     (home / "RELEASE_v1.txt").write_text("written by tests/test_examples.py\n")
+    return torch.from_numpy(edges).T
 
 
 def run(command) -> str:
@@ -87,13 +99,20 @@ def epoch_line(out: str, epoch: int) -> str:
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_ogb_directory_and_resume(tmp_path, name):
-    write_ogb_dataset(tmp_path, name)
-    script, metric = SCRIPTS[name]
-    command = [sys.executable, str(EXAMPLES / script), "--root", str(tmp_path), "--device", "cpu", *TINY]
+    """Through ogb's loader and Evaluator (arxiv's graph made bidirected with one self loop per
+    node); a resumed run equal to an uninterrupted one; a damaged dataset file is one line."""
+    edges = write_ogb_dataset(tmp_path, name)
+    if name == "ogbn-arxiv":
+        both = torch.cat([edges, edges.flip(0)], 1)
+        num_edges = torch.unique(both[:, both[0] != both[1]], dim=1).size(1) + 300
+    else:
+        num_edges = 2 * edges.size(1)
+    script, metric, tiny, _ = SCRIPTS[name]
+    command = [sys.executable, str(EXAMPLES / script), "--root", str(tmp_path), "--device", "cpu", *tiny]
     checkpoint = ["--checkpoint", str(tmp_path / "checkpoint.pt")]
     first = run(command + checkpoint)
     assert (tmp_path / name.replace("-", "_") / "processed" / "geometric_data_processed.pt").exists()
-    assert f"{name} ({tmp_path}): 300 nodes, 3,000 edges, 150 training nodes" in first
+    assert f"{name} ({tmp_path}): 300 nodes, {num_edges:,} edges, 150 training nodes" in first
     assert re.search(rf"^epoch 1 \| loss \d+\.\d+ .* \| valid {metric} 0\.\d+ \| test {metric}", first, re.MULTILINE)
     assert 0.0 <= final_metric(first, metric) <= 1.0
 
@@ -136,13 +155,13 @@ def test_ogb_model_arguments_out_of_range_are_one_line(flag, value):
     assert flag.lstrip("-").replace("-", "_") in message or flag in message, message
 
 
-@pytest.mark.parametrize("name, extra", [("ogbn-proteins", ["--scale", "0.001"]),
-                                         ("ogbn-products", ["--scale", "0.0002", "--full-graph"])])
+@pytest.mark.parametrize("name, extra", [("ogbn-proteins", []), ("ogbn-products", ["--full-graph"])])
 def test_synthetic(name, extra):
-    script, metric = SCRIPTS[name]
+    script, metric, tiny, scale = SCRIPTS[name]
     tiny = TINY[:-2] if "--full-graph" in extra else TINY
-    out = run([sys.executable, str(EXAMPLES / script), "--synthetic", "--device", "cpu", *extra, *tiny])
-    assert f"{name} (synthetic, scale {extra[1]})" in out
+    out = run([sys.executable, str(EXAMPLES / script), "--synthetic", "--device", "cpu", "--scale", scale, *extra,
+               *tiny])
+    assert f"{name} (synthetic, scale {scale})" in out
     final_metric(out, metric)
 
 
@@ -154,10 +173,11 @@ def test_synthetic_deq():
     final_metric(out, "rocauc")
 
 
-def test_torchrun_two_processes():
-    script, metric = SCRIPTS["ogbn-proteins"]
+@pytest.mark.parametrize("name", ["ogbn-proteins", "ogbn-arxiv"])
+def test_torchrun_two_processes(name):
+    script, metric, tiny, scale = SCRIPTS[name]
     out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(EXAMPLES / script), "--synthetic", "--scale", "0.001", "--device", "cpu", *TINY])
+               str(EXAMPLES / script), "--synthetic", "--scale", scale, "--device", "cpu", *tiny])
     assert "2 process(es)" in out
     assert out.count("epoch 1 |") == 1
     final_metric(out, metric)

@@ -9,17 +9,11 @@ import torch
 from revgnn_ext import CSRGraph, emulator, ops, reference
 
 from conftest import (DEVICES, MARKS, SHAPES, assert_compiles_as_eager, assert_error_within_twice,
-                      assert_same_across_thread_counts, device_dtype_params, make_graph, max_cpu_allocation)
+                      assert_same_across_thread_counts, csr_graph, device_dtype_params, max_cpu_allocation, raises)
 
+# Graphs whose caller's edge order is not CSR order (csr_graph(shuffled=True)): edge ids and CSR positions differ.
 MODES = ["src_only", "src_dst", "edge_features", "edge_scores"]
 NAMES = ["x", "src_score", "dst_score", "edge_attr", "edge_weight"]
-
-
-def _graph(shape, device, seed=0):
-    """A graph whose caller's edge order is not CSR order (so edge ids and CSR positions differ)."""
-    edge_index, n = make_graph(shape, seed)
-    perm = torch.randperm(edge_index.size(1), generator=torch.Generator().manual_seed(seed + 1))
-    return CSRGraph.from_edge_index(edge_index[:, perm], n).to(device)
 
 
 def _case(g, mode, heads, width, dtype, device, feat=3, keep=0.0):
@@ -52,7 +46,7 @@ def _as(kw, dtype):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("mode", MODES)
 def test_forward_matches_reference(device, dtype, shape, mode):
-    g = _graph(shape, device)
+    g = csr_graph(shape, device, shuffled=True)
     kw = _case(g, mode, 3, 5, dtype, device, keep=0.7 if shape == "duplicates" else 0.0)
     out = ops.gat_aggregate(g, negative_slope=0.15, **kw)
     exact = reference.gat_aggregate(g, negative_slope=0.15, **_as(kw, torch.float64))
@@ -64,7 +58,7 @@ def test_forward_matches_reference(device, dtype, shape, mode):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_types_on_cpu_within_twice_torchs_error(dtype):
-    g = _graph("power_law", "cpu")
+    g = csr_graph("power_law", "cpu", shuffled=True)
     kw = _case(g, "edge_features", 2, 8, dtype, "cpu", keep=0.8)
     exact = reference.gat_aggregate(g, **_as(kw, torch.float64))
     eps = torch.finfo(dtype).eps
@@ -76,7 +70,7 @@ def test_half_types_on_cpu_within_twice_torchs_error(dtype):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("p", [0.0, 0.4])
 def test_gradients_match_reference(device, shape, mode, p):
-    g = _graph(shape, device)
+    g = csr_graph(shape, device, shuffled=True)
     kw = _differentiable(_case(g, mode, 2, 7, torch.float64, device, keep=0.75))
     call = dict(negative_slope=0.3, attn_dropout=p, seed=2**63 + 99)
     tensors = [kw[k] for k in NAMES if k in kw]
@@ -94,7 +88,7 @@ def test_gradients_match_reference(device, shape, mode, p):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_gradcheck_float64(mode):
-    g = _graph("duplicates", "cpu")
+    g = csr_graph("duplicates", "cpu", shuffled=True)
     kw = _differentiable(_case(g, mode, 2, 3, torch.float64, "cpu", feat=2, keep=0.8))
     names = [k for k in NAMES if k in kw]
 
@@ -107,7 +101,7 @@ def test_gradcheck_float64(mode):
 def test_attention_dropout_is_the_references_draw_and_replays(p):
     """Dropped (edge, head) pairs are the reference's (gat_dropout_keep of the caller's edge id):
     with x = 1 each output is the sum of the kept weights / (1 - p), which differs between draws."""
-    g = _graph("power_law", "cpu")
+    g = csr_graph("power_law", "cpu", shuffled=True)
     kw = _case(g, "src_dst", 4, 2, torch.float64, "cpu")
     kw["x"] = torch.ones_like(kw["x"])
     for seed in (0, 7, -3, 2**64 - 1):
@@ -121,7 +115,7 @@ def test_attention_dropout_is_the_references_draw_and_replays(p):
 
 
 def test_edge_keep_drops_edges_and_rows_without_kept_edges_give_zero():
-    g = _graph("random", "cpu")
+    g = csr_graph("random", "cpu", shuffled=True)
     kw = _case(g, "edge_features", 2, 4, torch.float64, "cpu", keep=0.5)
     dst = g.to_edge_index()[1]
     kw["edge_keep"] &= dst != 3  # row 3 keeps no in-edge
@@ -134,7 +128,7 @@ def test_edge_keep_drops_edges_and_rows_without_kept_edges_give_zero():
 
 @pytest.mark.parametrize("width", [1, 37, 257])
 def test_odd_widths_and_a_strided_x(width):
-    g = _graph("power_law", "cpu")
+    g = csr_graph("power_law", "cpu", shuffled=True)
     kw = _case(g, "edge_features", 2, width, torch.float64, "cpu")
     buf = torch.randn(g.num_src, 2 * width + 5, dtype=torch.float64)
     kw["x"] = buf[:, 3:3 + 2 * width]
@@ -144,7 +138,7 @@ def test_odd_widths_and_a_strided_x(width):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("alpha", [1.0, -1.0, 0.5])
 def test_accumulate_into_a_column_slice(device, alpha):
-    g = _graph("power_law", device)
+    g = csr_graph("power_law", device, shuffled=True)
     kw = _case(g, "edge_features", 3, 4, torch.float64, device, keep=0.8)
     buf = torch.randn(g.num_dst, 30, dtype=torch.float64, device=device)
     before = buf.clone()
@@ -159,7 +153,7 @@ def test_accumulate_into_a_column_slice(device, alpha):
 
 
 def test_accumulate_under_autograd_is_tracked():
-    g = _graph("random", "cpu")
+    g = csr_graph("random", "cpu", shuffled=True)
     kw = _differentiable(_case(g, "src_dst", 2, 3, torch.float64, "cpu"))
     base = torch.randn(g.num_dst, 6, dtype=torch.float64)
     out = ops.gat_aggregate(g, **kw, out=base.clone(), alpha=-1.0)
@@ -179,7 +173,7 @@ def _raw_args(g, kw, p=0.3, seed=11):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["src_only", "edge_features", "edge_scores"])
 def test_opcheck(device, mode):
-    g = _graph("power_law", device)
+    g = csr_graph("power_law", device, shuffled=True)
     kw = _case(g, mode, 2, 3, torch.float64, device, keep=0.8)
     args = _raw_args(g, kw)
     lib = torch.ops.revgnn_ext
@@ -195,15 +189,15 @@ def test_opcheck(device, mode):
 
 
 def test_double_backward_is_refused_clearly():
-    g = _graph("random", "cpu")
+    g = csr_graph("random", "cpu", shuffled=True)
     kw = _differentiable(_case(g, "src_dst", 2, 3, torch.float64, "cpu"))
     (gx,) = torch.autograd.grad(ops.gat_aggregate(g, **kw).square().sum(), kw["x"], create_graph=True)
-    with pytest.raises(NotImplementedError, match="double backward"):
+    with raises(NotImplementedError, "revgnn_ext.gat_aggregate", "double backward"):
         gx.sum().backward()
 
 
 def test_torch_compile_fullgraph():
-    g = _graph("power_law", "cpu")
+    g = csr_graph("power_law", "cpu", shuffled=True)
     g.transposed()
     kw = _case(g, "edge_features", 2, 8, torch.float32, "cpu", keep=0.9)
 
@@ -216,7 +210,7 @@ def test_torch_compile_fullgraph():
 
 
 def test_deterministic_across_runs_and_threads():
-    g = _graph("power_law", "cpu")
+    g = csr_graph("power_law", "cpu", shuffled=True)
     kw = _case(g, "edge_features", 3, 16, torch.float32, "cpu", keep=0.9)
     gout = torch.randn(g.num_dst, 48)
 
@@ -245,32 +239,31 @@ def test_no_edge_by_head_allocation():
     assert max_cpu_allocation(lambda: reference.gat_aggregate(g, **kw).sum().backward()) >= edge_by_head * 16
 
 
+@pytest.mark.parametrize("call, exc, names", [
+    (lambda g, x, s, d, a, w: ops.gat_aggregate(g, x, torch.randn(g.num_src, 3)), ValueError, ["x", "8", "3"]),
+    (lambda g, x, s, d, a, w: ops.gat_aggregate(g, x, s[1:]), ValueError, ["src_score"]),
+    (lambda g, x, s, d, a, w: ops.gat_aggregate(g, x, s, d[:, :1]), ValueError, ["dst_score"]),
+    (lambda g, x, s, d, a, w: ops.gat_aggregate(g, x, s, d.double()), TypeError, ["dst_score"]),
+    (lambda g, x, s, d, a, w: ops.gat_aggregate(g, x, s, d, a[1:], w), ValueError, ["edge_attr"]),
+    (lambda g, x, s, d, a, w: ops.gat_aggregate(g, x, s, d, a, w[:, :2]), ValueError, ["edge_weight"]),
+    (lambda g, x, s, d, a, w: ops.gat_aggregate(g, x, s, d, a), ValueError, ["edge_weight", "edge_attr"]),
+    (lambda g, x, s, d, a, w: ops.gat_aggregate(g, x, s, d, None, w), ValueError, ["edge_weight", "edge_attr"]),
+    (lambda g, x, s, d, a, w: ops.gat_aggregate(g, x, s, d, edge_keep=torch.ones(g.num_edges)), TypeError,
+     ["edge_keep"]),
+    (lambda g, x, s, d, a, w: ops.gat_aggregate(g, x, s, d, attn_dropout=1.5), ValueError, ["attn_dropout"]),
+    (lambda g, x, s, d, a, w: ops.gat_aggregate(g, x[1:], s), ValueError, ["x", "39", "40"]),
+])
+def test_bad_input_raises_naming_the_argument(call, exc, names):
+    g = csr_graph("random", "cpu", shuffled=True)
+    kw = _case(g, "edge_features", 2, 4, torch.float32, "cpu")
+    with raises(exc, "gat_aggregate", *names):
+        call(g, *(kw[k] for k in NAMES))
+
+
 def test_bad_inputs_raise_naming_the_argument():
-    g = _graph("random", "cpu")
+    g = csr_graph("random", "cpu", shuffled=True)
     kw = _case(g, "edge_features", 2, 4, torch.float32, "cpu")
     x, s, d, a, w = (kw[k] for k in NAMES)
-    with pytest.raises(ValueError, match="x has 8 channels, which do not split into 3 heads"):
-        ops.gat_aggregate(g, x, torch.randn(g.num_src, 3))
-    with pytest.raises(ValueError, match="src_score must have shape"):
-        ops.gat_aggregate(g, x, s[1:])
-    with pytest.raises(ValueError, match="dst_score must have shape"):
-        ops.gat_aggregate(g, x, s, d[:, :1])
-    with pytest.raises(TypeError, match="dst_score dtype"):
-        ops.gat_aggregate(g, x, s, d.double())
-    with pytest.raises(ValueError, match="edge_attr must have one entry per edge"):
-        ops.gat_aggregate(g, x, s, d, a[1:], w)
-    with pytest.raises(ValueError, match="edge_weight must have shape"):
-        ops.gat_aggregate(g, x, s, d, a, w[:, :2])
-    with pytest.raises(ValueError, match="without edge_weight, edge_attr holds the edge scores"):
-        ops.gat_aggregate(g, x, s, d, a)
-    with pytest.raises(ValueError, match="edge_weight given without edge_attr"):
-        ops.gat_aggregate(g, x, s, d, None, w)
-    with pytest.raises(TypeError, match="edge_keep must be a bool tensor"):
-        ops.gat_aggregate(g, x, s, d, edge_keep=torch.ones(g.num_edges))
-    with pytest.raises(ValueError, match="attn_dropout must be in"):
-        ops.gat_aggregate(g, x, s, d, attn_dropout=1.5)
-    with pytest.raises(ValueError, match="x has 39 rows"):
-        ops.gat_aggregate(g, x[1:], s)
     with pytest.raises(ValueError, match="out must have shape"):
         ops.gat_aggregate(g, x, s, out=torch.zeros(g.num_dst, 9))
     with pytest.raises(RuntimeError, match="must not share elements with x"):
@@ -278,18 +271,18 @@ def test_bad_inputs_raise_naming_the_argument():
     lib = torch.ops.revgnn_ext
     bad_col = g.col.clone()
     bad_col[3] = 999
-    with pytest.raises(ValueError, match="revgnn_ext.gat_aggregate: col index 999 is out of range"):
+    with raises(ValueError, "revgnn_ext.gat_aggregate", "col", "999"):
         lib.gat_aggregate(g.rowptr, bad_col, None, None, None, None, x, s, None, None, None, None, 0.2, 0.0, 0)
     bad_perm_t = g.transposed()[2].clone()
     bad_perm_t[0] = -1
     out, lse = lib.gat_aggregate(g.rowptr, g.col, None, None, None, None, x, s, None, None, None, None, 0.2, 0.0, 0)
-    with pytest.raises(ValueError, match="revgnn_ext.gat_aggregate_backward: perm_t index -1 is out of range"):
+    with raises(ValueError, "revgnn_ext.gat_aggregate_backward", "perm_t", "-1"):
         lib.gat_aggregate_backward(g.rowptr, g.col, g.transposed()[0], g.transposed()[1], bad_perm_t, None, x, s, None,
                                    None, None, None, out, lse, torch.ones_like(out), 0.2, 0.0, 0, [True] * 5)
 
 
 def test_autocast_casts_the_inputs_and_computes_in_float32():
-    g = _graph("power_law", "cpu")
+    g = csr_graph("power_law", "cpu", shuffled=True)
     kw = _case(g, "edge_features", 2, 8, torch.float32, "cpu", keep=0.9)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = ops.gat_aggregate(g, **kw)
@@ -308,7 +301,7 @@ def test_half_edge_feature_gradient_rounds_once(target, dtype):
     and rounds once, as the CPU kernel does, so the two agree within one unit in the last place
     (rounding after each head drifts further with every head)."""
     def grad(device):
-        g = _graph("power_law", device)
+        g = csr_graph("power_law", device, shuffled=True)
         kw = _differentiable(_case(g, "edge_features", 8, 4, dtype, device, feat=5))
         out = ops.gat_aggregate(g, negative_slope=0.2, **kw)
         gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)

@@ -9,7 +9,7 @@ from torch_geometric.utils import scatter, softmax
 
 from revgnn_ext import CSRGraph, reference
 
-from conftest import SHAPES, make_graph
+from conftest import SHAPES, grads, make_graph
 
 M32 = 0xFFFFFFFF
 
@@ -77,13 +77,6 @@ def _inputs(shape, heads=2, width=3, feat=4, seed=0):
         "edge_attr": rnd(edge_index.size(1), feat), "edge_weight": rnd(heads, feat)}
 
 
-def _grads(out, tensors):
-    if not out.requires_grad:  # the loop has no edge to differentiate through
-        return [None] * len(tensors)
-    weight = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(7))
-    return torch.autograd.grad((out * weight).sum(), tensors, allow_unused=True)
-
-
 SMALL = [s for s in SHAPES if s != "power_law"]
 
 
@@ -106,7 +99,7 @@ def test_matches_per_edge_loop_with_gradients(shape, mode):
     expected = _loop(edge_index, num_dst, kw["x"], kw["src_score"], **loop_kw)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     inputs = [t for t in kw.values()]
-    for got, want in zip(_grads(out, inputs), _grads(expected, inputs)):
+    for got, want in zip(grads(out, inputs), grads(expected, inputs)):  # none where the loop has no edge
         if want is None:
             assert got is None or not got.any()
         else:

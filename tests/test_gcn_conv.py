@@ -8,7 +8,8 @@ pyg = pytest.importorskip("torch_geometric")
 from revgnn_ext import CSRGraph  # noqa: E402
 from revgnn_ext.nn import GCNConv  # noqa: E402
 
-from conftest import DEVICES, assert_error_within_twice, assert_same_as_pyg, make_graph  # noqa: E402
+from conftest import (DEVICES, assert_error_within_twice, assert_same_as_pyg, config_id, make_graph,  # noqa: E402
+                      max_cpu_allocation, raises, sparse_adj_t)
 
 CONFIGS = [dict(), dict(improved=True), dict(add_self_loops=False), dict(improved=True, add_self_loops=False),
            dict(normalize=False), dict(bias=False)]
@@ -42,7 +43,7 @@ def _weighted_loops(shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "default")
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
 @pytest.mark.parametrize("shape", ["power_law", "isolated", "self_loops", "duplicates", "no_edges"])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_matches_pyg(device, config, shape, weighted):
@@ -56,7 +57,7 @@ def test_matches_pyg(device, config, shape, weighted):
     _check(ours, ref, x, CSRGraph.from_edge_index(ei, n), ei, weight)  # a CSRGraph is an edge_index, edge order kept
 
 
-@pytest.mark.parametrize("config", CONFIGS[:-1], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "default")
+@pytest.mark.parametrize("config", CONFIGS[:-1], ids=config_id)
 @pytest.mark.parametrize("layout", [torch.sparse_coo, torch.sparse_csr])
 def test_torch_sparse_adjacency_matches_pyg(config, layout):
     """A sparse adj_t's values are the weights, with their gradient; PyG adds fill * I to it
@@ -65,8 +66,7 @@ def test_torch_sparse_adjacency_matches_pyg(config, layout):
     value = torch.rand(ei.size(1), dtype=torch.float64, requires_grad=True)
 
     def adjacency(layout):  # built anew for each backward: its construction is part of the autograd graph
-        adj_t = torch.sparse_coo_tensor(ei.flip(0), value, (n, n)).coalesce()  # rows are destinations
-        return adj_t.to_sparse_csr() if layout == torch.sparse_csr else adj_t
+        return sparse_adj_t(ei, value, n, n, layout)
     ours, ref = _pair(config)
     x = torch.randn(n, 12, dtype=torch.float64, requires_grad=True)
     _check(ours, ref, x, adjacency(layout), adjacency(layout))
@@ -121,7 +121,7 @@ def test_static_graph_batch_and_sparse_features():
     torch.testing.assert_close(ours(x_sparse, ei), ref(x_sparse, ei), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "default")
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
 def test_wider_edge_weights_promote_as_pyg(config):
     # float64 edge weights with float32 features give float64, as PyG's type promotion does;
     # narrower ones leave the features' dtype.
@@ -145,7 +145,7 @@ def test_fallbacks_warn_and_match_pyg():
             out = ours(x, ei)
         torch.testing.assert_close(out, ref(x, ei))
     ours, _ = _pair(dict())
-    with pytest.raises(ValueError, match="bipartite"):
+    with raises(ValueError, "GCNConv", "bipartite"):
         ours((x, x), ei)
 
 
@@ -159,10 +159,7 @@ def test_no_edge_by_channel_allocation():
     def step():
         ours(x, ei, weight).sum().backward()
     step()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    largest = max(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
-    assert largest < ei.size(1) * 128 * 4 / 8
+    assert max_cpu_allocation(step) < ei.size(1) * 128 * 4 / 8
 
 
 def test_compiles_without_graph_breaks_on_a_graph():

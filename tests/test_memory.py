@@ -2,7 +2,6 @@
 training steps stays flat in depth on CPU (without it, glibc keeps about one freed N x D
 activation resident per layer: see the module's docstring); PeakMemory measures a region's own
 peak; the demo's reversible model peaks well below its plain twin."""
-import json
 import os
 import re
 import subprocess
@@ -13,6 +12,8 @@ import pytest
 import torch
 
 from revgnn_ext.memory import PeakMemory, available_memory, set_malloc_thresholds
+
+from conftest import fresh_process_json, raises
 
 LINUX = pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
 
@@ -51,19 +52,9 @@ print(json.dumps(peaks))
 """
 
 
-def _step_peaks(layers: int):
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(layers), str(NODES), str(HIDDEN)],
-                            capture_output=True, text=True, timeout=300,
-                            env={k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")})
-    if result.returncode == 3:
-        pytest.skip("set_malloc_thresholds does nothing here (not glibc)")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.splitlines()[-1])
-
-
 @LINUX
 def test_resident_set_flat_in_depth():
-    shallow, deep = _step_peaks(SHALLOW), _step_peaks(DEEP)
+    shallow, deep = (fresh_process_json(SCRIPT, layers, NODES, HIDDEN) for layers in (SHALLOW, DEEP))
     activation = NODES * HIDDEN * 4
     # Measured: the first step grows by 0.05 MB per added layer (autograd's per-parameter state made
     # by the first backward), 2 MB (two activations) without the thresholds.
@@ -79,7 +70,7 @@ def test_process_environment_wins(monkeypatch):
 
 @pytest.mark.parametrize("kwargs", [dict(mmap_threshold=0), dict(trim_threshold=-1), dict(mmap_threshold=2**26)])
 def test_bad_thresholds(kwargs):
-    with pytest.raises(ValueError, match="set_malloc_thresholds"):
+    with raises(ValueError, "set_malloc_thresholds", *kwargs):
         set_malloc_thresholds(**kwargs)
 
 

@@ -1,19 +1,15 @@
 """PyG's own test files for GENConv, SAGEConv, GCNConv, GATConv and GroupAddRev, run against revgnn_ext's classes
-patched into ``torch_geometric.nn`` (and ``torch_geometric.nn.conv`` / ``.models``).
-
-PyG's wheel has no tests and none of PyG's code is stored here: point ``REVGNN_PYG_SOURCE`` at
-a PyG source checkout of the installed version (the folder that holds ``test/`` and PyG's
-``pyproject.toml``); without it these tests are skipped. For torch_geometric 2.8.1 (the test
-files are the same from tag 2.8.0.post1 to 2.9's development head):
+patched into ``torch_geometric.nn`` (and ``torch_geometric.nn.conv`` / ``.models``). Skipped unless
+``REVGNN_PYG_SOURCE`` is a PyG source checkout of the installed version (PyG's wheel has no tests;
+for 2.8.1 the files are those of tag 2.8.0.post1):
 
     git clone --depth 1 --branch 2.8.0.post1 https://github.com/pyg-team/pytorch_geometric /tmp/pyg
     REVGNN_PYG_SOURCE=/tmp/pyg python -m pytest tests/test_pyg_suites.py
 
-Each file runs in a subprocess under PyG's own pytest configuration (its warning filters), with
-this module loaded as the plugin (``-p test_pyg_suites``) that patches the classes in before
-PyG's test modules import them, and checks at collection that they did. With ``FULL_TEST=1``
-PyG's tests also script the layers with TorchScript, which ours refuse (see README): there the
-only failures allowed are that refusal.
+Each file runs in a subprocess under PyG's pytest configuration with this module as the plugin
+(``-p test_pyg_suites``) that patches the classes in before PyG's test modules import them and
+checks at collection that they did. With ``FULL_TEST=1`` PyG's tests also script the layers,
+which ours refuse (see README): the only failures allowed there are that refusal.
 """
 import os
 import subprocess

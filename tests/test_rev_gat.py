@@ -1,16 +1,14 @@
 """RevGAT (the paper's ogbn-arxiv model): its exact parameter count, its GAT layer against the
 paper's definition written per edge, the reversible model against plain autograd, edge dropout
 shared by both groups and the recomputation, BatchNorm statistics moved once per step; and
-examples/ogbn_arxiv.py end to end (--synthetic, an ogb arxiv directory written here, resuming,
-self-distillation)."""
+examples/ogbn_arxiv.py's loss, label reuse and self-distillation (its ogb directory, resuming and
+torchrun: test_examples.py)."""
 import copy
-import gzip
 import math
 import re
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch_geometric.utils import softmax
@@ -19,13 +17,11 @@ from revgnn_ext.datasets import synthetic_arxiv
 from revgnn_ext.nn import RevGAT
 from revgnn_ext.nn.rev_gat import RevGATConv
 
-from conftest import DEVICES
+from conftest import DEVICES, random_edges
 
 
-def graph(num_nodes=40, num_edges=240, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    edge_index = torch.randint(0, num_nodes, (2, num_edges), generator=gen)
-    return torch.cat([edge_index, torch.arange(num_nodes).repeat(2, 1)], 1)  # with self loops, as the paper's graph
+def graph():
+    return torch.cat([random_edges(40, 240), torch.arange(40).repeat(2, 1)], 1)  # self loops, as the paper's graph
 
 
 def tiny(**overrides) -> RevGAT:
@@ -198,27 +194,6 @@ def example(monkeypatch):
     return ogbn_arxiv, test_examples
 
 
-def write_ogb_arxiv(root: Path, num_nodes: int = 300, num_edges: int = 1500):
-    """A small random graph in the layout ogb 1.3.6 reads for ogbn-arxiv: directed edges, 128
-    node features, 40 classes, node_year, the split in split/time/."""
-    from test_examples import _csv
-
-    rng = np.random.default_rng(0)
-    home = root / "ogbn_arxiv"
-    raw = home / "raw"
-    _csv(raw / "edge.csv.gz", rng.integers(0, num_nodes, (num_edges, 2)), "%d")
-    _csv(raw / "num-node-list.csv.gz", [[num_nodes]], "%d")
-    _csv(raw / "num-edge-list.csv.gz", [[num_edges]], "%d")
-    _csv(raw / "node-feat.csv.gz", rng.standard_normal((num_nodes, 128)), "%.4f")
-    _csv(raw / "node-label.csv.gz", rng.integers(0, 40, (num_nodes, 1)), "%d")
-    _csv(raw / "node_year.csv.gz", rng.integers(2000, 2021, (num_nodes, 1)), "%d")
-    order = rng.permutation(num_nodes)
-    for part, idx in zip(("train", "valid", "test"), np.split(order, [num_nodes // 2, 3 * num_nodes // 4])):
-        _csv(home / "split" / "time" / f"{part}.csv.gz", idx[:, None], "%d")
-    (home / "RELEASE_v1.txt").write_text("written by tests/test_rev_gat.py\n")
-    return torch.from_numpy(np.loadtxt(gzip.open(raw / "edge.csv.gz"), delimiter=",", dtype=np.int64)).T
-
-
 def test_paper_loss_and_distillation(example):
     ogbn_arxiv, _ = example
     torch.manual_seed(0)
@@ -270,30 +245,3 @@ def test_synthetic_teacher_then_student(example, tmp_path):
                                         str(teacher)])
     assert message == (f"--teacher {teacher} holds [339, 40], not the [169, 40] predictions of a run with "
                        "--predictions on this graph"), message
-
-
-def test_ogb_directory_and_resume(example, tmp_path):
-    """Through ogb's loader and Evaluator: the graph made bidirected with one self loop per node,
-    and a resumed run equal to an uninterrupted one."""
-    _, helpers = example
-    edges = write_ogb_arxiv(tmp_path)
-    both = torch.cat([edges, edges.flip(0)], 1)
-    expected = torch.unique(both[:, both[0] != both[1]], dim=1).size(1) + 300
-    command = ARXIV[:-2] + ["--root", str(tmp_path)]
-    checkpoint = ["--checkpoint", str(tmp_path / "checkpoint.pt")]
-    first = helpers.run(command + ["--epochs", "1"] + checkpoint)
-    assert f"ogbn-arxiv ({tmp_path}): 300 nodes, {expected:,} edges, 150 training nodes" in first
-    assert "2,098,256" not in first  # the tiny model
-    second = helpers.run(command + ["--epochs", "2"] + checkpoint)
-    assert "resumed from" in second and "after epoch 1" in second and "epoch 1 |" not in second
-    uninterrupted = helpers.run(command + ["--epochs", "2"])
-    assert helpers.epoch_line(second, 2) == helpers.epoch_line(uninterrupted, 2)
-    assert helpers.final_metric(second, "acc") == helpers.final_metric(uninterrupted, "acc")
-
-
-def test_torchrun_two_processes(example):
-    _, helpers = example
-    out = helpers.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                       *ARXIV[1:-1], "1", "--synthetic", "--scale", "0.002"])
-    assert "2 process(es)" in out and out.count("epoch 1 |") == 1
-    helpers.final_metric(out, "acc")
