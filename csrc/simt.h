@@ -30,6 +30,10 @@
 
 namespace simt {
 
+// A pointer into shared memory (emulation: a handle whose accesses the race detector sees).
+template <typename T>
+using SharedPtr = T*;
+
 using Stream = cudaStream_t;
 using DeviceGuard = c10::cuda::OptionalCUDAGuard;
 
@@ -61,10 +65,11 @@ __device__ __forceinline__ void check_aligned(const void*, size_t) {}
 #define __launch_bounds__(...)
 
 // Shared memory: one copy per OS thread, which runs a block's fibers; poisoned at the start of
-// each block and counted against the 48 KB static limit when a fiber first declares it.
-#define SIMT_SHARED(T, name, count) \
-  static thread_local T name[count]; \
-  ::simt::shared_declared(name, sizeof(name))
+// each block and counted against the 48 KB static limit when a fiber first declares it. `name`
+// is a simt::SharedPtr<T>: each access through it is checked for bounds and races (below).
+#define SIMT_SHARED(T, name, count)                 \
+  static thread_local T name##_simt_storage[count]; \
+  const ::simt::SharedPtr<T> name = ::simt::shared_array(name##_simt_storage, #name)
 #define SIMT_DISPATCH_KEY CPU
 
 // A *_sync call is identified by its source line and how many times the lane has made it, so
@@ -114,7 +119,75 @@ void warp_sync(Sync kind, unsigned mask, void* value, size_t bytes, int arg, int
 void syncthreads(Site site);
 [[noreturn]] void kernel_assert_failed(const char* condition, const char* file, int line);
 void check_aligned(const void* p, size_t bytes);
-void shared_declared(void* p, size_t bytes);
+
+// Shared memory: SIMT_SHARED gives a handle that reports each access to the runtime.
+// The runtime's record of one shared array of the running launch.
+struct SharedArray;
+// Registers (or finds) the array at p (`bytes`, elements of `element_bytes`) for the launch.
+const SharedArray* shared_declared(void* p, size_t bytes, size_t element_bytes, const char* name);
+// A read or write of the element at p by the running fiber, made at `site`: fails on an index
+// outside the array, or on an access that races with another thread's (csrc/emu/simt_emu.cpp).
+void shared_access(const SharedArray* array, const void* p, bool write, Site site);
+
+// A subscript, with the source position of the expression that made it (the implicit
+// conversion takes its default arguments there).
+struct SharedIndex {
+  std::ptrdiff_t i;
+  Site site;
+  SharedIndex(std::ptrdiff_t i_, const char* file = __builtin_FILE(), int line = __builtin_LINE())
+      : i(i_), site{file, line} {}
+};
+
+// One element of shared memory, as an lvalue: reading it or assigning to it is an access.
+template <typename T>
+class SharedRef {
+ public:
+  using Value = std::remove_const_t<T>;
+  SharedRef(T* p, const SharedArray* array, Site site) : p_(p), array_(array), site_(site) {}
+
+  operator Value() const {
+    shared_access(array_, p_, false, site_);
+    return *p_;
+  }
+  const SharedRef& operator=(Value v) const {
+    shared_access(array_, p_, true, site_);
+    *p_ = v;
+    return *this;
+  }
+  const SharedRef& operator=(const SharedRef& other) const { return *this = static_cast<Value>(other); }
+
+ private:
+  T* p_;
+  const SharedArray* array_;
+  Site site_;
+};
+
+// A pointer into a shared array: offsets and subscripts (under nvcc, a plain T*).
+template <typename T>
+class SharedPtr {
+ public:
+  SharedPtr(T* p, const SharedArray* array) : p_(p), array_(array) {}
+  // A pointer to const from a pointer to mutable elements, as T* converts to const T*.
+  template <typename U>
+    requires std::is_same_v<const U, T> && (!std::is_const_v<U>)
+  SharedPtr(const SharedPtr<U>& other) : p_(other.p_), array_(other.array_) {}
+
+  SharedPtr operator+(std::ptrdiff_t n) const { return {p_ + n, array_}; }
+  SharedRef<T> operator[](SharedIndex i) const { return {p_ + i.i, array_, i.site}; }
+
+ private:
+  template <typename>
+  friend class SharedPtr;
+  T* p_;
+  const SharedArray* array_;
+};
+
+// SIMT_SHARED's handle on its array `name`, registered for the running launch.
+template <typename T, size_t N>
+SharedPtr<T> shared_array(T (&storage)[N], const char* name) {
+  return {storage, shared_declared(storage, sizeof(storage), sizeof(T), name)};
+}
+
 // Runs body once per thread of the grid, as the emulator's fibers; throws what went wrong.
 void run(const std::string& kernel, dim3 grid, dim3 block, size_t shared_bytes, const std::function<void()>& body);
 

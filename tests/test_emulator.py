@@ -15,6 +15,10 @@ FAULTS = {
     "exited_lane": ["exited_lane_kernel", "names thread 0"],
     "diverged_shuffle": ["diverged_shuffle_kernel", "__shfl_sync", "selftest.cpp"],
     "skipped_barrier": ["skipped_barrier_kernel", "__syncthreads", "3"],
+    "unsynced_read": ["unsynced_read_kernel", "tile[", "selftest.cpp"],
+    "unsynced_write": ["unsynced_write_kernel", "tile[", "selftest.cpp"],
+    "unsynced_staging": ["unsynced_staging_kernel", "__syncwarp", "selftest.cpp"],
+    "shared_out_of_bounds": ["shared_out_of_bounds_kernel", "tile[64]"],
     "misaligned_pack": ["misaligned_pack_kernel", "16"],
     "assert": ["assert_kernel", "selftest: negative entry"],
     "large_shared": ["large_shared_kernel", "65536"],
@@ -29,6 +33,16 @@ def test_fault_is_reported_naming_the_kernel(fault):
         emulator._emu.selftest(fault)
     for name in FAULTS[fault]:
         assert name in str(err.value)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_shared_memory_races_whatever_the_seed(seed):
+    """The races are found in any order of the lanes, and the synchronized kernel passes."""
+    emulator._emu.configure(seed)
+    for fault in ("unsynced_read", "unsynced_write", "unsynced_staging"):
+        with pytest.raises(RuntimeError, match=f"{fault}_kernel"):
+            emulator._emu.selftest(fault)
+    emulator._emu.selftest("synced_shared")
 
 
 def _every_kernel(seed):

@@ -88,7 +88,7 @@ struct EdgeEmb {
 
   // The encoded embedding of edge e, channel c (0 unless Staged or Global); `a` is the edge's
   // row of the tile, and `l` the lane's weights of features [0, kMaxF).
-  __device__ __forceinline__ acc_t encoded(const LaneWeights<acc_t>& l, const acc_t* a, int64_t e,
+  __device__ __forceinline__ acc_t encoded(const LaneWeights<acc_t>& l, simt::SharedPtr<const acc_t> a, int64_t e,
                                            int64_t c) const {
     acc_t s = l.b;
     if (mode == EmbMode::Staged) {
@@ -106,7 +106,8 @@ struct EdgeEmb {
 
   // Features [k0, k0 + kf) of the consecutive CSR edges [base, base + count) into the group's
   // tile (row u: edge base + u, kMaxF wide): one contiguous range of edge_attr when kf == F.
-  __device__ void stage_range(const LaneGroup& g, acc_t* tile, int64_t base, int count, int64_t k0, int kf) const {
+  __device__ void stage_range(const LaneGroup& g, simt::SharedPtr<acc_t> tile, int64_t base, int count, int64_t k0,
+                              int kf) const {
     for (int idx = g.lane; idx < count * kf; idx += g.size) {
       const int u = idx / kf, k = idx - u * kf;
       tile[u * kMaxF + k] = static_cast<acc_t>(attr[(base + u) * f + k0 + k]);
@@ -114,7 +115,7 @@ struct EdgeEmb {
   }
 
   // All features (F <= kMaxF) of edge e into one tile row.
-  __device__ void stage_edge(acc_t* row, int64_t e) const {
+  __device__ void stage_edge(simt::SharedPtr<acc_t> row, int64_t e) const {
     for (int64_t k = 0; k < f; ++k) row[k] = static_cast<acc_t>(attr[e * f + k]);
   }
 };
@@ -202,7 +203,7 @@ __global__ void __launch_bounds__(kBlock)
   using M = Math<acc_t>;
   SIMT_SHARED(acc_t, smem, kBlock * kMaxF);
   const LaneGroup g(group_size);
-  acc_t* tile = smem + static_cast<int64_t>(g.index) * g.size * kMaxF;
+  simt::SharedPtr<acc_t> tile = smem + static_cast<int64_t>(g.index) * g.size * kMaxF;
   const bool staged = emb.mode == EmbMode::Staged;
   for (int64_t i = g.first_row(); i < n; i += g.row_stride()) {
     const auto [e0, e1] = row_range(rowptr, i, n, num_edges);
@@ -294,7 +295,7 @@ __global__ void __launch_bounds__(kBlock)
   constexpr bool kDeg = A == Aggr::Mean || A == Aggr::PowerMean;
   SIMT_SHARED(acc_t, smem, kBlock * kMaxF);
   const LaneGroup g(group_size);
-  acc_t* tile = smem + static_cast<int64_t>(g.index) * g.size * kMaxF;
+  simt::SharedPtr<acc_t> tile = smem + static_cast<int64_t>(g.index) * g.size * kMaxF;
   const bool staged = emb.mode == EmbMode::Staged;
   for (int64_t j = g.first_row(); j < n_src; j += g.row_stride()) {
     const auto [t0, t1] = row_range(rowptr_t, j, n_src, num_edges);
@@ -383,7 +384,7 @@ __global__ void __launch_bounds__(kBlock)
   // The groups' tiles while rows are processed, then the lanes' sums for the block's combination.
   SIMT_SHARED(acc_t, smem, kBlock * kSlots);
   const LaneGroup g(group_size);
-  acc_t* tile = smem + static_cast<int64_t>(g.index) * g.size * kMaxF;
+  simt::SharedPtr<acc_t> tile = smem + static_cast<int64_t>(g.index) * g.size * kMaxF;
   // The features whose gradients are wanted (theirs or the weight's); the staged embedding
   // reads all F <= kMaxF from the tile, in its one chunk.
   const int64_t fg = fw > 0 || grad_attr_enc != nullptr ? emb.f : 0;
@@ -427,7 +428,7 @@ __global__ void __launch_bounds__(kBlock)
             for (int u = 0; u < kUnroll; ++u) {
               if (k + u >= count) continue;  // the same for the whole group
               const int64_t edge = base + k + u;
-              const acc_t* a = tile + (k + u) * kMaxF;
+              const simt::SharedPtr<const acc_t> a = tile + (k + u) * kMaxF;
               // The gradient at x + emb; 0 for an edge whose col is out of range.
               acc_t dpre = acc_t(0);
               if (active && js[u] >= 0) {

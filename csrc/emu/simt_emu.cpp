@@ -3,7 +3,8 @@
 // order until each suspends at a barrier or *_sync intrinsic or exits. A *_sync call completes when
 // every lane of its mask has arrived at the same call (source line, times made there, mask); a
 // __syncthreads when every thread of the block has. What a GPU would hang on or leave undefined
-// is an error naming the kernel, the block, the lanes and the call.
+// is an error naming the kernel, the block, the lanes and the call, and so is a shared-memory
+// race: two threads' accesses to an element, one a write, that no barrier orders (see Cell).
 #include "simt.h"
 
 #include <sys/mman.h>
@@ -11,6 +12,7 @@
 #include <algorithm>
 #include <cstring>
 #include <cstdio>
+#include <deque>
 #include <exception>
 #include <sstream>
 #include <stdexcept>
@@ -21,6 +23,16 @@
 #endif
 
 namespace simt {
+
+// A shared array of a launch: where it is, its first cell in the race detector's shadow
+// (Shadow::cells) and the block (serial) at whose start it was last poisoned.
+struct SharedArray {
+  void* p;
+  size_t bytes, element_bytes;
+  const char* name;
+  size_t first_cell;
+  uint64_t serial;
+};
 
 namespace {
 
@@ -150,6 +162,9 @@ struct Fiber {
   size_t bytes = 0;
   unsigned char deposit[16];
   std::exception_ptr error;
+  // The race detector's warp clocks: clock[l] is the latest clock of lane l of this warp that a
+  // __syncwarp has ordered before this fiber's next access; clock[its own lane] is its own.
+  uint32_t clock[32] = {};
 };
 
 struct Launch {
@@ -163,13 +178,7 @@ struct Launch {
   uint64_t rng = 0;
   uint64_t block_serial = 0;
   unsigned done = 0, at_barrier = 0;
-  // Static shared memory declared in this launch: (address, bytes, block serial last poisoned).
-  struct Shared {
-    void* p;
-    size_t bytes;
-    uint64_t serial;
-  };
-  std::vector<Shared> shared;
+  std::deque<SharedArray> shared;  // static shared memory declared in this launch
 
   uint64_t next_random() {  // xorshift64*
     rng ^= rng >> 12;
@@ -179,8 +188,37 @@ struct Launch {
   }
 };
 
+// The race detector's record of one element of shared memory. Happens-before comes from
+// barriers only: a __syncthreads orders every access before it before every access after it (the
+// epoch), a __syncwarp the accesses of the lanes it names (the warp clocks: an access by lane l at
+// clock s is ordered before a later one of lane m when m's clock[l] >= s). Shuffles order nothing.
+// Two accesses of different threads, one a write, race unless ordered; the cell keeps the last
+// write and the reads since, each thread's latest, which is enough: the orders are transitive.
+struct Cell {
+  uint64_t write_epoch = 0;  // the last write's epoch (0: none)
+  uint32_t write_stamp = 0;  // the writer's own clock at the write
+  unsigned writer = 0;
+  Site write_site{nullptr, 0};
+  uint64_t read_epoch = 0;  // the epoch of the reads since the last write (0: none)
+  unsigned read_warp = 0;   // the warp of the reads kept per lane
+  uint32_t read_stamp[32];  // per lane of read_warp: its clock at its latest read (0: none)
+  Site read_site[32];
+  bool far = false;  // whether a thread of another warp read too: far_reader, at far_site
+  unsigned far_reader = 0;
+  Site far_site{nullptr, 0};
+};
+
+// The cells of the running launch's shared arrays, and the epoch: it advances at the start of
+// each block and at each completed __syncthreads, so that cells left by earlier blocks and
+// launches count as ordered before anything now.
+struct Shadow {
+  std::vector<Cell> cells;
+  uint64_t epoch = 0;
+};
+
 thread_local Launch* t_launch = nullptr;
 thread_local Stacks t_stacks;
+thread_local Shadow t_shadow;
 
 std::string block_name(const dim3& b) {
   std::ostringstream s;
@@ -277,6 +315,23 @@ void suspend(Launch& L) { switch_context(L.running->context, L.scheduler); }
   std::abort();  // a finished fiber is never resumed
 }
 
+// A completed __syncwarp: every lane of `mask` takes the join of their clocks, then advances its
+// own, so that what each did before is ordered before what each does after.
+void order_lanes(Launch& L, unsigned warp, unsigned mask) {
+  uint32_t join[32] = {};
+  for (unsigned l = 0; l < 32; ++l) {
+    if (!(mask >> l & 1u)) continue;
+    const uint32_t* clock = L.fibers[warp * 32 + l].clock;
+    for (unsigned k = 0; k < 32; ++k) join[k] = std::max(join[k], clock[k]);
+  }
+  for (unsigned l = 0; l < 32; ++l) {
+    if (!(mask >> l & 1u)) continue;
+    uint32_t* clock = L.fibers[warp * 32 + l].clock;
+    std::copy(join, join + 32, clock);
+    clock[l] = join[l] + 1;
+  }
+}
+
 // The lanes of f's warp that its mask names: every one must be at the same call as f. Completes
 // the call (exchanging values) when all have arrived; fails where a GPU would hang or be undefined.
 void try_complete_warp(Launch& L, Fiber& f) {
@@ -329,6 +384,7 @@ void try_complete_warp(Launch& L, Fiber& f) {
       std::memcpy(o.value, L.fibers[warp * 32 + src].deposit, o.bytes);
     }
   }
+  if (f.kind == Sync::kSyncwarp) order_lanes(L, warp, f.mask);
   for (unsigned l = 0; l < 32; ++l) {
     if (!(f.mask >> l & 1u)) continue;
     Fiber& o = L.fibers[warp * 32 + l];
@@ -349,6 +405,7 @@ void release_barrier(Launch& L) {
     L.ready.push_back(o.tid);
   }
   L.at_barrier = 0;
+  ++t_shadow.epoch;
 }
 
 // Every thread's position, grouped: where each call is waited at, and by which threads.
@@ -375,9 +432,11 @@ void run_block(Launch& L, const dim3& block_idx) {
   L.ready.clear();
   L.done = L.at_barrier = 0;
   ++L.block_serial;
+  ++t_shadow.epoch;
   for (unsigned t = 0; t < n; ++t) {
     Fiber& f = L.fibers[t];
     f.tid = t;
+    f.clock[t % 32] = 1;
     f.coords = Coordinates{dim3(t % L.block.x, t / L.block.x % L.block.y, t / (L.block.x * L.block.y)), block_idx,
                            L.block, L.grid};
     make_context(f.context, t_stacks.get(t), kStackBytes, fiber_main);
@@ -464,12 +523,13 @@ void check_aligned(const void* p, size_t bytes) {
   }
 }
 
-void shared_declared(void* p, size_t bytes) {
+const SharedArray* shared_declared(void* p, size_t bytes, size_t element_bytes, const char* name) {
   Launch& L = launch_of_caller("shared memory");
-  size_t total = 0;
-  Launch::Shared* entry = nullptr;
+  size_t total = 0, cells = 0;
+  SharedArray* entry = nullptr;
   for (auto& s : L.shared) {
     total += s.bytes;
+    cells += s.bytes / s.element_bytes;
     if (s.p == p) entry = &s;
   }
   if (entry == nullptr) {
@@ -477,13 +537,74 @@ void shared_declared(void* p, size_t bytes) {
     if (total > kMaxStaticShared) {
       throw std::runtime_error("static shared memory of " + std::to_string(total) + " bytes, past the 48 KB limit");
     }
-    L.shared.push_back({p, bytes, 0});
+    L.shared.push_back({p, bytes, element_bytes, name, cells, 0});
     entry = &L.shared.back();
+    if (t_shadow.cells.size() < cells + bytes / element_bytes) t_shadow.cells.resize(cells + bytes / element_bytes);
   }
   if (entry->serial != L.block_serial) {  // a new block: what it finds there is garbage
     std::memset(p, 0xff, bytes);
     entry->serial = L.block_serial;
   }
+  return entry;
+}
+
+void shared_access(const SharedArray* array, const void* p, bool write, Site site) {
+  Launch& L = launch_of_caller("shared memory");
+  const Fiber& f = *L.running;
+  const ptrdiff_t offset = static_cast<const char*>(p) - static_cast<const char*>(array->p);
+  const size_t count = array->bytes / array->element_bytes;
+  const ptrdiff_t index = offset / static_cast<ptrdiff_t>(array->element_bytes);
+  const auto element = [&] { return std::string(array->name) + "[" + std::to_string(index) + "]"; };
+  const auto at = [](Site s) { return std::string(s.file) + ":" + std::to_string(s.line); };
+  if (offset < 0 || index >= static_cast<ptrdiff_t>(count)) {
+    throw std::runtime_error((write ? "writes " : "reads ") + element() + " at " + at(site) + ", outside its " +
+                             std::to_string(count) + " elements");
+  }
+  Cell& c = t_shadow.cells[array->first_cell + index];
+  const uint64_t epoch = t_shadow.epoch;
+  const unsigned warp = f.tid / 32;
+  // Whether thread `tid`'s access at its clock `stamp`, in this epoch, is ordered before this one.
+  const auto ordered = [&](unsigned tid, uint32_t stamp) {
+    return tid == f.tid || (tid / 32 == warp && f.clock[tid % 32] >= stamp);
+  };
+  const auto race = [&](unsigned other, const char* other_did, Site other_site) {
+    std::ostringstream s;
+    s << (write ? "writes " : "reads ") << element() << " at " << at(site) << ", which thread " << other << " "
+      << other_did << " at " << at(other_site) << " with no __syncthreads"
+      << (other / 32 == warp ? ", nor a __syncwarp naming both," : "") << " in between (a shared-memory race)";
+    throw std::runtime_error(s.str());
+  };
+  if (c.write_epoch == epoch && !ordered(c.writer, c.write_stamp)) race(c.writer, "wrote", c.write_site);
+  if (!write) {
+    if (c.read_epoch != epoch) {
+      c.read_epoch = epoch;
+      c.read_warp = warp;
+      c.far = false;
+      std::fill(c.read_stamp, c.read_stamp + 32, 0u);
+    }
+    if (warp == c.read_warp) {
+      c.read_stamp[f.tid % 32] = f.clock[f.tid % 32];
+      c.read_site[f.tid % 32] = site;
+    } else if (!c.far) {
+      c.far = true;
+      c.far_reader = f.tid;
+      c.far_site = site;
+    }
+    return;
+  }
+  if (c.read_epoch == epoch) {
+    for (unsigned l = 0; l < 32; ++l) {
+      const unsigned reader = c.read_warp * 32 + l;
+      if (c.read_stamp[l] != 0 && !ordered(reader, c.read_stamp[l])) race(reader, "read", c.read_site[l]);
+    }
+    // A reader of another warp than read_warp: f is in read_warp (else the loop failed), so not it.
+    if (c.far) race(c.far_reader, "read", c.far_site);
+  }
+  c.write_epoch = epoch;
+  c.write_stamp = f.clock[f.tid % 32];
+  c.writer = f.tid;
+  c.write_site = site;
+  c.read_epoch = 0;
 }
 
 void run(const std::string& kernel, dim3 grid, dim3 block, size_t shared_bytes, const std::function<void()>& body) {
