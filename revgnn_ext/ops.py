@@ -101,9 +101,12 @@ def _accumulates(where: str, out: Tensor, shape, *inputs) -> bool:
         torch.promote_types(t.dtype, out.dtype) == out.dtype for t in tensors if t.is_floating_point())
 
 
-def _refuse_double_backward(ctx, *grads):
-    raise NotImplementedError("revgnn_ext: gradients of gradients (double backward) of gen_aggregate and "
-                              "gat_aggregate are not supported; use their twins in revgnn_ext.reference for them")
+def _refuse_double_backward(name: str):
+    """The backward of ``name``'s backward op: gradients of gradients are refused, naming the op."""
+    def backward(ctx, *grads):
+        raise NotImplementedError(f"revgnn_ext.{name}: gradients of gradients (double backward) are not supported; "
+                                  f"use revgnn_ext.reference.{name} for them")
+    return backward
 
 
 _lib = torch.library.Library("revgnn_ext", "IMPL")
@@ -367,7 +370,7 @@ def _gen_backward(ctx, grad_out, _grad_state):
 
 
 torch.library.register_autograd("revgnn_ext::gen_aggregate", _gen_backward, setup_context=_gen_setup)
-torch.library.register_autograd("revgnn_ext::gen_aggregate_backward", _refuse_double_backward)
+torch.library.register_autograd("revgnn_ext::gen_aggregate_backward", _refuse_double_backward("gen_aggregate"))
 _register_autocast("gen_aggregate", _gen_aggregate_fake, ("x", "edge_attr", "edge_weight", "edge_bias", "t", "p"))
 
 
@@ -473,5 +476,5 @@ def _gat_backward(ctx, grad_out, _grad_lse):
 
 
 torch.library.register_autograd("revgnn_ext::gat_aggregate", _gat_backward, setup_context=_gat_setup)
-torch.library.register_autograd("revgnn_ext::gat_aggregate_backward", _refuse_double_backward)
+torch.library.register_autograd("revgnn_ext::gat_aggregate_backward", _refuse_double_backward("gat_aggregate"))
 _register_autocast("gat_aggregate", _gat_aggregate_fake, ("x", "src_score", "dst_score", "edge_attr", "edge_weight"))
