@@ -8,13 +8,18 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import zlib
 
-import pytest
-import torch
+# torch.compile's on-disk cache does not key on a custom op's schema: code compiled against an
+# earlier build of our ops would be served to this one. Each test run compiles afresh.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="revgnn_ext_inductor_"))
 
-from revgnn_ext import CSRGraph, emulator
-from revgnn_ext.datasets import power_law_graph
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from revgnn_ext import CSRGraph, emulator  # noqa: E402
+from revgnn_ext.datasets import power_law_graph  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
