@@ -52,9 +52,8 @@ def adjacency_tensors(adj) -> Tuple[Tensor, ...]:
 def _fingerprint(t: Tensor) -> int:
     """A checksum of the values of an index tensor that depends on their positions: sum_k t_k w_k
     (mod 2^64) with fixed random odd weights w (rows of 4096, row r scaled by 2r + 1). One pass,
-    a matrix-vector product on CPU: for 5M edges it costs under 1% of one GENConv layer's forward
-    (64 channels, 100k nodes, CPU; measured for issue 15), for a cache key that sees every edit of
-    edge_index, including those that bypass its version counter (through ``.data`` or numpy)."""
+    a matrix-vector product on CPU (its cost: docs/design.md §3), for a cache key that sees every
+    edit of edge_index, including those that bypass its version counter (``.data``, numpy)."""
     flat = t.reshape(-1).long()
     weights = _fingerprint_weights.get(flat.device)
     if weights is None:

@@ -361,11 +361,9 @@ class GroupAddRev(GroupedBlock):
     def _subtract(self, ys: Sequence[Tensor], i: int, f: Tensor) -> Optional[Tensor]:
         """X_i = X'_i - F_i in place in slice i of the output; after X_1 of three or more groups,
         also returns X'_0 = X_1 + ... + X_{C-1}, F_0's input."""
-        y_i = ys[i]
-        base = y_i.untyped_storage().data_ptr()
-        if f.untyped_storage().data_ptr() == base:  # F returned (a view of) its input, which lies in y
+        if f.untyped_storage().data_ptr() == ys[i].untyped_storage().data_ptr():  # F returned a view of y
             f = f.clone()
-        y_i.sub_(f)
+        ys[i].sub_(f)
         return functools.reduce(torch.add, ys[1:]) if i == 1 and self.num_groups > 2 else None
 
     def _forward_groups(self, x: Tensor, edge_index, args, rng=None):
