@@ -445,6 +445,14 @@ def test_unused_parameters_get_no_gradient(all_unused):
     assert sum(p.grad is None for p in block.parameters()) == (8 if all_unused else 4)
 
 
+def test_parameter_shared_by_the_groups_gets_the_sum_of_their_gradients():
+    ei, n = make_graph("random")
+    torch.manual_seed(0)
+    shared = pyg.nn.SAGEConv(4, 4)
+    block = GroupAddRev(torch.nn.ModuleList([Block(4, shared, dropout=0.0) for _ in range(3)]))
+    _same_gradients_as_plain(block, torch.randn(n, 12, requires_grad=True), ei)
+
+
 # ---------------------------------------------------------------------------- never silently wrong
 def _block_and_plain(dropout=0.0, seed=0):
     torch.manual_seed(seed)

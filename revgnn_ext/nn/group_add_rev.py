@@ -251,17 +251,26 @@ class _GroupAddRevFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_y: Tensor):
         block = ctx.block
-        named = list(block.named_parameters())
+        every = list(block.named_parameters(remove_duplicate=False))  # a shared parameter under each name
+        named = _first_occurrences(every)  # as named_parameters() gives them
         _GroupAddRevFunction._check_unchanged(ctx, len(named))
         # A pass that keeps autograd's graph (retain_graph=True) leaves the block ready for another.
         ctx.passes_left = max(ctx.passes_left - 1, 1 if _graph_retained() else 0)
         x, y = ctx.x, ctx.y
         num_args = len(ctx.args)
-        trainable = [p for p, need in zip(ctx.params, ctx.needs_input_grad[5 + num_args:]) if need]
+        # Each group's parameters (those of forward) that need a gradient; a shared one in each group.
+        of_forward = {id(own): p for (_, own), p, need in zip(named, ctx.params, ctx.needs_input_grad[5 + num_args:])
+                      if need}
+        trainable = [[] for _ in range(block.num_groups)]
+        for name, own in every:  # names convs.<group>.<...>
+            p, group = of_forward.get(id(own)), trainable[int(name.split(".", 2)[1])]
+            if p is not None and all(q is not p for q in group):
+                group.append(p)
         device_type, enabled, dtype, cache = ctx.autocast
-        with _parameters_of_forward(block, named, ctx.params), torch.autocast(device_type, dtype, enabled, cache):
+        with _parameters_of_forward(block, named, ctx.params), torch.autocast(device_type, dtype, enabled, cache), \
+                statistics_frozen(block):
             if ctx.x_class is None:  # x is intact (not released, or a later pass): recompute y
-                with torch.no_grad(), statistics_frozen(block):
+                with torch.no_grad():
                     y, _ = block._forward_groups(x.detach(), ctx.edge_index, ctx.args, rng=ctx.rng)
             elif ctx.passes_left > 0:  # y stays as it is for the passes still to come
                 y = y.detach().clone()
@@ -277,9 +286,14 @@ class _GroupAddRevFunction(torch.autograd.Function):
             if y is ctx.y:
                 _release(ctx.y, _SpentOutput)
             ctx.y = ctx.x = ctx.pending = None
-        it = iter(grad_trainable)
-        grad_params = [next(it) if need else None for need in ctx.needs_input_grad[5 + num_args:]]
+        grad_params = [grad_trainable.get(id(p)) for p in ctx.params]
         return (None, None, None, None, grad_x, *grad_args, *grad_params)
+
+
+def _first_occurrences(named: Sequence[Tuple[str, Tensor]]) -> list:
+    """(name, parameter) pairs with each parameter once, under its first name."""
+    seen = set()
+    return [(n, p) for n, p in named if not (id(p) in seen or seen.add(id(p)))]
 
 
 def _graph_retained() -> bool:
@@ -388,8 +402,8 @@ class GroupAddRev(GroupedBlock):
 
     def _backward_groups(self, y: Tensor, grad_y: Tensor, edge_index, args, params, rng):
         """One evaluation of each F_i, with grad, for C down to 1: back-propagate through it,
-        then rebuild X_i = X'_i - F_i in place in y's storage. Returns (grad_x, grads of args,
-        grads of params)."""
+        then rebuild X_i = X'_i - F_i in place in y's storage. ``params[i]``: group i's parameters
+        that need a gradient. Returns (grad_x, grads of args, {id(parameter): its gradient})."""
         num_groups = self.num_groups
         ys = torch.chunk(y, num_groups, dim=self.split_dim)
         grad_x = grad_y.clone(memory_format=torch.contiguous_format)  # the groups' gradients, summed in place
@@ -397,28 +411,26 @@ class GroupAddRev(GroupedBlock):
         leaves = [a.detach().requires_grad_() if isinstance(a, Tensor) and a.requires_grad else a for a in args]
         leaf_tensors = [a for a in leaves if isinstance(a, Tensor) and a.requires_grad]
         group_args = self.split(y, leaves)[1]
-        grads_of = {id(t): None for t in (*leaf_tensors, *params)}
+        grads_of = {}
         x0 = None
         for i in range(num_groups - 1, -1, -1):
-            conv = self.convs[i]
             # F_i's input: X'_{i-1}; for i = 0, X'_0, formed when X_1 was rebuilt (for 2 groups X_1 itself)
             inp = (ys[i - 1] if i > 0 else ys[1] if x0 is None else x0).detach().requires_grad_()
-            wrt = [inp, *leaf_tensors, *(p for p in conv.parameters() if id(p) in grads_of)]
-            with statistics_frozen(conv):  # restored after the gradient, which may read them
-                with torch.enable_grad(), _replay(rng, i):
-                    f = conv(inp, edge_index, *group_args[i])
-                grads = torch.autograd.grad(f, wrt, gxs[i], allow_unused=True)
+            wrt = [inp, *leaf_tensors, *params[i]]
+            with torch.enable_grad(), _replay(rng, i):
+                f = self.convs[i](inp, edge_index, *group_args[i])
+            grads = torch.autograd.grad(f, wrt, gxs[i], allow_unused=True)
             with torch.no_grad():
                 x0 = self._subtract(ys, i, f.detach())
                 for t, g in zip(wrt[1:], grads[1:]):
                     if g is not None:
-                        total = grads_of[id(t)]
+                        total = grads_of.get(id(t))
                         grads_of[id(t)] = g if total is None else total + g
                 if grads[0] is not None:
                     for j in (i - 1,) if i > 0 else range(1, num_groups):
                         gxs[j].add_(grads[0])
-        grad_args = [grads_of[id(a)] if isinstance(a, Tensor) and a.requires_grad else None for a in leaves]
-        return grad_x, grad_args, [grads_of[id(p)] for p in params]
+        grad_args = [grads_of.get(id(a)) if isinstance(a, Tensor) and a.requires_grad else None for a in leaves]
+        return grad_x, grad_args, grads_of
 
     def forward(self, x: Tensor, edge_index, *args) -> Tensor:
         if not isinstance(x, Tensor):

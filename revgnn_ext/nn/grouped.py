@@ -81,17 +81,15 @@ def autocast_state(device_type: str) -> Tuple[str, bool, torch.dtype, bool]:
 @contextlib.contextmanager
 def statistics_frozen(module: torch.nn.Module):
     """BatchNorm running statistics (of training-mode norms that track them) stay as they are:
-    an evaluation of F that is not the step's own must not move them a second time."""
+    an evaluation of F that is not the step's own must not move them a second time. A norm in
+    training mode normalizes by the batch's statistics either way; while it does not track, it
+    neither reads nor updates its running ones."""
     norms = [m for m in module.modules()
              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
-    if not norms:
-        yield
-        return
-    saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in norms]
     try:
+        for m in norms:
+            m.track_running_stats = False
         yield
     finally:
-        with torch.no_grad():
-            for m, buffers in zip(norms, saved):
-                for k, v in m.named_buffers(recurse=False):
-                    v.copy_(buffers[k])
+        for m in norms:
+            m.track_running_stats = True
