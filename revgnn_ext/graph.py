@@ -1,14 +1,7 @@
-"""The graph format of revgnn_ext: CSR by destination, with a lazily built transpose.
-
-Every op aggregates over the in-edges of a destination row, so rows are destinations and
-`col` holds sources (PyG's `adj_t`). Indices are int32 whenever they fit. The permutation from
-the caller's edge order to CSR order is kept, so that per-edge tensors (edge weights, edge
-features) can be given in the order the edges were given. The transposed CSR (rows = sources)
-is built once, on first need, for deterministic backward passes (segment sums, no atomics).
-Indices are validated here, when a graph is built; the ops check again that the graph's tensors
-were not modified since, and the kernels check every row pointer and index they follow, so that a
-graph edited behind their back raises instead of reading out of bounds.
-"""
+"""The graph format of revgnn_ext: CSR by destination (rows are destinations, ``col`` holds
+sources: PyG's ``adj_t``), int32 indices whenever they fit, the permutation from the caller's edge
+order kept for per-edge tensors, and a transpose built on first need for deterministic backward
+passes. Indices are validated when a graph is built (docs/design.md, where things live)."""
 from __future__ import annotations
 
 import os
@@ -119,17 +112,11 @@ class CSRGraph:
             so that ``edge_attr[perm]`` is ``edge_attr`` in CSR order.
         num_src, num_dst: node counts (equal unless bipartite).
 
-    A graph is immutable: build a new one for a new graph. Its attributes are read-only
-    properties, because the graph caches what it derives from them (its transpose, its
-    CSR-numbered twin), which replacing one would leave silently stale. Its tensors cannot be
-    frozen (PyTorch has no read-only tensors), so each op checks that they were not modified in
-    place since the graph was built (their version counters: a few integer compares per call)
-    and raises a RuntimeError if they were; an edit that bypasses the version counter
-    (``.data``, numpy) is caught by the kernels when it makes the graph inconsistent (each row
-    pointer and index is checked as it is followed), never read out of bounds.
-
-    The tensors are always normal tensors, even when the graph is built under
-    ``torch.inference_mode()``, so that a graph made for inference can be trained with later.
+    A graph is immutable (it caches what it derives: its transpose, its CSR-numbered twin): each
+    op raises a RuntimeError if its tensors were modified in place since it was built, and the
+    kernels check each row pointer and index they follow, so an edit that bypasses the version
+    counter (``.data``, numpy) never reads out of bounds. Its tensors are normal tensors even
+    when built under ``torch.inference_mode()``, so a graph made for inference trains later.
     """
 
     def __init__(self, rowptr: Tensor, col: Tensor, num_src: int, perm: Optional[Tensor] = None):

@@ -1,19 +1,6 @@
-"""Memory on CPU as the operating system sees it: glibc malloc settings under which a deep
-model's resident set follows what it allocates, and the peak memory of a code region.
-
-PyTorch's CPU tensors come from malloc. glibc maps a block on its own (and unmaps it when freed)
-only from M_MMAP_THRESHOLD up, and raises that threshold to the size of every mapped block freed,
-up to 32 MiB; smaller blocks come from the heap, which goes back to the OS only from its top
-(past M_TRIM_THRESHOLD, raised alongside). A reversible forward frees each layer's input as it
-goes and so leaves one freed hole per layer under blocks still in use: with glibc's dynamic
-thresholds the process keeps about one activation per layer resident although the bytes in use
-stay flat in depth. Fixed thresholds of 64 KiB and 0 map every block of 64 KiB or more on its own
-and trim the heap's top at once, so the resident set stays flat in depth; the price is page
-faults, as a freed block's pages go back to the OS and are faulted in again for the next one.
-Importing revgnn_ext changes nothing: an entry point calls ``set_malloc_thresholds()`` at
-start-up (the demo, the OGB examples and the benchmarks do), or starts with
-``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0``. benchmarks/README.md has the numbers.
-"""
+"""Memory on CPU as the operating system sees it: glibc malloc thresholds under which a deep
+model's resident set follows what it allocates (why: docs/design.md §4), and the peak memory of
+a code region."""
 import ctypes
 import gc
 import os

@@ -109,6 +109,21 @@ def _refuse_double_backward(name: str):
     return backward
 
 
+def _check_transposed(name: str, rowptr_t: Optional[Tensor]) -> None:
+    if rowptr_t is None:
+        raise RuntimeError(f"revgnn_ext.{name}: the backward needs the transposed CSR (rowptr_t, col_t, perm_t); "
+                           "revgnn_ext.ops passes it when gradients are recorded")
+
+
+def _gradients_like(x: Tensor, rowptr_t: Tensor, others, output_mask):
+    """A backward op's fake outputs: grad_x [num_src, D], then one tensor like each of ``others``;
+    [0] for an output not in ``output_mask`` (or an absent input)."""
+    grad_x = x.new_empty((rowptr_t.shape[0] - 1, x.shape[1]) if output_mask[0] else (0,))
+    return (grad_x, *(x.new_empty((0,)) if not wanted or v is None else
+                      torch.empty_like(v, memory_format=torch.contiguous_format)
+                      for v, wanted in zip(others, output_mask[1:])))
+
+
 _lib = torch.library.Library("revgnn_ext", "IMPL")
 
 
@@ -220,7 +235,6 @@ def _apply_fixed(graph, weight, x, arg, reduce):
 def _spmm_setup(ctx, inputs, output):
     rowptr, col, rowptr_t, col_t, perm_t, weight, x, reduce = inputs
     ctx.reduce = reduce
-    ctx.has_transpose = rowptr_t is not None
     keep_x = x if ctx.needs_input_grad[5] else None
     ctx.save_for_backward(rowptr, col, rowptr_t, col_t, perm_t, weight, keep_x, output[1])
 
@@ -230,9 +244,7 @@ def _spmm_backward(ctx, grad_out, _grad_arg):
     graph = (rowptr, col, rowptr_t, col_t, perm_t)
     grad_w = grad_x = None
     if ctx.needs_input_grad[6]:
-        if not ctx.has_transpose:
-            raise RuntimeError("revgnn_ext.spmm: the gradient of x needs the transposed CSR (rowptr_t, col_t, "
-                               "perm_t); revgnn_ext.ops.spmm passes it when x requires grad")
+        _check_transposed("spmm", rowptr_t)
         grad_x = _ops.spmm_backward_x(*graph, weight, grad_out, arg, ctx.reduce)
     if ctx.needs_input_grad[5]:
         grad_w = _ops.spmm_backward_weight(*graph, x, grad_out, arg, ctx.reduce)
@@ -263,8 +275,7 @@ def _backward_weight_backward(ctx, k):
     graph = (rowptr, col, rowptr_t, col_t, perm_t)
     d_x = d_grad_out = None
     if ctx.needs_input_grad[5]:
-        if rowptr_t is None:
-            raise RuntimeError("revgnn_ext.spmm_backward_weight: its gradient for x needs the transposed CSR")
+        _check_transposed("spmm_backward_weight", rowptr_t)
         d_x = _ops.spmm_backward_x(*graph, k, grad_out, arg, ctx.reduce)
     if ctx.needs_input_grad[6]:
         d_grad_out = _apply_fixed(graph, k, x, arg, ctx.reduce)
@@ -339,30 +350,21 @@ def _gen_aggregate_fake(rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge
 @torch.library.register_fake("revgnn_ext::gen_aggregate_backward")
 def _gen_aggregate_backward_fake(rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias, t, p,
                                  out, state, grad_out, aggr, eps, output_mask):
-    def like(v, wanted):
-        if not wanted or v is None:
-            return x.new_empty((0,))
-        return torch.empty_like(v, memory_format=torch.contiguous_format)
     used_t = t if aggr == "softmax" else None
     used_p = p if aggr == "powermean" else None
-    grad_x = x.new_empty((rowptr_t.shape[0] - 1, x.shape[1])) if output_mask[0] else x.new_empty((0,))
-    return (grad_x, like(edge_attr, output_mask[1]), like(edge_weight, output_mask[2]),
-            like(edge_bias, output_mask[3]), like(used_t, output_mask[4]), like(used_p, output_mask[5]))
+    return _gradients_like(x, rowptr_t, (edge_attr, edge_weight, edge_bias, used_t, used_p), output_mask)
 
 
 def _gen_setup(ctx, inputs, output):
     (rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias, t, p, aggr, eps) = inputs
     ctx.aggr, ctx.eps = aggr, eps
-    ctx.has_transpose = rowptr_t is not None
     ctx.save_for_backward(rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias, t, p,
                           *output)
 
 
 def _gen_backward(ctx, grad_out, _grad_state):
     rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias, t, p, out, state = ctx.saved_tensors
-    if not ctx.has_transpose:
-        raise RuntimeError("revgnn_ext.gen_aggregate: the backward needs the transposed CSR (rowptr_t, col_t, "
-                           "perm_t); revgnn_ext.ops.gen_aggregate passes it when gradients are recorded")
+    _check_transposed("gen_aggregate", rowptr_t)
     wanted = list(ctx.needs_input_grad[5:11])
     grads = _ops.gen_aggregate_backward(rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias,
                                         t, p, out, state, grad_out, ctx.aggr, ctx.eps, wanted)
@@ -449,27 +451,18 @@ def _gat_aggregate_accumulate_fake(out, rowptr, col, perm, x, src_score, dst_sco
 def _gat_aggregate_backward_fake(rowptr, col, rowptr_t, col_t, perm_t, perm, x, src_score, dst_score, edge_attr,
                                  edge_weight, edge_keep, out, lse, grad_out, negative_slope, attn_dropout, seed,
                                  output_mask):
-    def like(v, wanted):
-        if not wanted or v is None:
-            return x.new_empty(0)
-        return torch.empty_like(v, memory_format=torch.contiguous_format)
-    grad_x = x.new_empty((rowptr_t.shape[0] - 1, x.shape[1])) if output_mask[0] else x.new_empty(0)
-    return (grad_x, like(src_score, output_mask[1]), like(dst_score, output_mask[2]), like(edge_attr, output_mask[3]),
-            like(edge_weight, output_mask[4]))
+    return _gradients_like(x, rowptr_t, (src_score, dst_score, edge_attr, edge_weight), output_mask)
 
 
 def _gat_setup(ctx, inputs, output):
     rowptr, col, rowptr_t, col_t, perm_t, perm, x, src, dst, attr, weight, keep, slope, p, seed = inputs
     ctx.scalars = (slope, p, seed)
-    ctx.has_transpose = rowptr_t is not None
     ctx.save_for_backward(rowptr, col, rowptr_t, col_t, perm_t, perm, x, src, dst, attr, weight, keep, *output)
 
 
 def _gat_backward(ctx, grad_out, _grad_lse):
     *inputs, out, lse = ctx.saved_tensors
-    if not ctx.has_transpose:
-        raise RuntimeError("revgnn_ext.gat_aggregate: the backward needs the transposed CSR (rowptr_t, col_t, "
-                           "perm_t); revgnn_ext.ops.gat_aggregate passes it when gradients are recorded")
+    _check_transposed("gat_aggregate", inputs[2])
     wanted = list(ctx.needs_input_grad[6:11])
     grads = _ops.gat_aggregate_backward(*inputs, out, lse, grad_out, *ctx.scalars, wanted)
     return (None,) * 6 + tuple(g if need else None for g, need in zip(grads, wanted)) + (None,) * 4

@@ -16,11 +16,8 @@ from .grouped import GroupedBlock, autocast_state, rng_state, set_rng_state, sta
 __all__ = ["GroupAddRev"]
 
 
-# The random generators are global: a thread that draws while another block's F records or
-# replays its draws shifts that F's numbers. One process-wide lock serializes the recordings and
-# replays; blocks whose F drew and whose backward is still to come are counted per thread, and a
-# block that records draws while another thread has such blocks refuses (its replay could not be
-# trusted); a replay that ends elsewhere than its forward raises (see _RngState.replay).
+# The random generators are global, so recordings and replays of F's draws are serialized, and a
+# thread's pending replays make another thread's recording refuse (docs/design.md §2).
 _RNG_LOCK = threading.RLock()
 _PENDING_DRAWS: dict = {}  # thread id -> number of its blocks whose F drew, backward pending
 
@@ -55,10 +52,8 @@ def _fingerprint(state) -> Tuple[int, Optional[int]]:
 
 
 class _RngState:
-    """The generator states before a group's function, so that its recomputation in backward
-    draws the same random numbers (dropout, edge dropping), and a fingerprint of the states after
-    it, so that a replay that drew other numbers (another thread drew from the global generators
-    meanwhile) raises instead of giving wrong gradients."""
+    """The generator states before a group's function, replayed by its recomputation, and a
+    fingerprint of those after it: a replay that drew other numbers raises."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -66,9 +61,8 @@ class _RngState:
         self.after = None
 
     def drawn(self) -> bool:
-        """Whether any random number was drawn since (if so, records the fingerprint of the
-        states now); if not, the state need not be kept (the CPU state is 5 KB, per group and
-        layer, which would otherwise grow with depth)."""
+        """Whether any random number was drawn since (then records the fingerprint of the states
+        now); if not, the caller drops this state."""
         now = rng_state(self.device)
         drawn = any(a is not None and not torch.equal(a, b) for a, b in zip(now, self.before))
         if drawn:
@@ -98,8 +92,8 @@ def _replay(states: Sequence[Optional[_RngState]], i: int):
 
 
 class _Released(torch.Tensor):
-    """The class a tensor takes while GroupAddRev holds its memory: any use that reads its data
-    raises `message`; autograd calls that take it as an input, and its (empty) storage, work."""
+    """The class of a tensor whose memory GroupAddRev holds: a read of its data raises
+    `message`; autograd calls that take it as an input work."""
 
     message = ""
 
@@ -145,10 +139,8 @@ _warned_kept = False
 
 
 def _releasable(x: Tensor) -> bool:
-    """Whether the block may release x until backward: an activation computed inside the model
-    (a user's leaf tensor is left alone) that spans its whole storage and that nothing else
-    holds (an operation that saved it for its own backward, a view). When something else holds
-    it, it is kept (warned once): releasing it would break that operation's backward."""
+    """Whether the block may release x until backward: an activation (not a user's leaf) over
+    its whole storage that nothing else holds (a saved tensor, a view); else kept, warned once."""
     global _SOLE, _warned_kept
     if x.grad_fn is None or type(x) is not torch.Tensor or getattr(_KEEP_INPUTS, "depth", 0):
         return False
@@ -167,11 +159,9 @@ def _releasable(x: Tensor) -> bool:
 
 
 def _graph_tensors(values: Sequence[Any]) -> Tuple[Tensor, ...]:
-    """The tensors behind the arguments a block passes to F: each tensor, and the tensors that
-    hold an adjacency (a CSRGraph's, its cached transpose included; a sparse tensor's indices
-    and values), inside tuples and lists too. F rebuilds from them what it derives (a CSRGraph
-    of an edge_index, GATConv's looped graph), so an edit of one changes F's recomputation.
-    Inference tensors (made under torch.inference_mode) have no version counter and are left out."""
+    """The tensors behind F's arguments (adjacencies' index and value tensors included, inside
+    tuples and lists too), whose edits change F's recomputation; inference tensors, which have
+    no version counter, left out."""
     tensors = []
     for value in values:
         if isinstance(value, (tuple, list)):
@@ -182,23 +172,18 @@ def _graph_tensors(values: Sequence[Any]) -> Tuple[Tensor, ...]:
 
 
 def _version(ctx) -> int:
-    """The sum of the version counters of what a block's backward reads as it was in forward: its
-    parameters, the tensors behind edge_index and the arguments, and its input unless released
-    (an in-place edit raises the sum)."""
+    """The sum of the version counters of what backward reads as it was in forward: parameters,
+    graph and argument tensors, and the input unless released."""
     kept = (ctx.x,) if ctx.x_class is None else ()
     return sum(t._version for t in (*ctx.params, *ctx.graph_tensors, *kept))
 
 
 class _GroupAddRevFunction(torch.autograd.Function):
     """y = block(x). x (see _releasable) is released after the forward; backward rebuilds it
-    from y, in y's own storage, group by group, and gives it back. The block's parameters
-    (all of them, in named_parameters order) are inputs after the tensor arguments, so that
-    autograd delivers their gradients as for any other operation."""
+    in y's storage and gives it back. The block's parameters are inputs after the arguments."""
 
     @staticmethod
     def forward(ctx, block: "GroupAddRev", edge_index, num_args: int, release: bool, x: Tensor, *rest):
-        # The context holds as little as it can: a 1001-layer model keeps 1001 of them until
-        # backward.
         args, params = rest[:num_args], rest[num_args:]
         ctx.block, ctx.edge_index, ctx.args, ctx.params = block, edge_index, args, params
         ctx.graph_tensors = _graph_tensors((edge_index, *args))
@@ -217,8 +202,7 @@ class _GroupAddRevFunction(torch.autograd.Function):
 
     @staticmethod
     def _check_unchanged(ctx, num_params: int) -> None:
-        """Raises, as plain autograd does, when a tensor backward needs was modified in place
-        (``num_params``: how many parameters the block has now)."""
+        """Raises, as plain autograd does, when a tensor backward needs was modified in place."""
         if ctx.y._version != ctx.y_version:
             raise RuntimeError("GroupAddRev: the block's output was modified in place before backward (e.g. by "
                                "ReLU(inplace=True) or y.mul_(...) after the block); backward rebuilds the block's "
@@ -297,17 +281,16 @@ def _first_occurrences(named: Sequence[Tuple[str, Tensor]]) -> list:
 
 
 def _graph_retained() -> bool:
-    """Whether the backward pass that runs now keeps autograd's graph for another pass
-    (``retain_graph=True``, or ``create_graph=True``). The engine's flag is read as AOTAutograd
-    reads it; where PyTorch lacks it, a pass counts against num_bwd_passes."""
+    """Whether the running backward pass keeps autograd's graph (retain_graph / create_graph);
+    where PyTorch lacks the engine's flag, every pass counts against num_bwd_passes."""
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     return keep_graph is not None and keep_graph()
 
 
 @contextlib.contextmanager
 def _parameters_of_forward(block: torch.nn.Module, named: Sequence[Tuple[str, Tensor]], params: Sequence[Tensor]):
-    """The block holds the tensors it ran with in forward while backward recomputes; they differ
-    from its own when forward ran under torch.func.functional_call, which has returned since."""
+    """The block holds the tensors it ran with in forward (torch.func.functional_call's, which
+    has returned since) while backward recomputes."""
     swapped = []
     try:
         for (name, own), p in zip(named, params):
@@ -373,17 +356,15 @@ class GroupAddRev(GroupedBlock):
             out.add_(conv(inp, edge_index, *args))
 
     def _subtract(self, ys: Sequence[Tensor], i: int, f: Tensor) -> Optional[Tensor]:
-        """X_i = X'_i - F_i in place in slice i of the output; after X_1 of three or more groups,
-        also returns X'_0 = X_1 + ... + X_{C-1}, F_0's input."""
+        """X_i = X'_i - F_i in place in slice i; after X_1 of 3+ groups returns X'_0, F_0's input."""
         if f.untyped_storage().data_ptr() == ys[i].untyped_storage().data_ptr():  # F returned a view of y
             f = f.clone()
         ys[i].sub_(f)
         return functools.reduce(torch.add, ys[1:]) if i == 1 and self.num_groups > 2 else None
 
     def _forward_groups(self, x: Tensor, edge_index, args, rng=None):
-        """y = [X'_1 .. X'_C] in one new buffer, and the RNG state before each F_i that drew
-        random numbers (an empty tuple if none did); recorded when `rng` is None, else replayed
-        from it."""
+        """y = [X'_1 .. X'_C] in one new buffer, and the RNG states before the F_i that drew (()
+        if none did): recorded when `rng` is None, else replayed from it."""
         xs, group_args = self.split(x, args)
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # row-major, whatever x's layout
         ys = torch.chunk(y, self.num_groups, dim=self.split_dim)
@@ -446,11 +427,7 @@ class GroupAddRev(GroupedBlock):
             return self._plain(x, edge_index, args)
         return self._reversible(x, edge_index, args)
 
-    # torch.compile leaves the reversible block, F included, to eager mode: autograd runs the
-    # block's backward, which recomputes F, outside any compiled region, and the inversion
-    # X = Y - F must subtract the F of the forward bit for bit (the same rounding, the same
-    # random draws), which a compiled F in forward and an eager one in backward would not give.
-    @torch.compiler.disable
+    @torch.compiler.disable  # the inversion needs F of the forward bit for bit (docs/design.md §2)
     def _reversible(self, x: Tensor, edge_index, args) -> Tensor:
         params = tuple(self.parameters())
         try:
