@@ -121,10 +121,11 @@ void forward_select(const index_t* rowptr, const index_t* col, int64_t num_edges
   });
 }
 
-// grad_x[j] = sum over transposed entries of the edge's share of grad_out[dst].
+// grad_x[j] = sum over transposed entries of the edge's share of grad_out[dst]; w_t: the weight of
+// each transposed entry (in transposed order).
 template <typename scalar_t, typename index_t, Reduce R>
 void backward_x_kernel(const index_t* rowptr, const index_t* rowptr_t, const index_t* col_t, const index_t* perm_t,
-                       const scalar_t* w, const scalar_t* g, int64_t ldg, const index_t* arg, int64_t n_dst,
+                       const scalar_t* w_t, const scalar_t* g, int64_t ldg, const index_t* arg, int64_t n_dst,
                        int64_t num_edges, scalar_t* gx, int64_t n_src, int64_t d) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = AccVec<scalar_t>;
@@ -141,7 +142,7 @@ void backward_x_kernel(const index_t* rowptr, const index_t* rowptr_t, const ind
           for (int64_t t = t0; t < t1; ++t) {
             const int64_t i = checked(col_t[t], n_dst, op, "col_t");
             const int64_t e = checked(perm_t[t], num_edges, op, "perm_t");
-            const acc_t we = edge_weight(w, e);
+            const acc_t we = edge_weight(w_t, t);
             const scalar_t* gr = g + i * ldg + cb;
             const index_t* ar = arg + i * d + cb;
             for (int64_t c = 0; c < width; ++c) acc[c] += ar[c] == e ? we * static_cast<acc_t>(gr[c]) : acc_t(0);
@@ -155,9 +156,8 @@ void backward_x_kernel(const index_t* rowptr, const index_t* rowptr_t, const ind
           for (int64_t k = 0; k < VS; ++k) tail[k] = acc_t(0);
           for (int64_t t = t0; t < t1; ++t) {
             const int64_t i = checked(col_t[t], n_dst, op, "col_t");
-            const int64_t e = checked(perm_t[t], num_edges, op, "perm_t");
             const auto [e0, e1] = checked_row(rowptr, i, n_dst, num_edges, op, "rowptr");
-            const acc_t s = grad_scale<R, acc_t>(edge_weight(w, e), e1 - e0);
+            const acc_t s = grad_scale<R, acc_t>(edge_weight(w_t, t), e1 - e0);
             const scalar_t* gr = g + i * ldg + cb;
             const Vec sv(s);
             if (nv == kVecs) {
@@ -240,9 +240,9 @@ struct CpuSpmm {
   }
 
   static void backward_x(const at::Tensor& rowptr, const at::Tensor& rowptr_t, const at::Tensor& col_t,
-                         const at::Tensor& perm_t, const c10::optional<at::Tensor>& weight,
+                         const at::Tensor& perm_t, const c10::optional<at::Tensor>& weight_t,
                          const at::Tensor& grad_out, const at::Tensor& arg, Reduce reduce, const at::Tensor& grad_x) {
-    const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
+    const at::Tensor w = weight_t.has_value() ? weight_t->contiguous() : at::Tensor();
     constexpr const char* op = "revgnn_ext.spmm_backward_x";
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), op, [&] {
       AT_DISPATCH_INDEX_TYPES(rowptr.scalar_type(), op, [&] {

@@ -112,12 +112,12 @@ __global__ void __launch_bounds__(kBlock)
 }
 
 // grad_x[j, c] = sum over transposed entries t of row j (edge e = perm_t[t] into i = col_t[t])
-// of the edge's share of grad_out[i, c].
+// of the edge's share of grad_out[i, c]; weight_t: the weight of each transposed entry.
 template <typename scalar_t, typename index_t, Reduce R, int VEC>
 __global__ void __launch_bounds__(kBlock)
     spmm_backward_x_kernel(const index_t* __restrict__ rowptr, const index_t* __restrict__ rowptr_t,
                            const index_t* __restrict__ col_t, const index_t* __restrict__ perm_t,
-                           const scalar_t* __restrict__ weight, const scalar_t* __restrict__ grad_out, int64_t ldg,
+                           const scalar_t* __restrict__ weight_t, const scalar_t* __restrict__ grad_out, int64_t ldg,
                            const index_t* __restrict__ arg, int64_t n_dst, int64_t num_edges,
                            scalar_t* __restrict__ grad_x, int64_t n_src, int64_t d, int group_size) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(kBlock)
           if (ok_i && ok_e) {
             dst = i;
             edge = e;
-            const acc_t w = weight != nullptr ? static_cast<acc_t>(weight[e]) : acc_t(1);
+            const acc_t w = weight_t != nullptr ? static_cast<acc_t>(weight_t[t]) : acc_t(1);
             if constexpr (selects_edge(R)) {
               s = w;
             } else {
@@ -300,12 +300,12 @@ struct CudaSpmm {
   }
 
   static void backward_x(const at::Tensor& rowptr, const at::Tensor& rowptr_t, const at::Tensor& col_t,
-                         const at::Tensor& perm_t, const c10::optional<at::Tensor>& weight,
+                         const at::Tensor& perm_t, const c10::optional<at::Tensor>& weight_t,
                          const at::Tensor& grad_out, const at::Tensor& arg, Reduce reduce, const at::Tensor& grad_x) {
     const simt::DeviceGuard guard(grad_out.device());
     const int64_t n_src = rowptr_t.numel() - 1, d = grad_out.size(1);
     if (n_src <= 0 || d == 0) return;
-    const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
+    const at::Tensor w = weight_t.has_value() ? weight_t->contiguous() : at::Tensor();
     const bool packs = packs_ok(grad_out) && packs_ok(grad_x);
     const auto stream = simt::current_stream();
     constexpr const char* op = "revgnn_ext.spmm_backward_x";

@@ -87,7 +87,8 @@ inline Reduce parse_reduce(c10::string_view reduce, const char* op) {
 // device's kernels (cpu/spmm_cpu.cpp, cuda/spmm_cuda.cu):
 //   K::forward(rowptr, col, weight, x, reduce, out, arg, alpha, accumulate)
 //     out = result (accumulate false) or out += alpha * result; arg undefined or [n, D].
-//   K::backward_x(rowptr, rowptr_t, col_t, perm_t, weight, grad_out, arg, reduce, grad_x)
+//   K::backward_x(rowptr, rowptr_t, col_t, perm_t, weight_t, grad_out, arg, reduce, grad_x)
+//     weight_t: the weight of each transposed entry (weight[perm_t], read in order), or none.
 //   K::backward_weight(rowptr, col, x, grad_out, arg, reduce, grad_weight)
 // Kernels check every row they visit and every index they follow (see the contract above).
 
@@ -161,8 +162,16 @@ at::Tensor spmm_backward_x_op(const at::Tensor& rowptr, const at::Tensor& /*col*
   TORCH_CHECK_VALUE(rowptr.numel() == grad_out.size(0) + 1, op, ": grad_out has ", grad_out.size(0),
                     " rows but the graph has ", rowptr.numel() - 1, " destination nodes");
   check_arg(arg, r, rowptr, grad_out, op);
+  c10::optional<at::Tensor> weight_t;
+  if (weight.has_value() && grad_out.size(1) > 0) {
+    try {
+      weight_t = weight->index_select(0, perm_t);
+    } catch (const c10::IndexError&) {
+      TORCH_CHECK_VALUE(false, op, ": perm_t holds an edge index out of range", kRebuildGraph);
+    }
+  }
   at::Tensor grad_x = at::empty({rowptr_t.numel() - 1, grad_out.size(1)}, grad_out.options());
-  if (grad_x.numel() > 0) K::backward_x(rowptr, rowptr_t, col_t, perm_t, weight, grad_out, arg, r, grad_x);
+  if (grad_x.numel() > 0) K::backward_x(rowptr, rowptr_t, col_t, perm_t, weight_t, grad_out, arg, r, grad_x);
   return grad_x;
 }
 
