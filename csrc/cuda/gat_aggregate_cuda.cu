@@ -1,25 +1,28 @@
 // CUDA kernels of gat_aggregate (contract and shared formulas: csrc/ops/gat_aggregate.h).
 //
-// Thread mapping (cuda/common.cuh): a group of G lanes owns one (row, head) — one row for
-// backward_dst — and lane l holds channels c0 + l + k * G, k < kPer, of each pass over the head's
-// C channels (one pass for C <= kPer * G). The group fetches a row's edges G at a time, one per
-// lane: its index, mask, score and dropout factor (GatEdges, shared with the CPU kernels), then
-// broadcasts them with __shfl_sync; every lane runs the same scalar softmax steps in the same
-// order, so they agree bit for bit.
+// Thread mapping (cuda/common.cuh): a group of G lanes owns one (row, head), or for backward_dst
+// one row and all its heads; lane l holds channels c0 + l + k * G, k < kPer, of each pass over a
+// head's C channels (one pass for C <= kPer * G). The group fetches a row's edges G at a time, one
+// per lane: its index, mask and dropout hash, and in the forward and backward_src its score
+// (GatEdges, shared with the CPU kernels), then broadcasts them with __shfl_sync; every lane runs
+// the same scalar softmax steps in the same order, so they agree bit for bit. backward_dst's
+// blocks own fixed runs of kBlock / G rows, one per group; the others' loops are grid-stride.
 //
 // Determinism, no atomics: out, grad_x, grad_src_score and grad_dst_score are sequential sums of
 // one group in (transposed) CSR order, dot products fixed butterflies over the group (channel
-// slots in order); grad_edge_attr rows and the edge_weight partials (one per block of
-// kRowsPerBlock rows, in float64) are written by one lane each, the partials then summed by
-// at::sum in block order. G depends on C only.
+// slots in order); a grad_edge_attr element is one lane's sum over the heads in order, written
+// once. The edge_weight gradient is summed in float64 by each lane over its row's edges, then over
+// the groups of its block in order, one partial per block; at::sum adds the partials (in an order
+// fixed by their shape and the GPU model). G depends on C only, so the bits do not depend on the
+// grid.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
-#include <type_traits>
 
 #include "cuda/common.cuh"
 #include "ops/gat_aggregate.h"
@@ -27,8 +30,9 @@
 namespace revgnn_ext {
 namespace {
 
-constexpr int kPer = 4;                // channels per lane and pass
-constexpr int64_t kRowsPerBlock = 16;  // rows per partial sum of the edge_weight gradient
+constexpr int kPer = 4;    // channels per lane and pass
+constexpr int kSlots = 8;  // values per lane and pass of backward_dst (of each of its three outputs)
+static_assert(kSlots * 32 <= kBlock, "a pass's edge_weight sums are added up by one thread each");
 
 // What one lane fetched of an edge of a batch: the other end of the edge (-1: past the row, dropped,
 // or out of range), its CSR position, its score z before the activation, its dropout hash.
@@ -40,7 +44,7 @@ struct Fetched {
   uint32_t hash = 0;
 };
 
-// Lane's fetch of CSR edge e of row i (e < end), head h: for the forward and backward_dst.
+// Lane's fetch of CSR edge e of row i (e < end), head h: for the forward.
 template <typename scalar_t, typename index_t>
 __device__ __forceinline__ Fetched<at::opmath_type<scalar_t>> fetch_in_edge(const GatEdges<scalar_t, index_t>& ed,
                                                                              const index_t* col, int64_t i, int64_t e,
@@ -194,8 +198,17 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
-// grad_dst_score, grad_edge_attr and the edge_weight partials: one group per block of
-// kRowsPerBlock rows, heads in order, each row's in-edges in CSR order.
+// grad_dst_score, grad_edge_attr and the edge_weight partials, over the CSR: block b owns rows
+// [b R, (b + 1) R), R = kBlock / G, one group per row (a row's heads stay together, so that an
+// edge's grad_edge_attr row, a sum over the heads, is written once from registers). For each
+// in-edge, in CSR order, the group computes every head's dz, then writes the edge's grad_edge_attr
+// row (0 for a dropped edge). Lane l keeps, in slots m < kSlots, the values of index
+// s = s0 + l + m G of: grad_dst_score (head s), the edge's grad_edge_attr (column s: head s, or
+// feature s when encoded, summed over the heads in opmath precision and rounded once) and the
+// edge_weight sums (entry s of the flattened [H, F], float64). A pass covers kSlots G indices
+// (s0 = pass kSlots G) and runs over the row's edges; the host asks for as many passes as the
+// widest of the three needs (one unless it exceeds kSlots G). At the end of a pass the block's
+// groups add their edge_weight sums in group order into partial[b].
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kBlock)
     gat_backward_dst_kernel(const index_t* __restrict__ rowptr, const index_t* __restrict__ col, int64_t num_edges,
@@ -203,48 +216,78 @@ __global__ void __launch_bounds__(kBlock)
                             const GatEdges<scalar_t, index_t> ed, const scalar_t* __restrict__ grad_out,
                             const at::opmath_type<scalar_t>* __restrict__ lse,
                             const at::opmath_type<scalar_t>* __restrict__ r, scalar_t* __restrict__ grad_dst,
-                            scalar_t* __restrict__ grad_attr_direct,
-                            at::opmath_type<scalar_t>* __restrict__ grad_attr_enc, double* __restrict__ partial,
-                            int64_t n, int64_t c, int group_size) {
+                            scalar_t* __restrict__ grad_attr, double* __restrict__ partial, int64_t n, int64_t c,
+                            int64_t passes, int group_size) {
   using acc_t = at::opmath_type<scalar_t>;
+  // The lanes' edge_weight sums of a pass, slot m of thread t at sums[m * kBlock + t].
+  SIMT_SHARED(double, sums, kSlots * kBlock);
   const LaneGroup g(group_size);
-  const int64_t heads = ed.heads, d = heads * c, f = ed.f, blocks = (n + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int64_t heads = ed.heads, d = heads * c, f = ed.f, span = kSlots * g.size;
   const bool direct = ed.weight == nullptr;
-  for (int64_t b = g.first_row(); b < blocks; b += g.row_stride()) {
-    double* pw = partial != nullptr ? partial + b * heads * f : nullptr;
-    for (int64_t i = b * kRowsPerBlock; i < n && i < (b + 1) * kRowsPerBlock; ++i) {
-      const auto [e0, e1] = row_range(rowptr, i, n, num_edges);
-      for (int64_t h = 0; h < heads; ++h) {
-        const scalar_t* go = grad_out + i * d + h * c;
-        const int64_t ih = i * heads + h;
-        acc_t gd = acc_t(0);
-        for (int64_t base = e0; base < e1; base += g.size) {
-          const auto mine = fetch_in_edge(ed, col, i, base + g.lane, e1, num_src, h);
-          const int count = batch_count(base, e1, g.size);
-          for (int u = 0; u < count; ++u) {
-            const auto fe = shfl_fetched(g, mine, u);
-            if (fe.node < 0) continue;
-            acc_t w;
-            const acc_t dz = gat_score_grad(fe.z, ed.slope, lse[ih], ed.drop(fe.hash, h),
-                                            group_dot<scalar_t, acc_t>(g, go, x + fe.node * ldx + h * c, c), r[ih], w);
-            gd += dz;
-            if (grad_attr_direct != nullptr && direct) {
-              if (g.lane == 0) grad_attr_direct[fe.edge * heads + h] = static_cast<scalar_t>(dz);
-            } else if (grad_attr_enc != nullptr) {  // heads in order: this lane's features of the edge
-              for (int64_t k = g.lane; k < f; k += g.size) {
-                const acc_t prev = h == 0 ? acc_t(0) : grad_attr_enc[fe.edge * f + k];
-                grad_attr_enc[fe.edge * f + k] = prev + dz * static_cast<acc_t>(ed.weight[h * f + k]);
-              }
+  const int64_t i = g.first_row();  // past the last row in the last block: no edges
+  const auto [e0, e1] = i < n ? row_range(rowptr, i, n, num_edges) : RowRange{0, 0};
+  for (int64_t s0 = 0; s0 < passes * span; s0 += span) {
+    acc_t gd[kSlots] = {};
+    double gw[kSlots] = {};
+    for (int64_t base = e0; base < e1; base += g.size) {
+      // Lane l fetches edge base + l: its source (-1: past the row, dropped or out of range) and hash.
+      index_t j = fetch_index(col, base + g.lane, e1, num_src);
+      if (j >= 0 && !ed.kept(base + g.lane)) j = -1;
+      const uint32_t hash = j >= 0 ? ed.hash(base + g.lane) : 0u;
+      const int count = batch_count(base, e1, g.size);
+      for (int u = 0; u < count; ++u) {
+        const int64_t e = base + u;
+        const int64_t src = g.shfl(j, u);
+        const uint32_t edge_hash = g.shfl(hash, u);
+        acc_t ga[kSlots] = {};
+        for (int64_t h = 0; src >= 0 && h < heads; ++h) {
+          const int64_t ih = i * heads + h;
+          acc_t w;
+          const acc_t dz = gat_score_grad(ed.z(i, src, e, h), ed.slope, lse[ih], ed.drop(edge_hash, h),
+                                          group_dot<scalar_t, acc_t>(g, grad_out + i * d + h * c,
+                                                                     x + src * ldx + h * c, c),
+                                          r[ih], w);
+#pragma unroll
+          for (int m = 0; m < kSlots; ++m) {
+            const int64_t s = s0 + g.lane + m * g.size, k = s - h * f;  // k: s's feature if s is in head h's row
+            if (s == h) gd[m] += dz;
+            if (direct) {
+              if (s == h) ga[m] = dz;
+            } else if (s < f) {
+              ga[m] += dz * static_cast<acc_t>(ed.weight[h * f + s]);
             }
-            if (pw != nullptr) {
-              for (int64_t k = g.lane; k < f; k += g.size)
-                pw[h * f + k] += static_cast<double>(dz) * static_cast<double>(ed.attr[fe.edge * f + k]);
-            }
+            if (partial != nullptr && k >= 0 && k < f)
+              gw[m] += static_cast<double>(dz) * static_cast<double>(ed.attr[e * f + k]);
           }
         }
-        if (grad_dst != nullptr && g.lane == 0) grad_dst[ih] = static_cast<scalar_t>(gd);
+        if (grad_attr == nullptr) continue;
+#pragma unroll
+        for (int m = 0; m < kSlots; ++m) {
+          const int64_t s = s0 + g.lane + m * g.size;
+          if (s < f) grad_attr[e * f + s] = static_cast<scalar_t>(ga[m]);
+        }
       }
     }
+    if (grad_dst != nullptr && i < n) {
+#pragma unroll
+      for (int m = 0; m < kSlots; ++m) {
+        const int64_t s = s0 + g.lane + m * g.size;
+        if (s < heads) grad_dst[i * heads + s] = static_cast<scalar_t>(gd[m]);
+      }
+    }
+    if (partial == nullptr) continue;  // the same for the whole block
+#pragma unroll
+    for (int m = 0; m < kSlots; ++m) sums[m * kBlock + threadIdx.x] = gw[m];
+    __syncthreads();
+    // Thread t < kSlots G sums index s0 + t (lane t % G, slot t / G) over the block's groups in order.
+    const int64_t s = s0 + threadIdx.x, hf = heads * f;
+    if (threadIdx.x < span && s < hf) {
+      const int m = threadIdx.x / g.size, l = threadIdx.x - m * g.size;
+      double total = 0;
+      for (int q = 0; q < g.count; ++q) total += sums[m * kBlock + q * g.size + l];
+      partial[static_cast<int64_t>(blockIdx.x) * hf + s] = total;
+    }
+    __syncthreads();  // the sums are read before the next pass overwrites them
   }
 }
 
@@ -287,26 +330,19 @@ struct CudaGat {
               ptr_or_null<scalar_t>(grads.x), ptr_or_null<scalar_t>(grads.src), in.c, lanes);
         }
         if (grads.dst.defined() || grads.edge_attr.defined() || grads.weight.defined()) {
-          const int64_t blocks = (in.num_dst + kRowsPerBlock - 1) / kRowsPerBlock;
-          // Encoded edge features: the heads summed in opmath precision, rounded once (in place for
-          // float32/float64, in a float32 buffer copied back otherwise).
-          const bool encoded = grads.edge_attr.defined() && in.weight.defined();
-          at::Tensor grad_attr_enc;
-          if (encoded) {
-            grad_attr_enc = std::is_same_v<scalar_t, acc_t>
-                                ? grads.edge_attr
-                                : at::zeros(grads.edge_attr.sizes(), grads.edge_attr.options().dtype(at::kFloat));
-          }
-          at::Tensor partial = grads.weight.defined()
-                                   ? at::zeros({blocks, in.heads * in.f}, in.x.options().dtype(at::kDouble))
-                                   : at::Tensor();
-          simt::launch<gat_backward_dst_kernel<scalar_t, index_t>>(num_blocks(blocks, lanes), kBlock, 0, stream,
-              in.rowptr.data_ptr<index_t>(), in.col.data_ptr<index_t>(), in.num_edges, in.x.data_ptr<scalar_t>(),
-              in.x.stride(0), in.x.size(0), ed, grad_out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(),
-              r.data_ptr<acc_t>(), ptr_or_null<scalar_t>(grads.dst),
-              encoded ? nullptr : ptr_or_null<scalar_t>(grads.edge_attr), ptr_or_null<acc_t>(grad_attr_enc),
-              ptr_or_null<double>(partial), in.num_dst, in.c, lanes);
-          if (encoded && !grad_attr_enc.is_same(grads.edge_attr)) grads.edge_attr.copy_(grad_attr_enc);
+          const int64_t rows = kBlock / lanes, blocks = (in.num_dst + rows - 1) / rows, span = kSlots * lanes;
+          const int64_t indices = std::max({grads.dst.defined() ? in.heads : 0, grads.edge_attr.defined() ? in.f : 0,
+                                            grads.weight.defined() ? in.heads * in.f : 0});
+          // Every block writes all of its H * F sums (passes * span >= H * F): no zero fill.
+          const at::Tensor partial = grads.weight.defined()
+                                         ? at::empty({blocks, in.heads * in.f}, in.x.options().dtype(at::kDouble))
+                                         : at::Tensor();
+          simt::launch<gat_backward_dst_kernel<scalar_t, index_t>>(static_cast<unsigned int>(blocks), kBlock, 0,
+              stream, in.rowptr.data_ptr<index_t>(), in.col.data_ptr<index_t>(), in.num_edges,
+              in.x.data_ptr<scalar_t>(), in.x.stride(0), in.x.size(0), ed, grad_out.data_ptr<scalar_t>(),
+              lse.data_ptr<acc_t>(), r.data_ptr<acc_t>(), ptr_or_null<scalar_t>(grads.dst),
+              ptr_or_null<scalar_t>(grads.edge_attr), ptr_or_null<double>(partial), in.num_dst, in.c,
+              (indices + span - 1) / span, lanes);
           if (partial.defined()) grads.weight.copy_(partial.sum(0).view({in.heads, in.f}));
         }
       });
