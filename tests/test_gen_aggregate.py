@@ -11,19 +11,21 @@ from conftest import (DEVICES, SHAPES, assert_compiles_as_eager, assert_error_wi
                       max_cpu_allocation, raises)
 
 AGGRS = ["softmax", "max", "mean", "sum", "powermean"]
-EDGE_MODES = ["none", "encoded", "encoded_nobias", "direct"]
+# encoded_wide: more edge features (20) than the CUDA kernels stage in shared memory (16)
+EDGE_MODES = ["none", "encoded", "encoded_nobias", "encoded_wide", "direct"]
 
 
 def _case(g, aggr, mode, width, dtype, device, per_channel=False, feat=5):
     """Random inputs (float64 drawn, then cast) as keyword arguments of gen_aggregate."""
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, dtype=torch.float64, device=device) * scale).to(dtype)
+    feat = 20 if mode == "encoded_wide" else feat
     kw = {"x": rnd(g.num_src, width)}
     if mode != "none":
         kw["edge_attr"] = rnd(g.num_edges, feat if mode != "direct" else width)
     if mode.startswith("encoded"):
         kw["edge_weight"] = rnd(width, feat, scale=0.5)
-        if mode == "encoded":
+        if mode != "encoded_nobias":
             kw["edge_bias"] = rnd(width, scale=0.5)
     n = width if per_channel else 1
     if aggr == "softmax":
@@ -52,12 +54,13 @@ def test_forward(device, dtype, aggr, shape, mode):
     assert_error_within_twice(out, reference.gen_aggregate(g, aggr=aggr, **kw), exact, 8 * torch.finfo(dtype).eps)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("width", [1, 64, 257])
 @pytest.mark.parametrize("aggr", AGGRS)
-def test_widths_and_column_slice(width, aggr):
-    g = csr_graph("power_law", "cpu")
-    kw = _case(g, aggr, "encoded", width, torch.float64, "cpu", per_channel=True)
-    buf = torch.randn(g.num_src, width + 9, dtype=torch.float64)
+def test_widths_and_column_slice(device, width, aggr):
+    g = csr_graph("power_law", device)
+    kw = _case(g, aggr, "encoded", width, torch.float64, device, per_channel=True)
+    buf = torch.randn(g.num_src, width + 9, dtype=torch.float64, device=device)
     kw["x"] = buf[:, 4:4 + width]
     torch.testing.assert_close(ops.gen_aggregate(g, aggr=aggr, **kw), reference.gen_aggregate(g, aggr=aggr, **kw),
                                rtol=1e-10, atol=1e-10)
@@ -65,10 +68,12 @@ def test_widths_and_column_slice(width, aggr):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("aggr", AGGRS)
-# width 40: the CUDA kernels' lane groups cover it in two chunks of channels, whose partial sums
-# share the block's shared memory between the chunks
+# The CUDA kernels' lanes hold up to 4 channels each, in one pass of up to 128 channels: widths 8
+# (1 channel per lane), 19 and 40 (2 or 3), 112 (3 or 4), 128 (4) and 200 (two passes, which share
+# the block's shared memory between them)
 @pytest.mark.parametrize("shape, width", [(shape, 19) for shape in ["random", "isolated", "bipartite", "power_law",
-                                                                     "self_loops"]] + [("power_law", 40)])
+                                                                     "self_loops"]] +
+                         [("power_law", width) for width in [8, 40, 112, 128, 200]])
 @pytest.mark.parametrize("mode", EDGE_MODES)
 def test_backward_matches_reference(device, aggr, shape, width, mode):
     g = csr_graph(shape, device)

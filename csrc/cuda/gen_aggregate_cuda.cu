@@ -1,28 +1,31 @@
 // CUDA kernels of gen_aggregate (contract and shared formulas: csrc/ops/gen_aggregate.h).
 //
-// Thread mapping, as in spmm_cuda.cu: a group of G lanes (a power of two in [8, 32], just
-// enough to cover the channels in one pass) owns one row; lane l handles channel c0 + l of each
-// chunk of G channels. The group fetches the row's edges G at a time, one per lane (coalesced),
-// checks their indices and broadcasts them with __shfl_sync; kUnroll gathers are issued before
-// any is consumed.
+// Thread mapping (cuda/common.cuh): a group of G lanes owns one row; lane l holds channels
+// c0 + l + k * G, k < kPer, of each pass over the channels, G the smallest power of two in [8, 32]
+// with kPer * G >= D, so that one pass covers up to 128 channels (wider rows take one pass per 128).
+// The group fetches the row's edges G at a time, one per lane (coalesced), checks their indices
+// and broadcasts them with __shfl_sync; the gathers of kUnroll edges (kParamsUnroll in
+// backward_params) are issued before any is consumed.
 //
 // The edge embedding is recomputed, never stored. A direct embedding is one coalesced load per
-// edge. An encoded one (edge_attr [E, F] times the weight) with F <= kMaxF: the group copies the
-// features of its batch of edges into its shared-memory tile (for CSR batches one contiguous
-// range of edge_attr), which every lane reads by broadcast, and each lane keeps its channel's F
-// weights and its bias in registers. A wider F reads both from global memory.
+// edge and channel. An encoded one (edge_attr [E, F] times the weight) with F <= kMaxF: the group
+// copies the features of its batch of edges into its shared-memory tile (for CSR batches one
+// contiguous range of edge_attr), which every lane reads by broadcast, and each lane keeps its
+// channels' F weights and biases in registers (backward_params: the weights in shared memory, for
+// the whole block). A wider F reads both from global memory.
 //
 // Kernels: forward, over CSR rows (grid-stride); backward_x, over the rows of the transposed CSR
 // (grid-stride); backward_params, over CSR rows in fixed blocks of kRowsPerBlock rows: the
-// per-edge grad_edge_attr and one partial sum per block of the weight, bias, t and p gradients,
-// which sum_partials adds up in block order.
+// per-edge grad_edge_attr and one float64 partial sum per block of the weight, bias, t and p
+// gradients, which sum_partials adds up in block order.
 //
 // Determinism, no atomics: every out / grad_x element is one lane's sequential sum in (transposed)
-// CSR order. grad_edge_attr of an encoded embedding is a fixed butterfly over the group per
-// channel chunk, the chunks added in order (in opmath precision). A parameter gradient is summed
-// per lane over its group's rows of the block, in row and edge order; the groups of a block are
-// added in group order and the blocks in block order. G depends on D only, and the row blocks on
-// kRowsPerBlock only, so the same inputs give the same bits on any GPU and grid.
+// CSR order. grad_edge_attr of an encoded embedding is, per pass, each lane's channels in order and
+// then a fixed butterfly over the group, the passes added in order (in opmath precision). A
+// parameter gradient is summed in float64 per lane over its group's rows of the block, in row and
+// edge order; the groups of a block are added in group order and the blocks in block order. G
+// depends on D only, and the row blocks on kRowsPerBlock only, so the same inputs give the same
+// bits on any GPU and grid.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -40,25 +43,40 @@
 namespace revgnn_ext {
 namespace {
 
+constexpr int kPer = 4;                // channels per lane and pass
+constexpr int kMaxPass = kPer * 32;    // channels per pass, at most
 constexpr int kUnroll = 4;             // edges whose gathers are issued together
+constexpr int kParamsUnroll = 1;       // ... in backward_params, whose registers hold float64 sums
 constexpr int kMaxF = 16;              // edge features staged in shared memory / weights in registers
 constexpr int64_t kRowsPerBlock = 64;  // rows per partial sum of the parameter gradients
-static_assert(kMinGroup % kUnroll == 0, "a batch of edges must hold whole unrolled steps");
+static_assert(kMinGroup % kUnroll == 0 && kMinGroup % kParamsUnroll == 0,
+              "a batch of edges must hold whole unrolled steps");
 
 enum class EmbMode : int {
   None,    // no edge features: emb = 0
   Direct,  // emb = edge_attr[e, c]
   Staged,  // encoded, F <= kMaxF: features from the group's shared tile, weights from registers
+           // (backward_params: from the block's shared memory)
   Global,  // encoded, F > kMaxF: features and weights from global memory
 };
 
-// One lane's weights of features [k0, k0 + kMaxF) for its channel (0 past F or without weight)
-// and its bias (0 without one).
-template <typename acc_t>
-struct LaneWeights {
-  acc_t w[kMaxF];
-  acc_t b;
+// A lane's channels of the pass that starts at channel c0: ch(k) = c0 + k * G + lane for k < kPer
+// (the group's k-th channels are consecutive, so its loads coalesce); those at or past D are off.
+struct Channels {
+  int64_t c0, d;
+  int lane, size;
+
+  __device__ Channels(const LaneGroup& g, int64_t c0_, int64_t d_) : c0(c0_), d(d_), lane(g.lane), size(g.size) {}
+  __device__ __forceinline__ int64_t operator()(int k) const { return c0 + k * size + lane; }
+  __device__ __forceinline__ bool on(int k) const { return (*this)(k) < d; }
 };
+
+// v[c] at the lane's channels where `read` (t or p), else 1.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void lane_values(const scalar_t* v, bool read, const Channels& ch, acc_t (&out)[kPer]) {
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) out[j] = read && ch.on(j) ? static_cast<acc_t>(v[ch(j)]) : acc_t(1);
+}
 
 // The edge embedding's inputs, as a kernel argument.
 template <typename scalar_t>
@@ -70,15 +88,13 @@ struct EdgeEmb {
   int64_t f, d;
   EmbMode mode;
 
-  __device__ LaneWeights<acc_t> lane_weights(int64_t k0, int64_t c, bool active) const {
-    LaneWeights<acc_t> l;
-#pragma unroll
-    for (int k = 0; k < kMaxF; ++k) {
-      l.w[k] = active && weight_t != nullptr && k0 + k < f ? static_cast<acc_t>(weight_t[(k0 + k) * d + c])
-                                                            : acc_t(0);
-    }
-    l.b = active && bias != nullptr ? static_cast<acc_t>(bias[c]) : acc_t(0);
-    return l;
+  // The weight of feature k at channel c (0 past F or D, or without weight), and the bias at c
+  // (0 past D or without one).
+  __device__ __forceinline__ acc_t weight_at(int64_t k, int64_t c) const {
+    return weight_t != nullptr && k < f && c < d ? static_cast<acc_t>(weight_t[k * d + c]) : acc_t(0);
+  }
+  __device__ __forceinline__ acc_t bias_at(int64_t c) const {
+    return bias != nullptr && c < d ? static_cast<acc_t>(bias[c]) : acc_t(0);
   }
 
   // edge_attr[e, c] when the embedding is given directly, else 0.
@@ -86,28 +102,37 @@ struct EdgeEmb {
     return mode == EmbMode::Direct ? static_cast<acc_t>(attr[e * d + c]) : acc_t(0);
   }
 
-  // The encoded embedding of edge e, channel c (0 unless Staged or Global); `a` is the edge's
-  // row of the tile, and `l` the lane's weights of features [0, kMaxF).
-  __device__ __forceinline__ acc_t encoded(const LaneWeights<acc_t>& l, simt::SharedPtr<const acc_t> a, int64_t e,
-                                           int64_t c) const {
-    acc_t s = l.b;
+  // The encoded embedding of edge e at the lane's channels (0 unless Staged or Global), each
+  // summed in feature order; `a` is the edge's row of the tile, `w` the lane's weights of features
+  // [0, kMaxF) (LaneWeights or SharedWeights).
+  template <typename Weights, typename TileRow>
+  __device__ __forceinline__ void encoded(const Weights& w, TileRow a, int64_t e, const Channels& ch,
+                                          acc_t (&s)[kPer]) const {
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) s[j] = w.bias_at(j);
     if (mode == EmbMode::Staged) {
 #pragma unroll
       for (int k = 0; k < kMaxF; ++k) {
-        if (k < f) s += l.w[k] * a[k];
+        if (k >= f) continue;
+        const acc_t ak = static_cast<acc_t>(a[k]);
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) s[j] += w.weight(k, j) * ak;
       }
     } else if (mode == EmbMode::Global) {
       for (int64_t k = 0; k < f; ++k) {
-        s += static_cast<acc_t>(weight_t[k * d + c]) * static_cast<acc_t>(attr[e * f + k]);
+        const acc_t ak = static_cast<acc_t>(attr[e * f + k]);
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) {
+          if (ch.on(j)) s[j] += static_cast<acc_t>(weight_t[k * d + ch(j)]) * ak;
+        }
       }
     }
-    return s;
   }
 
   // Features [k0, k0 + kf) of the consecutive CSR edges [base, base + count) into the group's
   // tile (row u: edge base + u, kMaxF wide): one contiguous range of edge_attr when kf == F.
-  __device__ void stage_range(const LaneGroup& g, simt::SharedPtr<acc_t> tile, int64_t base, int count, int64_t k0,
-                              int kf) const {
+  template <typename Tile>
+  __device__ void stage_range(const LaneGroup& g, Tile tile, int64_t base, int count, int64_t k0, int kf) const {
     for (int idx = g.lane; idx < count * kf; idx += g.size) {
       const int u = idx / kf, k = idx - u * kf;
       tile[u * kMaxF + k] = static_cast<acc_t>(attr[(base + u) * f + k0 + k]);
@@ -118,6 +143,47 @@ struct EdgeEmb {
   __device__ void stage_edge(simt::SharedPtr<acc_t> row, int64_t e) const {
     for (int64_t k = 0; k < f; ++k) row[k] = static_cast<acc_t>(attr[e * f + k]);
   }
+};
+
+// One lane's weights of features [0, kMaxF) at its channels (0 past F or D) and their biases, in
+// registers.
+template <typename acc_t>
+struct LaneWeights {
+  acc_t w[kMaxF][kPer];
+  acc_t b[kPer];
+
+  template <typename scalar_t>
+  __device__ LaneWeights(const EdgeEmb<scalar_t>& emb, const Channels& ch) {
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+#pragma unroll
+      for (int k = 0; k < kMaxF; ++k) w[k][j] = emb.weight_at(k, ch(j));
+      b[j] = emb.bias_at(ch(j));
+    }
+  }
+  __device__ __forceinline__ acc_t weight(int k, int j) const { return w[k][j]; }
+  __device__ __forceinline__ acc_t bias_at(int j) const { return b[j]; }
+};
+
+// The weights of features [k0, k0 + kMaxF) at a pass's channels, staged in shared memory by the
+// block (row k: channels c0 .. c0 + kMaxPass - 1, as double: exact), and the lane's biases in
+// registers.
+template <typename acc_t>
+struct SharedWeights {
+  simt::SharedPtr<const double> w;
+  acc_t b[kPer];
+  int lane, size;
+
+  template <typename scalar_t>
+  __device__ SharedWeights(simt::SharedPtr<const double> staged, const EdgeEmb<scalar_t>& emb, const Channels& ch)
+      : w(staged), lane(ch.lane), size(ch.size) {
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) b[j] = emb.bias_at(ch(j));
+  }
+  __device__ __forceinline__ acc_t weight(int k, int j) const {
+    return static_cast<acc_t>(w[k * kMaxPass + j * size + lane]);
+  }
+  __device__ __forceinline__ acc_t bias_at(int j) const { return b[j]; }
 };
 
 // What the derivative of row i's messages reads, at one channel.
@@ -172,20 +238,24 @@ __device__ __forceinline__ acc_t message_grad(const RowVals<acc_t>& r, int64_t e
   return dm;
 }
 
-// One unrolled step over a batch of a row's edges: the sources of edges k .. k + kUnroll - 1 of
+// One unrolled step over a batch of a row's edges: the sources of edges k .. k + U - 1 of
 // the batch (broadcast from the lanes that fetched them; -1 past the row or out of range) and
-// x[src, c] + the direct edge embedding, every gather issued before any is used.
-template <typename scalar_t, typename index_t, typename acc_t>
-__device__ __forceinline__ void gather_step(const LaneGroup& g, index_t src, int k, bool active,
+// x[src, c] + the direct edge embedding at the lane's channels, every gather issued before any
+// is used.
+template <int U, typename scalar_t, typename index_t, typename acc_t>
+__device__ __forceinline__ void gather_step(const LaneGroup& g, index_t src, int k, const Channels& ch,
                                             const scalar_t* __restrict__ x, int64_t ldx, const EdgeEmb<scalar_t>& emb,
-                                            int64_t base, int64_t c, index_t (&js)[kUnroll], acc_t (&xe)[kUnroll]) {
+                                            int64_t base, index_t (&js)[U], acc_t (&xe)[U][kPer]) {
 #pragma unroll
-  for (int u = 0; u < kUnroll; ++u) js[u] = g.shfl(src, k + u);
+  for (int u = 0; u < U; ++u) js[u] = g.shfl(src, k + u);
 #pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
-    xe[u] = acc_t(0);
-    if (active && js[u] >= 0) {
-      xe[u] = static_cast<acc_t>(x[static_cast<int64_t>(js[u]) * ldx + c]) + emb.direct(base + k + u, c);
+  for (int u = 0; u < U; ++u) {
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      xe[u][j] = acc_t(0);
+      if (js[u] >= 0 && ch.on(j)) {
+        xe[u][j] = static_cast<acc_t>(x[static_cast<int64_t>(js[u]) * ldx + ch(j)]) + emb.direct(base + k + u, ch(j));
+      }
     }
   }
 }
@@ -207,15 +277,17 @@ __global__ void __launch_bounds__(kBlock)
   const bool staged = emb.mode == EmbMode::Staged;
   for (int64_t i = g.first_row(); i < n; i += g.row_stride()) {
     const auto [e0, e1] = row_range(rowptr, i, n, num_edges);
-    for (int64_t c0 = 0; c0 < d; c0 += g.size) {
-      const int64_t c = c0 + g.lane;
-      const bool active = c < d;
-      const LaneWeights<acc_t> lw = emb.lane_weights(0, c, active);
-      const acc_t tc = A == Aggr::Softmax && active ? static_cast<acc_t>(t[c]) : acc_t(1);
-      const acc_t pc = A == Aggr::PowerMean && active ? static_cast<acc_t>(p[c]) : acc_t(1);
+    for (int64_t c0 = 0; c0 < d; c0 += kPer * g.size) {
+      const Channels ch(g, c0, d);
+      const LaneWeights<acc_t> lw(emb, ch);
+      acc_t tc[kPer], pc[kPer];
+      lane_values(t, A == Aggr::Softmax, ch, tc);
+      lane_values(p, A == Aggr::PowerMean, ch, pc);
       // sum/mean/powermean: the sum; max: the best value; softmax: the weighted mean of messages.
-      acc_t acc = acc_t(0), mx = acc_t(0), sum = acc_t(0);
-      index_t sel = -1;
+      acc_t acc[kPer] = {}, mx[kPer] = {}, sum[kPer] = {};
+      index_t sel[kPer];
+#pragma unroll
+      for (int c = 0; c < kPer; ++c) sel[c] = -1;
       bool seen = false;  // whether an edge has been aggregated
       for (int64_t base = e0; base < e1; base += g.size) {
         // Lane l fetches edge base + l; src = -1 marks an edge past the row or out of range.
@@ -227,53 +299,62 @@ __global__ void __launch_bounds__(kBlock)
         }
         for (int k = 0; k < count; k += kUnroll) {
           index_t js[kUnroll];
-          acc_t xe[kUnroll];  // x[col_e, c] + edge_attr[e, c] (direct)
-          gather_step(g, src, k, active, x, ldx, emb, base, c, js, xe);
+          acc_t xe[kUnroll][kPer];  // x[col_e, c] + edge_attr[e, c] (direct)
+          gather_step(g, src, k, ch, x, ldx, emb, base, js, xe);
 #pragma unroll
           for (int u = 0; u < kUnroll; ++u) {
-            if (!active || js[u] < 0) continue;
+            if (js[u] < 0) continue;
             const int64_t edge = base + k + u;
-            const acc_t m = gen_message<acc_t>(xe[u] + emb.encoded(lw, tile + (k + u) * kMaxF, edge, c), eps);
-            if constexpr (A == Aggr::Sum || A == Aggr::Mean) {
-              acc += m;
-            } else if constexpr (A == Aggr::Max) {
-              if (replaces<Reduce::Max>(m, acc, seen)) {
-                acc = m;
-                sel = static_cast<index_t>(edge);
-              }
-            } else if constexpr (A == Aggr::Softmax) {
-              if (seen) {
-                softmax_push<acc_t>(tc * m, m, mx, sum, acc);
+            acc_t enc[kPer];
+            emb.encoded(lw, tile + (k + u) * kMaxF, edge, ch, enc);
+#pragma unroll
+            for (int c = 0; c < kPer; ++c) {
+              if (!ch.on(c)) continue;
+              const acc_t m = gen_message<acc_t>(xe[u][c] + enc[c], eps);
+              if constexpr (A == Aggr::Sum || A == Aggr::Mean) {
+                acc[c] += m;
+              } else if constexpr (A == Aggr::Max) {
+                if (replaces<Reduce::Max>(m, acc[c], seen)) {
+                  acc[c] = m;
+                  sel[c] = static_cast<index_t>(edge);
+                }
+              } else if constexpr (A == Aggr::Softmax) {
+                if (seen) {
+                  softmax_push<acc_t>(tc[c] * m, m, mx[c], sum[c], acc[c]);
+                } else {
+                  mx[c] = tc[c] * m;
+                  sum[c] = acc_t(1);
+                  acc[c] = m;
+                }
               } else {
-                mx = tc * m;
-                sum = acc_t(1);
-                acc = m;
+                acc[c] += positive_pow<acc_t>(power_clamp<acc_t>(m), pc[c]);
               }
-            } else {
-              acc += positive_pow<acc_t>(power_clamp<acc_t>(m), pc);
             }
             seen = true;
           }
         }
         if (staged) g.sync();  // the tile is read before the next batch overwrites it
       }
-      if (!active) continue;
-      const int64_t o = i * d + c;
       const acc_t deg = static_cast<acc_t>(e1 - e0);
-      if constexpr (A == Aggr::Sum) {
-        out[o] = static_cast<scalar_t>(acc);
-      } else if constexpr (A == Aggr::Mean) {
-        out[o] = static_cast<scalar_t>(e1 > e0 ? acc / deg : acc_t(0));
-      } else if constexpr (A == Aggr::Max) {
-        out[o] = static_cast<scalar_t>(acc);  // 0 when no edge was seen
-        arg[o] = sel;
-      } else if constexpr (A == Aggr::Softmax) {
-        out[o] = static_cast<scalar_t>(seen ? acc : acc_t(0));
-        stat[o] = seen ? mx + M::log(sum) : acc_t(0);
-      } else {
-        const acc_t r = e1 > e0 ? acc / deg : acc_t(0);
-        stat[o] = r;
-        out[o] = static_cast<scalar_t>(positive_pow<acc_t>(power_clamp<acc_t>(r), acc_t(1) / pc));
+#pragma unroll
+      for (int c = 0; c < kPer; ++c) {
+        if (!ch.on(c)) continue;
+        const int64_t o = i * d + ch(c);
+        if constexpr (A == Aggr::Sum) {
+          out[o] = static_cast<scalar_t>(acc[c]);
+        } else if constexpr (A == Aggr::Mean) {
+          out[o] = static_cast<scalar_t>(e1 > e0 ? acc[c] / deg : acc_t(0));
+        } else if constexpr (A == Aggr::Max) {
+          out[o] = static_cast<scalar_t>(acc[c]);  // 0 when no edge was seen
+          arg[o] = sel[c];
+        } else if constexpr (A == Aggr::Softmax) {
+          out[o] = static_cast<scalar_t>(seen ? acc[c] : acc_t(0));
+          stat[o] = seen ? mx[c] + M::log(sum[c]) : acc_t(0);
+        } else {
+          const acc_t r = e1 > e0 ? acc[c] / deg : acc_t(0);
+          stat[o] = r;
+          out[o] = static_cast<scalar_t>(positive_pow<acc_t>(power_clamp<acc_t>(r), acc_t(1) / pc[c]));
+        }
       }
     }
   }
@@ -299,14 +380,14 @@ __global__ void __launch_bounds__(kBlock)
   const bool staged = emb.mode == EmbMode::Staged;
   for (int64_t j = g.first_row(); j < n_src; j += g.row_stride()) {
     const auto [t0, t1] = row_range(rowptr_t, j, n_src, num_edges);
-    for (int64_t c0 = 0; c0 < d; c0 += g.size) {
-      const int64_t c = c0 + g.lane;
-      const bool active = c < d;
-      const LaneWeights<acc_t> lw = emb.lane_weights(0, c, active);
-      const acc_t tc = A == Aggr::Softmax && active ? static_cast<acc_t>(t[c]) : acc_t(1);
-      const acc_t pc = A == Aggr::PowerMean && active ? static_cast<acc_t>(p[c]) : acc_t(1);
-      const acc_t xj = active ? static_cast<acc_t>(x[j * ldx + c]) : acc_t(0);
-      acc_t acc = acc_t(0);
+    for (int64_t c0 = 0; c0 < d; c0 += kPer * g.size) {
+      const Channels ch(g, c0, d);
+      const LaneWeights<acc_t> lw(emb, ch);
+      acc_t tc[kPer], pc[kPer], xj[kPer], acc[kPer] = {};
+      lane_values(t, A == Aggr::Softmax, ch, tc);
+      lane_values(p, A == Aggr::PowerMean, ch, pc);
+#pragma unroll
+      for (int c = 0; c < kPer; ++c) xj[c] = ch.on(c) ? static_cast<acc_t>(x[j * ldx + ch(c)]) : acc_t(0);
       for (int64_t base = t0; base < t1; base += g.size) {
         // Lane l fetches entry base + l: its destination and CSR edge (-1: past the row or out of
         // range) and, for mean/powermean, the destination's in-degree.
@@ -333,41 +414,53 @@ __global__ void __launch_bounds__(kBlock)
         const int count = batch_count(base, t1, g.size);
         for (int k = 0; k < count; k += kUnroll) {
           index_t is[kUnroll], es[kUnroll];
-          RowVals<acc_t> rv[kUnroll];
-          acc_t pre[kUnroll];  // x[j, c] + edge_attr[e, c] (direct)
+          RowVals<acc_t> rv[kUnroll][kPer];
+          acc_t pre[kUnroll][kPer];  // x[j, c] + edge_attr[e, c] (direct)
 #pragma unroll
           for (int u = 0; u < kUnroll; ++u) {
             is[u] = g.shfl(dst, k + u);
             es[u] = g.shfl(edge, k + u);
             const index_t deg_u = kDeg ? g.shfl(deg, k + u) : index_t(0);
-            pre[u] = xj;
-            if (active && is[u] >= 0) {
-              rv[u] = rows.template load<A>(is[u], c, static_cast<acc_t>(deg_u));
-              pre[u] += emb.direct(es[u], c);
+#pragma unroll
+            for (int c = 0; c < kPer; ++c) {
+              pre[u][c] = xj[c];
+              if (is[u] >= 0 && ch.on(c)) {
+                rv[u][c] = rows.template load<A>(is[u], ch(c), static_cast<acc_t>(deg_u));
+                pre[u][c] += emb.direct(es[u], ch(c));
+              }
             }
           }
 #pragma unroll
           for (int u = 0; u < kUnroll; ++u) {
-            if (!active || is[u] < 0) continue;
-            const acc_t v = pre[u] + emb.encoded(lw, tile + (k + u) * kMaxF, es[u], c);
-            acc_t extra;
-            const acc_t dm = message_grad<A>(rv[u], es[u], gen_message<acc_t>(v, eps), tc, pc, extra);
-            acc += relu_grad<acc_t>(v, dm);
+            if (is[u] < 0) continue;
+            acc_t enc[kPer];
+            emb.encoded(lw, tile + (k + u) * kMaxF, es[u], ch, enc);
+#pragma unroll
+            for (int c = 0; c < kPer; ++c) {
+              if (!ch.on(c)) continue;
+              const acc_t v = pre[u][c] + enc[c];
+              acc_t extra;
+              const acc_t dm = message_grad<A>(rv[u][c], es[u], gen_message<acc_t>(v, eps), tc[c], pc[c], extra);
+              acc[c] += relu_grad<acc_t>(v, dm);
+            }
           }
         }
         if (staged) g.sync();  // the tile is read before the next batch overwrites it
       }
-      if (active) grad_x[j * d + c] = static_cast<scalar_t>(acc);
+#pragma unroll
+      for (int c = 0; c < kPer; ++c) {
+        if (ch.on(c)) grad_x[j * d + ch(c)] = static_cast<scalar_t>(acc[c]);
+      }
     }
   }
 }
 
 // Over the CSR, block b owning rows [b * kRowsPerBlock, (b + 1) * kRowsPerBlock): the per-edge
 // grad_edge_attr (grad_attr_direct [E, D], or grad_attr_enc [E, F] in opmath precision, either
-// may be null) and, when `partial` is not null, the block's sums of the parameter gradients in
-// partial[b, :], laid out as [fw rows of the weight (fw = F when its gradient is wanted, else 0) |
-// bias | t or p], each D wide. Feature chunks [k0, k0 + kMaxF) of the features whose gradients
-// are wanted take one pass each (one pass when there are at most kMaxF, or none).
+// may be null) and, when `partial` is not null, the block's float64 sums of the parameter
+// gradients in partial[b, :], laid out as [fw rows of the weight (fw = F when its gradient is
+// wanted, else 0) | bias | t or p], each D wide. Feature chunks [k0, k0 + kMaxF) of the features
+// whose gradients are wanted take one pass each (one pass when there are at most kMaxF, or none).
 template <typename scalar_t, typename index_t, Aggr A>
 __global__ void __launch_bounds__(kBlock)
     gen_backward_params_kernel(const index_t* __restrict__ rowptr, const index_t* __restrict__ col,
@@ -376,15 +469,19 @@ __global__ void __launch_bounds__(kBlock)
                                const scalar_t* __restrict__ p, at::opmath_type<scalar_t> eps,
                                const RowSource<scalar_t, index_t> rows, int64_t n, int64_t d,
                                scalar_t* __restrict__ grad_attr_direct,
-                               at::opmath_type<scalar_t>* __restrict__ grad_attr_enc,
-                               at::opmath_type<scalar_t>* __restrict__ partial, int64_t fw, int64_t width,
-                               int group_size) {
+                               at::opmath_type<scalar_t>* __restrict__ grad_attr_enc, double* __restrict__ partial,
+                               int64_t fw, int64_t width, int group_size) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int kSlots = kMaxF + 2;  // per lane: kMaxF weight sums, the bias sum, the t or p sum
-  // The groups' tiles while rows are processed, then the lanes' sums for the block's combination.
-  SIMT_SHARED(acc_t, smem, kBlock * kSlots);
+  constexpr int kSlots = kMaxF + 2;  // per lane and channel: kMaxF weight sums, the bias sum, the t or p sum
+  constexpr int kTiles = kBlock * kMaxF;
+  static_assert(kBlock * kSlots <= kTiles + kMaxF * kMaxPass, "the sums fit where the tiles and weights were");
+  // While rows are processed: the groups' tiles (features, as double: exact) and the pass's
+  // weights (SharedWeights); then the lanes' sums for the block's combination. (The registers
+  // hold the float64 sums, not the weights.)
+  SIMT_SHARED(double, smem, kTiles + kMaxF * kMaxPass);
   const LaneGroup g(group_size);
-  simt::SharedPtr<acc_t> tile = smem + static_cast<int64_t>(g.index) * g.size * kMaxF;
+  simt::SharedPtr<double> tile = smem + static_cast<int64_t>(g.index) * g.size * kMaxF;
+  simt::SharedPtr<double> weights = smem + kTiles;
   // The features whose gradients are wanted (theirs or the weight's); the staged embedding
   // reads all F <= kMaxF from the tile, in its one chunk.
   const int64_t fg = fw > 0 || grad_attr_enc != nullptr ? emb.f : 0;
@@ -396,23 +493,29 @@ __global__ void __launch_bounds__(kBlock)
     const int kf = static_cast<int>(fg - k0 < kMaxF ? fg - k0 : kMaxF);  // features of this chunk
     const int kw = fw > 0 ? kf : 0;                                      // ... whose weights are summed
     const int staged = emb.mode == EmbMode::Staged ? static_cast<int>(emb.f) : kf;  // features in the tile
-    for (int64_t c0 = 0; c0 < d; c0 += g.size) {
-      const int64_t c = c0 + g.lane;
-      const bool active = c < d;
-      // The encoded embedding reads lw when Staged (then k0 = 0 and lw holds every weight); the
-      // gradient of the chunk's features reads it in any case.
-      const LaneWeights<acc_t> lw = emb.lane_weights(k0, c, active);
-      const acc_t tc = A == Aggr::Softmax && active ? static_cast<acc_t>(t[c]) : acc_t(1);
-      const acc_t pc = A == Aggr::PowerMean && active ? static_cast<acc_t>(p[c]) : acc_t(1);
-      acc_t w_sum[kMaxF];
-#pragma unroll
-      for (int k = 0; k < kMaxF; ++k) w_sum[k] = acc_t(0);
-      acc_t b_sum = acc_t(0), param_sum = acc_t(0);
+    for (int64_t c0 = 0; c0 < d; c0 += kPer * g.size) {
+      const Channels ch(g, c0, d);
+      // The pass's weights of the chunk's features, for every group of the block: the encoded
+      // embedding reads them when Staged (then k0 = 0 and they are every weight), the gradient of
+      // the chunk's features in any case.
+      __syncthreads();  // the previous pass is done with shared memory
+      for (int idx = threadIdx.x; idx < kMaxF * kMaxPass; idx += kBlock) {
+        weights[idx] = emb.weight_at(k0 + idx / kMaxPass, c0 + idx % kMaxPass);
+      }
+      __syncthreads();
+      const SharedWeights<acc_t> w(weights, emb, ch);
+      acc_t tc[kPer], pc[kPer];
+      lane_values(t, A == Aggr::Softmax, ch, tc);
+      lane_values(p, A == Aggr::PowerMean, ch, pc);
+      double w_sum[kMaxF][kPer] = {}, b_sum[kPer] = {}, param_sum[kPer] = {};
       for (int64_t i = row0 + g.index; i < row1; i += g.count) {
         const auto [e0, e1] = row_range(rowptr, i, n, num_edges);
-        const RowVals<acc_t> rv =
-            active ? rows.template load<A>(i, c, static_cast<acc_t>(e1 - e0)) : RowVals<acc_t>();
-        acc_t s1 = acc_t(0);  // the row's sum for d/dt or d/dp
+        RowVals<acc_t> rv[kPer];
+#pragma unroll
+        for (int c = 0; c < kPer; ++c) {
+          if (ch.on(c)) rv[c] = rows.template load<A>(i, ch(c), static_cast<acc_t>(e1 - e0));
+        }
+        acc_t s1[kPer] = {};  // the row's sums for d/dt or d/dp
         for (int64_t base = e0; base < e1; base += g.size) {
           const index_t src = fetch_index(col, base + g.lane, e1, num_src);
           const int count = batch_count(base, e1, g.size);
@@ -420,37 +523,54 @@ __global__ void __launch_bounds__(kBlock)
             emb.stage_range(g, tile, base, count, k0, staged);
             g.sync();
           }
-          for (int k = 0; k < count; k += kUnroll) {
-            index_t js[kUnroll];
-            acc_t xe[kUnroll];  // x[col_e, c] + edge_attr[e, c] (direct)
-            gather_step(g, src, k, active, x, ldx, emb, base, c, js, xe);
+          for (int k = 0; k < count; k += kParamsUnroll) {
+            index_t js[kParamsUnroll];
+            acc_t xe[kParamsUnroll][kPer];  // x[col_e, c] + edge_attr[e, c] (direct)
+            gather_step(g, src, k, ch, x, ldx, emb, base, js, xe);
 #pragma unroll
-            for (int u = 0; u < kUnroll; ++u) {
+            for (int u = 0; u < kParamsUnroll; ++u) {
               if (k + u >= count) continue;  // the same for the whole group
               const int64_t edge = base + k + u;
-              const simt::SharedPtr<const acc_t> a = tile + (k + u) * kMaxF;
+              const simt::SharedPtr<const double> a = tile + (k + u) * kMaxF;
               // The gradient at x + emb; 0 for an edge whose col is out of range.
-              acc_t dpre = acc_t(0);
-              if (active && js[u] >= 0) {
-                const acc_t v = xe[u] + emb.encoded(lw, a, edge, c);
-                const acc_t m = gen_message<acc_t>(v, eps);
-                acc_t extra;
-                dpre = relu_grad<acc_t>(v, message_grad<A>(rv, edge, m, tc, pc, extra));
-                s1 += extra;
+              acc_t dpre[kPer] = {};
+              if (js[u] >= 0) {
+                acc_t enc[kPer];
+                emb.encoded(w, a, edge, ch, enc);
+#pragma unroll
+                for (int c = 0; c < kPer; ++c) {
+                  if (!ch.on(c)) continue;
+                  const acc_t v = xe[u][c] + enc[c];
+                  acc_t extra;
+                  dpre[c] = relu_grad<acc_t>(v, message_grad<A>(rv[c], edge, gen_message<acc_t>(v, eps), tc[c],
+                                                                pc[c], extra));
+                  s1[c] += extra;
+                  b_sum[c] += static_cast<double>(dpre[c]);
+                }
 #pragma unroll
                 for (int kk = 0; kk < kMaxF; ++kk) {
-                  if (kk < kw) w_sum[kk] += dpre * a[kk];
+                  if (kk >= kw) continue;
+                  const double ak = a[kk];
+#pragma unroll
+                  for (int c = 0; c < kPer; ++c) w_sum[kk][c] += static_cast<double>(dpre[c]) * ak;
                 }
-                b_sum += dpre;
               }
-              if (grad_attr_direct != nullptr && active) grad_attr_direct[edge * d + c] = static_cast<scalar_t>(dpre);
+              if (grad_attr_direct != nullptr) {
+#pragma unroll
+                for (int c = 0; c < kPer; ++c) {
+                  if (ch.on(c)) grad_attr_direct[edge * d + ch(c)] = static_cast<scalar_t>(dpre[c]);
+                }
+              }
               if (grad_attr_enc != nullptr) {
-                // grad_edge_attr[e, k0 + kk] = sum_c dpre_c weight_t[k0 + kk, c]: this chunk's channels
-                // by a butterfly, added to the previous chunks' sum by lane kk % G.
+                // grad_edge_attr[e, k0 + kk] = sum_c dpre_c weight_t[k0 + kk, c]: this pass's channels,
+                // each lane's in order, then a butterfly; added to the previous passes' sum by lane kk % G.
 #pragma unroll
                 for (int kk = 0; kk < kMaxF; ++kk) {
                   if (kk >= kf) continue;
-                  const acc_t s = g.sum(dpre * lw.w[kk]);
+                  acc_t s = acc_t(0);
+#pragma unroll
+                  for (int c = 0; c < kPer; ++c) s += dpre[c] * w.weight(kk, c);
+                  s = g.sum(s);
                   if (g.lane == (kk & (g.size - 1))) {
                     acc_t* dst = grad_attr_enc + edge * emb.f + k0 + kk;
                     *dst = c0 == 0 ? s : *dst + s;
@@ -461,31 +581,39 @@ __global__ void __launch_bounds__(kBlock)
           }
           if (staged > 0) g.sync();  // the tile is read before the next batch overwrites it
         }
-        if (active) {
-          if constexpr (A == Aggr::Softmax) param_sum += rv.g * s1;
-          if constexpr (A == Aggr::PowerMean) param_sum += power_grad_p<acc_t>(rv.g, rv.out, pc, rv.state, s1, rv.deg);
+#pragma unroll
+        for (int c = 0; c < kPer; ++c) {
+          if (!ch.on(c)) continue;
+          if constexpr (A == Aggr::Softmax) param_sum[c] += static_cast<double>(rv[c].g * s1[c]);
+          if constexpr (A == Aggr::PowerMean) {
+            param_sum[c] += static_cast<double>(power_grad_p<acc_t>(rv[c].g, rv[c].out, pc[c], rv[c].state, s1[c],
+                                                                    rv[c].deg));
+          }
         }
       }
       if (partial == nullptr) continue;  // the same for the whole block
-      // Combine the block's groups in group order: slot s of lane l of group q at
-      // smem[s * kBlock + q * G + l].
-      __syncthreads();  // every tile is done with
+      // Combine the block's groups in group order, one channel slot c of the lanes at a time: slot
+      // s of lane l of group q at smem[s * kBlock + q * G + l].
 #pragma unroll
-      for (int k = 0; k < kMaxF; ++k) smem[k * kBlock + threadIdx.x] = w_sum[k];
-      smem[kMaxF * kBlock + threadIdx.x] = b_sum;
-      smem[(kMaxF + 1) * kBlock + threadIdx.x] = param_sum;
-      __syncthreads();
-      for (int idx = threadIdx.x; idx < kSlots * g.size; idx += kBlock) {
-        const int s = idx / g.size, l = idx - s * g.size;
-        const int64_t cc = c0 + l;
-        // Weight slots past the chunk's features hold nothing; bias and t/p once, in chunk 0.
-        if (cc >= d || (s < kMaxF && s >= kw) || (s >= kMaxF && k0 != 0)) continue;
-        acc_t total = acc_t(0);
-        for (int q = 0; q < g.count; ++q) total += smem[s * kBlock + q * g.size + l];
-        const int64_t column = s < kMaxF ? (k0 + s) * d + cc : (fw + s - kMaxF) * d + cc;
-        partial[static_cast<int64_t>(blockIdx.x) * width + column] = total;
+      for (int c = 0; c < kPer; ++c) {
+        if (c0 + c * g.size >= d) break;  // the same for the whole block
+        __syncthreads();  // every tile, or the previous slot's sums, is done with
+#pragma unroll
+        for (int k = 0; k < kMaxF; ++k) smem[k * kBlock + threadIdx.x] = w_sum[k][c];
+        smem[kMaxF * kBlock + threadIdx.x] = b_sum[c];
+        smem[(kMaxF + 1) * kBlock + threadIdx.x] = param_sum[c];
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < kSlots * g.size; idx += kBlock) {
+          const int s = idx / g.size, l = idx - s * g.size;
+          const int64_t cc = c0 + c * g.size + l;
+          // Weight slots past the chunk's features hold nothing; bias and t/p once, in chunk 0.
+          if (cc >= d || (s < kMaxF && s >= kw) || (s >= kMaxF && k0 != 0)) continue;
+          double total = 0;
+          for (int q = 0; q < g.count; ++q) total += smem[s * kBlock + q * g.size + l];
+          const int64_t column = s < kMaxF ? (k0 + s) * d + cc : (fw + s - kMaxF) * d + cc;
+          partial[static_cast<int64_t>(blockIdx.x) * width + column] = total;
+        }
       }
-      __syncthreads();  // the sums are read before the next chunk's tiles overwrite them
     }
   }
 }
@@ -494,13 +622,12 @@ __global__ void __launch_bounds__(kBlock)
 // order into the weight ([fw, D]), bias and t or p gradients (each may be null).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kBlock)
-    sum_partials_kernel(const at::opmath_type<scalar_t>* __restrict__ partial, int64_t blocks, int64_t width,
-                        int64_t weight_columns, int64_t d, scalar_t* __restrict__ grad_weight_t,
-                        scalar_t* __restrict__ grad_bias, scalar_t* __restrict__ grad_param) {
-  using acc_t = at::opmath_type<scalar_t>;
+    sum_partials_kernel(const double* __restrict__ partial, int64_t blocks, int64_t width, int64_t weight_columns,
+                        int64_t d, scalar_t* __restrict__ grad_weight_t, scalar_t* __restrict__ grad_bias,
+                        scalar_t* __restrict__ grad_param) {
   for (int64_t column = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; column < width;
        column += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    acc_t total = acc_t(0);
+    double total = 0;
     for (int64_t b = 0; b < blocks; ++b) total += partial[b * width + column];
     if (column < weight_columns) {
       grad_weight_t[column] = static_cast<scalar_t>(total);
@@ -539,7 +666,7 @@ struct CudaGen {
     const simt::DeviceGuard guard(in.x.device());
     const auto stream = simt::current_stream();
     constexpr const char* op = "revgnn_ext.gen_aggregate";
-    const int lanes = lanes_per_row(in.d);
+    const int lanes = lanes_per_row(in.d, kPer);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), op, [&] {
       using acc_t = at::opmath_type<scalar_t>;
       AT_DISPATCH_INDEX_TYPES(in.rowptr.scalar_type(), op, [&] {
@@ -562,7 +689,7 @@ struct CudaGen {
     const simt::DeviceGuard guard(in.x.device());
     const auto stream = simt::current_stream();
     constexpr const char* op = "revgnn_ext.gen_aggregate_backward";
-    const int lanes = lanes_per_row(in.d);
+    const int lanes = lanes_per_row(in.d, kPer);
     const int64_t n_src = in.x.size(0), num_edges = in.col.numel();
     const bool want_params = grads.weight_t.defined() || grads.bias.defined() || grads.t.defined() ||
                              grads.p.defined();
@@ -582,7 +709,7 @@ struct CudaGen {
                 grads.x.data_ptr<scalar_t>(), n_src, in.d, lanes);
           }
           if (!want_params && !grads.edge_attr.defined()) return;
-          // grad_edge_attr of an encoded embedding is summed over channel chunks in opmath
+          // grad_edge_attr of an encoded embedding is summed over passes of channels in opmath
           // precision: in place for float32/float64, in a float32 buffer copied back otherwise.
           at::Tensor grad_attr_enc;
           if (grads.edge_attr.defined() && !in.direct) {
@@ -593,8 +720,7 @@ struct CudaGen {
           const int64_t fw = grads.weight_t.defined() ? in.f : 0, width = (fw + 2) * in.d;
           const int64_t blocks = (in.num_dst + kRowsPerBlock - 1) / kRowsPerBlock;
           const at::Tensor partial =
-              want_params ? at::empty({blocks, width}, in.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value))
-                          : at::Tensor();
+              want_params ? at::empty({blocks, width}, in.x.options().dtype(at::kDouble)) : at::Tensor();
           if (blocks > 0) {
             simt::launch<gen_backward_params_kernel<scalar_t, index_t, A>>(
                 static_cast<unsigned int>(blocks), kBlock, 0, stream,
@@ -602,12 +728,12 @@ struct CudaGen {
                 in.x.stride(0), n_src, emb, ptr_or_null<scalar_t>(in.t), ptr_or_null<scalar_t>(in.p), eps, rows,
                 in.num_dst, in.d,
                 in.direct ? ptr_or_null<scalar_t>(grads.edge_attr) : nullptr, ptr_or_null<acc_t>(grad_attr_enc),
-                ptr_or_null<acc_t>(partial), fw, width, lanes);
+                ptr_or_null<double>(partial), fw, width, lanes);
           }
           if (want_params) {  // with no row block, the sums are 0
             const int64_t grid = std::min<int64_t>((width + kBlock - 1) / kBlock, std::numeric_limits<int32_t>::max());
             simt::launch<sum_partials_kernel<scalar_t>>(static_cast<unsigned int>(grid), kBlock, 0, stream,
-                partial.data_ptr<acc_t>(), blocks, width, fw * in.d, in.d, ptr_or_null<scalar_t>(grads.weight_t),
+                partial.data_ptr<double>(), blocks, width, fw * in.d, in.d, ptr_or_null<scalar_t>(grads.weight_t),
                 ptr_or_null<scalar_t>(grads.bias),
                 ptr_or_null<scalar_t>(A == Aggr::Softmax ? grads.t : grads.p));
           }
