@@ -1,5 +1,4 @@
-"""Shared fixtures: devices, dtypes and the graph shapes every op is tested on; the one set of
-graph, gradient and error helpers the test files use."""
+"""Shared fixtures: devices, dtypes, graph shapes; the one set of graph, gradient and error helpers."""
 import collections
 import contextlib
 import copy
@@ -11,8 +10,7 @@ import sys
 import tempfile
 import zlib
 
-# torch.compile's on-disk cache does not key on a custom op's schema: code compiled against an
-# earlier build of our ops would be served to this one. Each test run compiles afresh.
+# torch.compile's on-disk cache does not key on a custom op's schema: each test run compiles afresh.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="revgnn_ext_inductor_"))
 
 import pytest  # noqa: E402
@@ -23,8 +21,7 @@ from revgnn_ext.datasets import power_law_graph  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
-# "emu": the CUDA kernels on the CPU under our emulator (revgnn_ext.emulator): tensors are on the
-# CPU, and the autouse fixture _emulated_cuda routes the ops to the CUDA kernels.
+# "emu": the CUDA kernels on the CPU under revgnn_ext.emulator (CPU tensors; see _emulated_cuda).
 MARKS = {"cpu": [], "cuda": [pytest.mark.skipif(not HAS_CUDA, reason="no GPU")],
          "emu": [pytest.mark.emu, pytest.mark.skipif(not emulator.available(),
                                                      reason="emulated CUDA kernels not built (REVGNN_EXT_EMULATOR=1)")]}
@@ -32,20 +29,11 @@ MARKS = {"cpu": [], "cuda": [pytest.mark.skipif(not HAS_CUDA, reason="no GPU")],
 DEVICES = ["cpu", pytest.param("cuda", marks=MARKS["cuda"]), pytest.param("cpu", marks=MARKS["emu"], id="emu")]
 
 
-def dtypes_for(device):
-    if device in ("cuda", "emu"):
-        return [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-    return [torch.float32, torch.float64]
-
-
 def device_dtype_params():
     """(device, dtype) pairs: CPU float32/float64; CUDA and its emulation also float16/bfloat16."""
-    out = []
-    for dev in ("cpu", "cuda", "emu"):
-        for dt in dtypes_for(dev):
-            out.append(pytest.param("cpu" if dev == "emu" else dev, dt, marks=MARKS[dev],
-                                    id=f"{dev}-{str(dt).split('.')[-1]}"))
-    return out
+    low = [torch.float16, torch.bfloat16]
+    return [pytest.param("cpu" if dev == "emu" else dev, dt, marks=MARKS[dev], id=f"{dev}-{str(dt).split('.')[-1]}")
+            for dev in ("cpu", "cuda", "emu") for dt in [torch.float32, torch.float64] + (low if dev != "cpu" else [])]
 
 
 def random_edges(num_nodes, num_edges, seed=0):
@@ -99,8 +87,7 @@ def config_id(config):
 
 
 def csr_graph(shape="random", device="cpu", seed=0, shuffled=False, unique=False):
-    """make_graph(shape, seed) as a CSRGraph on `device`; `shuffled`: the caller's edge order is
-    not CSR order (edge ids and CSR positions differ); `unique`: without duplicate edges."""
+    """make_graph(shape, seed) as a CSRGraph; `shuffled`: edge order not CSR order; `unique`: no duplicate edges."""
     edge_index, n = make_graph(shape, seed)
     if shuffled:
         gen = torch.Generator().manual_seed(seed + 1)
@@ -112,9 +99,7 @@ def csr_graph(shape="random", device="cpu", seed=0, shuffled=False, unique=False
 
 @contextlib.contextmanager
 def raises(exc, *names):
-    """pytest.raises(exc) whose message must name each of `names` (the op or module, the argument):
-    as a whole word where a name begins or ends with a letter, digit or underscore. The wording
-    around them is free."""
+    """pytest.raises(exc) whose message names each of `names` (as a whole word where it starts/ends with \\w)."""
     with pytest.raises(exc) as info:
         yield info
     message = str(info.value)
@@ -128,8 +113,7 @@ def raises(exc, *names):
 
 
 def grads(out, inputs, gout=None):
-    """The gradients of `inputs` (None for one that `out` does not depend on; all None when `out`
-    needs no grad) for the output gradient `gout`, by default a fixed random one."""
+    """The gradients of `inputs` (None where unused or `out` needs no grad) for `gout` (default: fixed random)."""
     if not out.requires_grad:
         return [None] * len(inputs)
     if gout is None:
@@ -138,9 +122,8 @@ def grads(out, inputs, gout=None):
 
 
 def module_grads(module, args, autocast=False):
-    """module(*args), random state seeded first (the same dropout draws for each module run), the
-    forward under CPU bfloat16 autocast if `autocast`; and by name the gradients of the tensor args
-    that require grad ("input0", ...) and of every parameter, for a random output gradient."""
+    """module(*args) (seeded; under CPU bfloat16 autocast if `autocast`) and, by name ("input0", ..., then
+    parameter names), the gradients of the args that require grad and of every parameter."""
     torch.manual_seed(0)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = module(*args)
@@ -151,8 +134,7 @@ def module_grads(module, args, autocast=False):
 
 
 def fresh_process_json(script, *args):
-    """What `script` prints as JSON on its last line, run with `args` in a fresh Python process
-    without MALLOC_ variables; skips where the script exits 3 (set_malloc_thresholds does nothing)."""
+    """The JSON last line `script` prints in a fresh process without MALLOC_ variables; skips on exit code 3."""
     result = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
                             timeout=300, env={k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")})
     if result.returncode == 3:
@@ -184,9 +166,7 @@ def max_cpu_allocation(fn) -> int:
 
 
 def assert_error_within_twice(ours, same_dtype, exact, rtol, name="result"):
-    """The rule for a result not computed in float64: its error against the float64 truth `exact`
-    is at most twice that of a reference computed in the same precision (`same_dtype`), plus
-    `rtol` (a few units of rounding) at the scale of `exact`. NaNs must be where exact's are."""
+    """Error against the float64 truth `exact` at most twice `same_dtype`'s, plus `rtol` at exact's scale; same NaNs."""
     exact = exact.double()
     ours, same_dtype = ours.double(), same_dtype.double()
     assert torch.equal(torch.isnan(ours), torch.isnan(exact)), f"{name}: NaNs differ"
@@ -199,8 +179,7 @@ def assert_error_within_twice(ours, same_dtype, exact, rtol, name="result"):
 
 
 def assert_same_as_pyg(ours, ref, out_ours, out_ref, inputs, tol):
-    """Our layer and PyG's (same state_dict) gave the same output, and the same gradients of
-    `inputs` and of every parameter (None where PyG's is None) for one random output gradient."""
+    """Our layer and PyG's (same state_dict): same output and gradients of `inputs` and every parameter."""
     torch.testing.assert_close(out_ours, out_ref, rtol=tol, atol=tol)
     gout = torch.randn_like(out_ours)
     for a, b in zip(grads(out_ours, inputs + list(ours.parameters()), gout),
@@ -211,8 +190,7 @@ def assert_same_as_pyg(ours, ref, out_ours, out_ref, inputs, tol):
 
 
 def assert_compiles_as_eager(f, make_inputs, names):
-    """torch.compile(f, fullgraph=True) on keyword inputs from ``make_inputs()`` gives f's output
-    and, for sum(output), the same gradients of the inputs in ``names``."""
+    """torch.compile(f, fullgraph=True) gives f's output and gradients of sum(output) for the inputs in ``names``."""
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True)
     eager_in, compiled_in = make_inputs(), make_inputs()
@@ -228,14 +206,12 @@ SHAPES = ["random", "no_edges", "isolated", "self_loops", "duplicates", "biparti
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    # Fresh, reproducible random inputs per test.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 @pytest.fixture(autouse=True)
 def _emulated_cuda(request):
-    """A test case on the "emu" device runs its ops' CUDA kernels under the emulator, with a
-    scheduling seed of its own."""
+    """An "emu" case runs its ops' CUDA kernels under the emulator, with a scheduling seed of its own."""
     if request.node.get_closest_marker("emu") is None:
         yield
         return
@@ -273,11 +249,8 @@ def _signature(args):
 
 
 def check_compiled_training(model, calls, lr=0.05):
-    """``torch.compile(model)`` trains as ``model`` does in eager mode: for each argument tuple of
-    ``calls``, the compiled model and an eager copy each take one SGD step on mean(out ** 2);
-    their losses and the gradients of every parameter and of each input that requires grad agree
-    (float64, 1e-9), so a compiled call follows the graph and the parameters it is given (nothing
-    stale). A call with the argument types and shapes of an earlier call must not recompile."""
+    """torch.compile(model) and an eager copy each take an SGD step on mean(out ** 2) per argument tuple of
+    ``calls``: same losses and gradients (float64, 1e-9); repeated argument types and shapes do not recompile."""
     eager = copy.deepcopy(model)
     torch._dynamo.reset()
     compiled = torch.compile(model)
@@ -298,6 +271,15 @@ def check_compiled_training(model, calls, lr=0.05):
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad()
+
+
+def plain_copy(module):
+    """A deep copy of `module` whose reversible blocks run under plain autograd (disable=True)."""
+    plain = copy.deepcopy(module)
+    for m in plain.modules():
+        if hasattr(m, "disable"):
+            m.disable = True
+    return plain
 
 
 def graph_break_files(model, *args):

@@ -1,7 +1,5 @@
-"""The ops in float16/bfloat16 on every device (float32 math, one rounding per stored value: within
-twice the reference's error on the same rounded inputs) and under torch.autocast (the functional
-ops cast their floating inputs, float32 edge features and parameters beside bfloat16 node features
-included, forward and backward); the in-place ops take a lower-precision operand beside float32."""
+"""The ops in float16/bfloat16 on every device (within twice the reference's error on the same rounded inputs)
+and under torch.autocast, forward and backward; the in-place ops take a lower-precision operand beside float32."""
 import pytest
 import torch
 
@@ -16,8 +14,8 @@ REDUCES = ["sum", "mean", "max", "min"]
 
 
 def _spmm_case(device, reduce):
-    """max/min: no ties in any dtype (the reference splits a tie's gradient, the op gives it to the
-    first edge): no duplicate edges, no weights, and distinct integers per channel (exact in bfloat16)."""
+    """max/min without ties in any dtype (the reference splits a tie's gradient): no duplicate edges, no
+    weights, distinct integers per channel (exact in bfloat16)."""
     if reduce in ("max", "min"):
         g = csr_graph("power_law", device, unique=True)
         x = torch.stack([torch.randperm(g.num_src) for _ in range(37)], 1).float() - g.num_src // 2
@@ -38,9 +36,19 @@ def _gen_inputs(g, device, aggr):
     return kw
 
 
+def _op_case(device, op, variant):
+    """(our op, the reference, graph, keyword inputs) of spmm with reduce `variant`, or gen_aggregate with aggr."""
+    if op == "spmm":
+        return (ops.spmm, reference.spmm, *_spmm_case(device, variant))
+    g = csr_graph("power_law", device)
+    return ops.gen_aggregate, reference.gen_aggregate, g, _gen_inputs(g, device, variant)
+
+
+OP_CASES = [("spmm", r) for r in REDUCES] + [("gen_aggregate", a) for a in AGGRS]
+
+
 def _run(fn, g, kw, cast=None):
-    """fn's output and the gradients of its tensor inputs (optionally cast first, by an
-    autograd-tracked conversion), as float64, for a fixed random output gradient."""
+    """fn's output and the gradients of its tensor inputs (cast first if `cast`), as float64."""
     leaves = {k: v.detach().requires_grad_() for k, v in kw.items() if isinstance(v, torch.Tensor)}
     args = {k: (v.to(cast) if cast is not None else v) for k, v in leaves.items()}
     out = fn(g, **{**kw, **args})
@@ -50,10 +58,8 @@ def _run(fn, g, kw, cast=None):
 
 
 def _compare(fn_ours, fn_ref, g, kw, dtype, autocast_device=None):
-    """The op on inputs cast to `dtype` (or under autocast to `dtype`) against the reference on
-    the values it computes with (the float32 inputs rounded to `dtype`: a rounding can move a max's
-    selection to another edge, and its gradient with it), in float64 and in `dtype`, forward and
-    backward; the gradients reach float32 inputs in float32."""
+    """The op on inputs cast to `dtype` (or under autocast) against the reference on the same rounded inputs
+    (a rounding can move a max's selection), in float64 and in `dtype`, forward and backward."""
     rounded = {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
     if autocast_device is None:
         out, grads = _run(fn_ours, g, kw, cast=dtype)
@@ -62,8 +68,6 @@ def _compare(fn_ours, fn_ref, g, kw, dtype, autocast_device=None):
             out, grads = _run(fn_ours, g, kw)
     exact_out, exact_grads = _run(fn_ref, g, rounded, cast=torch.float64)
     same_out, same_grads = _run(fn_ref, g, rounded)
-    # The design's rule for low precision: the error against float64 is at most 2x that of PyTorch's
-    # own computation in the same dtype, plus two roundings of the result's scale.
     rtol = 2 * torch.finfo(dtype).eps
     assert_error_within_twice(out, same_out, exact_out, rtol)
     for name in exact_grads:
@@ -73,17 +77,9 @@ def _compare(fn_ours, fn_ref, g, kw, dtype, autocast_device=None):
 # ------------------------------------------------------------------------------ low precision
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", LOW, ids=str)
-@pytest.mark.parametrize("reduce", REDUCES)
-def test_spmm_low_precision(device, dtype, reduce):
-    _compare(ops.spmm, reference.spmm, *_spmm_case(device, reduce), dtype)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", LOW, ids=str)
-@pytest.mark.parametrize("aggr", AGGRS)
-def test_gen_aggregate_low_precision(device, dtype, aggr):
-    g = csr_graph("power_law", device)
-    _compare(ops.gen_aggregate, reference.gen_aggregate, g, _gen_inputs(g, device, aggr), dtype)
+@pytest.mark.parametrize("op, variant", OP_CASES)
+def test_low_precision(device, dtype, op, variant):
+    _compare(*_op_case(device, op, variant), dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -102,8 +98,7 @@ def test_in_place_ops_low_precision(device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduce", ["max", "min"])
 def test_spmm_selection_keeps_its_dtype_under_autocast(device, reduce):
-    """max/min select exactly in any precision (PyG's scatter max stays float32 under autocast):
-    casting x to bfloat16 would only create ties and move gradients to other edges."""
+    """max/min select exactly in any precision (as PyG's scatter max): x is not cast to bfloat16."""
     g = csr_graph("power_law", device, unique=True)
     x = torch.randn(g.num_src, 37, device=device, requires_grad=True)
     with torch.autocast(device, dtype=torch.bfloat16):
@@ -116,27 +111,18 @@ def test_spmm_selection_keeps_its_dtype_under_autocast(device, reduce):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("reduce", REDUCES)
-def test_spmm_under_autocast(device, reduce):
-    g, kw = _spmm_case(device, reduce)
-    _compare(ops.spmm, reference.spmm, g, kw, torch.bfloat16, autocast_device=device)
-    with torch.autocast(device, dtype=torch.bfloat16):
-        assert ops.spmm(g, torch.randn(g.num_src, 8, device=device)).dtype == torch.bfloat16
-        # float64 stays float64, as autocast leaves it
-        assert ops.spmm(g, torch.randn(g.num_src, 8, device=device, dtype=torch.float64)).dtype == torch.float64
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("aggr", AGGRS)
-def test_gen_aggregate_under_autocast(device, aggr):
-    g = csr_graph("power_law", device)
-    _compare(ops.gen_aggregate, reference.gen_aggregate, g, _gen_inputs(g, device, aggr), torch.bfloat16,
-             autocast_device=device)
+@pytest.mark.parametrize("op, variant", OP_CASES)
+def test_under_autocast(device, op, variant):
+    fn, ref, g, kw = _op_case(device, op, variant)
+    _compare(fn, ref, g, kw, torch.bfloat16, autocast_device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):  # float64 stays float64, as autocast leaves it
+        assert fn(g, torch.randn(g.num_src, 8, device=device)).dtype == torch.bfloat16
+        assert fn(g, torch.randn(g.num_src, 8, device=device, dtype=torch.float64)).dtype == torch.float64
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_gen_aggregate_takes_float32_edge_features_beside_bfloat16_x(device):
-    """What autocast gives a GENConv: x from a Linear in bfloat16, edge features and parameters in float32."""
+    """What autocast gives a GENConv: bfloat16 x, float32 edge features and parameters."""
     g = csr_graph("power_law", device)
     kw = _gen_inputs(g, device, "softmax")
     kw["x"] = kw["x"].bfloat16()
@@ -149,8 +135,7 @@ def test_gen_aggregate_takes_float32_edge_features_beside_bfloat16_x(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_accumulate_takes_bfloat16_beside_float32(device):
-    """spmm's in-place form (out=) takes x in a lower precision than the float32 buffer it
-    writes, the math in float32; under autocast it adds the autocast result, as out.add_ would."""
+    """spmm(out=) takes bfloat16 x beside a float32 out (float32 math); under autocast it adds the autocast result."""
     g = csr_graph("power_law", device)
     x = torch.randn(g.num_src, 37, device=device).bfloat16()
     out = torch.randn(g.num_dst, 37, device=device)
@@ -166,8 +151,7 @@ def test_accumulate_takes_bfloat16_beside_float32(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("conv", ["gen", "sage"])
 def test_convs_train_under_autocast(device, conv):
-    """GENConv (with edge features) and SAGEConv, forward and backward under bfloat16 autocast,
-    within a few bfloat16 roundings of the float32 run."""
+    """GENConv (edge features) and SAGEConv under bfloat16 autocast: within a few roundings of the float32 run."""
     torch.manual_seed(0)
     ei, n = make_graph("power_law")
     ei = ei.to(device)

@@ -1,6 +1,5 @@
-"""The fused ops have reverse-mode autograd only: forward-mode AD and torch.func's
-differentiating transforms raise an error naming the op (never zero or None tangents); vmap,
-which needs no derivative, gives the per-sample results."""
+"""Forward-mode AD and torch.func's differentiating transforms raise naming the op (never zero or None tangents);
+vmap gives the per-sample results."""
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD

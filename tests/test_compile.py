@@ -1,9 +1,5 @@
-"""torch.compile over whole models: RevGNN presets (reversible and plain) and a user's model of
-GroupAddRev blocks give eager's losses, gradients and parameters after several optimizer steps
-(float64), compile a fixed number of frames whatever the depth (not one per layer), and break
-the graph only where the docs say (graph building from an edge_index; each reversible block,
-which runs eagerly so that backward's recomputation of F matches the forward bit for bit).
-torch.export of models for a fixed graph, loaded in a fresh process."""
+"""torch.compile of whole models: eager's training, frames independent of depth, graph breaks only where the
+docs say (graph building, each reversible block); torch.export for a fixed graph, loaded in a fresh process."""
 import contextlib
 import copy
 import subprocess
@@ -36,45 +32,35 @@ def train(model, inputs, steps=2, seed=10):
     return torch.stack(losses), [p.detach().clone() for p in model.parameters()]
 
 
-def compiled_frames(model, inputs, **kwargs):
-    """(eager's training, the compiled copy's training, frames dynamo compiled, graph breaks)."""
+def compiled_frames(model, inputs, tol=(1e-12, 1e-10, 1e-12), **kwargs):
+    """A compiled copy trains as `model` (losses to rtol tol[0], parameters to tol[1:]); (frames, graph breaks)."""
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(copy.deepcopy(model), **kwargs)
-    eager = train(model, inputs)
-    result = train(compiled, inputs)
-    return eager, result, counters["frames"]["ok"], sum(counters["graph_break"].values())
+    (loss, params), (loss_c, params_c) = train(model, inputs), train(compiled, inputs)
+    torch.testing.assert_close(loss_c, loss, rtol=tol[0], atol=0)
+    for p, q in zip(params_c, params):
+        torch.testing.assert_close(p, q, rtol=tol[1], atol=tol[2])
+    return counters["frames"]["ok"], sum(counters["graph_break"].values())
 
 
 @pytest.mark.parametrize("reversible, depths", [(True, (4, 100)), (False, (4, 12))])
 def test_revgnn_trains_as_eager_and_compiles_once_for_any_depth(reversible, depths):
-    """A 100-layer reversible RevGNN compiles as many frames as a 4-layer one (no compilation
-    per layer) and trains as in eager mode: same losses and parameters after two steps (dropout
-    on). The plain model compiles into one graph whatever the depth (checked at 12 layers)."""
+    """Two steps (dropout on) as in eager mode; as many frames at 100 (plain: 12) layers as at 4."""
     x, edge_index, edge_attr = proteins_like(num_nodes=24, num_edges=120)
     frames = {}
     for depth in depths:
         torch.manual_seed(0)
         model = RevGNN.preset("proteins-deep", num_layers=depth, hidden_channels=12, reversible=reversible).double()
-        (loss, params), (loss_c, params_c), frames[depth], breaks = compiled_frames(
-            model, (x, edge_index, edge_attr), backend="aot_eager")
-        torch.testing.assert_close(loss_c, loss, rtol=1e-12, atol=0)
-        for p, q in zip(params_c, params):
-            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
-        # Graph building from edge_index; each reversible block (eager, one break wherever it runs).
-        assert breaks <= 3, breaks
+        frames[depth], breaks = compiled_frames(model, (x, edge_index, edge_attr), backend="aot_eager")
+        assert breaks <= 3, breaks  # graph building from edge_index; each reversible block
     assert frames[depths[1]] == frames[depths[0]], frames
 
 
 def test_revgnn_with_inductor():
-    """The default backend (inductor) on the reversible proteins model: eager's training."""
-    x, edge_index, edge_attr = proteins_like(num_nodes=40, num_edges=300)
     torch.manual_seed(0)
     model = RevGNN.preset("proteins-deep", num_layers=3, hidden_channels=16).double()
-    (loss, params), (loss_c, params_c), _, _ = compiled_frames(model, (x, edge_index, edge_attr))
-    torch.testing.assert_close(loss_c, loss, rtol=1e-10, atol=0)
-    for p, q in zip(params_c, params):
-        torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-10)
+    compiled_frames(model, proteins_like(num_nodes=40, num_edges=300), tol=(1e-10, 1e-8, 1e-10))
 
 
 class DropoutF(torch.nn.Module):
@@ -102,16 +88,9 @@ class UserNet(torch.nn.Module):
 
 
 def test_dropout_inside_f_replays_under_inductor():
-    """Dropout inside F: a compiled model rebuilds each block's input from the forward's exact
-    mask (inductor draws its own random numbers, so F runs eagerly inside the block); the
-    compiled model trains as the eager one does (it raised, or rebuilt wrongly, before)."""
+    """Inductor draws its own random numbers: F runs eagerly in the block, each input rebuilt from the exact mask."""
     torch.manual_seed(0)
-    model = UserNet(depth=3).double()
-    x = torch.randn(20, 8, dtype=torch.float64)
-    (loss, params), (loss_c, params_c), _, _ = compiled_frames(model, (x, None))
-    torch.testing.assert_close(loss_c, loss, rtol=1e-12, atol=0)
-    for p, q in zip(params_c, params):
-        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    compiled_frames(UserNet(depth=3).double(), (torch.randn(20, 8, dtype=torch.float64), None))
 
 
 def test_plain_blocks_compile_whole():
@@ -149,13 +128,8 @@ class SageUser(torch.nn.Module):
 @pytest.mark.compile
 @pytest.mark.parametrize("user", [GenUser, SageUser])
 def test_compiled_user_model_trains_as_eager(user):
-    """torch.compile of a user's model: eager's losses and gradients (of the parameters, x and the
-    edge features) over SGD steps, from an edge_index (converted at each call: a new edge_index
-    of the same shape gives its own graph) and from a CSRGraph; repeated calls do not recompile.
-    The graph breaks are all in revgnn_ext/adjacency.py, where an edge_index becomes a CSRGraph,
-    and graph.py, where a graph builds its transpose on first use: both read index values (range checks, counts per
-    row), which a graph traced ahead of them cannot know; a CSRGraph whose transpose exists
-    compiles whole (test_gen_conv's test_torch_compile_fullgraph)."""
+    """Eager's training from edge_indexes (each its own graph) and a CSRGraph, no recompiles; graph breaks only
+    in adjacency.py and graph.py, which read index values (an edge_index's conversion, a transpose's build)."""
     ei, n = make_graph("random")
     x = torch.randn(n, 6, dtype=torch.float64, requires_grad=True)
     extra = (torch.randn(ei.size(1), 3, dtype=torch.float64, requires_grad=True),) if user is GenUser else ()
@@ -168,8 +142,7 @@ def test_compiled_user_model_trains_as_eager(user):
 
 
 class OnGraph(torch.nn.Module):
-    """A model for one fixed graph, as exported for inference: the graph (and any edge features)
-    held as attributes, the node features the only input."""
+    """A model for one fixed graph (and edge features) held as attributes: node features the only input."""
 
     def __init__(self, model, graph, *extra):
         super().__init__()
@@ -194,9 +167,7 @@ def _layer(name):
 @pytest.mark.parametrize("name", ["revgnn", "gen", "gat", "gcn"])
 @pytest.mark.parametrize("trained", [False, True])
 def test_export_for_a_fixed_graph_loads_in_a_fresh_process(name, trained, tmp_path):
-    """torch.export of a model on a CSRGraph built beforehand, saved, loaded in a fresh process:
-    the same outputs. The model ran once on the graph and is exported under no_grad, or was
-    trained on it (a backward built the graph's transpose) and is exported with grad enabled."""
+    """Exported on a CSRGraph it ran on (under no_grad) or trained on (with grad), loaded fresh: same outputs."""
     x, edge_index, edge_attr = proteins_like()
     graph = CSRGraph.from_edge_index(edge_index, x.size(0))
     model = OnGraph(_layer(name), graph, *(() if name == "gcn" else (edge_attr,)))
@@ -214,9 +185,7 @@ def test_export_for_a_fixed_graph_loads_in_a_fresh_process(name, trained, tmp_pa
 
 
 def test_export_that_would_build_a_graph_is_refused():
-    """Graph building reads index values, which an exported program cannot: an edge_index
-    input, a graph whose derived forms do not exist yet, or gradients that need the transpose
-    raise a RuntimeError that says how to export instead."""
+    """An edge_index, a graph not built yet or gradients needing its transpose: an error that says what to do."""
     x, edge_index, edge_attr = proteins_like()
     layer = _layer("gat")
     cases = [OnGraph(layer, edge_index, edge_attr),

@@ -27,15 +27,14 @@ GEN_CONFIGS = [
     dict(aggr="softmax_sg"),
     dict(aggr=["max", "mean"], edge_dim=4),
 ]
-UNFUSED = {"softmax_sg", "['max', 'mean']"}
+UNFUSED = {"softmax_sg", "['max', 'mean']", "std"}
 SAGE_CONFIGS = [dict(), dict(aggr="sum", normalize=True), dict(aggr="max", root_weight=False),
                 dict(aggr="min", bias=False), dict(project=True), dict(aggr="std")]
 
 
 @pytest.fixture(autouse=True)
 def _own_fallback_warnings(monkeypatch):
-    # The modules warn once per process about a configuration they do not fuse, and convert() may
-    # be the one to say it: these tests keep their own record, so the modules' tests still warn.
+    # The modules warn once per process about an unfused configuration: a record of these tests' own.
     monkeypatch.setattr(_pyg, "_warned", set())
 
 
@@ -51,8 +50,7 @@ class Wrapper(torch.nn.Module):
 
 
 def _convert_and_compare(model, *args):
-    """Converts `model` in place, checks that it is the same function of the same parameter
-    objects as before, each module in the same mode, and returns the report."""
+    """Converts `model`: the same function of the same parameter objects, modules in the same mode; the report."""
     reference = copy.deepcopy(model)
     params = dict(model.named_parameters())
     modes = {n: m.training for n, m in model.named_modules()}
@@ -70,35 +68,23 @@ def _convert_and_compare(model, *args):
     return report
 
 
-@pytest.mark.parametrize("in_channels", [16, 12])
-@pytest.mark.parametrize("config", GEN_CONFIGS, ids=config_id)
-def test_gen_conv(config, in_channels):
-    conv = pyg.nn.GENConv(in_channels, 16, **config).double()
-    expected_repr = repr(conv)
+@pytest.mark.parametrize("cls, config, in_channels", [
+    *[pytest.param(pyg.nn.GENConv, c, i, id=f"GENConv-{config_id(c)}-{i}") for c in GEN_CONFIGS for i in (16, 12)],
+    *[pytest.param(pyg.nn.SAGEConv, c, 12, id=f"SAGEConv-{config_id(c)}") for c in SAGE_CONFIGS]])
+def test_conv(cls, config, in_channels):
+    conv = cls(in_channels, 16, **config).double()
+    expected_repr, new = repr(conv), getattr(ours, cls.__name__)
     model = Wrapper(conv)
     report = _convert_and_compare(model, *graph_inputs("power_law", in_channels, config.get("edge_dim")))
-    assert type(model.conv) is ours.GENConv and repr(model.conv) == expected_repr
+    assert type(model.conv) is new and repr(model.conv) == expected_repr
     unfused = report.replaced[0].unfused
-    assert report.replaced == [Replaced("conv", pyg.nn.GENConv, ours.GENConv, unfused)] and report.left == []
-    assert (unfused is not None) == (str(config["aggr"]) in UNFUSED)
-
-
-@pytest.mark.parametrize("config", SAGE_CONFIGS, ids=config_id)
-def test_sage_conv(config):
-    conv = pyg.nn.SAGEConv(12, 16, **config).double()
-    expected_repr = repr(conv)
-    model = Wrapper(conv)
-    report = _convert_and_compare(model, *graph_inputs("power_law", 12))
-    assert type(model.conv) is ours.SAGEConv and repr(model.conv) == expected_repr
-    assert [(r.name, r.old, r.new) for r in report.replaced] == [("conv", pyg.nn.SAGEConv, ours.SAGEConv)]
-    assert (report.replaced[0].unfused is not None) == (config.get("aggr") == "std")
+    assert report.replaced == [Replaced("conv", cls, new, unfused)] and report.left == []
+    assert (unfused is not None) == (str(config.get("aggr")) in UNFUSED)
 
 
 def test_aggregation_state_extra_tensors_and_submodule_hooks_carried():
-    """A trained learnable aggregation keeps its values (SAGEConv's constructor resets the
-    aggregation it is given), a parameter and a non-persistent buffer a user registered on the
-    conv come along as they were, the submodules are the same objects (their hooks still fire),
-    and converting draws no random numbers."""
+    """A trained aggregation's values, a user's parameter and non-persistent buffer, the same submodules (hooks
+    still fire) carried; converting draws no random numbers."""
     conv = pyg.nn.SAGEConv(12, 16, aggr=pyg.nn.aggr.SoftmaxAggregation(learn=True)).double()
     with torch.no_grad():
         conv.aggr_module.t.fill_(3.0)
@@ -144,8 +130,7 @@ def test_lazy_modules():
 
 
 def test_sparse_adjacency_values():
-    """A converted model given a torch.sparse adj_t: GENConv takes a hybrid one's values as edge
-    features, SAGEConv weights by a plain one's values, as PyG's layers do."""
+    """A torch.sparse adj_t: hybrid values are GENConv's edge features, plain ones SAGEConv's weights, as PyG's."""
     x, ei = graph_inputs("power_law", 12)
     n = x.size(0)
     features = torch.sparse_coo_tensor(ei.flip(0), torch.randn(ei.size(1), 4, dtype=torch.float64),
@@ -235,9 +220,8 @@ class UserConv(pyg.nn.GENConv):
 
 
 class Mixed(torch.nn.Module):
-    """A user's model: ModuleDict, Sequential, a conv shared by two places, GCNConv and GATConv, a
-    conv we do not accelerate (GraphConv), a subclass, one of revgnn_ext's convs already, a flow
-    we do not support and a conv with PyG hooks."""
+    """ModuleDict, Sequential, a shared conv, GCN/GATConv, GraphConv (not ours), a subclass, one of ours already,
+    an unsupported flow and a conv with PyG hooks."""
 
     def __init__(self):
         super().__init__()

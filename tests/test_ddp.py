@@ -1,7 +1,5 @@
-"""DistributedDataParallel over revgnn_ext's GroupAddRev: 2 gloo processes on CPU, each on its own
-half of a graph, get the average of the single-process gradients of the two halves, with DDP's
-defaults (GroupAddRev's backward returns the parameters' gradients, so DDP's hooks fire once per
-backward), with find_unused_parameters or static_graph, and with a block applied twice (weight tying)."""
+"""DDP over GroupAddRev: 2 gloo processes, each on half a graph, get the average of the halves' single-process
+gradients, with DDP's defaults, find_unused_parameters or static_graph, and a block applied twice."""
 import datetime
 
 import pytest
@@ -46,8 +44,7 @@ def _model():
 
 
 def _partitions():
-    """The induced subgraphs of the two halves of a random node permutation: (x, edge_index,
-    edge_attr, target) each."""
+    """(x, edge_index, edge_attr, target) of the subgraphs induced by two halves of a random node permutation."""
     edge_index, n = make_graph("random")
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(n, 5, generator=gen, dtype=torch.float64)
@@ -61,7 +58,7 @@ def _partitions():
 
 
 def _train(model, backward):
-    """STEPS steps of SGD, backward(model) computing the gradients. Returns each step's gradients."""
+    """Each step's gradients (from backward(model)) over STEPS steps of SGD."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     grads = []
     for _ in range(STEPS):

@@ -1,6 +1,5 @@
-"""DEQ (RevGNN-DEQ): the fixed point found, implicit gradients equal to the unrolled iteration's
-at convergence, gradcheck, one dropout mask per solve, BatchNorm statistics, non-convergence and
-non-finite values reported, memory independent of the number of iterations."""
+"""DEQ (RevGNN-DEQ): fixed point, implicit gradients equal the unrolled iteration's, gradcheck, one dropout mask
+per solve, BatchNorm, non-convergence and non-finite values reported, memory independent of iterations."""
 import warnings
 
 import pytest
@@ -18,8 +17,7 @@ SOLVERS = ["anderson", "broyden"]
 
 
 class Tanh(torch.nn.Module):
-    """F(h) = tanh(conv(dropout(h))) with the conv's weights scaled by ``scale``: a contraction
-    for small scales."""
+    """F(h) = tanh(conv(dropout(h))), the conv's weights scaled by ``scale``: a contraction for small scales."""
 
     def __init__(self, conv, scale=0.3, dropout=0.0, norm=None):
         super().__init__()
@@ -54,28 +52,8 @@ def _assert_close_relative(actual, expected, rtol):
         assert ((a - b).norm() / b.norm()).item() <= rtol
 
 
-@pytest.mark.parametrize("solver", SOLVERS)
-@pytest.mark.parametrize("groups", [1, 2, 3])
-def test_implicit_gradients_equal_unrolled(solver, groups):
-    deq = _sage_deq(channels=6, groups=groups, solver=solver, tol=1e-12, max_iter=100)
-    ei = random_edges(40, 200)
-    x = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
-    out = deq(x, ei)
-    assert deq.forward_trace.converged and deq.forward_trace.residual < 1e-12
-    # The fixed point: f(out) = out.
-    assert ((deq.f(out, x, ei) - out).norm() / out.norm()).item() < 1e-11
-    inputs = [x, *deq.parameters()]
-    weight = torch.randn_like(out)
-    implicit = grads(out, inputs, weight)
-    assert deq.backward_trace.converged
-    unrolled_out = _unrolled(deq, x, ei)
-    assert torch.allclose(out, unrolled_out, rtol=1e-10, atol=1e-12)
-    _assert_close_relative(implicit, grads(unrolled_out, inputs, weight), 1e-6)
-
-
-@pytest.mark.parametrize("solver", SOLVERS)
-def test_fused_gen_conv_block(solver):
-    """RevGNN's res+ groups around our fused GENConv (softmax, learnable t, edge features)."""
+def _gen_case(solver):
+    """RevGNN's res+ groups around our fused GENConv (softmax, learnable t, edge features): (deq, x, args)."""
     torch.manual_seed(0)
     ei = random_edges(30, 150)
     edge_attr = torch.rand(150, 4, dtype=torch.float64)
@@ -85,13 +63,28 @@ def test_fused_gen_conv_block(solver):
         for _ in range(2))
     deq = DEQ(groups, solver=solver, tol=1e-12, max_iter=200).double()
     x = torch.randn(30, 8, dtype=torch.float64, requires_grad=True)
-    mask = torch.ones(30, 8, dtype=torch.float64)
-    out = deq(x, ei, mask, edge_attr)
-    assert deq.forward_trace.converged
+    return deq, x, (ei, torch.ones(30, 8, dtype=torch.float64), edge_attr)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("f", ["sage-1", "sage-2", "sage-3", "gen"])
+def test_implicit_gradients_equal_unrolled(solver, f):
+    if f == "gen":
+        deq, x, args = _gen_case(solver)
+    else:
+        deq = _sage_deq(channels=6, groups=int(f[-1]), solver=solver, tol=1e-12, max_iter=100)
+        args = (random_edges(40, 200),)
+        x = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
+    out = deq(x, *args)
+    assert deq.forward_trace.converged and deq.forward_trace.residual < 1e-12
+    assert ((deq.f(out, x, *args) - out).norm() / out.norm()).item() < 1e-11  # f(out) = out
     inputs = [x, *deq.parameters()]
     weight = torch.randn_like(out)
-    unrolled = _unrolled(deq, x, ei, mask, edge_attr, steps=60)
-    _assert_close_relative(grads(out, inputs, weight), grads(unrolled, inputs, weight), 1e-6)
+    implicit = grads(out, inputs, weight)
+    assert deq.backward_trace.converged
+    unrolled_out = _unrolled(deq, x, *args)
+    assert torch.allclose(out, unrolled_out, rtol=1e-10, atol=1e-12)
+    _assert_close_relative(implicit, grads(unrolled_out, inputs, weight), 1e-6)
 
 
 def test_gradcheck():
@@ -124,9 +117,8 @@ def test_no_grad_and_eval_give_the_fixed_point():
 
 
 def test_dropout_one_mask_per_solve():
-    """Dropout inside F draws one mask per forward: the solve converges (fresh masks at every
-    evaluation would move the fixed point), the generators end where one evaluation of f leaves
-    them, and the gradients are those of the unrolled iteration under that one mask."""
+    """One dropout mask per forward: the solve converges, the generators end where one evaluation of f leaves
+    them, and the gradients are the unrolled iteration's under that mask."""
     deq = _sage_deq(tol=1e-12, max_iter=100, group={"dropout": 0.5}).train()
     ei = random_edges(40, 200)
     x = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
@@ -148,8 +140,7 @@ def test_dropout_one_mask_per_solve():
     assert torch.allclose(out, z, rtol=1e-10)
     _assert_close_relative(implicit, grads(z, [x, *deq.parameters()], weight), 1e-6)
 
-    # Fresh masks at every step never settle: the replay is what makes the solve converge.
-    with torch.no_grad():
+    with torch.no_grad():  # fresh masks at every step never settle
         z = _unrolled(deq, x, ei, steps=50)
         assert ((deq.f(z, x, ei) - z).norm() / z.norm()).item() > 1e-2
 
@@ -232,8 +223,7 @@ def test_saved_tensors_do_not_grow_with_iterations():
     assert saved_bytes(40) == saved_bytes(2) > 0
 
 
-# A training step's resident-set peak in a fresh process (revgnn_ext.memory's thresholds, as the
-# examples set them), after one step that allocates what the process keeps.
+# A training step's resident-set peak in a fresh process (with revgnn_ext.memory's thresholds), after a first step.
 SCRIPT = """
 import json, sys, warnings
 from revgnn_ext.memory import PeakMemory, set_malloc_thresholds
@@ -263,8 +253,7 @@ print(json.dumps([peaks[-1], deq.forward_trace.iterations, deq.backward_trace.it
 
 
 def test_step_memory_independent_of_iterations():
-    """The resident peak of a step at 30 solver iterations is within 10% (+ 1 MB) of that at 5:
-    the solver keeps nothing per iteration (one [N, D] tensor an iteration would add 25 x 1 MB)."""
+    """A step's resident peak at 30 iterations within 10% (+ 1 MB) of that at 5 (an [N, D] each would add 25 MB)."""
     def peak(iterations):
         value, forward, backward = fresh_process_json(SCRIPT, iterations, 4000, 64)
         assert forward == backward == iterations
@@ -276,8 +265,7 @@ def test_step_memory_independent_of_iterations():
 
 
 def test_revgnn_proteins_deq_preset():
-    """RevGNN.preset("proteins-deq"): the proteins model's fused GENConv groups in one DEQ block;
-    its fixed point is found and every parameter gets a gradient (edge encoder included)."""
+    """RevGNN.preset("proteins-deq"): one DEQ block converges, every parameter (edge encoder too) gets a gradient."""
     from revgnn_ext.datasets import synthetic_proteins
     from revgnn_ext.nn import RevGNN
 

@@ -1,6 +1,5 @@
-"""The emulator of the CUDA execution model (revgnn_ext.emulator; docs/design.md, testing): each
-fault a GPU would hang on, fault on or leave undefined is reported naming the kernel, and the
-emulated kernels give the same bits whatever the scheduling seed."""
+"""revgnn_ext.emulator: each fault a GPU would hang on, fault on or leave undefined is reported naming the
+kernel; the emulated kernels give the same bits whatever the scheduling seed."""
 import pytest
 import torch
 
@@ -46,8 +45,7 @@ def test_shared_memory_races_whatever_the_seed(seed):
 
 
 def _every_kernel(seed):
-    """Outputs and gradients of spmm, gen_aggregate (encoded edge features) and gat_aggregate
-    (edge features, two heads) on a power-law graph, under the emulator with `seed`."""
+    """Outputs and gradients of spmm, gen_aggregate and gat_aggregate (edge features) under the emulator's `seed`."""
     ei, n = make_graph("power_law")
     g = CSRGraph.from_edge_index(ei, n)
     gen = torch.Generator().manual_seed(0)

@@ -1,8 +1,5 @@
-"""The OGB examples end to end, as subprocesses, with tiny models: through ogb's real loader and
-Evaluator on dataset directories written here in ogb's raw format (no download), with
---synthetic, resuming from a checkpoint, and as 2 gloo processes under torchrun; the paper's
-whole-graph edge sums in the proteins partitions; runs that never lose work (checkpoint paths,
-diverging runs, changed arguments on resume, unreadable files: one-line errors)."""
+"""The OGB examples end to end with tiny models: ogb's loader on raw files written here, --synthetic, resuming,
+torchrun; whole-graph edge sums in the proteins partitions; runs that never lose work (one-line errors)."""
 import gzip
 import re
 import shutil
@@ -37,10 +34,7 @@ def _csv(path: Path, rows, fmt: str):
 
 
 def write_ogb_dataset(root: Path, name: str, num_nodes: int = 300, num_edges: int = 1500):
-    """A small random graph in the layout ogb 1.3.6 reads for ``name`` (its master.csv): one edge
-    per row of raw/edge.csv.gz (undirected but for arxiv's: ogb adds the reverse edges), the split
-    in split/<split type>/, and RELEASE_v1.txt, without which ogb offers to download again.
-    Returns the edges written, [2, num_edges]."""
+    """A small random graph in ogb 1.3.6's raw layout for ``name`` (RELEASE_v1.txt: no download); its edges."""
     rng = np.random.default_rng(0)
     home = root / name.replace("-", "_")
     raw = home / "raw"
@@ -99,8 +93,7 @@ def epoch_line(out: str, epoch: int) -> str:
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_ogb_directory_and_resume(tmp_path, name):
-    """Through ogb's loader and Evaluator (arxiv's graph made bidirected with one self loop per
-    node); a resumed run equal to an uninterrupted one; a damaged dataset file is one line."""
+    """ogb's loader and Evaluator; a resumed run equals an uninterrupted one; a damaged dataset file is one line."""
     edges = write_ogb_dataset(tmp_path, name)
     if name == "ogbn-arxiv":
         both = torch.cat([edges, edges.flip(0)], 1)
@@ -119,7 +112,6 @@ def test_ogb_directory_and_resume(tmp_path, name):
     second = run(command + checkpoint + ["--epochs", "2"])
     assert "resumed from" in second and "after epoch 1" in second
     assert "epoch 1 |" not in second
-    # The resumed epoch 2 is the epoch 2 of an uninterrupted run (timings aside).
     uninterrupted = run(command + ["--epochs", "2"])
     assert epoch_line(second, 2) == epoch_line(uninterrupted, 2)
     assert final_metric(second, metric) == final_metric(uninterrupted, metric)
@@ -141,8 +133,7 @@ def test_missing_root_is_one_line(tmp_path):
 @pytest.mark.parametrize("flag, value", [("--layers", "0"), ("--nodes", "0"), ("--steps", "0"), ("--degree", "-1"),
                                          ("--degree", "inf"), ("--hidden", "8"), ("--hidden", "7"), ("--hidden", "0")])
 def test_demo_arguments_out_of_range_are_one_line(flag, value):
-    """demo.py refuses a value out of range before any work, naming the argument (0 is not the
-    default, --hidden 8 is the edge features' width, --hidden 7 does not split into 2 groups)."""
+    """demo.py refuses a value out of range (--hidden 8: the edge features' width; 7: not 2 groups) before any work."""
     message, out = fails([sys.executable, str(EXAMPLES / "demo.py"), flag, value])
     assert message.startswith(f"demo.py: error: argument {flag}: "), message
     assert out == ""
@@ -155,22 +146,15 @@ def test_ogb_model_arguments_out_of_range_are_one_line(flag, value):
     assert flag.lstrip("-").replace("-", "_") in message or flag in message, message
 
 
-@pytest.mark.parametrize("name, extra", [("ogbn-proteins", []), ("ogbn-products", ["--full-graph"])])
-def test_synthetic(name, extra):
-    script, metric, tiny, scale = SCRIPTS[name]
-    tiny = TINY[:-2] if "--full-graph" in extra else TINY
-    out = run([sys.executable, str(EXAMPLES / script), "--synthetic", "--device", "cpu", "--scale", scale, *extra,
-               *tiny])
-    assert f"{name} (synthetic, scale {scale})" in out
+@pytest.mark.parametrize("name, args, expected", [
+    ("ogbn-proteins", TINY, []), ("ogbn-products", ["--full-graph", *TINY[:-2]], []),
+    ("ogbn-proteins", ["--model", "deq", "--epochs", "1", "--hidden-channels", "16", "--num-parts", "2"],
+     ["num_layers=1, conv='gen'", "equilibrium=True"])], ids=["proteins", "products-full-graph", "proteins-deq"])
+def test_synthetic(name, args, expected):
+    script, metric, _, scale = SCRIPTS[name]
+    out = run([sys.executable, str(EXAMPLES / script), "--synthetic", "--device", "cpu", "--scale", scale, *args])
+    assert all(line in out for line in [f"{name} (synthetic, scale {scale})", *expected]), out
     final_metric(out, metric)
-
-
-def test_synthetic_deq():
-    """RevGNN-DEQ (--model deq: the proteins-deq preset) trains end to end and prints its test ROC-AUC."""
-    out = run([sys.executable, str(EXAMPLES / "ogbn_proteins.py"), "--synthetic", "--scale", "0.001", "--device",
-               "cpu", "--model", "deq", "--epochs", "1", "--hidden-channels", "16", "--num-parts", "2"])
-    assert "num_layers=1, conv='gen'" in out and "equilibrium=True" in out
-    final_metric(out, "rocauc")
 
 
 @pytest.mark.parametrize("name", ["ogbn-proteins", "ogbn-arxiv"])
@@ -184,9 +168,7 @@ def test_torchrun_two_processes(name):
 
 
 def test_proteins_partitions_look_up_whole_graph_edge_sums(monkeypatch):
-    """The paper's recipe, through the example's partition training: each part's nodes get their
-    edge-feature sums over the whole graph (the paper's scatter-add over edge_index[0], computed
-    here from its description), not over the part's own edges; evaluation gets the same sums."""
+    """The example's partitions get their nodes' whole-graph edge sums (not their own edges'); so does evaluation."""
     from torch_geometric.utils import subgraph
 
     monkeypatch.syspath_prepend(str(EXAMPLES))
@@ -211,8 +193,7 @@ def test_proteins_partitions_look_up_whole_graph_edge_sums(monkeypatch):
     for x, edge_index, edge_attr, edge_sums in parts:
         nodes = torch.cdist(edge_sums, sums).argmin(dim=1)  # whose whole-graph sums the part was given
         torch.testing.assert_close(edge_sums, sums[nodes], rtol=1e-5, atol=1e-5)  # float32 sums of ~600 edges
-        # The part is the subgraph induced by those nodes, in their order.
-        assert torch.equal(x, data.x[nodes])
+        assert torch.equal(x, data.x[nodes])  # the subgraph induced by those nodes, in their order
         sub_index, sub_attr = subgraph(nodes, data.edge_index, data.edge_attr, relabel_nodes=True,
                                        num_nodes=data.num_nodes)
         assert torch.equal(edge_index, sub_index) and torch.equal(edge_attr, sub_attr)
@@ -227,7 +208,7 @@ def test_proteins_partitions_look_up_whole_graph_edge_sums(monkeypatch):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A one-epoch checkpoint of the synthetic proteins run, written into directories that did not exist."""
+    """A one-epoch checkpoint of the synthetic proteins run, in directories that did not exist."""
     path = tmp_path_factory.mktemp("trained") / "new" / "dir" / "checkpoint.pt"
     run(SYNTHETIC + ["--checkpoint", str(path)])
     return path

@@ -1,8 +1,5 @@
-"""gat_aggregate (fused GAT attention) against revgnn_ext.reference.gat_aggregate: score modes
-(source only, source + destination, edge features through edge_weight, edge scores), edge_keep,
-attention dropout (the reference's draw), graph shapes, dtypes and devices; every gradient and a
-float64 gradcheck; the accumulate form into a column slice; opcheck, torch.compile, determinism,
-no [E, H*C] or [E, H] allocation, bad inputs."""
+"""gat_aggregate against revgnn_ext.reference over score modes, edge_keep, attention dropout, graphs, dtypes and
+devices: gradients, gradcheck, the accumulate form, opcheck, compile, determinism, allocations, bad inputs."""
 import pytest
 import torch
 
@@ -128,8 +125,7 @@ def test_gradcheck_float64(mode):
 
 @pytest.mark.parametrize("p", [0.25, 0.9, 1.0])
 def test_attention_dropout_is_the_references_draw_and_replays(p):
-    """Dropped (edge, head) pairs are the reference's (gat_dropout_keep of the caller's edge id):
-    with x = 1 each output is the sum of the kept weights / (1 - p), which differs between draws."""
+    """Dropped (edge, head) pairs are the reference's draw (by caller's edge id), replayed; other seeds differ."""
     g = csr_graph("power_law", "cpu", shuffled=True)
     kw = _case(g, "src_dst", 4, 2, torch.float64, "cpu")
     kw["x"] = torch.ones_like(kw["x"])
@@ -251,9 +247,7 @@ def test_deterministic_across_runs_and_threads():
 
 
 def test_no_edge_by_head_allocation():
-    """Forward and backward allocate nothing as large as [E, H] (let alone [E, H*C], which PyG's
-    GATConv and the reference allocate): the largest allocation is [E, F] edge features (F = 2 < H = 4)
-    or an index, 32-bit here."""
+    """Forward and backward allocate at most [E, F] edge features (F = 2 < H = 4) or an index, never [E, H]."""
     ei = torch.randint(0, 300, (2, 30000))
     g = CSRGraph.from_edge_index(ei, 300)
     g.transposed()

@@ -1,6 +1,5 @@
-"""revgnn_ext.nn.GATConv against PyG's GATConv with the same state_dict: outputs and every
-gradient over its options, adjacency forms and graph shapes (eval mode); the training-mode
-attention dropout replays from torch's random state."""
+"""revgnn_ext.nn.GATConv against PyG's (same state_dict): outputs and gradients over options, adjacency forms and
+graph shapes (eval mode); training-mode attention dropout replays from torch's random state."""
 import pytest
 import torch
 
@@ -92,8 +91,7 @@ def test_torch_sparse_adjacency():
     _check(ours, ref, (x_src, None), adj_t.to_sparse_csr(), adj_t.to_sparse_csr())
 
 
-def test_uncoalesced_sparse_adjacency_is_coalesced_as_in_pyg():
-    # Duplicate entries are one edge (of summed value) in PyG's GATConv, not several.
+def test_uncoalesced_sparse_adjacency_is_coalesced_as_in_pyg():  # duplicates: one edge of summed value
     ei, n = make_graph("duplicates")
     adj_t = torch.sparse_coo_tensor(ei.flip(0), torch.ones(ei.size(1), dtype=torch.float64), (n, n))
     assert not adj_t.is_coalesced()

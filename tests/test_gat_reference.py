@@ -1,6 +1,5 @@
-"""revgnn_ext.reference.gat_aggregate, the contract of the fused GAT attention op, against a
-straightforward per-edge loop and against PyG's softmax; its attention-dropout draw against an
-independent pure-Python uint32 implementation of the documented hash."""
+"""revgnn_ext.reference.gat_aggregate (the fused op's contract) against a per-edge loop and PyG's softmax; its
+attention-dropout draw against a pure-Python uint32 implementation of the documented hash."""
 import math
 
 import pytest
@@ -107,8 +106,7 @@ def test_matches_per_edge_loop_with_gradients(shape, mode):
 
 
 def test_matches_pyg_softmax_and_scatter():
-    """As PyG's GATConv computes it after its projections: leaky_relu, PyG's softmax over the
-    destination index, then the alpha-weighted sum of the per-head source features."""
+    """As PyG's GATConv after its projections: leaky_relu, softmax over destinations, alpha-weighted sum."""
     edge_index, num_src, num_dst, kw = _inputs("power_law", heads=3, width=5)
     g = CSRGraph.from_edge_index(edge_index, (num_src, num_dst))
     out = reference.gat_aggregate(g, kw["x"], kw["src_score"], kw["dst_score"], kw["edge_attr"], kw["edge_weight"])
@@ -119,37 +117,25 @@ def test_matches_pyg_softmax_and_scatter():
     torch.testing.assert_close(out, expected.view(num_dst, 15), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("shape", ["random", "duplicates", "bipartite"])
-def test_edge_keep_softmax_runs_over_kept_edges_only(shape):
+@pytest.mark.parametrize("shape, p", [("random", 0.0), ("duplicates", 0.0), ("bipartite", 0.0), ("duplicates", 0.3),
+                                      ("duplicates", 0.75)])
+def test_edge_keep_and_attention_dropout_as_the_loop(shape, p):
+    """Softmax over the kept edges only (a graph without the others); dropout: the documented draw of its seed."""
     edge_index, num_src, num_dst, kw = _inputs(shape)
     g = CSRGraph.from_edge_index(edge_index, (num_src, num_dst))
-    keep = torch.rand(edge_index.size(1)) < 0.6
-    out = reference.gat_aggregate(g, kw["x"], kw["src_score"], kw["dst_score"], edge_keep=keep)
-    expected = _loop(edge_index, num_dst, kw["x"], kw["src_score"], kw["dst_score"], keep=keep)
+    keep = torch.rand(edge_index.size(1)) < (0.8 if p else 0.6)
+    args, seed = (g, kw["x"], kw["src_score"], kw["dst_score"]), 2**40 + 12345
+    out = reference.gat_aggregate(*args, edge_keep=keep, attn_dropout=p, seed=seed)
+    expected = _loop(edge_index, num_dst, kw["x"], kw["src_score"], kw["dst_score"], keep=keep, p=p, seed=seed)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    # the same as a graph without the dropped edges
+    if p:
+        assert torch.equal(out, reference.gat_aggregate(*args, edge_keep=keep, attn_dropout=p, seed=seed))
+        assert not torch.equal(out, reference.gat_aggregate(*args, edge_keep=keep, attn_dropout=p, seed=seed + 1))
+        return
     sub = CSRGraph.from_edge_index(edge_index[:, keep], (num_src, num_dst))
     torch.testing.assert_close(out, reference.gat_aggregate(sub, kw["x"], kw["src_score"], kw["dst_score"]))
     none_kept = reference.gat_aggregate(g, kw["x"], kw["src_score"], edge_keep=torch.zeros_like(keep))
     assert none_kept.shape == (num_dst, kw["x"].size(1)) and none_kept.abs().max() == 0
-
-
-@pytest.mark.parametrize("p", [0.3, 0.75])
-def test_attention_dropout_is_the_documented_draw(p):
-    edge_index, num_src, num_dst, kw = _inputs("duplicates")
-    g = CSRGraph.from_edge_index(edge_index, (num_src, num_dst))
-    keep = torch.rand(edge_index.size(1)) < 0.8
-    seed = 2**40 + 12345
-    out = reference.gat_aggregate(g, kw["x"], kw["src_score"], kw["dst_score"], edge_keep=keep, attn_dropout=p,
-                                  seed=seed)
-    expected = _loop(edge_index, num_dst, kw["x"], kw["src_score"], kw["dst_score"], keep=keep, p=p, seed=seed)
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    again = reference.gat_aggregate(g, kw["x"], kw["src_score"], kw["dst_score"], edge_keep=keep, attn_dropout=p,
-                                    seed=seed)
-    assert torch.equal(out, again)
-    other = reference.gat_aggregate(g, kw["x"], kw["src_score"], kw["dst_score"], edge_keep=keep, attn_dropout=p,
-                                    seed=seed + 1)
-    assert not torch.equal(out, other)
 
 
 def test_dropout_draw_bit_for_bit_and_its_rate():

@@ -1,5 +1,4 @@
-"""revgnn_ext.nn.GCNConv against PyG's GCNConv with the same state_dict: outputs and every
-gradient (edge weights included) over its options, adjacency forms and graph shapes."""
+"""revgnn_ext.nn.GCNConv against PyG's (same state_dict): outputs and gradients over options, adjacency forms."""
 import pytest
 import torch
 
@@ -24,8 +23,7 @@ def _pair(config, in_channels=12, out_channels=16, device="cpu", dtype=torch.flo
 
 def _check(ours, ref, x, adj_ours, adj_ref, edge_weight=None, tol=1e-10):
     inputs = [t for t in (x, edge_weight) if t is not None and t.requires_grad]
-    # PyG keeps a node's last loop weight by an index_put, which on CUDA keeps an arbitrary one of
-    # repeated indices unless deterministic algorithms are on.
+    # PyG keeps a node's last loop weight by an index_put: on CUDA deterministic only with deterministic algorithms.
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
@@ -60,8 +58,7 @@ def test_matches_pyg(device, config, shape, weighted):
 @pytest.mark.parametrize("config", CONFIGS[:-1], ids=config_id)
 @pytest.mark.parametrize("layout", [torch.sparse_coo, torch.sparse_csr])
 def test_torch_sparse_adjacency_matches_pyg(config, layout):
-    """A sparse adj_t's values are the weights, with their gradient; PyG adds fill * I to it
-    (existing loops included)."""
+    """A sparse adj_t's values are the weights, with their gradient; PyG adds fill * I (existing loops included)."""
     ei, n = _weighted_loops("duplicates")
     value = torch.rand(ei.size(1), dtype=torch.float64, requires_grad=True)
 
@@ -123,8 +120,7 @@ def test_static_graph_batch_and_sparse_features():
 
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
 def test_wider_edge_weights_promote_as_pyg(config):
-    # float64 edge weights with float32 features give float64, as PyG's type promotion does;
-    # narrower ones leave the features' dtype.
+    # float64 edge weights with float32 features give float64 (PyG's promotion); narrower ones the features' dtype.
     ei, n = make_graph("self_loops")
     ours, ref = _pair(config, dtype=torch.float32)
     x = torch.randn(n, 12, requires_grad=True)
@@ -163,8 +159,7 @@ def test_no_edge_by_channel_allocation():
 
 
 def test_compiles_without_graph_breaks_on_a_graph():
-    """torch.compile(fullgraph=True) of the normalization and propagation, on a CSRGraph whose
-    derived forms (its transpose, its CSR numbering) a first eager call built."""
+    """torch.compile(fullgraph=True) on a CSRGraph whose derived forms a first eager call built."""
     ei, n = _weighted_loops("random")
     graph = CSRGraph.from_edge_index(ei, n)
     x = torch.randn(n, 12, dtype=torch.float64)

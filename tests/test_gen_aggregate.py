@@ -1,6 +1,5 @@
-"""gen_aggregate (fused GENConv aggregation) against revgnn_ext.reference: every aggregation,
-edge-feature mode, t/p form, graph shape, device and dtype; gradients of every input; opcheck;
-no [E, D] allocation; determinism; bad inputs."""
+"""gen_aggregate against revgnn_ext.reference over aggregations, edge-feature modes, t/p, graphs, devices, dtypes;
+gradients; opcheck; no [E, D] allocation; determinism; bad inputs; edge numerics against PyG."""
 import pytest
 import torch
 
@@ -143,8 +142,7 @@ def test_double_backward_is_refused_clearly():
 
 @pytest.mark.parametrize("aggr", AGGRS)
 def test_no_edge_by_channel_allocation(aggr):
-    """Forward and backward allocate nothing close to [E, D]: the largest single allocation is
-    the [E, F] edge features (F = 8 << D = 128), never [E, D] (PyG allocates several)."""
+    """Forward and backward allocate at most the [E, F] edge features (F = 8 << D = 128), never [E, D]."""
     ei = torch.randint(0, 300, (2, 30000))
     g = CSRGraph.from_edge_index(ei, 300)
     g.transposed()
@@ -183,9 +181,8 @@ def test_output_mask_computes_only_the_wanted_gradients_bit_for_bit(device, aggr
 
 
 def test_rev_gnn_step_allocates_no_gradient_of_the_edge_features():
-    """A proteins-deep training step: its edge features need no gradient (the edge encoder's
-    weight does), so backward allocates nothing as large as the [E, F] features; with features
-    that require grad, the probe sees their gradient."""
+    """A proteins-deep step's backward allocates nothing as large as the [E, F] edge features, which need no
+    gradient (the probe sees it when they do)."""
     from revgnn_ext.nn import RevGNN
     num_nodes, num_edges, feat = 200, 6000, 8
     ei = torch.randint(0, num_nodes, (2, num_edges))
@@ -286,9 +283,7 @@ def _pyg_aggregate(aggregation, g, x, eps=1e-7):
 @pytest.mark.parametrize("p", [0.0, 1.0, 2.5])
 @pytest.mark.parametrize("shape", ["random", "isolated"])
 def test_powermean_matches_pyg_values_and_gradients(p, shape):
-    # Many messages are clamped (relu gives 0): at p = 1 rows of clamped messages sit exactly on the
-    # clamp's bound, where torch.clamp passes no gradient; p = 0 gives 1 (0 for a node without
-    # in-edges) and NaN gradients, as PyG.
+    # Clamped messages (relu gives 0): at p = 1 on the clamp's bound (no gradient); p = 0 gives 1 and NaN gradients.
     aggr_mod = pytest.importorskip("torch_geometric.nn.aggr")
     g = csr_graph(shape, "cpu")
     pyg = aggr_mod.PowerMeanAggregation(p=p, learn=True, channels=5).double()
@@ -333,8 +328,7 @@ def test_genconv_learnable_p_matches_pyg(p):
 
 @pytest.mark.parametrize("scale", [1e38, 3e38, 1e19])
 def test_softmax_of_huge_float32_messages_is_finite_as_in_pyg(scale):
-    # The online softmax keeps a weighted mean, never a weighted sum that overflows. (Sources of
-    # few out-edges: a source's gradient sums one rounding of m per out-edge, see below.)
+    # The online softmax keeps a weighted mean, never a weighted sum that overflows.
     aggr_mod = pytest.importorskip("torch_geometric.nn.aggr")
     g = csr_graph("random", "cpu")
     x = (torch.rand(g.num_src, 8, dtype=torch.float64) + 0.1).mul(scale / 1.1).float()
@@ -346,6 +340,5 @@ def test_softmax_of_huge_float32_messages_is_finite_as_in_pyg(scale):
     (gx_pyg,) = torch.autograd.grad(expected.sum(), x_pyg)
     (gx,) = torch.autograd.grad(out.sum(), x_ours)
     assert bool(gx.isfinite().all())
-    # d out / d m = a (1 + t (m - out)): m - out is known to within a rounding of m (float32), in
-    # PyG's computation as in ours, so gradients agree to within t * eps * |m|.
+    # d out / d m = a (1 + t (m - out)), m - out known to a rounding of m in both: agreement to t * eps * |m|.
     torch.testing.assert_close(gx, gx_pyg, rtol=1e-4, atol=4 * torch.finfo(torch.float32).eps * scale)

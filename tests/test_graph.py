@@ -21,41 +21,27 @@ def _edges_from_csr(g):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_from_edge_index_layout(shape):
+def test_layout_transpose_and_the_callers_edges_back(shape):
     ei, n = make_graph(shape)
     g = CSRGraph.from_edge_index(ei, n)
     num_src, num_dst = n if isinstance(n, tuple) else (n, n)
     assert (g.num_src, g.num_dst, g.num_edges) == (num_src, num_dst, ei.size(1))
     assert g.rowptr.dtype == g.col.dtype == torch.int32
     src, dst = _edges_from_csr(g)
-    # CSR edge e is the caller's edge perm[e]: same endpoints.
-    perm = g.perm.long()
+    perm = g.perm.long()  # CSR edge e is the caller's edge perm[e]: same endpoints
     assert torch.equal(src, ei[0, perm]) and torch.equal(dst, ei[1, perm])
     assert torch.equal(torch.sort(perm).values, torch.arange(ei.size(1)))
     # Rows sorted by destination; within a row, the caller's order (stable).
     assert bool((dst[1:] >= dst[:-1]).all())
     same_row = dst[1:] == dst[:-1]
     assert bool((perm[1:][same_row] > perm[:-1][same_row]).all())
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-def test_transposed(shape):
-    ei, n = make_graph(shape)
-    g = CSRGraph.from_edge_index(ei, n)
     rowptr_t, col_t, perm_t = g.transposed()
     assert g.transposed()[0] is rowptr_t  # cached
     assert rowptr_t.numel() == g.num_src + 1 and rowptr_t.dtype == g.index_dtype
-    src, dst = _edges_from_csr(g)
     src_t = torch.repeat_interleave(torch.arange(g.num_src), (rowptr_t[1:] - rowptr_t[:-1]).long())
     # Transposed entry t is CSR edge perm_t[t], with the same endpoints.
     assert torch.equal(src_t, src[perm_t.long()]) and torch.equal(col_t.long(), dst[perm_t.long()])
     assert torch.equal(torch.sort(perm_t.long()).values, torch.arange(g.num_edges))
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-def test_to_edge_index_gives_the_callers_edges_back(shape):
-    ei, n = make_graph(shape)
-    g = CSRGraph.from_edge_index(ei, n)
     assert torch.equal(g.to_edge_index(), ei)
     csr = g.csr_ordered()  # numbered in CSR order: the caller's edges reordered by edges_to_csr
     assert torch.equal(csr.to_edge_index(), g.edges_to_csr(ei.t()).t())
@@ -68,16 +54,13 @@ def test_edges_to_csr():
     assert g.edges_to_csr(w).tolist() == [12.0, 13.0, 10.0, 11.0]
 
 
-def test_num_nodes_forms():
+def test_num_nodes_forms_and_from_csr():
     ei = torch.tensor([[0, 4], [1, 2]])
     assert CSRGraph.from_edge_index(ei).num_dst == 5
     g = CSRGraph.from_edge_index(ei, 9)
     assert (g.num_src, g.num_dst) == (9, 9)
     g = CSRGraph.from_edge_index(ei, (5, 3))
     assert (g.num_src, g.num_dst) == (5, 3)
-
-
-def test_from_csr():
     g = CSRGraph.from_csr(torch.tensor([0, 2, 2, 3]), torch.tensor([1, 0, 4]), num_src=5)
     assert (g.num_src, g.num_dst, g.num_edges) == (5, 3, 3) and g.perm is None
 
@@ -85,9 +68,8 @@ def test_from_csr():
 EDGES, COL, META = torch.tensor([[0, 4], [1, 2]]), torch.tensor([1, 0, 4]), torch.empty(2, 7, dtype=torch.long,
                                                                                             device="meta")
 FROM_EDGE_INDEX, FROM_CSR, FROM_SPARSE = "CSRGraph.from_edge_index", "CSRGraph.from_csr", "CSRGraph.from_sparse"
-# batches of adjacencies (COO, CSR) and one sparse dimension: not one 2-D adjacency
-NOT_ONE_ADJACENCY = [torch.ones(2, 3, 3).to_sparse(), torch.ones(2, 3, 3).to_sparse_csr(),
-                     torch.ones(3, 3).to_sparse(1)]
+NOT_ONE_ADJACENCY = [torch.ones(2, 3, 3).to_sparse(), torch.ones(2, 3, 3).to_sparse_csr(),  # batches
+                     torch.ones(3, 3).to_sparse(1)]  # one sparse dimension
 
 
 @pytest.mark.parametrize("call, exc, names", [
@@ -122,7 +104,7 @@ def test_bad_input_raises_naming_the_argument(call, exc, names):
         call()
 
 
-def test_from_sparse_coo_and_csr():
+def test_from_sparse_coo_csr_and_hybrid():
     ei, n = make_graph("bipartite")
     values = torch.randn(ei.size(1))
     coo = torch.sparse_coo_tensor(ei.flip(0), values, (17, 30))  # adj_t: rows = destinations
@@ -134,6 +116,8 @@ def test_from_sparse_coo_and_csr():
     g = CSRGraph.from_sparse(csr)
     assert (g.num_src, g.num_dst, g.num_edges) == (30, 17, csr.values().numel())
     assert torch.equal(g.rowptr.long(), csr.crow_indices()) and torch.equal(g.col.long(), csr.col_indices())
+    hybrid = torch.sparse_coo_tensor(ei.flip(0), torch.randn(ei.size(1), 4), (17, 30, 4))  # values [E, 4]
+    assert torch.equal(CSRGraph.from_sparse(hybrid).col, ref.col)
 
 
 def test_from_pyg_edge_index():
@@ -173,13 +157,6 @@ def test_meta_edge_index_gives_a_shape_only_graph():
     assert g.perm.shape == (7,) and g.transposed()[0].shape == (6,)
     assert as_graph(ei, (5, 3)).num_edges == 7
     assert CSRGraph.from_csr(torch.zeros(4, dtype=torch.long, device="meta"), ei[0], 9).num_dst == 3
-
-
-def test_hybrid_sparse_adjacency_with_edge_features_is_accepted():
-    ei, n = make_graph("random")
-    hybrid = torch.sparse_coo_tensor(ei.flip(0), torch.randn(ei.size(1), 4), (n, n, 4))  # values [E, 4]
-    g = CSRGraph.from_sparse(hybrid)
-    assert (g.num_dst, g.num_src, g.num_edges) == (n, n, ei.size(1))
 
 
 # ---------------------------------------------------------------------------- inference mode

@@ -1,5 +1,4 @@
-"""GroupAddRev: gradients equal plain autograd, inversion, one F per group in backward, RNG
-replay, BatchNorm statistics, released activations, PyG compatibility."""
+"""GroupAddRev: gradients equal plain autograd, inversion, RNG replay, BatchNorm, released activations, errors."""
 import collections
 import contextlib
 import copy
@@ -12,7 +11,7 @@ pyg = pytest.importorskip("torch_geometric")
 import revgnn_ext  # noqa: E402
 from revgnn_ext.nn import GENConv, GroupAddRev  # noqa: E402
 
-from conftest import DEVICES, make_graph  # noqa: E402
+from conftest import DEVICES, make_graph, plain_copy  # noqa: E402
 
 
 class Block(torch.nn.Module):
@@ -39,26 +38,28 @@ def gen_block(c):
 
 
 def _run(blocks, x0, edge_index, edge_attr, seed=3):
-    """Output (copied before backward), and the gradients of x0, edge_attr and every parameter,
-    on the blocks' device."""
+    """[output (copied before backward), the gradients of x0, edge_attr (if any) and every parameter]."""
     device = next(blocks.parameters()).device
     torch.manual_seed(seed)
     edge_index = edge_index.to(device)
     x = x0.detach().to(device).requires_grad_()
-    e = edge_attr.detach().to(device).requires_grad_() if edge_attr is not None else None
+    e = [edge_attr.detach().to(device).requires_grad_()] if edge_attr is not None else []
     h = x * 1.0  # an activation, as inside a model
     for b in blocks:
-        h = b(h, edge_index, *([e] if e is not None else []))
+        h = b(h, edge_index, *e)
     out = h.detach().clone()
     h.backward(torch.ones_like(h) * torch.linspace(-1, 1, h.size(1), dtype=h.dtype, device=h.device))
-    return out, x.grad, (e.grad if e is not None else None), [p.grad for p in blocks.parameters()]
+    return [out, x.grad] + [t.grad for t in e] + [p.grad for p in blocks.parameters()]
+
+
+def _assert_runs_equal(blocks, plain, x0, ei, edge_attr=None):
+    for a, b in zip(_run(blocks, x0, ei, edge_attr), _run(plain, x0, ei, edge_attr)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
 def _same_gradients_as_plain(block, x, ei, *args):
-    """One backward through block and through its plain-autograd copy (disable=True): the same
-    parameter gradients, None where plain autograd leaves None."""
-    plain = copy.deepcopy(block)
-    plain.disable = True
+    """One backward through block and its plain copy: the same parameter gradients (None where plain's is None)."""
+    plain = plain_copy(block)
     for b in (block, plain):
         b(x * 1.0, ei, *args).square().sum().backward()
     for p, q in zip(block.parameters(), plain.parameters()):
@@ -68,41 +69,18 @@ def _same_gradients_as_plain(block, x, ei, *args):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("depth", [1, 8, 64])
-def test_gradients_equal_plain_autograd(depth, device):
-    ei, n = make_graph("random")
+@pytest.mark.parametrize("conv, groups, depth", [("gen", 2, 1), ("gen", 2, 8), ("gen", 2, 64), ("sage", 2, 3),
+                                                 ("sage", 3, 3)])
+def test_gradients_equal_plain_autograd(conv, groups, depth, device):
+    """GENConv with edge features; a PyG conv in 2 or 3 groups (X'_0 = X_2 + X_3 formed after X_1 is rebuilt)."""
+    ei, n = make_graph("random" if conv == "gen" else "power_law")
     torch.manual_seed(0)
-    blocks = torch.nn.ModuleList(GroupAddRev(gen_block(4), num_groups=2) for _ in range(depth)).double().to(device)
-    plain = copy.deepcopy(blocks)
-    for b in plain:
-        b.disable = True
-    x0 = torch.randn(n, 8, dtype=torch.float64)
-    edge_attr = torch.randn(ei.size(1), 4, dtype=torch.float64)
-    ours, ref = _run(blocks, x0, ei, edge_attr), _run(plain, x0, ei, edge_attr)
-    torch.testing.assert_close(ours[0], ref[0], rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(ours[1], ref[1], rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(ours[2], ref[2], rtol=1e-9, atol=1e-9)
-    for a, b in zip(ours[3], ref[3]):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("groups", [2, 3])
-def test_pyg_conv_inside_and_three_groups(groups, device):
-    """A PyG conv as F, two or three groups (X'_0 = X_2 + X_3 formed after X_1 is rebuilt):
-    outputs and gradients equal plain autograd."""
-    ei, n = make_graph("power_law")
-    torch.manual_seed(0)
-    c = 4
-    blocks = torch.nn.ModuleList(GroupAddRev(Block(c, pyg.nn.SAGEConv(c, c), dropout=0.0), num_groups=groups)
-                                 for _ in range(3)).double().to(device)
-    plain = copy.deepcopy(blocks)
-    for b in plain:
-        b.disable = True
-    x0 = torch.randn(n, c * groups, dtype=torch.float64)
-    ours, ref = _run(blocks, x0, ei, None), _run(plain, x0, ei, None)
-    for a, b in zip([ours[0], ours[1]] + ours[3], [ref[0], ref[1]] + ref[3]):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    make = gen_block if conv == "gen" else lambda c: Block(c, pyg.nn.SAGEConv(c, c), dropout=0.0)
+    blocks = torch.nn.ModuleList(GroupAddRev(make(4), num_groups=groups) for _ in range(depth)).double().to(device)
+    plain = plain_copy(blocks)
+    x0 = torch.randn(n, 4 * groups, dtype=torch.float64)
+    edge_attr = torch.randn(ei.size(1), 4, dtype=torch.float64) if conv == "gen" else None
+    _assert_runs_equal(blocks, plain, x0, ei, edge_attr)
 
 
 class _CountingOps:
@@ -131,10 +109,8 @@ AGGREGATING_CONVS = {
 @pytest.mark.parametrize("conv", list(AGGREGATING_CONVS))
 @pytest.mark.parametrize("groups", [2, 3])
 def test_final_aggregation_added_in_place(monkeypatch, conv, groups, device):
-    """Our GATConv and GCNConv end in their aggregation and take ``out``: without autograd the
-    block adds each group's F into its slice through the op's accumulate form (the functional
-    op only computes GCN's degrees); gradients (attention dropout replayed) equal plain autograd
-    in float64, and the float32 rebuild of the input is within rounding of it."""
+    """Our GATConv/GCNConv add F into the group's slice through the op's accumulate form (no autograd);
+    float64 gradients (attention dropout replayed) equal plain autograd; the float32 rebuild is within rounding."""
     counting = _CountingOps(revgnn_ext.ops._ops)
     monkeypatch.setattr(revgnn_ext.ops, "_ops", counting)
     accumulate, functional = ("gat_aggregate_accumulate_", "gat_aggregate") if conv.startswith("gat") else (
@@ -142,13 +118,10 @@ def test_final_aggregation_added_in_place(monkeypatch, conv, groups, device):
     ei, n = make_graph("power_law")
     c = 4
     torch.manual_seed(0)
-    # no normalization between the blocks: the activations grow with depth, and so does the
-    # rounding of the rebuilt inputs; depth 3 keeps float64 gradients within 1e-9
+    # no normalization between the blocks: depth 3 keeps the rebuilt inputs' rounding (float64) within 1e-9
     blocks = torch.nn.ModuleList(GroupAddRev(AGGREGATING_CONVS[conv](c), num_groups=groups)
                                  for _ in range(3)).to(device)
-    plain = copy.deepcopy(blocks)
-    for b in plain:
-        b.disable = True
+    plain = plain_copy(blocks)
     edge_attr = torch.randn(ei.size(1), 4, dtype=torch.float64) if conv == "gat" else None
     x0 = torch.randn(n, c * groups, dtype=torch.float64)
     with torch.no_grad():
@@ -157,9 +130,7 @@ def test_final_aggregation_added_in_place(monkeypatch, conv, groups, device):
             h = b(h, ei.to(device), *([edge_attr.to(device)] if edge_attr is not None else []))
     assert counting.calls[accumulate] == 3 * groups
     assert counting.calls[functional] == (3 * groups if conv == "gcn" else 0)
-    ours, ref = _run(blocks, x0, ei, edge_attr), _run(plain.double(), x0, ei, edge_attr)
-    for a, b in zip([ours[0], ours[1], ours[2]] + ours[3], [ref[0], ref[1], ref[2]] + ref[3]):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    _assert_runs_equal(blocks, plain.double(), x0, ei, edge_attr)
     block = blocks[0].float()
     x = torch.randn(n, c * groups, device=device)
     h = x * 1.0
@@ -168,8 +139,7 @@ def test_final_aggregation_added_in_place(monkeypatch, conv, groups, device):
 
 
 def test_residual_gat_is_added_formed():
-    """A GATConv with a residual (or averaged heads) does not end in its aggregation: it adds its
-    formed output into ``out``; the block's outputs and gradients equal plain autograd."""
+    """A GATConv with a residual (or averaged heads) adds its formed output into ``out``; as plain autograd."""
     ei, n = make_graph("random")
     for conv in (revgnn_ext.nn.GATConv(4, 2, heads=2, residual=True),
                  revgnn_ext.nn.GATConv(4, 4, heads=2, concat=False)):
@@ -183,8 +153,7 @@ def test_residual_gat_is_added_formed():
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_rng_state_kept_only_for_groups_that_draw(dropout):
-    """A 5 KB CPU generator state per group and layer would grow with depth: it is kept only
-    for a group whose function drew random numbers (here: dropout)."""
+    """A (5 KB) generator state is kept only for a group whose function drew random numbers (dropout)."""
     ei, n = make_graph("random")
     block = GroupAddRev(Block(4, GENConv(4, 4, edge_dim=4, norm="layer"), dropout=dropout), num_groups=2)
     with torch.no_grad():
@@ -218,6 +187,8 @@ def test_inverse_recovers_the_input_and_state_dict_matches_pyg():
         y = ours(x, ei)
         torch.testing.assert_close(y, theirs(x, ei))
         torch.testing.assert_close(ours.inverse(y, ei), x, rtol=1e-12, atol=1e-12)
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(x, ei), y)
     assert repr(ours).startswith("GroupAddRev(") and "num_groups=2" in repr(ours)
 
 
@@ -225,8 +196,7 @@ def test_batchnorm_statistics_move_once_per_step():
     ei, n = make_graph("random")
     torch.manual_seed(0)
     block = GroupAddRev(Block(4, pyg.nn.SAGEConv(4, 4), norm=torch.nn.BatchNorm1d(4), dropout=0.0), num_groups=2)
-    plain = copy.deepcopy(block)
-    plain.disable = True
+    plain = plain_copy(block)
     x = torch.randn(n, 8)
     for b in (block, plain):
         b(x * 1.0, ei).sum().backward()
@@ -236,54 +206,19 @@ def test_batchnorm_statistics_move_once_per_step():
             assert int(m_ours.num_batches_tracked) == 1
 
 
-def test_no_grad_and_inference_mode():
-    ei, n = make_graph("random")
-    block = GroupAddRev(gen_block(4), num_groups=2).eval()
-    x = torch.randn(n, 8)
-    e = torch.randn(ei.size(1), 4)
-    with torch.no_grad():
-        a = block(x, ei, e)
-    with torch.inference_mode():
-        b = block(x, ei, e)
-    torch.testing.assert_close(a, b)
-    assert x.numel() == n * 8  # the caller's tensor is left alone
-
-
-def test_multiple_backward_passes():
-    ei, n = make_graph("random")
+@pytest.mark.parametrize("num_bwd_passes, inference", [(1, False), (2, False), (1, True)],
+                         ids=["1", "2", "graph-made-under-inference-mode"])
+def test_backward_with_retain_graph_runs_again(num_bwd_passes, inference):
+    """Each backward(retain_graph=True) pass gives plain autograd's gradients; the last one frees the graph.
+    An inference-mode graph (no version counter to watch) trains as well."""
+    with torch.inference_mode(inference):
+        ei, n = make_graph("random")
+        ei = ei.clone()
     torch.manual_seed(0)
-    block = GroupAddRev(Block(4, pyg.nn.SAGEConv(4, 4), dropout=0.0), num_groups=2, num_bwd_passes=2).double()
-    x = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
-    y = block(x * 1.0, ei)
-    loss = y.square().sum()
-    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
-    (g2,) = torch.autograd.grad(loss, x, retain_graph=True)
-    (g3,) = torch.autograd.grad(loss, x)
-    torch.testing.assert_close(g1, g2)
-    torch.testing.assert_close(g1, g3)
-    with pytest.raises(RuntimeError):  # the graph is freed
-        torch.autograd.grad(loss, x)
-
-
-def _gen_block_and_plain(ei, n, **kwargs):
-    """(block, plain, edge_attr, x): a float64 GroupAddRev of two GENConv groups on the graph
-    (ei, n), the same block under plain autograd, edge features and an input that needs grad."""
-    torch.manual_seed(0)
-    block = GroupAddRev(gen_block(4), num_groups=2, **kwargs).double()
-    plain = copy.deepcopy(block)
-    plain.disable = True
+    block = GroupAddRev(gen_block(4), num_groups=2, num_bwd_passes=num_bwd_passes).double()
+    plain = plain_copy(block)
     e = torch.randn(ei.size(1), 4, dtype=torch.float64)
     x = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
-    return block, plain, e, x
-
-
-@pytest.mark.parametrize("num_bwd_passes", [1, 2])
-def test_backward_with_retain_graph_runs_again(num_bwd_passes):
-    """backward(retain_graph=True) keeps the block ready for another pass, whatever
-    num_bwd_passes: each pass gives plain autograd's gradients; the last one (without
-    retain_graph) frees the graph."""
-    ei, n = make_graph("random")
-    block, plain, e, x = _gen_block_and_plain(ei, n, num_bwd_passes=num_bwd_passes)
     grads = []
     for b in (block, plain):
         torch.manual_seed(1)
@@ -307,8 +242,7 @@ def test_released_activation_and_emptied_output_fail_loudly():
         with pytest.raises(RuntimeError, match="GroupAddRev: this tensor is the input of a reversible block"):
             read()
     assert h.untyped_storage().size() == 0 and h.requires_grad  # what PyG's own test checks
-    plain = copy.deepcopy(block)
-    plain.disable = True
+    plain = plain_copy(block)
     (g,) = torch.autograd.grad(y.sum(), h)  # a released input can still be differentiated
     torch.testing.assert_close(g, torch.autograd.grad(plain(x * 2.0, ei).sum(), x)[0] / 2)
     assert h.shape == (n, 8) and torch.allclose(h, x.detach() * 2.0, atol=1e-5)  # rebuilt
@@ -326,15 +260,6 @@ def test_bad_arguments():
     block = GroupAddRev(Block(3, pyg.nn.SAGEConv(3, 3)), num_groups=2)
     with pytest.raises(ValueError, match="do not split into 2 equal groups"):
         block(torch.randn(5, 7), torch.zeros(2, 0, dtype=torch.long))
-
-
-def test_parameter_frozen_between_forward_and_backward_raises():
-    ei, n = make_graph("random")
-    block = GroupAddRev(gen_block(4), num_groups=2)
-    y = block(torch.randn(n, 8, requires_grad=True) * 1.0, ei, torch.randn(ei.size(1), 4))
-    next(block.parameters()).requires_grad_(False)
-    with pytest.raises(RuntimeError, match="stopped requiring grad between forward and backward"):
-        y.sum().backward()
 
 
 class ScaledLinear(torch.nn.Module):
@@ -355,8 +280,7 @@ def test_gradients_over_several_steps_equal_plain_autograd(make):
     ei, n = make_graph("random")
     torch.manual_seed(0)
     block = GroupAddRev(make(4), num_groups=2)
-    plain = copy.deepcopy(block)
-    plain.disable = True
+    plain = plain_copy(block)
     args = (torch.randn(ei.size(1), 4),) if make is gen_block else ()
     x = torch.randn(n, 8)
     for step in range(2):
@@ -374,7 +298,7 @@ def test_gradients_over_several_steps_equal_plain_autograd(make):
         torch.testing.assert_close(g, h)
 
 
-def test_replaced_or_frozen_parameters_are_seen_at_the_next_forward():
+def test_replaced_frozen_or_converted_parameters_are_seen_at_the_next_forward():
     ei, n = make_graph("random")
     torch.manual_seed(0)
     block = GroupAddRev(Block(4, pyg.nn.SAGEConv(4, 4), dropout=0.0), num_groups=2)
@@ -387,6 +311,9 @@ def test_replaced_or_frozen_parameters_are_seen_at_the_next_forward():
     assert frozen.grad is None and replaced.grad is not None
     block.zero_grad()
     _same_gradients_as_plain(block, x, ei)
+    block.double().zero_grad()  # each parameter's data converted in place (the same Parameter objects)
+    _same_gradients_as_plain(block, x.double(), ei)
+    assert all(p.grad.dtype == torch.float64 for p in block.parameters() if p is not frozen)
 
 
 def test_copy_pickle_and_functional_call_after_a_step():
@@ -399,10 +326,8 @@ def test_copy_pickle_and_functional_call_after_a_step():
     copied = copy.deepcopy(block)
     torch.save(block, io.BytesIO())
     torch.testing.assert_close(copied(x, ei, e), block(x, ei, e))
-    # Parameters given by torch.func.functional_call (non-leaf, other values): backward uses them,
-    # although the call has returned and the block holds its own again.
-    plain = copy.deepcopy(block)
-    plain.disable = True
+    # Parameters given by torch.func.functional_call (non-leaf, other values): backward uses them.
+    plain = plain_copy(block)
 
     def grads(b):
         leaves = {k: (v.detach() * 2).requires_grad_() for k, v in block.named_parameters()}
@@ -411,18 +336,6 @@ def test_copy_pickle_and_functional_call_after_a_step():
 
     for (k, g), h in zip(grads(block).items(), grads(plain).values()):
         torch.testing.assert_close(g.grad, h.grad)
-
-
-def test_parameters_converted_in_place():
-    """.double() changes each parameter's data in place (the same Parameter objects)."""
-    ei, n = make_graph("random")
-    torch.manual_seed(0)
-    block = GroupAddRev(Block(4, pyg.nn.SAGEConv(4, 4), dropout=0.0), num_groups=2)
-    x = torch.randn(n, 8)
-    block(x * 1.0, ei).sum().backward()
-    block.double().zero_grad()
-    _same_gradients_as_plain(block, x.double(), ei)
-    assert all(p.grad.dtype == torch.float64 for p in block.parameters())
 
 
 class WithUnused(torch.nn.Module):
@@ -437,48 +350,40 @@ class WithUnused(torch.nn.Module):
         return x * 0.5 if self.all_unused else self.lin(x)
 
 
-@pytest.mark.parametrize("all_unused", [False, True])
-def test_unused_parameters_get_no_gradient(all_unused):
-    ei, n = make_graph("random")
-    block = GroupAddRev(WithUnused(4, all_unused), num_groups=2)
-    _same_gradients_as_plain(block, torch.randn(n, 8, requires_grad=True), ei)
-    assert sum(p.grad is None for p in block.parameters()) == (8 if all_unused else 4)
+def _shared_by_three_groups():
+    shared = pyg.nn.SAGEConv(4, 4)
+    return GroupAddRev(torch.nn.ModuleList([Block(4, shared, dropout=0.0) for _ in range(3)]))
 
 
-def test_parameter_shared_by_the_groups_gets_the_sum_of_their_gradients():
+@pytest.mark.parametrize("make, unused", [(lambda: GroupAddRev(WithUnused(4), num_groups=2), 4),
+                                          (lambda: GroupAddRev(WithUnused(4, True), num_groups=2), 8),
+                                          (_shared_by_three_groups, 0)], ids=["unused", "all-unused", "shared"])
+def test_unused_parameters_get_none_and_shared_ones_the_sum(make, unused):
     ei, n = make_graph("random")
     torch.manual_seed(0)
-    shared = pyg.nn.SAGEConv(4, 4)
-    block = GroupAddRev(torch.nn.ModuleList([Block(4, shared, dropout=0.0) for _ in range(3)]))
-    _same_gradients_as_plain(block, torch.randn(n, 12, requires_grad=True), ei)
+    block = make()
+    _same_gradients_as_plain(block, torch.randn(n, 4 * len(block.convs), requires_grad=True), ei)
+    assert sum(p.grad is None for p in block.parameters()) == unused
 
 
 # ---------------------------------------------------------------------------- never silently wrong
-def _block_and_plain(dropout=0.0, seed=0):
-    torch.manual_seed(seed)
-    block = GroupAddRev(Block(4, pyg.nn.SAGEConv(4, 4), dropout=dropout), num_groups=2).double()
-    plain = copy.deepcopy(block)
-    plain.disable = True
-    return block, plain
+def _block_and_plain():
+    torch.manual_seed(0)
+    block = GroupAddRev(Block(4, pyg.nn.SAGEConv(4, 4), dropout=0.0), num_groups=2).double()
+    return block, plain_copy(block)
 
 
-@pytest.mark.parametrize("modify", ["relu_", "ReLU(inplace=True)", "mul_"])
+@pytest.mark.parametrize("modify", [lambda y: y.relu_(), lambda y: torch.nn.ReLU(inplace=True)(y),
+                                    lambda y: y.mul_(torch.rand_like(y) > 0.5)], ids=["relu_", "ReLU(inplace)", "mul_"])
 def test_output_modified_in_place_before_backward_raises(modify):
     ei, n = make_graph("random")
     block, _ = _block_and_plain()
-    x = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
-    y = block(x * 1.0, ei)
-    if modify == "relu_":
-        y = y.relu_()
-    elif modify == "mul_":
-        y.mul_(torch.rand_like(y) > 0.5)
-    else:
-        y = torch.nn.ReLU(inplace=True)(y)
+    y = modify(block(torch.randn(n, 8, dtype=torch.float64, requires_grad=True) * 1.0, ei))
     with pytest.raises(RuntimeError, match="GroupAddRev: the block's output was modified in place"):
         y.sum().backward()
 
 
-@pytest.mark.parametrize("what", ["parameter", "argument", "kept input"])
+@pytest.mark.parametrize("what", ["parameter", "argument", "kept input", "frozen parameter"])
 def test_tensors_modified_between_forward_and_backward_raise(what):
     ei, n = make_graph("random")
     torch.manual_seed(0)
@@ -495,19 +400,20 @@ def test_tensors_modified_between_forward_and_backward_raise(what):
     elif what == "argument":
         with torch.no_grad():
             e.mul_(2)
-    else:
+    elif what == "kept input":
         with torch.no_grad():
             x.add_(1)
-    with pytest.raises(RuntimeError, match="was modified in place between the block.s forward and its backward"):
+    else:
+        next(block.parameters()).requires_grad_(False)
+    with pytest.raises(RuntimeError, match="stopped requiring grad between forward and backward" if what == "frozen "
+                       "parameter" else "was modified in place between the block.s forward and its backward"):
         y.square().sum().backward()
 
 
 @pytest.mark.parametrize("conv", ["gat", "gcn", "gen"])
 @pytest.mark.parametrize("form", ["edge_index", "CSRGraph", "sparse values", "edge_index in a tuple argument"])
 def test_graph_modified_between_forward_and_backward_raises(conv, form):
-    """An edge_index buffer refilled for the next batch before backward: the recomputation of F
-    would run on the new graph (or the graphs derived from the old one), so backward raises, as
-    plain autograd does for the tensors it saved."""
+    """A graph refilled before backward (F's recomputation would run on another graph): backward raises."""
     from revgnn_ext.nn import GATConv, GCNConv
     ei, n = make_graph("random")
     torch.manual_seed(0)
@@ -542,9 +448,7 @@ def test_graph_modified_between_forward_and_backward_raises(conv, form):
 
 
 def test_wider_edge_weights_in_a_block_train_in_the_blocks_dtype():
-    """GCNConv with float64 edge weights returns float64 (PyG's promotion); in a float32 block
-    its output is added into the block's float32 slices as any F's, forward and backward (PyG's
-    block and a disabled one fail: the next group's Linear gets float64 features)."""
+    """GCNConv with float64 edge weights returns float64 (PyG's promotion); a float32 block stays float32."""
     from revgnn_ext.nn import GCNConv
     ei, n = make_graph("random")
     torch.manual_seed(0)
@@ -563,22 +467,8 @@ def test_wider_edge_weights_in_a_block_train_in_the_blocks_dtype():
     torch.testing.assert_close(*grads)
 
 
-def test_graph_made_under_inference_mode_trains():
-    # An inference tensor has no version counter to watch; the block trains on it as before.
-    with torch.inference_mode():
-        ei, n = make_graph("random")
-        ei = ei.clone()
-    block, plain, e, x = _gen_block_and_plain(ei, n)
-    grads = []
-    for b in (block, plain):
-        torch.manual_seed(1)
-        grads.append(torch.autograd.grad(b(x * 1.0, ei, e).square().sum(), x)[0])
-    torch.testing.assert_close(*grads)
-
-
 def test_input_also_saved_by_another_operation_trains_with_plain_gradients():
-    """h = relu(lin(x)): ReLU saved h for its backward, and lin2 (a parallel branch) saved it
-    too; the block keeps h (warning once) and the gradients are plain autograd's."""
+    """h saved by ReLU's backward and a parallel branch: the block keeps h (warning once); plain gradients."""
     import revgnn_ext.nn.group_add_rev as gar
     ei, n = make_graph("random")
     block, plain = _block_and_plain()
@@ -633,8 +523,7 @@ class DrawingF(torch.nn.Module):
 
 
 def test_dropout_replay_from_two_threads():
-    """Two threads train the same block with dropout inside F: each step either replays exactly
-    the mask its forward drew, or refuses with a clear error; a wrong mask never goes unnoticed."""
+    """Two threads train one block with dropout in F: each step replays its forward's mask or refuses clearly."""
     import threading
     ei, n = make_graph("random")
     block = GroupAddRev(torch.nn.ModuleList([DrawingF(4), DrawingF(4)]))
@@ -668,7 +557,7 @@ def test_replay_that_draws_other_numbers_raises():
         y.sum().backward()
 
 
-def test_forward_mode_ad_equals_plain():
+def test_forward_mode_ad_and_torch_func_equal_plain():
     import torch.autograd.forward_ad as fwAD
     ei, n = make_graph("random")
     block, plain = _block_and_plain()
@@ -684,12 +573,6 @@ def test_forward_mode_ad_equals_plain():
         torch.testing.assert_close(fwAD.unpack_dual(block(fwAD.make_dual(x * 1.0, v), ei)).tangent, tangents[1])
     _, t_func = torch.func.jvp(lambda t: block(t, ei), (x,), (v,))
     torch.testing.assert_close(t_func, tangents[1])
-
-
-def test_torch_func_grad_and_vmap():
-    ei, n = make_graph("random")
-    block, plain = _block_and_plain()
-    x = torch.randn(n, 8, dtype=torch.float64)
     g = torch.func.grad(lambda t: block(t, ei).square().sum())(x)
     g_plain = torch.func.grad(lambda t: plain(t, ei).square().sum())(x)
     torch.testing.assert_close(g, g_plain)
@@ -727,8 +610,7 @@ def test_column_major_input_identity_f_and_nested_blocks():
              "nested": (Nested(), lambda x: x * 1.0)}
     for name, (f, prepare) in cases.items():
         block = GroupAddRev(f, num_groups=2).double()
-        plain = copy.deepcopy(block)
-        plain.disable = True
+        plain = plain_copy(block)
         x = torch.randn(n, 8, dtype=torch.float64)
         grads = []
         for b in (block, plain):
@@ -755,8 +637,7 @@ def _autocast_stack(depth, reversible, seed=0):
 
 
 def _autocast_gradients(stack, inp, autocast):
-    """Parameter gradients of sum(out * w) with the forward under bfloat16 autocast (or not) and
-    backward outside it, as users write it; the blocks carry float32."""
+    """Parameter gradients of sum(out * w), the forward under bfloat16 autocast (or not), backward outside it."""
     stack.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         h = stack[0](inp).float()
@@ -767,9 +648,7 @@ def _autocast_gradients(stack, inp, autocast):
 
 
 def test_autocast_state_replayed_in_backward():
-    """The forward ran under bfloat16 autocast, backward outside it: the recomputation replays the
-    forward's autocast state, so the released input is rebuilt from the same bfloat16 F to
-    float32 rounding (recomputing F in float32 would leave errors of bfloat16's size)."""
+    """Backward outside the forward's bfloat16 autocast replays it: the input is rebuilt to float32 rounding."""
     block = GroupAddRev(TanhLinear(16), num_groups=2)
     encoder = torch.nn.Linear(12, 32)
     inp = torch.randn(50, 12)
@@ -786,8 +665,7 @@ def test_autocast_state_replayed_in_backward():
 
 @pytest.mark.parametrize("depth", [8, 64])
 def test_autocast_gradients_as_close_as_plain_autograd(depth):
-    """Under bfloat16 autocast, a reversible stack's gradients are within 2x of the plain stack's
-    (disable=True, same autocast) error against float32."""
+    """Under bfloat16 autocast: gradient error against float32 within 2x the plain stack's."""
     inp = torch.randn(60, 12)
     exact = _autocast_gradients(_autocast_stack(depth, reversible=False), inp, autocast=False)
     error = {}

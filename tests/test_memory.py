@@ -1,7 +1,5 @@
-"""revgnn_ext.memory: with set_malloc_thresholds, the resident set of a deep reversible model's
-training steps stays flat in depth on CPU (without it, glibc keeps about one freed N x D
-activation resident per layer: see the module's docstring); PeakMemory measures a region's own
-peak; the demo's reversible model peaks well below its plain twin."""
+"""revgnn_ext.memory: with set_malloc_thresholds a deep reversible model's resident set stays flat in depth on CPU;
+PeakMemory measures a region's own peak; the demo's reversible model peaks well below its plain twin."""
 import os
 import re
 import subprocess
@@ -20,9 +18,8 @@ LINUX = pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="
 NODES, HIDDEN = 4000, 64
 SHALLOW, DEEP = 2, 32
 
-# What an entry point does (examples/demo.py): the thresholds at start-up, then RevGNN-Deep's
-# architecture trained with Adam; gradients and Adam's state exist before the first step. Prints
-# the resident-set high-water mark of each of two steps above the resident set before it.
+# As examples/demo.py: the thresholds at start-up, RevGNN-Deep trained with Adam (its state made first); prints
+# each of two steps' resident-set peak above the resident set before it.
 SCRIPT = """
 import json, sys
 from revgnn_ext.memory import PeakMemory, set_malloc_thresholds
@@ -56,8 +53,7 @@ print(json.dumps(peaks))
 def test_resident_set_flat_in_depth():
     shallow, deep = (fresh_process_json(SCRIPT, layers, NODES, HIDDEN) for layers in (SHALLOW, DEEP))
     activation = NODES * HIDDEN * 4
-    # Measured: the first step grows by 0.05 MB per added layer (autograd's per-parameter state made
-    # by the first backward), 2 MB (two activations) without the thresholds.
+    # Measured: the first step grows by 0.05 MB per added layer, 2 MB (two activations) without the thresholds.
     for step, (a, b) in enumerate(zip(shallow, deep), 1):
         assert b - a < 0.25 * (DEEP - SHALLOW) * activation, \
             f"step {step}: resident peak {a / 2**20:.1f} MB at {SHALLOW} layers, {b / 2**20:.1f} MB at {DEEP}"
@@ -76,8 +72,7 @@ def test_bad_thresholds(kwargs):
 
 @LINUX
 def test_peak_memory_is_the_regions_own():
-    """The peak counts what the region touches, not a larger block freed before it (the
-    high-water mark is reset at the start; blocks this large are unmapped when freed)."""
+    """The peak counts what the region touches, not a larger block freed before it."""
     mb = 2**20
     big = torch.ones(200 * mb // 4)
     del big
@@ -94,8 +89,7 @@ def test_available_memory():
 
 @LINUX
 def test_demo_reversible_peaks_below_plain():
-    """examples/demo.py at a tiny size: both models train and report their peak memory, the
-    reversible one well below the plain one (which keeps every layer's activations)."""
+    """examples/demo.py, tiny: both models train; the reversible one's peak well below the plain one's."""
     demo = Path(__file__).resolve().parents[1] / "examples" / "demo.py"
     result = subprocess.run([sys.executable, str(demo), "--device", "cpu", "--layers", "8", "--nodes", "1500",
                              "--hidden", "32", "--degree", "10", "--steps", "2"], capture_output=True, text=True,

@@ -1,15 +1,11 @@
-"""PyG's own test files for GENConv, SAGEConv, GCNConv, GATConv and GroupAddRev, run against revgnn_ext's classes
-patched into ``torch_geometric.nn`` (and ``torch_geometric.nn.conv`` / ``.models``). Skipped unless
-``REVGNN_PYG_SOURCE`` is a PyG source checkout of the installed version (PyG's wheel has no tests;
-for 2.8.1 the files are those of tag 2.8.0.post1):
+"""PyG's own tests of GENConv, SAGEConv, GCNConv, GATConv and GroupAddRev against revgnn_ext's classes, patched in
+by this module as a plugin of a pytest subprocess. Skipped unless REVGNN_PYG_SOURCE is a PyG source checkout of
+the installed version (for 2.8.1, tag 2.8.0.post1):
 
     git clone --depth 1 --branch 2.8.0.post1 https://github.com/pyg-team/pytorch_geometric /tmp/pyg
     REVGNN_PYG_SOURCE=/tmp/pyg python -m pytest tests/test_pyg_suites.py
 
-Each file runs in a subprocess under PyG's pytest configuration with this module as the plugin
-(``-p test_pyg_suites``) that patches the classes in before PyG's test modules import them and
-checks at collection that they did. With ``FULL_TEST=1`` PyG's tests also script the layers,
-which ours refuse (see README): the only failures allowed there are that refusal.
+With FULL_TEST=1 PyG's tests also script the layers: the only failures allowed are our TorchScript refusal.
 """
 import os
 import subprocess

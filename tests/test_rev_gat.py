@@ -1,9 +1,5 @@
-"""RevGAT (the paper's ogbn-arxiv model): its exact parameter count, its GAT layer against the
-paper's definition written per edge, the reversible model against plain autograd, edge dropout
-shared by both groups and the recomputation, BatchNorm statistics moved once per step; and
-examples/ogbn_arxiv.py's loss, label reuse and self-distillation (its ogb directory, resuming and
-torchrun: test_examples.py)."""
-import copy
+"""RevGAT (the paper's ogbn-arxiv model): parameter count, its GAT layer per edge, reversible against plain
+autograd, shared edge dropout, BatchNorm; examples/ogbn_arxiv.py's loss, label reuse and self-distillation."""
 import math
 import re
 import sys
@@ -17,7 +13,7 @@ from revgnn_ext.datasets import synthetic_arxiv
 from revgnn_ext.nn import RevGAT
 from revgnn_ext.nn.rev_gat import RevGATConv
 
-from conftest import DEVICES, random_edges
+from conftest import DEVICES, plain_copy, random_edges
 
 
 def graph():
@@ -46,9 +42,8 @@ def test_arxiv_preset_is_the_papers_model():
 
 
 def per_edge(conv: RevGATConv, x, edge_index, keep=None):
-    """The paper's GAT layer from its description, edge by edge: source features scaled by
-    out-degree^-1/2 (on the whole graph), attention LeakyReLU(a . h_j) softmaxed over the kept
-    in-edges, the sum scaled by in-degree^1/2, plus the residual."""
+    """The paper's GAT layer per edge: h_j / sqrt(out-degree), LeakyReLU(a . h_j) softmaxed over the kept
+    in-edges, the sum times sqrt(in-degree), plus the residual."""
     n, heads, c = x.size(0), conv.heads, conv.out_channels
     src, dst = edge_index
     out_deg = torch.zeros(n, dtype=x.dtype).index_add_(0, src, torch.ones_like(src, dtype=x.dtype)).clamp(min=1)
@@ -85,14 +80,12 @@ def test_conv_is_the_papers_gat_layer(drop):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_reversible_equals_plain_autograd_depth_8(device):
-    """Training mode with every dropout on: the reversible model (8 blocks) gives the outputs and
-    the gradients of the same model with plain autograd (float64)."""
+    """Training mode, every dropout on (8 blocks): plain autograd's outputs, gradients and BatchNorm statistics,
+    moved once per step."""
     edge_index = graph().to(device)
     torch.manual_seed(0)
     reversible = tiny(num_layers=10).to(device)
-    plain = copy.deepcopy(reversible)
-    for block in plain.layers:
-        block.disable = True
+    plain = plain_copy(reversible)
     x = torch.randn(40, 12, dtype=torch.float64, device=device)
     outs, grads = [], []
     for model in (reversible, plain):
@@ -104,11 +97,14 @@ def test_reversible_equals_plain_autograd_depth_8(device):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
     for ours, theirs in zip(*grads):
         torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-10)
+    norms = [m for m in reversible.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert len(norms) == 2 * 8 + 1 and all(m.num_batches_tracked == 1 for m in norms)
+    for (name, ours), theirs in zip(reversible.named_buffers(), plain.buffers()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_edge_dropout_is_shared_by_groups_and_recomputation():
-    """One keep mask per layer and forward: the same for both groups of a block, in forward and
-    in backward's recomputation; another for each layer; exactly floor(0.3 E) edges dropped."""
+    """One keep mask per layer and forward, shared by the groups and the recomputation; floor(0.3 E) dropped."""
     edge_index = graph()
     num_edges = edge_index.size(1)
     torch.manual_seed(0)
@@ -145,25 +141,6 @@ def test_eval_uses_every_edge_and_running_statistics():
     with torch.no_grad():
         first, second = model(x, edge_index), model(x, edge_index)
     assert kept == [None, None] and torch.equal(first, second)
-
-
-def test_batchnorm_statistics_move_once_per_step():
-    """A training step of the reversible model (forward, then backward with its recomputation)
-    moves the BatchNorm running statistics once: as plain autograd's step does."""
-    edge_index = graph()
-    torch.manual_seed(0)
-    reversible = tiny()
-    plain = copy.deepcopy(reversible)
-    for block in plain.layers:
-        block.disable = True
-    x = torch.randn(40, 12, dtype=torch.float64)
-    for model in (reversible, plain):
-        torch.manual_seed(1)
-        model(x, edge_index).sum().backward()
-    norms = [m for m in reversible.modules() if isinstance(m, torch.nn.BatchNorm1d)]
-    assert len(norms) == 2 * 2 + 1 and all(m.num_batches_tracked == 1 for m in norms)
-    for (name, ours), theirs in zip(reversible.named_buffers(), plain.buffers()):
-        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_synthetic_arxiv_shape():
@@ -208,8 +185,7 @@ def test_paper_loss_and_distillation(example):
 
 
 def test_label_reuse_feeds_labels_then_predictions(example):
-    """The first pass sees the known nodes' one-hot labels and zeros elsewhere; the second the
-    first pass's predicted distribution on the unknown nodes."""
+    """Pass 1 sees the known nodes' one-hot labels (zeros elsewhere); pass 2 pass 1's predictions on the unknown."""
     ogbn_arxiv, _ = example
     data = synthetic_arxiv(num_nodes=50, seed=0)
     seen = []
