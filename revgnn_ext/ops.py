@@ -462,7 +462,7 @@ def _gat_setup(ctx, inputs, output):
 
 def _gat_backward(ctx, grad_out, _grad_lse):
     *inputs, out, lse = ctx.saved_tensors
-    _check_transposed("gat_aggregate", inputs[2])
+    _check_transposed("gat_aggregate", rowptr_t=inputs[2])
     wanted = list(ctx.needs_input_grad[6:11])
     grads = _ops.gat_aggregate_backward(*inputs, out, lse, grad_out, *ctx.scalars, wanted)
     return (None,) * 6 + tuple(g if need else None for g, need in zip(grads, wanted)) + (None,) * 4
