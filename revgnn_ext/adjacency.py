@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import _C
 from .graph import CSRGraph, refuse_under_export
 
 __all__ = ["adjacency_tensors", "as_graph"]
@@ -15,8 +16,7 @@ __all__ = ["adjacency_tensors", "as_graph"]
 # keyed by identity: the cache neither keeps an edge_index alive nor travels with it (torch.save).
 _GRAPHS = WeakIdKeyDictionary()
 
-_FINGERPRINT_WIDTH = 4096
-_fingerprint_weights: dict = {}  # device -> [_FINGERPRINT_WIDTH] int64
+_fingerprint_weights: dict = {}  # device -> _C.fingerprint_weights() there
 
 
 def _index_tensors(adj) -> Tuple[Tensor, ...]:
@@ -50,22 +50,24 @@ def adjacency_tensors(adj) -> Tuple[Tensor, ...]:
 
 
 def _fingerprint(t: Tensor) -> int:
-    """A checksum of the values of an index tensor that depends on their positions: sum_k t_k w_k
-    (mod 2^64) with fixed random odd weights w (rows of 4096, row r scaled by 2r + 1). One pass,
-    a matrix-vector product on CPU (its cost: docs/design.md §3), for a cache key that sees every
-    edit of edge_index, including those that bypass its version counter (``.data``, numpy)."""
+    """A checksum of the values of an index tensor that depends on their positions (see
+    ``_C.fingerprint``), for a cache key that sees every edit of edge_index, including those that
+    bypass its version counter (``.data``, numpy). One threaded pass on CPU (its cost:
+    docs/design.md §3); on other devices, tensor ops computing the same sum."""
+    return _C.fingerprint(t) if t.is_cpu else _fingerprint_by_tensor_ops(t)
+
+
+def _fingerprint_by_tensor_ops(t: Tensor) -> int:
     flat = t.reshape(-1).long()
     weights = _fingerprint_weights.get(flat.device)
     if weights is None:
-        gen = torch.Generator().manual_seed(0)
-        weights = torch.randint(-2**62, 2**62, (_FINGERPRINT_WIDTH,), generator=gen).bitwise_or(1).to(flat.device)
-        _fingerprint_weights[flat.device] = weights
-    rows = flat.numel() // _FINGERPRINT_WIDTH
-    tail = flat[rows * _FINGERPRINT_WIDTH:]
-    total = (tail * weights[:tail.numel()]).sum()
+        weights = _fingerprint_weights[flat.device] = _C.fingerprint_weights().to(flat.device)
+    width = weights.numel()
+    rows = flat.numel() // width  # whole rows of the weights; the rest is row `rows`
+    tail = flat[rows * width:]
+    total = (tail * weights[:tail.numel()]).sum() * (2 * rows + 1)
     if rows:
-        head = flat[:rows * _FINGERPRINT_WIDTH].view(rows, _FINGERPRINT_WIDTH)
-        per_row = head @ weights if flat.is_cpu else (head * weights).sum(1)  # no integer matmul on GPUs
+        per_row = (flat[:rows * width].view(rows, width) * weights).sum(1)
         total += (per_row * torch.arange(1, 2 * rows, 2, device=flat.device)).sum()
     return int(total)
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from revgnn_ext import CSRGraph
+from revgnn_ext import adjacency
 from revgnn_ext.adjacency import as_graph
 from revgnn_ext.nn import GENConv, RevGNN, SAGEConv
 
@@ -211,6 +212,18 @@ def test_as_graph_converts_once_and_again_after_any_edit():
         after = as_graph(ei, (n, n))
         assert after is not before, name
         assert torch.equal(after.to_edge_index(), ei), name
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.int64, torch.float32])
+def test_fingerprint_on_cpu_is_the_sum_gpus_compute(dtype):
+    """The threaded C++ pass (CPU) and the tensor ops (other devices) give one checksum: values
+    and positions across the boundaries of the 4096-wide weight rows, strided input, int64 wrap."""
+    gen = torch.Generator().manual_seed(0)
+    for n in (0, 1, 4095, 4096, 4097, 3 * 4096 + 5):
+        t = torch.randint(0, 200, (n,), generator=gen).to(dtype)
+        assert adjacency._fingerprint(t) == adjacency._fingerprint_by_tensor_ops(t), n
+    wide = torch.randint(-2**62, 2**62, (3, 5000), generator=gen).t()  # not contiguous; products wrap
+    assert adjacency._fingerprint(wide) == adjacency._fingerprint_by_tensor_ops(wide)
 
 
 def test_saved_edge_index_loads_without_revgnn_ext(tmp_path):

@@ -281,7 +281,7 @@ class DEQ(GroupedBlock):
         def f(z: Tensor) -> Tensor:
             return self._f(z, xs, edge_index, group_args)
 
-        with torch.no_grad(), statistics_frozen(self):
+        with torch.no_grad(), statistics_frozen(self.modules()):
             flat = replay(lambda z: f(z.view_as(x)).reshape(-1))
             z, fz, self.forward_trace = SOLVERS[self.solver](flat, torch.zeros_like(x), self.max_iter, self.tol,
                                                              memory=self.memory)

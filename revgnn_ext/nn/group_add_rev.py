@@ -158,6 +158,9 @@ def _releasable(x: Tensor) -> bool:
     return False
 
 
+_X = 5  # the position of x among _GroupAddRevFunction's inputs; its arguments, then parameters follow
+
+
 def _graph_tensors(values: Sequence[Any]) -> Tuple[Tensor, ...]:
     """The tensors behind F's arguments (adjacencies' index and value tensors included, inside
     tuples and lists too), whose edits change F's recomputation; inference tensors, which have
@@ -183,9 +186,10 @@ class _GroupAddRevFunction(torch.autograd.Function):
     in y's storage and gives it back. The block's parameters are inputs after the arguments."""
 
     @staticmethod
-    def forward(ctx, block: "GroupAddRev", edge_index, num_args: int, release: bool, x: Tensor, *rest):
+    def forward(ctx, block: "GroupAddRev", edge_index, structure, num_args: int, release: bool, x: Tensor, *rest):
         args, params = rest[:num_args], rest[num_args:]
         ctx.block, ctx.edge_index, ctx.args, ctx.params = block, edge_index, args, params
+        ctx.slots, ctx.modules = structure
         ctx.graph_tensors = _graph_tensors((edge_index, *args))
         ctx.passes_left = block.num_bwd_passes
         ctx.autocast = autocast_state(x.device.type)  # backward recomputes F in the forward's precision
@@ -201,7 +205,7 @@ class _GroupAddRevFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    def _check_unchanged(ctx, num_params: int) -> None:
+    def _check_unchanged(ctx) -> None:
         """Raises, as plain autograd does, when a tensor backward needs was modified in place."""
         if ctx.y._version != ctx.y_version:
             raise RuntimeError("GroupAddRev: the block's output was modified in place before backward (e.g. by "
@@ -213,10 +217,7 @@ class _GroupAddRevFunction(torch.autograd.Function):
                                "of the block was modified in place between the block's forward and its backward (e.g. "
                                "optimizer.step() before loss.backward(), or an edge_index buffer refilled for the next "
                                "batch); the gradients would be wrong. Run backward before modifying them.")
-        if num_params != len(ctx.params):
-            raise RuntimeError("GroupAddRev: the block's parameters were added or removed between forward and "
-                               "backward")
-        for p, need in zip(ctx.params, ctx.needs_input_grad[5 + len(ctx.args):]):
+        for p, need in zip(ctx.params, ctx.needs_input_grad[_X + 1 + len(ctx.args):]):
             if need and not p.requires_grad:
                 raise RuntimeError("GroupAddRev: a parameter of the block stopped requiring grad between forward and "
                                    "backward")
@@ -235,24 +236,17 @@ class _GroupAddRevFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_y: Tensor):
         block = ctx.block
-        every = list(block.named_parameters(remove_duplicate=False))  # a shared parameter under each name
-        named = _first_occurrences(every)  # as named_parameters() gives them
-        _GroupAddRevFunction._check_unchanged(ctx, len(named))
+        _GroupAddRevFunction._check_unchanged(ctx)
         # A pass that keeps autograd's graph (retain_graph=True) leaves the block ready for another.
         ctx.passes_left = max(ctx.passes_left - 1, 1 if _graph_retained() else 0)
         x, y = ctx.x, ctx.y
         num_args = len(ctx.args)
-        # Each group's parameters (those of forward) that need a gradient; a shared one in each group.
-        of_forward = {id(own): p for (_, own), p, need in zip(named, ctx.params, ctx.needs_input_grad[5 + num_args:])
-                      if need}
-        trainable = [[] for _ in range(block.num_groups)]
-        for name, own in every:  # names convs.<group>.<...>
-            p, group = of_forward.get(id(own)), trainable[int(name.split(".", 2)[1])]
-            if p is not None and all(q is not p for q in group):
-                group.append(p)
+        # Each group's parameters that need a gradient; a shared one in each group.
+        needed = {id(p) for p, need in zip(ctx.params, ctx.needs_input_grad[_X + 1 + num_args:]) if need}
+        trainable = [list({id(p): p for _, _, p in group if id(p) in needed}.values()) for group in ctx.slots]
         device_type, enabled, dtype, cache = ctx.autocast
-        with _parameters_of_forward(block, named, ctx.params), torch.autocast(device_type, dtype, enabled, cache), \
-                statistics_frozen(block):
+        with _parameters_of_forward(ctx.slots), torch.autocast(device_type, dtype, enabled, cache), \
+                statistics_frozen(ctx.modules):
             if ctx.x_class is None:  # x is intact (not released, or a later pass): recompute y
                 with torch.no_grad():
                     y, _ = block._forward_groups(x.detach(), ctx.edge_index, ctx.args, rng=ctx.rng)
@@ -271,13 +265,7 @@ class _GroupAddRevFunction(torch.autograd.Function):
                 _release(ctx.y, _SpentOutput)
             ctx.y = ctx.x = ctx.pending = None
         grad_params = [grad_trainable.get(id(p)) for p in ctx.params]
-        return (None, None, None, None, grad_x, *grad_args, *grad_params)
-
-
-def _first_occurrences(named: Sequence[Tuple[str, Tensor]]) -> list:
-    """(name, parameter) pairs with each parameter once, under its first name."""
-    seen = set()
-    return [(n, p) for n, p in named if not (id(p) in seen or seen.add(id(p)))]
+        return (None,) * _X + (grad_x, *grad_args, *grad_params)
 
 
 def _graph_retained() -> bool:
@@ -288,21 +276,29 @@ def _graph_retained() -> bool:
 
 
 @contextlib.contextmanager
-def _parameters_of_forward(block: torch.nn.Module, named: Sequence[Tuple[str, Tensor]], params: Sequence[Tensor]):
-    """The block holds the tensors it ran with in forward (torch.func.functional_call's, which
+def _parameters_of_forward(slots: Sequence[Sequence[Tuple[torch.nn.Module, str, Tensor]]]):
+    """Each module holds the parameters it ran with in forward (torch.func.functional_call's, which
     has returned since) while backward recomputes."""
     swapped = []
     try:
-        for (name, own), p in zip(named, params):
-            if own is not p:
-                module_name, _, attr = name.rpartition(".")
-                module = block.get_submodule(module_name)
-                swapped.append((module, attr, own))
-                module._parameters[attr] = p
+        for group in slots:
+            for module, name, p in group:
+                own = module._parameters[name]
+                if own is not p:
+                    swapped.append((module, name, own))
+                    module._parameters[name] = p
         yield
     finally:
-        for module, attr, p in reversed(swapped):
-            module._parameters[attr] = p
+        for module, name, own in reversed(swapped):
+            module._parameters[name] = own
+
+
+def _structure(block: "GroupAddRev"):
+    """(per group, the (module, name, parameter) of each parameter of F_i; F's modules)."""
+    modules = [list(conv.modules()) for conv in block.convs]
+    slots = [[(m, name, p) for m in group for name, p in m._parameters.items() if p is not None]
+             for group in modules]
+    return slots, [m for group in modules for m in group]
 
 
 class GroupAddRev(GroupedBlock):
@@ -429,9 +425,11 @@ class GroupAddRev(GroupedBlock):
 
     @torch.compiler.disable  # the inversion needs F of the forward bit for bit (docs/design.md §2)
     def _reversible(self, x: Tensor, edge_index, args) -> Tensor:
-        params = tuple(self.parameters())
+        structure = _structure(self)
+        params = {id(p): p for group in structure[0] for _, _, p in group}.values()
         try:
-            return _GroupAddRevFunction.apply(self, edge_index, len(args), _releasable(x), x, *args, *params)
+            return _GroupAddRevFunction.apply(self, edge_index, structure, len(args), _releasable(x), x, *args,
+                                              *params)
         except RuntimeError as err:  # torch.func.grad / vmap / jvp: the plain computation, which they transform
             if not ops.refused_by_functorch(err):
                 raise

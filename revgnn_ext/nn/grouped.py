@@ -3,7 +3,7 @@ per group, and what it takes to evaluate F_i again exactly as before (the random
 autocast state, BatchNorm running statistics)."""
 import contextlib
 import copy
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -79,12 +79,12 @@ def autocast_state(device_type: str) -> Tuple[str, bool, torch.dtype, bool]:
 
 
 @contextlib.contextmanager
-def statistics_frozen(module: torch.nn.Module):
-    """BatchNorm running statistics (of training-mode norms that track them) stay as they are:
-    an evaluation of F that is not the step's own must not move them a second time. A norm in
-    training mode normalizes by the batch's statistics either way; while it does not track, it
-    neither reads nor updates its running ones."""
-    norms = [m for m in module.modules()
+def statistics_frozen(modules: Iterable[torch.nn.Module]):
+    """BatchNorm running statistics (of those among ``modules`` in training mode that track them)
+    stay as they are: an evaluation of F that is not the step's own must not move them a second
+    time. A norm in training mode normalizes by the batch's statistics either way; while it does
+    not track, it neither reads nor updates its running ones."""
+    norms = [m for m in modules
              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
     try:
         for m in norms:
