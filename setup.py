@@ -113,7 +113,7 @@ def _emulated_cuda_kernels():
 def extensions():
     emulated = [_emulated_cuda_kernels()] if _flag("REVGNN_EXT_EMULATOR") else []
     with_cuda = _want_cuda()
-    sources = ["csrc/revgnn_ext.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/revgnn_ext.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     define = [f'-DREVGNN_EXT_TORCH_VERSION="{torch.__version__}"']
     cxx = ["-O3", "-fopenmp"] + define + _cpu_capability_flags()
     args = dict(extra_compile_args={"cxx": cxx}, include_dirs=[os.path.join(ROOT, "csrc")])

@@ -1,11 +1,12 @@
 """Python face of the compiled ops, op by op: the user function, its fake kernels (torch.compile,
-meta tensors), its autograd, its autocast.
+meta tensors), the autograd of the backward ops, its autocast.
 
 The ops are registered by ``revgnn_ext._C`` under ``torch.ops.revgnn_ext`` (schemas:
-csrc/ops/schemas.h; contracts: csrc/ops/<op>.h). The functional ops have an autograd formula
-made of ops that have one too (gen_aggregate's and gat_aggregate's backward are first order
-only); the accumulate forms (``out=``) run their in-place op only where no autograd records and
-no autocast applies, and otherwise add the functional op's result, which autograd tracks.
+csrc/ops/schemas.h; contracts: csrc/ops/<op>.h; the functional ops' autograd: csrc/autograd.cpp,
+which calls the backward ops). spmm's backward ops are differentiable (second order);
+gen_aggregate's and gat_aggregate's refuse it. The accumulate forms (``out=``) run their in-place
+op only where no autograd records and no autocast applies, and otherwise add the functional op's
+result, which autograd tracks.
 """
 import inspect
 import operator
@@ -232,25 +233,6 @@ def _apply_fixed(graph, weight, x, arg, reduce):
     return _ops.spmm(*graph, weight, x, reduce)[0]
 
 
-def _spmm_setup(ctx, inputs, output):
-    rowptr, col, rowptr_t, col_t, perm_t, weight, x, reduce = inputs
-    ctx.reduce = reduce
-    keep_x = x if ctx.needs_input_grad[5] else None
-    ctx.save_for_backward(rowptr, col, rowptr_t, col_t, perm_t, weight, keep_x, output[1])
-
-
-def _spmm_backward(ctx, grad_out, _grad_arg):
-    rowptr, col, rowptr_t, col_t, perm_t, weight, x, arg = ctx.saved_tensors
-    graph = (rowptr, col, rowptr_t, col_t, perm_t)
-    grad_w = grad_x = None
-    if ctx.needs_input_grad[6]:
-        _check_transposed("spmm", rowptr_t)
-        grad_x = _ops.spmm_backward_x(*graph, weight, grad_out, arg, ctx.reduce)
-    if ctx.needs_input_grad[5]:
-        grad_w = _ops.spmm_backward_weight(*graph, x, grad_out, arg, ctx.reduce)
-    return None, None, None, None, None, grad_w, grad_x, None
-
-
 def _backward_setup(ctx, inputs, output):
     """The backward ops' setup: every tensor input saved, the reduce name (the last input) kept."""
     *tensors, ctx.reduce = inputs
@@ -282,7 +264,6 @@ def _backward_weight_backward(ctx, k):
     return None, None, None, None, None, d_x, d_grad_out, None, None
 
 
-torch.library.register_autograd("revgnn_ext::spmm", _spmm_backward, setup_context=_spmm_setup)
 torch.library.register_autograd("revgnn_ext::spmm_backward_x", _backward_x_backward, setup_context=_backward_setup)
 torch.library.register_autograd("revgnn_ext::spmm_backward_weight", _backward_weight_backward,
                                 setup_context=_backward_setup)
@@ -355,23 +336,6 @@ def _gen_aggregate_backward_fake(rowptr, col, rowptr_t, col_t, perm_t, x, edge_a
     return _gradients_like(x, rowptr_t, (edge_attr, edge_weight, edge_bias, used_t, used_p), output_mask)
 
 
-def _gen_setup(ctx, inputs, output):
-    (rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias, t, p, aggr, eps) = inputs
-    ctx.aggr, ctx.eps = aggr, eps
-    ctx.save_for_backward(rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias, t, p,
-                          *output)
-
-
-def _gen_backward(ctx, grad_out, _grad_state):
-    rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias, t, p, out, state = ctx.saved_tensors
-    _check_transposed("gen_aggregate", rowptr_t)
-    wanted = list(ctx.needs_input_grad[5:11])
-    grads = _ops.gen_aggregate_backward(rowptr, col, rowptr_t, col_t, perm_t, x, edge_attr, edge_weight, edge_bias,
-                                        t, p, out, state, grad_out, ctx.aggr, ctx.eps, wanted)
-    return (None,) * 5 + tuple(g if need else None for g, need in zip(grads, wanted)) + (None, None)
-
-
-torch.library.register_autograd("revgnn_ext::gen_aggregate", _gen_backward, setup_context=_gen_setup)
 torch.library.register_autograd("revgnn_ext::gen_aggregate_backward", _refuse_double_backward("gen_aggregate"))
 _register_autocast("gen_aggregate", _gen_aggregate_fake, ("x", "edge_attr", "edge_weight", "edge_bias", "t", "p"))
 
@@ -454,20 +418,5 @@ def _gat_aggregate_backward_fake(rowptr, col, rowptr_t, col_t, perm_t, perm, x, 
     return _gradients_like(x, rowptr_t, (src_score, dst_score, edge_attr, edge_weight), output_mask)
 
 
-def _gat_setup(ctx, inputs, output):
-    rowptr, col, rowptr_t, col_t, perm_t, perm, x, src, dst, attr, weight, keep, slope, p, seed = inputs
-    ctx.scalars = (slope, p, seed)
-    ctx.save_for_backward(rowptr, col, rowptr_t, col_t, perm_t, perm, x, src, dst, attr, weight, keep, *output)
-
-
-def _gat_backward(ctx, grad_out, _grad_lse):
-    *inputs, out, lse = ctx.saved_tensors
-    _check_transposed("gat_aggregate", rowptr_t=inputs[2])
-    wanted = list(ctx.needs_input_grad[6:11])
-    grads = _ops.gat_aggregate_backward(*inputs, out, lse, grad_out, *ctx.scalars, wanted)
-    return (None,) * 6 + tuple(g if need else None for g, need in zip(grads, wanted)) + (None,) * 4
-
-
-torch.library.register_autograd("revgnn_ext::gat_aggregate", _gat_backward, setup_context=_gat_setup)
 torch.library.register_autograd("revgnn_ext::gat_aggregate_backward", _refuse_double_backward("gat_aggregate"))
 _register_autocast("gat_aggregate", _gat_aggregate_fake, ("x", "src_score", "dst_score", "edge_attr", "edge_weight"))
