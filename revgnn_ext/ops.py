@@ -276,7 +276,7 @@ _register_autocast("spmm", _spmm_fake, ("weight", "x"), keep=lambda args: _selec
 def _per_channel(value, x: Tensor) -> Tensor:
     """t or p (a float, or a tensor of 1 or D values) as a tensor of x's dtype."""
     if not isinstance(value, Tensor):
-        return torch.tensor([float(value)], dtype=x.dtype, device=x.device)
+        return x.new_full((1,), float(value))
     return value.to(x.dtype)
 
 
