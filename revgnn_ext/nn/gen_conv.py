@@ -20,12 +20,11 @@ class GENConv(PygFallback, pyg_nn.GENConv):
     applied inside the kernel to the raw edge features, and softmax, max, mean, sum and
     powermean aggregations keep O(num_nodes x channels) memory, forward and backward.
 
-    ``edge_index`` may be a ``revgnn_ext.CSRGraph``, an edge_index tensor or PyG ``EdgeIndex``,
-    a ``torch.sparse`` adjacency or a ``torch_sparse.SparseTensor`` (both as ``adj_t``: rows are
-    destinations); it is converted once per adjacency object (see ``revgnn_ext.adjacency.as_graph``). Configurations the kernel
-    does not cover (multi-aggregations, ``softmax_sg``, a custom aggregation module,
-    ``flow='target_to_source'``, an explainer's edge masks, message-passing hooks) fall back to
-    PyG's computation with a one-time warning.
+    ``edge_index`` may be anything ``revgnn_ext.adjacency.as_graph`` accepts (a sparse adjacency
+    as ``adj_t``: rows are destinations); it is converted once per adjacency object.
+    Configurations the kernel does not cover (multi-aggregations, ``softmax_sg``, a custom
+    aggregation module, ``flow='target_to_source'``, an explainer's edge masks, message-passing
+    hooks) fall back to PyG's computation with a one-time warning.
     """
 
     # The arguments of PyG's propagate(), which PyG otherwise reads off the source of forward().
