@@ -29,18 +29,16 @@ class GENConv(PygFallback, pyg_nn.GENConv):
 
     # The arguments of PyG's propagate(), which PyG otherwise reads off the source of forward().
     propagate_type = {"x": OptPairTensor, "edge_attr": OptTensor}
+    _fused_reduces = {pyg_aggr.SumAggregation: "sum", pyg_aggr.MeanAggregation: "mean",
+                      pyg_aggr.MaxAggregation: "max"}
 
     def _fused_aggregation(self) -> Optional[Tuple[str, dict]]:
         """(aggr, kwargs) for gen_aggregate, or None with a warning when it cannot run fused."""
         if not self.runs_fused():
             return None
         module = self.aggr_module
-        if type(module) is pyg_aggr.SumAggregation:
-            return "sum", {}
-        if type(module) is pyg_aggr.MeanAggregation:
-            return "mean", {}
-        if type(module) is pyg_aggr.MaxAggregation:
-            return "max", {}
+        if type(module) in self._fused_reduces:
+            return self._fused_reduces[type(module)], {}
         if type(module) is pyg_aggr.SoftmaxAggregation and not (module.semi_grad and not module.learn):
             return "softmax", {"t": module.t}
         if type(module) is pyg_aggr.PowerMeanAggregation and (module.min_value, module.max_value) == (1e-4, 100.0):
