@@ -67,12 +67,10 @@ def _take_place(old: torch.nn.Module, new: torch.nn.Module) -> torch.nn.Module:
 
 
 def _conv(cls: type, old: torch.nn.Module, **args) -> torch.nn.Module:
-    """Our drop-in `cls` for the PyG conv `old`, built from old's public attributes; its submodules
-    (the aggregation among them) are old's own, put in by _take_place. It is built on the meta
-    device with a stand-in aggregation, so that building it allocates nothing, draws no random
-    numbers and leaves old's aggregation as it is (SAGEConv's constructor resets the one it is
-    given); ``aggr`` and ``fuse`` are what PyG's constructor derives from the aggregation as the
-    user named it."""
+    """Our drop-in `cls` for the PyG conv `old`, built from old's public attributes on the meta
+    device with a stand-in aggregation (nothing allocated or drawn, and old's aggregation, which
+    SAGEConv's constructor would reset, left as it is), then given old's own submodules by
+    _take_place; ``aggr`` and ``fuse`` are copied as PyG's constructor derived them."""
     with torch.device("meta"):
         new = cls(old.in_channels, old.out_channels, aggr="sum", flow=old.flow,
                   decomposed_layers=old.decomposed_layers, **args)
@@ -81,11 +79,10 @@ def _conv(cls: type, old: torch.nn.Module, **args) -> torch.nn.Module:
 
 
 def convert(model: torch.nn.Module) -> ConversionReport:
-    """Replaces, in place, every ``torch_geometric.nn.GENConv``, ``SAGEConv``, ``GCNConv``, ``GATConv``
-    and ``GroupAddRev``
-    inside `model` (at any depth: ModuleList, ModuleDict, Sequential, PyG's DeepGCNLayer, a
-    GroupAddRev's ``convs``) by its drop-in from :mod:`revgnn_ext.nn`, built with the old one's
-    arguments. The new module takes over the old one's submodules, parameters and buffers
+    """Replaces, in place, every ``torch_geometric.nn.GENConv``, ``SAGEConv``, ``GCNConv``,
+    ``GATConv`` and ``GroupAddRev`` inside `model` (at any depth: ModuleList, ModuleDict,
+    Sequential, PyG's DeepGCNLayer, a GroupAddRev's ``convs``) by its drop-in from
+    :mod:`revgnn_ext.nn`, built with the old one's arguments. The new module takes over the old one's submodules, parameters and buffers
     themselves, its hooks and its training flag, so outputs, gradients, device, dtype, training
     mode and an optimizer built before the conversion are unchanged. A module shared by several
     places becomes one new module shared by the same places.

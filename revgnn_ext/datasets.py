@@ -75,13 +75,14 @@ class NodeData:
                         {k: v.to(device) for k, v in self.split_idx.items()})
 
 
-def _sizes(name: str, scale: float, num_nodes: Optional[int], mean_degree: Optional[float]):
+def _power_law(name: str, scale: float, num_nodes: Optional[int], mean_degree: Optional[float], seed: int, device):
+    """(n, edge_index): the node count and a power_law_graph shaped like OGB's ``name``."""
     shape = OGB_SHAPES[name]
     if not scale > 0:
         raise ValueError(f"{name}: scale must be > 0, got {scale}")
     n = num_nodes if num_nodes is not None else max(1, round(shape["num_nodes"] * scale))
     degree = mean_degree if mean_degree is not None else shape["num_edges"] / shape["num_nodes"]
-    return n, round(n * degree), shape["exponent"]
+    return n, power_law_graph(n, round(n * degree), exponent=shape["exponent"], seed=seed, device=device)
 
 
 def _split(order: Tensor, fractions) -> Dict[str, Tensor]:
@@ -96,10 +97,9 @@ def synthetic_proteins(scale: float = 1.0, *, num_nodes: Optional[int] = None, m
     """ogbn-proteins-shaped: x = one-hot of 8 species, 8 edge features in [0, 1), 112 binary
     tasks; ``scale`` multiplies the real node count (132,534) at the real mean degree (597),
     or give ``num_nodes`` / ``mean_degree``. Random 65/16/19% split."""
-    n, e, exponent = _sizes("ogbn-proteins", scale, num_nodes, mean_degree)
+    n, edge_index = _power_law("ogbn-proteins", scale, num_nodes, mean_degree, seed, device)
     gen = torch.Generator().manual_seed(seed)
-    edge_index = power_law_graph(n, e, exponent=exponent, seed=seed, device=device)
-    edge_attr = torch.rand(e, 8, generator=gen).to(device)
+    edge_attr = torch.rand(edge_index.size(1), 8, generator=gen).to(device)
     x = torch.eye(8)[torch.randint(0, 8, (n,), generator=gen)].to(device)
     graph = CSRGraph.from_edge_index(edge_index, n)
     # Each task: a random function of the species, the mean neighbour species and the mean
@@ -119,9 +119,8 @@ def synthetic_products(scale: float = 1.0, *, num_nodes: Optional[int] = None,
     """ogbn-products-shaped: 100 node features, 47 classes; ``scale`` multiplies the real node
     count (2,449,029) at the real mean degree (50.5), or give ``num_nodes`` / ``mean_degree``.
     Random 8/2/90% split (as the real one: most nodes are test nodes)."""
-    n, e, exponent = _sizes("ogbn-products", scale, num_nodes, mean_degree)
+    n, edge_index = _power_law("ogbn-products", scale, num_nodes, mean_degree, seed, device)
     gen = torch.Generator().manual_seed(seed)
-    edge_index = power_law_graph(n, e, exponent=exponent, seed=seed, device=device)
     x = torch.randn(n, 100, generator=gen).to(device)
     graph = CSRGraph.from_edge_index(edge_index, n)
     features = torch.cat([x, ops.spmm(graph, x, None, "mean")], dim=1)
@@ -137,9 +136,8 @@ def synthetic_arxiv(scale: float = 1.0, *, num_nodes: Optional[int] = None, mean
     edges at scale 1), or give ``num_nodes`` / ``mean_degree``. Time-based split as the real one:
     every paper gets a publication time, the oldest 53.7% train, the next 17.6% valid, the newest
     28.7% test."""
-    n, e, exponent = _sizes("ogbn-arxiv", scale, num_nodes, mean_degree)
+    n, edge_index = _power_law("ogbn-arxiv", scale, num_nodes, mean_degree, seed, device)
     gen = torch.Generator().manual_seed(seed)
-    edge_index = power_law_graph(n, e, exponent=exponent, seed=seed, device=device)
     time = torch.randperm(n, generator=gen).to(device)  # node i is the time[i]-th paper published
     newer_first = time[edge_index[0]] >= time[edge_index[1]]
     edge_index = torch.where(newer_first, edge_index, edge_index.flip(0))

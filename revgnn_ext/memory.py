@@ -43,8 +43,8 @@ def set_malloc_thresholds(mmap_threshold: int = 64 * 1024, trim_threshold: int =
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
+def _proc_bytes(path: str, field: str) -> int:
+    with open(path) as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
@@ -56,13 +56,10 @@ class PeakMemory:
         memory.peak, memory.start   # bytes
 
     CUDA: the caching allocator's (torch.cuda.max_memory_allocated above memory_allocated at the
-    start). CPU: the process's resident set, what a system monitor shows: Linux's high-water mark
-    VmHWM, reset to the resident set VmRSS at the start through /proc/self/clear_refs, minus that.
-    The kernel raises the mark before any page leaves the resident set, so no peak between two
-    reads is missed, and memory that libraries allocate outside torch (MKL, OpenMP) counts. Freed
-    memory is handed back first (gc, glibc's malloc_trim) so that the start is what is in use; under
-    set_malloc_thresholds() a freed block leaves the resident set at once, so regions measured one
-    after another see only their own allocations. CPU needs Linux.
+    start). CPU: the process's resident set, what a system monitor shows, memory that libraries
+    allocate outside torch included (Linux's high-water mark VmHWM, reset at the start: how,
+    docs/design.md §4); freed memory is handed back first, so that the start is what is in use.
+    CPU needs Linux.
     """
 
     def __init__(self, device="cpu"):
@@ -81,7 +78,7 @@ class PeakMemory:
         libc = _glibc()
         if libc is not None:
             libc.malloc_trim(0)
-        self.start = _status_bytes("VmRSS")
+        self.start = _proc_bytes("/proc/self/status", "VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS
         return self
@@ -91,7 +88,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             high = torch.cuda.max_memory_allocated(self.device)
         else:
-            high = _status_bytes("VmHWM")
+            high = _proc_bytes("/proc/self/status", "VmHWM")
         self.peak = max(high - self.start, 0)
 
 
@@ -102,5 +99,4 @@ def available_memory(device="cpu") -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    with open("/proc/meminfo") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    return _proc_bytes("/proc/meminfo", "MemAvailable")

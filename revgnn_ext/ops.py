@@ -1,13 +1,6 @@
-"""Python face of the compiled ops, op by op: the user function, its fake kernels (torch.compile,
-meta tensors), the autograd of the backward ops, its autocast.
-
-The ops are registered by ``revgnn_ext._C`` under ``torch.ops.revgnn_ext`` (schemas:
-csrc/ops/schemas.h; contracts: csrc/ops/<op>.h; the functional ops' autograd: csrc/autograd.cpp,
-which calls the backward ops). spmm's backward ops are differentiable (second order);
-gen_aggregate's and gat_aggregate's refuse it. The accumulate forms (``out=``) run their in-place
-op only where no autograd records and no autocast applies, and otherwise add the functional op's
-result, which autograd tracks.
-"""
+"""The user functions of the compiled ops (``torch.ops.revgnn_ext``, registered by ``revgnn_ext._C``)
+and, op by op, their fake kernels, the autograd of their backward ops (the functional ops'
+autograd is csrc/autograd.cpp) and autocast (docs/design.md §3)."""
 import inspect
 import operator
 from typing import Optional
@@ -24,11 +17,8 @@ _ops = torch.ops.revgnn_ext
 
 
 # ---------------------------------------------------------------------------- shared
-# The kernels check what they see (shapes, dtypes, devices, layouts, index ranges, reduce and aggr
-# names) and raise TypeError / ValueError naming the argument; the functions below check only what
-# they cannot: the graph's type and integrity, x's rows against the graph's nodes and device, grad
-# mode, per-edge tensors before they are put in CSR order, and devices (a meta tensor among the
-# arguments sends the call to the fake kernel, past the kernels' checks).
+# The kernels check what they see and raise TypeError / ValueError naming the argument; the
+# functions below check only what they cannot (docs/design.md, where things live).
 def _check_call(where: str, graph: CSRGraph, x: Tensor) -> None:
     if not isinstance(graph, CSRGraph):
         raise TypeError(f"{where}: graph must be a revgnn_ext.CSRGraph (build one with "
@@ -41,12 +31,6 @@ def _check_call(where: str, graph: CSRGraph, x: Tensor) -> None:
         raise ValueError(f"{where}: x has {x.size(0)} rows but the graph has {graph.num_src} source nodes")
     if x.device != graph.device:
         raise ValueError(f"{where}: x is on {x.device} but the graph is on {graph.device} (use graph.to(device))")
-
-
-def _check_devices(where: str, name: str, ref: Tensor, **tensors) -> None:
-    for arg, t in tensors.items():
-        if isinstance(t, Tensor) and t.device != ref.device:
-            raise ValueError(f"{where}: {arg} is on {t.device} but {name} is on {ref.device}")
 
 
 def forward_ad_tracks(values) -> bool:
@@ -131,9 +115,8 @@ _lib = torch.library.Library("revgnn_ext", "IMPL")
 def _register_autocast(name: str, fake, cast, keep=lambda args: False) -> None:
     """Under torch.autocast (CPU or CUDA), op ``name`` casts its arguments named in ``cast`` (the
     parameters of its fake kernel), when float32, float16 or bfloat16, to the autocast dtype, and
-    runs with autocast off; the kernels compute in float32 and round once per stored value. Its
-    backward ops take the dtypes of the forward. float64 stays float64, as autocast leaves it.
-    A call for which ``keep(args)`` is true runs in its inputs' own dtypes."""
+    runs with autocast off (docs/design.md §7). A call for which ``keep(args)`` is true runs in
+    its inputs' own dtypes."""
     op = getattr(_ops, name).default
     params = list(inspect.signature(fake).parameters)
     positions = {params.index(arg) for arg in cast}
@@ -241,8 +224,7 @@ def _backward_setup(ctx, inputs, output):
 
 def _backward_x_backward(ctx, h):
     # grad_x = A_w^T S grad_out is bilinear in (weight, grad_out).
-    rowptr, col, rowptr_t, col_t, perm_t, weight, grad_out, arg = ctx.saved_tensors
-    graph = (rowptr, col, rowptr_t, col_t, perm_t)
+    *graph, weight, grad_out, arg = ctx.saved_tensors
     d_weight = d_grad_out = None
     if ctx.needs_input_grad[5]:
         d_weight = _ops.spmm_backward_weight(*graph, h, grad_out, arg, ctx.reduce)
@@ -253,11 +235,10 @@ def _backward_x_backward(ctx, h):
 
 def _backward_weight_backward(ctx, k):
     # grad_w[e] = s <x[col_e], grad_out[i]> is bilinear in (x, grad_out).
-    rowptr, col, rowptr_t, col_t, perm_t, x, grad_out, arg = ctx.saved_tensors
-    graph = (rowptr, col, rowptr_t, col_t, perm_t)
+    *graph, x, grad_out, arg = ctx.saved_tensors
     d_x = d_grad_out = None
     if ctx.needs_input_grad[5]:
-        _check_transposed("spmm_backward_weight", rowptr_t)
+        _check_transposed("spmm_backward_weight", rowptr_t=graph[2])
         d_x = _ops.spmm_backward_x(*graph, k, grad_out, arg, ctx.reduce)
     if ctx.needs_input_grad[6]:
         d_grad_out = _apply_fixed(graph, k, x, arg, ctx.reduce)
@@ -306,7 +287,9 @@ def gen_aggregate(graph: CSRGraph, x: Tensor, edge_attr: Optional[Tensor] = None
         edge_attr = graph.edges_to_csr(edge_attr, f"{where}: edge_attr")
     t = _per_channel(t, x) if aggr == "softmax" else None
     p = _per_channel(p, x) if aggr == "powermean" else None
-    _check_devices(where, "x", x, edge_weight=edge_weight, edge_bias=edge_bias, t=t, p=p)
+    for name, v in dict(edge_weight=edge_weight, edge_bias=edge_bias, t=t, p=p).items():
+        if isinstance(v, Tensor) and v.device != x.device:
+            raise ValueError(f"{where}: {name} is on {v.device} but x is on {x.device}")
     grads = torch.is_grad_enabled() and any(
         v is not None and v.requires_grad for v in (x, edge_attr, edge_weight, edge_bias, t, p))
     transposed = graph.transposed() if grads else (None, None, None)
@@ -341,39 +324,20 @@ _register_autocast("gen_aggregate", _gen_aggregate_fake, ("x", "edge_attr", "edg
 
 
 # ---------------------------------------------------------------------------- gat_aggregate
-def _gat_call(where: str, graph: CSRGraph, x: Tensor, edge_attr, edge_keep, attn_dropout, seed):
-    """The checks the op cannot make, and the per-edge tensors in CSR order: (edge_attr, edge_keep,
-    perm, seed), perm the caller's edge ids that the dropout draw hashes (None without dropout) and
-    seed mod 2^64 as a signed int64."""
-    _check_call(where, graph, x)
-    if edge_attr is not None:
-        edge_attr = graph.edges_to_csr(edge_attr, f"{where}: edge_attr")
-    if edge_keep is not None:
-        edge_keep = graph.edges_to_csr(edge_keep, f"{where}: edge_keep")
-    seed = operator.index(seed) % 2**64
-    perm = graph.perm if attn_dropout > 0 else None
-    return edge_attr, edge_keep, perm, seed - 2**64 if seed >= 2**63 else seed
-
-
 def gat_aggregate(graph: CSRGraph, x: Tensor, src_score: Tensor, dst_score: Optional[Tensor] = None,
                   edge_attr: Optional[Tensor] = None, edge_weight: Optional[Tensor] = None,
                   negative_slope: float = 0.2, edge_keep: Optional[Tensor] = None, attn_dropout: float = 0.0,
                   seed: int = 0, out: Optional[Tensor] = None, alpha: float = 1.0) -> Tensor:
-    """GAT's attention and aggregation, fused (revgnn_ext.reference.gat_aggregate is the contract:
-    same arguments, values, gradients and dropout draw): per destination i and head h, the softmax
-    over the kept in-edges j -> i of leaky_relu(src_score[j, h] + dst_score[i, h] + e_jih), then
+    """GAT's attention and aggregation, fused: per destination i and head h, the softmax over the
+    kept in-edges j -> i of leaky_relu(src_score[j, h] + dst_score[i, h] + e_jih), then
     out[i, head h] = sum_j alpha * x[j, head h], in one pass with an online softmax.
-
-    ``x`` [num_src, H*C]; ``src_score`` [num_src, H]; ``dst_score`` [num_dst, H] or None; edge
-    scores e from ``edge_attr`` [num_edges, F] times ``edge_weight`` [H, F] inside the kernel, or
-    ``edge_attr`` [num_edges, H] itself, or none; ``edge_keep`` a bool mask [num_edges]; per-edge
-    tensors in the caller's edge order. ``attn_dropout`` p drops (edge, head) pairs by a
-    counter-based draw from ``seed`` and the caller's edge id (reference.gat_dropout_keep), which a
-    recomputation replays without a stored mask. Rows with no kept in-edge give 0. Saves only an
-    [num_dst, H] log-normalizer besides the output; no [num_edges, H*C] nor [num_edges, H] tensor,
-    forward or backward. Differentiable in x, src_score, dst_score, edge_attr and edge_weight
-    (first order); deterministic (no atomics). Under ``torch.autocast``, x, src_score, dst_score,
-    edge_attr and edge_weight are cast to the autocast dtype (scores and softmax in float32).
+    revgnn_ext.reference.gat_aggregate is the contract: the same arguments (their shapes there),
+    values, gradients and attention-dropout draw (reference.gat_dropout_keep, which a
+    recomputation replays without a stored mask). Saves only an [num_dst, H] log-normalizer
+    besides the output; no [num_edges, H*C] nor [num_edges, H] tensor, forward or backward.
+    Differentiable in x, src_score, dst_score, edge_attr and edge_weight (first order);
+    deterministic (no atomics). Under ``torch.autocast``, x, src_score, dst_score, edge_attr and
+    edge_weight are cast to the autocast dtype (scores and softmax in float32).
 
     ``out`` ([num_dst, H*C], possibly a column slice of a wider buffer, not overlapping x): the
     result times ``alpha`` is added into it in place and it is returned; without autograd and
@@ -381,7 +345,14 @@ def gat_aggregate(graph: CSRGraph, x: Tensor, src_score: Tensor, dst_score: Opti
     ``out.add_(gat_aggregate(...), alpha=alpha)``, which autograd tracks.
     """
     where = "revgnn_ext.ops.gat_aggregate"
-    edge_attr, edge_keep, perm, seed = _gat_call(where, graph, x, edge_attr, edge_keep, attn_dropout, seed)
+    _check_call(where, graph, x)
+    if edge_attr is not None:
+        edge_attr = graph.edges_to_csr(edge_attr, f"{where}: edge_attr")
+    if edge_keep is not None:
+        edge_keep = graph.edges_to_csr(edge_keep, f"{where}: edge_keep")
+    seed = operator.index(seed) % 2**64
+    seed = seed - 2**64 if seed >= 2**63 else seed  # as a signed int64
+    perm = graph.perm if attn_dropout > 0 else None  # the caller's edge ids, which the dropout draw hashes
     if out is not None and _accumulates(where, out, (graph.num_dst, x.size(1)), x, src_score, dst_score, edge_attr,
                                         edge_weight):
         _ops.gat_aggregate_accumulate_(out, graph.rowptr, graph.col, perm, x, src_score, dst_score, edge_attr,

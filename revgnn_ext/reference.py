@@ -26,8 +26,7 @@ def spmm(graph: CSRGraph, x: Tensor, edge_weight: Optional[Tensor] = None, reduc
     messages = x.index_select(0, graph.col.long())
     if edge_weight is not None:
         messages = messages * graph.edges_to_csr(edge_weight, "edge_weight").unsqueeze(-1)
-    torch_reduce = {"sum": "sum", "mean": "mean", "max": "amax", "min": "amin"}[reduce]
-    return _added(out, _scatter(messages, dst, graph.num_dst, torch_reduce), alpha)
+    return _added(out, _scatter(messages, dst, graph.num_dst, reduce), alpha)
 
 
 def _added(out: Optional[Tensor], result: Tensor, alpha: float) -> Tensor:
@@ -35,13 +34,13 @@ def _added(out: Optional[Tensor], result: Tensor, alpha: float) -> Tensor:
 
 
 def _scatter(messages: Tensor, dst: Tensor, num_dst: int, reduce: str) -> Tensor:
-    """out[i] = reduce over the messages of destination i; 0 for a destination with none. The
-    untouched start value of amax/amin is +-inf, so that its gradient never ties with a message."""
-    start = {"amax": float("-inf"), "amin": float("inf")}.get(reduce, 0.0)
+    """out[i] = reduce (sum, mean, max, min) over the messages of destination i; 0 for one with
+    none. The untouched start of max/min is -+inf, so that its gradient never ties with a message."""
+    start = {"max": float("-inf"), "min": float("inf")}.get(reduce, 0.0)
     out = messages.new_full((num_dst, messages.size(1)), start)
     index = dst.unsqueeze(-1).expand_as(messages)
-    out = out.scatter_reduce(0, index, messages, reduce, include_self=False)
-    if reduce in ("amax", "amin"):
+    out = out.scatter_reduce(0, index, messages, {"max": "amax", "min": "amin"}.get(reduce, reduce), include_self=False)
+    if reduce in ("max", "min"):
         has_edge = torch.zeros(num_dst, dtype=torch.bool, device=out.device)
         has_edge[dst] = True
         out = torch.where(has_edge.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
@@ -75,7 +74,7 @@ def gen_aggregate(graph: CSRGraph, x: Tensor, edge_attr: Optional[Tensor] = None
     index = dst.unsqueeze(-1).expand_as(m)
     zeros = x.new_zeros(graph.num_dst, x.size(1))
     if aggr in ("sum", "mean", "max"):
-        return _scatter(m, dst, graph.num_dst, {"sum": "sum", "mean": "mean", "max": "amax"}[aggr])
+        return _scatter(m, dst, graph.num_dst, aggr)
     if aggr == "softmax":
         score = m * t
         shift = zeros.scatter_reduce(0, index, score.detach(), "amax", include_self=False)
@@ -166,7 +165,7 @@ def gat_aggregate(graph: CSRGraph, x: Tensor, src_score: Tensor, dst_score: Opti
     if edge_keep is not None:
         kept = graph.edges_to_csr(edge_keep, "edge_keep")
         dst, src, edge_ids, score = dst[kept], src[kept], edge_ids[kept], score[kept]
-    shift = _scatter(score.detach(), dst, graph.num_dst, "amax")
+    shift = _scatter(score.detach(), dst, graph.num_dst, "max")
     weight = (score - shift.index_select(0, dst)).exp()
     weight = weight / _scatter(weight, dst, graph.num_dst, "sum").index_select(0, dst)
     if attn_dropout > 0:

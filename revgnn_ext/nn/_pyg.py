@@ -96,17 +96,12 @@ def pyg_adjacency(edge_index, x, size: Optional[Tuple[int, int]]):
 
 class PygFallback:
     """Mixin of our subclasses of PyG layers: when a layer needs PyG's propagate() (``runs_fused``
-    says when), that propagate behaves as in PyG's own class.
+    says when), that propagate behaves as in PyG's own class."""
 
-    Each subclass sets ``_fused_aggregation()``: what its kernel computes, or None (with the
-    warning) where PyG's computation runs instead."""
-
-    # PyG compiles a propagate per class at the class's first instance, and keeps as the class's
-    # _orig_propagate (run in explain mode, which applies edge masks) whatever propagate the class
-    # had then: for a subclass of a PyG class that was already instantiated, the parent's compiled
-    # one, which ignores edge masks. Naming MessagePassing's generic propagate here makes that the
-    # one PyG keeps (and compiles) for each of our classes.
+    # The generic propagate, so that PyG's explain mode applies edge masks (docs/design.md §7).
     propagate = MessagePassing.propagate
+    # The aggregation modules the layer's kernel fuses, and its reduce for each.
+    _fused_reduces = {pyg_aggr.SumAggregation: "sum"}
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this on every module it is given or finds inside one.
@@ -129,12 +124,12 @@ class PygFallback:
             return True
         return False
 
-    def fused_sum(self) -> Optional[str]:
-        """"sum" where a layer whose kernel sums its messages may run fused; else None, with the
-        one-time warning that says why."""
+    def _fused_aggregation(self) -> Optional[str]:
+        """The reduce the layer's kernel computes, or None, with the one-time warning that says
+        why, where PyG's computation runs instead."""
         if not self.runs_fused():
             return None
-        if type(self.aggr_module) is not pyg_aggr.SumAggregation:
+        reduce = self._fused_reduces.get(type(self.aggr_module))
+        if reduce is None:
             warn_once(f"{type(self).__name__} aggregation {self.aggr_module!r} is not fused")
-            return None
-        return "sum"
+        return reduce

@@ -203,27 +203,22 @@ class DEQ(GroupedBlock):
 
     f has GroupAddRev's group structure with the input x injected through the skip connections:
     z's channels are split into C groups, f_0 = z_2 + ... + z_C (z_1 itself for C = 1) and
-    f_i = F_i(f_{i-1}) + x_i, f(z; x) = [f_1 .. f_C] (GroupAddRev has X_i in place of x_i).
-    Each F_i is any module GroupAddRev accepts, called F_i(h, edge_index, *args) (our GENConv,
-    SAGEConv, RevGNN's res+ groups, a PyG conv); arguments are split across groups as GroupAddRev
-    splits them. The output is f(z*; x).
+    f_i = F_i(f_{i-1}) + x_i, f(z; x) = [f_1 .. f_C]. Each F_i is any module GroupAddRev accepts,
+    called F_i(h, edge_index, *args); arguments are split across groups as GroupAddRev splits
+    them. The output is f(z*; x) (docs/design.md §2).
 
     - forward solves z = f(z; x) from z = 0 with ``solver`` ("anderson" or "broyden") under
       ``torch.no_grad`` (at most ``max_iter`` evaluations of f, stop at relative residual
       ``tol``), then evaluates f(z*) once with autograd;
     - backward solves the adjoint fixed point g = (df/dz)^T g + dL/dz* with the same solver
       (``backward_max_iter``, ``backward_tol``; by default the forward's) through that one
-      evaluation's graph: memory does not grow with the number of iterations (the solver keeps
-      2 * ``memory`` tensors of z's size);
+      evaluation's graph, keeping 2 * ``memory`` tensors of z's size whatever the iterations;
     - ``forward_trace`` and ``backward_trace`` (:class:`SolverTrace`) hold the last solves'
-      residuals; a solve that does not reach ``tol`` warns with its residual and uses its best
-      iterate; non-finite values stop the solve at its best finite iterate (an error if there is
-      none), so no NaN passes silently;
-    - random draws inside F (dropout) use one mask per forward: every evaluation of f starts from
-      the same generator state, and backward reuses the forward's graph (like GroupAddRev's
-      replay, not safe while other threads draw);
-    - BatchNorm running statistics are not moved by the solver's iterations: only the final
-      evaluation with autograd updates them, once per step.
+      residuals; a solve that does not reach ``tol`` warns and uses its best iterate; non-finite
+      values stop it at its best finite iterate (an error if there is none);
+    - dropout inside F draws one mask per forward (every evaluation of f starts from the same
+      generator state; not safe while other threads draw);
+    - BatchNorm running statistics move once per step, in the final evaluation with autograd.
 
     Double backward is not supported.
     """

@@ -24,9 +24,8 @@ def _with_self_loops(graph: CSRGraph, num_loops: int) -> Tuple[CSRGraph, Tensor,
     node i < num_loops, its edges numbered as PyG's remove_self_loops + add_self_loops number
     them (the kept edges in the caller's order, then the loops by node); ``kept`` [E'] the
     caller's positions of the kept edges and ``kept_edge_index`` [2, E'] those edges. Built
-    once per graph and number of loops; a graph edited since it was built raises, as every op
-    on it does, instead of finding the looped graph of its old edges."""
-    graph.check_unmodified("GATConv")
+    once per graph and number of loops."""
+    graph.check_unmodified("GATConv")  # an edited graph raises rather than find its old edges' loops
     cached = _LOOPED.get(graph)
     if cached is not None and cached[0] == num_loops:
         return cached[1]
@@ -44,9 +43,8 @@ def _with_self_loops(graph: CSRGraph, num_loops: int) -> Tuple[CSRGraph, Tensor,
 class GATConv(PygFallback, pyg_nn.GATConv):
     """A drop-in for ``torch_geometric.nn.GATConv`` (same arguments, submodules, parameters,
     ``state_dict``, ``repr``) whose attention and aggregation run in revgnn_ext's
-    ``gat_aggregate``: the edge scores come from the raw edge features through one [heads,
-    edge_dim] map (``lin_edge`` folded with ``att_edge``), and the self loops PyG adds are built
-    into the graph once per adjacency object.
+    ``gat_aggregate``, on the raw edge features and a graph with PyG's self loops built in once
+    per adjacency object (docs/design.md §7).
 
     ``edge_index`` may be an edge_index tensor or PyG ``EdgeIndex``, a ``revgnn_ext.CSRGraph`` or
     a ``torch.sparse`` adj_t; ``edge_attr`` is in its edge order. In eval mode (or with
@@ -62,10 +60,6 @@ class GATConv(PygFallback, pyg_nn.GATConv):
     # The arguments of PyG's propagate() and edge_updater(), which PyG otherwise reads off the source of forward().
     propagate_type = {"x": OptPairTensor, "alpha": Tensor}
     edge_updater_type = {"alpha": OptPairTensor, "edge_attr": OptTensor}
-
-    def _fused_aggregation(self) -> Optional[str]:
-        """"sum" (the attention-weighted sum), or None with a warning when it cannot run fused."""
-        return self.fused_sum()
 
     def forward(self, x: Union[Tensor, Tuple[Tensor, Optional[Tensor]]], edge_index, edge_attr: Optional[Tensor] = None,
                 size: Optional[Tuple[int, int]] = None, return_attention_weights: Optional[bool] = None, *,

@@ -29,10 +29,7 @@ class GCNConv(PygFallback, pyg_nn.GCNConv):
     """A drop-in for ``torch_geometric.nn.GCNConv`` (same arguments, submodules, ``state_dict``,
     ``repr``, cache attribute) whose propagation runs in revgnn_ext's ``spmm``: no per-edge
     message tensor, deterministic. The normalization is PyG's ``gcn_norm``, computed on the CSR
-    form of the adjacency (converted once per adjacency object) with the self loops kept apart as
-    a per-node weight: for an edge_index (or ``revgnn_ext.CSRGraph``), a node's own loop keeps
-    its weight and the others get 2 (``improved``) or 1 with edge weights, 1 without (as
-    PyG's); for a ``torch.sparse`` adjacency, the loop weight is added to the diagonal. With
+    form of the adjacency (converted once per adjacency object; docs/design.md §7). With
     ``cached=True`` the normalized graph of the first call is reused, as in PyG.
 
     ``flow='target_to_source'``, aggregations other than a sum, an explainer's edge masks,
@@ -41,10 +38,6 @@ class GCNConv(PygFallback, pyg_nn.GCNConv):
 
     # The arguments of PyG's propagate(), which PyG otherwise reads off the source of forward().
     propagate_type = {"x": Tensor, "edge_weight": OptTensor}
-
-    def _fused_aggregation(self) -> Optional[str]:
-        """The spmm reduce of the aggregation ("sum"), or None with a warning when it cannot run fused."""
-        return self.fused_sum()
 
     def forward(self, x: Tensor, edge_index, edge_weight: Optional[Tensor] = None, *,
                 out: Optional[Tensor] = None) -> Tensor:
@@ -62,8 +55,7 @@ class GCNConv(PygFallback, pyg_nn.GCNConv):
             return added(out, super().forward(x, edge_index, edge_weight))  # PyG's error: no bipartite passing
         if not isinstance(edge_index, (Tensor, CSRGraph)):
             warn_once(f"GCNConv with a {type(edge_index).__name__} adjacency")
-            return added(out, super().forward(x, edge_index, edge_weight))
-        if self._fused_aggregation() is None:
+        if not isinstance(edge_index, (Tensor, CSRGraph)) or self._fused_aggregation() is None:
             return added(out, super().forward(x, pyg_adjacency(edge_index, x, None)[0], edge_weight))
         num_nodes = x.size(self.node_dim)
         x = self.lin(x)
@@ -100,9 +92,9 @@ class GCNConv(PygFallback, pyg_nn.GCNConv):
         dst = graph.destinations()
         loop_weight = None
         if self.add_self_loops:
-            fill = 2.0 if self.improved else 1.0
+            # without edge weights PyG's loops weigh 1, even when improved
+            fill = 2.0 if self.improved and (sparse or edge_weight is not None) else 1.0
             is_loop = graph.col.long() == dst
-            fill = fill if sparse or edge_weight is not None else 1.0  # without edge weights PyG's loops weigh 1
             # Each loop edge writes its node's slot, every other edge the spare slot num_nodes (static shapes).
             slots = torch.where(is_loop, dst, num_nodes)
             if sparse:  # PyG adds fill * I to the sparse adjacency
@@ -131,9 +123,7 @@ class GCNConv(PygFallback, pyg_nn.GCNConv):
             return out if self.bias is None else out.add_(self.bias)
         nodes_first = x.movedim(self.node_dim, 0)
         flat = nodes_first.reshape(nodes_first.size(0), -1)
-        if loop_weight is None:
-            result = ops.spmm(graph, flat, weight)
-        else:
-            result = ops.spmm(graph, flat, weight, out=flat * loop_weight.unsqueeze(-1))
+        loop_term = None if loop_weight is None else flat * loop_weight.unsqueeze(-1)
+        result = ops.spmm(graph, flat, weight, out=loop_term)
         result = result.view(nodes_first.shape).movedim(0, self.node_dim).contiguous()  # contiguous, as PyG's
         return added(out, result if self.bias is None else result + self.bias)

@@ -20,28 +20,25 @@ class GENConv(PygFallback, pyg_nn.GENConv):
     applied inside the kernel to the raw edge features, and softmax, max, mean, sum and
     powermean aggregations keep O(num_nodes x channels) memory, forward and backward.
 
-    ``edge_index`` may be a ``revgnn_ext.CSRGraph``, an edge_index tensor or PyG ``EdgeIndex``,
-    a ``torch.sparse`` adjacency or a ``torch_sparse.SparseTensor`` (both as ``adj_t``: rows are
-    destinations); it is converted once per adjacency object (see ``revgnn_ext.adjacency.as_graph``). Configurations the kernel
-    does not cover (multi-aggregations, ``softmax_sg``, a custom aggregation module,
-    ``flow='target_to_source'``, an explainer's edge masks, message-passing hooks) fall back to
-    PyG's computation with a one-time warning.
+    ``edge_index`` may be anything ``revgnn_ext.adjacency.as_graph`` accepts (a sparse adjacency
+    as ``adj_t``: rows are destinations); it is converted once per adjacency object.
+    Configurations the kernel does not cover (multi-aggregations, ``softmax_sg``, a custom
+    aggregation module, ``flow='target_to_source'``, an explainer's edge masks, message-passing
+    hooks) fall back to PyG's computation with a one-time warning.
     """
 
     # The arguments of PyG's propagate(), which PyG otherwise reads off the source of forward().
     propagate_type = {"x": OptPairTensor, "edge_attr": OptTensor}
+    _fused_reduces = {pyg_aggr.SumAggregation: "sum", pyg_aggr.MeanAggregation: "mean",
+                      pyg_aggr.MaxAggregation: "max"}
 
     def _fused_aggregation(self) -> Optional[Tuple[str, dict]]:
         """(aggr, kwargs) for gen_aggregate, or None with a warning when it cannot run fused."""
         if not self.runs_fused():
             return None
         module = self.aggr_module
-        if type(module) is pyg_aggr.SumAggregation:
-            return "sum", {}
-        if type(module) is pyg_aggr.MeanAggregation:
-            return "mean", {}
-        if type(module) is pyg_aggr.MaxAggregation:
-            return "max", {}
+        if type(module) in self._fused_reduces:
+            return self._fused_reduces[type(module)], {}
         if type(module) is pyg_aggr.SoftmaxAggregation and not (module.semi_grad and not module.learn):
             return "softmax", {"t": module.t}
         if type(module) is pyg_aggr.PowerMeanAggregation and (module.min_value, module.max_value) == (1e-4, 100.0):

@@ -1,7 +1,6 @@
-"""RevGAT, the paper's ogbn-arxiv model ("Training Graph Neural Networks with 1000 Layers", Li et
-al., ICML 2021; 74.02 test accuracy, 2,098,256 parameters): GAT layers with source-only attention
-and symmetric degree scaling, grouped reversible blocks in between, BatchNorm, SharedDropout and
-edge dropout."""
+"""RevGAT, the ogbn-arxiv model of "Training Graph Neural Networks with 1000 Layers" (Li et al.,
+ICML 2021): GAT layers with source-only attention and symmetric degree scaling, grouped reversible
+blocks in between, BatchNorm, SharedDropout and edge dropout."""
 from typing import Optional
 
 import torch
@@ -33,8 +32,8 @@ class RevGATConv(torch.nn.Module):
 
     ``forward(x, edge_index, edge_keep=None)``: ``edge_keep`` (bool [num_edges], or a column
     [num_edges, 1], which a grouped block passes whole to every group; in ``edge_index``'s edge
-    order) drops the other edges from the softmax and the sum, as the
-    paper's edge dropout does (a node with no kept in-edge gets only its residual)."""
+    order) drops the other edges from the softmax and the sum, as the paper's edge dropout does
+    (a node with no kept in-edge gets only its residual)."""
 
     def __init__(self, in_channels: int, out_channels: int, heads: int = 1, negative_slope: float = 0.2,
                  symmetric_norm: bool = True):
@@ -87,14 +86,11 @@ class RevGAT(Presets, torch.nn.Module):
     layer: one SharedDropout mask (probability ``dropout``) for all blocks per forward, and
     ``edge_dropout``: per layer and forward, a random ``floor(edge_dropout * E)`` of the edges
     are dropped from the attention (the paper's one random permutation per layer). Both are drawn
-    by the model and passed to the blocks as arguments, so that both groups of a block and its
-    recomputation in backward see the same ones. BatchNorm statistics move once per forward
-    (GroupAddRev's recomputation leaves them as they are).
+    by the model, so that a block's groups and its recomputation in backward see the same ones;
+    BatchNorm statistics move once per forward (docs/design.md §6).
 
-    :meth:`preset` ``("arxiv")`` is the paper's model: 168 inputs (128 features + a label
-    one-hot), 5 layers, 3 heads x 256, 40 classes, dropout 0.75, input dropout 0.25, edge
-    dropout 0.3: 2,098,256 parameters. The paper's graph is bidirected with one self loop per node
-    (``examples/ogbn_arxiv.py`` builds it); the model uses the graph it is given.
+    :meth:`preset` ``("arxiv")`` is the paper's model (docs/design.md §6); it uses the graph it
+    is given (the paper's is bidirected with one self loop per node: ``examples/ogbn_arxiv.py``).
     ``forward(x, edge_index)`` accepts any adjacency our layers do; ``reversible=False`` gives the
     same function with plain autograd."""
 

@@ -110,17 +110,12 @@ class RevGNN(Presets, torch.nn.Module):
 
     - ``conv="gen"``: GENConv(c, c, aggr, norm="layer", bias=True); with ``edge_dim``, a
       model-level edge encoder Linear(edge_dim, hidden) feeds every group's ``lin_edge``
-      Linear(hidden, c). The two are one affine map Linear(edge_dim, c), composed inside each
-      group's F (nothing per layer is kept until backward) and applied by the fused kernel to the
-      raw edge features: the [num_edges, hidden] embedding is never formed, and gradients reach
-      both original layers.
+      Linear(hidden, c), the two composed into one map that the fused kernel applies to the raw
+      edge features (docs/design.md §4).
     - ``conv="sage"``: SAGEConv(c, c) (mean aggregation, root weight).
     - ``edge_sums=True`` (ogbn-proteins): the node input is [sum of each node's out-edge
-      features, Linear(in, in)(x)], as in the paper. By default the sums are taken over the
-      graph given to ``forward``. The paper computes them once over the whole graph and every
-      partition looks its nodes' sums up: compute ``sums = RevGNN.out_edge_sums(edge_index,
-      edge_attr, num_nodes)`` on the whole graph and pass ``edge_sums=sums[nodes]`` with a
-      partition's subgraph (on the whole graph, ``edge_sums=sums`` changes nothing).
+      features, Linear(in, in)(x)], as in the paper, the sums taken over the graph given to
+      ``forward`` unless given as its ``edge_sums`` (docs/design.md §6).
     - ``weight_tied=True`` (RevGNN-WT): one block's weights are used at every depth.
     - ``reversible=False``: the same function with plain autograd (every activation stored),
       for comparison.
@@ -128,12 +123,10 @@ class RevGNN(Presets, torch.nn.Module):
       same groups, solved to its fixed point with the block's input injected (Anderson, 50
       iterations at most, tol 1e-4; change them on ``model.layers[i]``).
 
-    Build the paper's models with :meth:`preset`: ``proteins-deep`` (RevGNN-Deep, 1001 x 80,
-    20,031,384 parameters), ``proteins-wide`` (RevGNN-Wide, 448 x 224, 68,471,608),
-    ``products-112`` (RevGNN-112, 112 x 160, 2,945,007), ``proteins-deq`` (RevGNN-DEQ, one
-    64-channel equilibrium block). ``forward(x, edge_index, edge_attr=None,
-    edge_sums=None)`` accepts any adjacency our layers do (edge_index, CSRGraph, torch.sparse,
-    SparseTensor).
+    Build the paper's models with :meth:`preset`: ``proteins-deep`` (RevGNN-Deep),
+    ``proteins-wide`` (RevGNN-Wide), ``products-112`` (RevGNN-112), ``proteins-deq`` (RevGNN-DEQ;
+    docs/design.md §6). ``forward(x, edge_index, edge_attr=None, edge_sums=None)`` accepts any
+    adjacency our layers do (edge_index, CSRGraph, torch.sparse, SparseTensor).
     """
 
     PRESETS = _PRESETS
@@ -157,7 +150,6 @@ class RevGNN(Presets, torch.nn.Module):
         if edge_sums and edge_dim is None:
             raise ValueError("RevGNN: edge_sums needs edge_dim")
         if edge_dim == hidden_channels:
-            # GroupAddRev splits every argument whose last size is the channel count.
             raise ValueError(f"RevGNN: hidden_channels must differ from edge_dim ({edge_dim}): the reversible blocks "
                              f"split across their groups every argument whose last size is hidden_channels, and the "
                              f"edge features [num_edges, edge_dim] must reach each group whole; choose another "

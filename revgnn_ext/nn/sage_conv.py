@@ -9,10 +9,7 @@ from torch_geometric.typing import OptPairTensor
 
 from .. import ops
 from ..adjacency import as_graph
-from ._pyg import PygFallback, coalesced, edge_values, node_counts, pyg_adjacency, warn_once
-
-_REDUCES = {pyg_aggr.SumAggregation: "sum", pyg_aggr.MeanAggregation: "mean", pyg_aggr.MaxAggregation: "max",
-            pyg_aggr.MinAggregation: "min"}
+from ._pyg import PygFallback, coalesced, edge_values, node_counts, pyg_adjacency
 
 
 class SAGEConv(PygFallback, pyg_nn.SAGEConv):
@@ -25,15 +22,8 @@ class SAGEConv(PygFallback, pyg_nn.SAGEConv):
 
     # The arguments of PyG's propagate(), which PyG otherwise reads off the source of forward().
     propagate_type = {"x": OptPairTensor}
-
-    def _fused_aggregation(self) -> Optional[str]:
-        """The spmm reduce of the aggregation, or None with a warning when it cannot run fused."""
-        if not self.runs_fused():
-            return None
-        reduce = _REDUCES.get(type(self.aggr_module))
-        if reduce is None:
-            warn_once(f"SAGEConv aggregation {self.aggr_module!r} is not fused")
-        return reduce
+    _fused_reduces = {pyg_aggr.SumAggregation: "sum", pyg_aggr.MeanAggregation: "mean",
+                      pyg_aggr.MaxAggregation: "max", pyg_aggr.MinAggregation: "min"}
 
     def forward(self, x: Union[Tensor, Tuple[Tensor, Optional[Tensor]]], edge_index,
                 size: Optional[Tuple[int, int]] = None) -> Tensor:
