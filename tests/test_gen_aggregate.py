@@ -226,6 +226,9 @@ def test_non_finite_inputs_give_nan_not_a_crash(aggr):
     assert hit.numel() > 0 and bool(torch.isnan(out[hit, 3]).all())
 
 
+LIB = torch.ops.revgnn_ext
+
+
 @pytest.mark.parametrize("call, exc, names", [
     (lambda g, x, a, w, b: ops.gen_aggregate(g, x, a[:-1], w, b), ValueError, ["edge_attr"]),
     (lambda g, x, a, w, b: ops.gen_aggregate(g, x, a[:, :4], w, b), ValueError, ["edge_weight", "8", "4", "5"]),
@@ -239,26 +242,19 @@ def test_non_finite_inputs_give_nan_not_a_crash(aggr):
     (lambda g, x, a, w, b: ops.gen_aggregate(g, x, aggr="median"), ValueError, ["aggr", "median"]),
     (lambda g, x, a, w, b: ops.gen_aggregate(g, x[1:], a, w, b), ValueError, ["x", "39", "40"]),
     (lambda g, x, a, w, b: ops.gen_aggregate(g, x.to("meta"), a, w, b), ValueError, ["x", "meta"]),
+    (lambda g, x, a, w, b: LIB.gen_aggregate(g.rowptr, g.col.clone().index_fill_(0, torch.tensor(3), 999), None,
+                                             None, None, x, None, None, None, torch.ones(1), None, "softmax", 0.0),
+     ValueError, ["revgnn_ext.gen_aggregate", "col", "999"]),
+    (lambda g, x, a, w, b: LIB.gen_aggregate(g.rowptr, g.col, None, None, None, x, None, None, None, None, None,
+                                             "softmax", 0.0), ValueError, ["revgnn_ext.gen_aggregate", "t"]),
+    (lambda g, x, a, w, b: LIB.gen_aggregate(g.rowptr, g.col, None, None, None, x.int(), None, None, None, None, None,
+                                             "sum", 0.0), TypeError, ["revgnn_ext.gen_aggregate", "x", "Int"]),
 ])
 def test_bad_input_raises_naming_the_argument(call, exc, names):
     g = csr_graph()
     kw = _case(g, "softmax", "encoded", 8, torch.float32, "cpu")
     with raises(exc, "gen_aggregate", *names):
         call(g, kw["x"], kw["edge_attr"], kw["edge_weight"], kw["edge_bias"])
-
-
-def test_raw_op_checks_its_arguments():
-    g = csr_graph()
-    x = torch.randn(g.num_src, 8)
-    lib = torch.ops.revgnn_ext
-    bad_col = g.col.clone()
-    bad_col[3] = 999
-    with raises(ValueError, "revgnn_ext.gen_aggregate", "col", "999"):
-        lib.gen_aggregate(g.rowptr, bad_col, None, None, None, x, None, None, None, torch.ones(1), None, "softmax", 0.0)
-    with raises(ValueError, "revgnn_ext.gen_aggregate", "t"):
-        lib.gen_aggregate(g.rowptr, g.col, None, None, None, x, None, None, None, None, None, "softmax", 0.0)
-    with raises(TypeError, "revgnn_ext.gen_aggregate", "x", "Int"):
-        lib.gen_aggregate(g.rowptr, g.col, None, None, None, x.int(), None, None, None, None, None, "sum", 0.0)
 
 
 def test_torch_compile_fullgraph():
