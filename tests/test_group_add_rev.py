@@ -58,7 +58,8 @@ def _assert_runs_equal(blocks, plain, x0, ei, edge_attr=None):
 
 
 def _same_gradients_as_plain(block, x, ei, *args):
-    """One backward through block and its plain copy: the same parameter gradients (None where plain's is None)."""
+    """One backward through block and its plain copy: the same parameter gradients (None where plain's is None).
+    Returns the plain copy."""
     plain = plain_copy(block)
     for b in (block, plain):
         b(x * 1.0, ei, *args).square().sum().backward()
@@ -66,6 +67,7 @@ def _same_gradients_as_plain(block, x, ei, *args):
         assert (p.grad is None) == (q.grad is None)
         if q.grad is not None:
             torch.testing.assert_close(p.grad, q.grad)
+    return plain
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -196,10 +198,7 @@ def test_batchnorm_statistics_move_once_per_step():
     ei, n = make_graph("random")
     torch.manual_seed(0)
     block = GroupAddRev(Block(4, pyg.nn.SAGEConv(4, 4), norm=torch.nn.BatchNorm1d(4), dropout=0.0), num_groups=2)
-    plain = plain_copy(block)
-    x = torch.randn(n, 8)
-    for b in (block, plain):
-        b(x * 1.0, ei).sum().backward()
+    plain = _same_gradients_as_plain(block, torch.randn(n, 8), ei)
     for m_ours, m_plain in zip(block.modules(), plain.modules()):
         if isinstance(m_ours, torch.nn.BatchNorm1d):
             torch.testing.assert_close(m_ours.running_mean, m_plain.running_mean)
@@ -468,7 +467,8 @@ def test_wider_edge_weights_in_a_block_train_in_the_blocks_dtype():
 
 
 def test_input_also_saved_by_another_operation_trains_with_plain_gradients():
-    """h saved by ReLU's backward and a parallel branch: the block keeps h (warning once); plain gradients."""
+    """h saved by ReLU's backward and a parallel branch: the block keeps h (warning once); plain gradients.
+    Likewise an input of which the user keeps a view."""
     import revgnn_ext.nn.group_add_rev as gar
     ei, n = make_graph("random")
     block, plain = _block_and_plain()
@@ -489,15 +489,8 @@ def test_input_also_saved_by_another_operation_trains_with_plain_gradients():
         assert h.shape == (n, 8)  # kept, readable
     for g, h in zip(*grads):
         torch.testing.assert_close(g, h)
-
-
-def test_view_of_the_input_keeps_it():
-    import revgnn_ext.nn.group_add_rev as gar
-    ei, n = make_graph("random")
-    block, _ = _block_and_plain()
-    x = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
-    h = x * 1.0
-    first_row = h[0]  # a view the user keeps
+    h = x.requires_grad_() * 1.0
+    first_row = h[0]  # a view the user keeps: the block keeps h too
     gar._warned_kept = False
     with pytest.warns(UserWarning, match="also held by another operation"):
         y = block(h, ei)
@@ -557,7 +550,7 @@ def test_replay_that_draws_other_numbers_raises():
         y.sum().backward()
 
 
-def test_forward_mode_ad_and_torch_func_equal_plain():
+def test_forward_mode_ad_and_torch_func_equal_plain_and_jit_trace_says_what_to_do():
     import torch.autograd.forward_ad as fwAD
     ei, n = make_graph("random")
     block, plain = _block_and_plain()
@@ -579,14 +572,8 @@ def test_forward_mode_ad_and_torch_func_equal_plain():
     xs = torch.randn(3, n, 8, dtype=torch.float64)
     torch.testing.assert_close(torch.func.vmap(lambda t: block(t, ei))(xs),
                                torch.stack([plain(t, ei) for t in xs]))
-
-
-def test_jit_trace_says_what_to_do():
-    ei, n = make_graph("random")
-    block, _ = _block_and_plain()
-    x = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
-    with pytest.raises(RuntimeError, match="torch.jit.trace cannot record"):
-        torch.jit.trace(lambda t: block(t * 1.0, ei), (x,))
+    with pytest.raises(RuntimeError, match="torch.jit.trace cannot record"):  # a transform it cannot support
+        torch.jit.trace(lambda t: block(t * 1.0, ei), (x.requires_grad_(),))
 
 
 def test_column_major_input_identity_f_and_nested_blocks():
