@@ -101,17 +101,6 @@ def test_uncoalesced_sparse_adjacency_is_coalesced_as_in_pyg():  # duplicates: o
         _check(ours, ref, x, adj_t, adj_t.coalesce())
 
 
-def test_an_edited_graph_raises_instead_of_its_cached_looped_graph():
-    ei, n = make_graph("random")
-    graph = CSRGraph.from_edge_index(ei, n)
-    ours, _ = _pair(dict())
-    x = torch.randn(n, 12, dtype=torch.float64)
-    ours(x, graph)
-    graph.col[0] = (graph.col[0] + 1) % n
-    with raises(RuntimeError, "CSRGraph"):
-        ours(x, graph)
-
-
 def test_float32_error_within_twice_pygs():
     ei, n = make_graph("power_law")
     ours, ref = _pair(dict(heads=3, edge_dim=4), dtype=torch.float32)
@@ -122,7 +111,7 @@ def test_float32_error_within_twice_pygs():
     assert_error_within_twice(ours(x, ei, edge_attr), ref(x, ei, edge_attr), truth, 1e-6)
 
 
-def test_the_looped_graph_is_built_once_per_edge_index(monkeypatch):
+def test_the_looped_graph_is_built_once_per_graph_and_an_edited_graph_raises(monkeypatch):
     ei, n = make_graph("random")
     ours, _ = _pair(dict())
     x = torch.randn(n, 12, dtype=torch.float64)
@@ -136,6 +125,11 @@ def test_the_looped_graph_is_built_once_per_edge_index(monkeypatch):
     for _ in range(3):
         torch.testing.assert_close(ours(x, ei), first)
     assert len(built) == count
+    graph = CSRGraph.from_edge_index(ei, n)
+    ours(x, graph)
+    graph.col[0] = (graph.col[0] + 1) % n
+    with raises(RuntimeError, "CSRGraph"):  # an edited graph: not its cached looped graph
+        ours(x, graph)
 
 
 def test_training_dropout_replays_from_the_random_state():
@@ -167,6 +161,7 @@ def test_fallbacks_warn_and_match_pyg():
     assert torch.equal(out, ours(x, ei))  # our output with the weights, as PyG's test of this checks (allclose 1e-8)
     assert torch.equal(edges, edges_r)
     torch.testing.assert_close(alpha, alpha_r)
+    assert ours(x[:0], ei[:, :0]).shape == (0, 16)  # an empty graph
     ours, ref = _pair(dict(flow="target_to_source"))
     with pytest.warns(UserWarning, match="flow='target_to_source'"):
         out = ours(x, ei)
@@ -174,10 +169,3 @@ def test_fallbacks_warn_and_match_pyg():
     with raises(ValueError, "GATConv"):
         ours.flow = "source_to_target"
         ours(x.expand(2, -1, -1), ei)
-
-
-def test_empty_graph():
-    ours, ref = _pair(dict(heads=2))
-    x = torch.randn(0, 12, dtype=torch.float64)
-    ei = torch.empty(2, 0, dtype=torch.long)
-    assert ours(x, ei).shape == (0, 16)
