@@ -189,6 +189,29 @@ def assert_same_as_pyg(ours, ref, out_ours, out_ref, inputs, tol):
             torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
+def compare_with_pyg(ours, ref, args, slack=None, autocast=False):
+    """module_grads of our layer and PyG's `ref` (same state): the output and every gradient to 1e-10 if `slack` is
+    None; otherwise (in lower precision, or under bfloat16 autocast) within twice PyG's error against the float64
+    truth (a float64 copy of `ref` on the same inputs), plus `slack` at the truth's scale."""
+    out_o, grads_o = module_grads(ours, args, autocast)
+    out_r, grads_r = module_grads(ref, args, autocast)
+    if slack is None:
+        def check(a, b, name):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    else:
+        args64 = [a.detach().double().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
+                  and a.is_floating_point() else a for a in args]
+        out_x, truth = module_grads(copy.deepcopy(ref).double(), args64)
+        truth["output"] = out_x
+
+        def check(a, b, name):
+            assert_error_within_twice(a, b, truth[name], slack, name=name)
+    check(out_o, out_r, "output")
+    for name, a in grads_o.items():
+        if a is not None or grads_r[name] is not None:
+            check(a, grads_r[name], name)
+
+
 def assert_compiles_as_eager(f, make_inputs, names):
     """torch.compile(f, fullgraph=True) gives f's output and gradients of sum(output) for the inputs in ``names``."""
     torch._dynamo.reset()
