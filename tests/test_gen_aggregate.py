@@ -131,15 +131,6 @@ def test_opcheck(device, aggr):
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
-def test_double_backward_is_refused_clearly():
-    g = csr_graph("random", "cpu")
-    kw = _differentiable(_case(g, "softmax", "encoded", 4, torch.float64, "cpu"))
-    out = ops.gen_aggregate(g, aggr="softmax", **kw)
-    (gx,) = torch.autograd.grad(out.square().sum(), kw["x"], create_graph=True)
-    with raises(NotImplementedError, "revgnn_ext.gen_aggregate", "double backward"):
-        gx.sum().backward()
-
-
 @pytest.mark.parametrize("aggr", AGGRS)
 def test_no_edge_by_channel_allocation(aggr):
     """Forward and backward allocate at most the [E, F] edge features (F = 8 << D = 128), never [E, D]."""

@@ -14,12 +14,6 @@ from revgnn_ext.nn import GENConv, RevGNN, SAGEConv
 from conftest import SHAPES, make_graph, raises
 
 
-def _edges_from_csr(g):
-    """Set-free check helper: (src, dst) per CSR edge."""
-    dst = torch.repeat_interleave(torch.arange(g.num_dst), (g.rowptr[1:] - g.rowptr[:-1]).long())
-    return g.col.long(), dst
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 def test_layout_transpose_and_the_callers_edges_back(shape):
     ei, n = make_graph(shape)
@@ -27,7 +21,7 @@ def test_layout_transpose_and_the_callers_edges_back(shape):
     num_src, num_dst = n if isinstance(n, tuple) else (n, n)
     assert (g.num_src, g.num_dst, g.num_edges) == (num_src, num_dst, ei.size(1))
     assert g.rowptr.dtype == g.col.dtype == torch.int32
-    src, dst = _edges_from_csr(g)
+    src, dst = g.col.long(), torch.repeat_interleave(torch.arange(g.num_dst), (g.rowptr[1:] - g.rowptr[:-1]).long())
     perm = g.perm.long()  # CSR edge e is the caller's edge perm[e]: same endpoints
     assert torch.equal(src, ei[0, perm]) and torch.equal(dst, ei[1, perm])
     assert torch.equal(torch.sort(perm).values, torch.arange(ei.size(1)))
