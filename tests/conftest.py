@@ -192,7 +192,7 @@ def assert_same_as_pyg(ours, ref, out_ours, out_ref, inputs, tol):
 def compare_with_pyg(ours, ref, args, slack=None, autocast=False):
     """module_grads of our layer and PyG's `ref` (same state): the output and every gradient to 1e-10 if `slack` is
     None; otherwise (in lower precision, or under bfloat16 autocast) within twice PyG's error against the float64
-    truth (a float64 copy of `ref` on the same inputs), plus `slack` at the truth's scale."""
+    truth (a float64 copy of `ref` on the same inputs), plus `slack` at the truth's scale. Returns our output."""
     out_o, grads_o = module_grads(ours, args, autocast)
     out_r, grads_r = module_grads(ref, args, autocast)
     if slack is None:
@@ -210,6 +210,7 @@ def compare_with_pyg(ours, ref, args, slack=None, autocast=False):
     for name, a in grads_o.items():
         if a is not None or grads_r[name] is not None:
             check(a, grads_r[name], name)
+    return out_o
 
 
 def assert_compiles_as_eager(f, make_inputs, names):
@@ -303,10 +304,3 @@ def plain_copy(module):
         if hasattr(m, "disable"):
             m.disable = True
     return plain
-
-
-def graph_break_files(model, *args):
-    """The source files of the innermost frames at which torch.compile breaks `model`'s graph."""
-    torch._dynamo.reset()
-    explanation = torch._dynamo.explain(model)(*args)
-    return {reason.user_stack[-1].filename.rsplit("/", 1)[-1] for reason in explanation.break_reasons}
