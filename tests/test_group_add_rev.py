@@ -57,16 +57,19 @@ def _assert_runs_equal(blocks, plain, x0, ei, edge_attr=None):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
-def _same_gradients_as_plain(block, x, ei, *args):
-    """One backward through block and its plain copy: the same parameter gradients (None where plain's is None).
-    Returns the plain copy."""
+def _same_gradients_as_plain(block, x, ei, *args, prepare=lambda leaf: leaf * 1.0):
+    """One backward of sum(block(prepare(x))^2) through block and its plain copy: the same gradients of x (if it
+    requires grad) and every parameter (None where plain's is None). Returns the plain copy."""
     plain = plain_copy(block)
+    grads = []
     for b in (block, plain):
-        b(x * 1.0, ei, *args).square().sum().backward()
-    for p, q in zip(block.parameters(), plain.parameters()):
-        assert (p.grad is None) == (q.grad is None)
-        if q.grad is not None:
-            torch.testing.assert_close(p.grad, q.grad)
+        leaf = x.detach().clone().requires_grad_(x.requires_grad)
+        b(prepare(leaf), ei, *args).square().sum().backward()
+        grads.append([leaf.grad] + [p.grad for p in b.parameters()])
+    for g, h in zip(*grads):
+        assert (g is None) == (h is None)
+        if h is not None:
+            torch.testing.assert_close(g, h)
     return plain
 
 
@@ -576,36 +579,28 @@ def test_forward_mode_ad_and_torch_func_equal_plain_and_jit_trace_says_what_to_d
         torch.jit.trace(lambda t: block(t * 1.0, ei), (x.requires_grad_(),))
 
 
-def test_column_major_input_identity_f_and_nested_blocks():
+class Identity(torch.nn.Module):
+    def forward(self, x, edge_index):
+        return x
+
+
+class Nested(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = GroupAddRev(Block(2, pyg.nn.SAGEConv(2, 2), dropout=0.0), num_groups=2)
+
+    def forward(self, x, edge_index):
+        return self.inner(x, edge_index)
+
+
+@pytest.mark.parametrize("make, prepare", [
+    (lambda: Block(4, pyg.nn.SAGEConv(4, 4), dropout=0.0), lambda x: x.t().contiguous().t()),
+    (Identity, lambda x: x * 1.0), (Nested, lambda x: x * 1.0)], ids=["column-major", "identity-F", "nested"])
+def test_column_major_input_identity_f_and_nested_blocks(make, prepare):
     ei, n = make_graph("random")
-
-    class Identity(torch.nn.Module):
-        def forward(self, x, edge_index):
-            return x
-
-    class Nested(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = GroupAddRev(Block(2, pyg.nn.SAGEConv(2, 2), dropout=0.0), num_groups=2)
-
-        def forward(self, x, edge_index):
-            return self.inner(x, edge_index)
-
     torch.manual_seed(0)
-    cases = {"column-major": (Block(4, pyg.nn.SAGEConv(4, 4), dropout=0.0), lambda x: x.t().contiguous().t()),
-             "identity F": (Identity(), lambda x: x * 1.0),
-             "nested": (Nested(), lambda x: x * 1.0)}
-    for name, (f, prepare) in cases.items():
-        block = GroupAddRev(f, num_groups=2).double()
-        plain = plain_copy(block)
-        x = torch.randn(n, 8, dtype=torch.float64)
-        grads = []
-        for b in (block, plain):
-            leaf = x.clone().requires_grad_()
-            out = b(prepare(leaf), ei)
-            grads.append(torch.autograd.grad(out.square().sum(), [leaf, *b.parameters()]))
-        for g, h in zip(*grads):
-            torch.testing.assert_close(g, h, msg=name)
+    block = GroupAddRev(make(), num_groups=2).double()
+    _same_gradients_as_plain(block, torch.randn(n, 8, dtype=torch.float64, requires_grad=True), ei, prepare=prepare)
 
 
 class TanhLinear(torch.nn.Module):
