@@ -110,6 +110,8 @@ def test_adjacency_forms():
     expected = ref(x, ei, edge_attr)
     graph = CSRGraph.from_edge_index(ei, n)
     torch.testing.assert_close(ours(x, graph, edge_attr), expected)
+    perm = torch.randperm(ei.size(1))  # the edges in another order
+    torch.testing.assert_close(ours(x, ei[:, perm], edge_attr[perm]), ours(x, ei, edge_attr), rtol=1e-12, atol=1e-12)
     # torch.sparse adj_t: edge features follow its stored entries.
     coo = torch.sparse_coo_tensor(ei.flip(0), torch.ones(ei.size(1)), (n, n))
     torch.testing.assert_close(ours(x, coo, edge_attr), expected)
@@ -265,12 +267,3 @@ def test_lazy_edge_dim(aggr):
         assert torch.equal(a, b), name
     adj_t = sparse_adj_t(ei, edge_attr, num_src, num_dst, "coo")
     torch.testing.assert_close(ours((x_src, None), adj_t), ref((x_src, None), adj_t))
-
-
-def test_edge_order_does_not_matter():
-    ei, n = make_graph("power_law")
-    conv = GENConv(8, 8, aggr="softmax", learn_t=True, edge_dim=3).double()
-    x = torch.randn(n, 8, dtype=torch.float64)
-    edge_attr = torch.randn(ei.size(1), 3, dtype=torch.float64)
-    perm = torch.randperm(ei.size(1))
-    torch.testing.assert_close(conv(x, ei[:, perm], edge_attr[perm]), conv(x, ei, edge_attr), rtol=1e-12, atol=1e-12)
