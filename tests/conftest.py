@@ -262,16 +262,6 @@ def pytest_terminal_summary(terminalreporter):
             "emulated CUDA cases: " + ", ".join(f"{n} {k}" for k, n in sorted(_EMULATED_OUTCOMES.items())))
 
 
-def _grad_leaves(args):
-    """The arguments, each tensor that requires grad replaced by a fresh leaf of the same values."""
-    return [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) and a.requires_grad else a
-            for a in args]
-
-
-def _signature(args):
-    return tuple((type(a), tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a) for a in args)
-
-
 def check_compiled_training(model, calls, lr=0.05):
     """torch.compile(model) and an eager copy each take an SGD step on mean(out ** 2) per argument tuple of
     ``calls``: same losses and gradients (float64, 1e-9); repeated argument types and shapes do not recompile."""
@@ -281,15 +271,18 @@ def check_compiled_training(model, calls, lr=0.05):
     optimizers = [torch.optim.SGD(m.parameters(), lr=lr) for m in (model, eager)]
     seen = set()
     for step, args in enumerate(calls):
+        signature = tuple((type(a), tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a) for a in args)
         results = []
-        for module, repeat in ((compiled, _signature(args) in seen), (eager, False)):
-            leaves = _grad_leaves(args)
+        for module, repeat in ((compiled, signature in seen), (eager, False)):
+            # each tensor that requires grad replaced by a fresh leaf of the same values
+            leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) and a.requires_grad else a
+                      for a in args]
             with torch._dynamo.config.patch(error_on_recompile=repeat):
                 loss = module(*leaves).square().mean()
                 loss.backward()
             results.append([loss] + [a.grad for a in leaves if isinstance(a, torch.Tensor) and a.requires_grad]
                            + [p.grad for p in module.parameters()])
-        seen.add(_signature(args))
+        seen.add(signature)
         for i, (a, b) in enumerate(zip(*results)):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"step {step}, tensor {i}: {m}")
         for optimizer in optimizers:
