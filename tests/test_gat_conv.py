@@ -24,14 +24,6 @@ def _pair(config, in_channels=12, out_channels=8, device="cpu", dtype=torch.floa
     return ours, ref
 
 
-def _edge_attr(config, num_edges, device="cpu"):
-    dim = config.get("edge_dim")
-    if dim is None:
-        return None
-    size = (num_edges,) if dim == 1 else (num_edges, dim)  # a 1-D edge_attr is PyG's edge weight form
-    return torch.randn(size, dtype=torch.float64, device=device, requires_grad=True)
-
-
 def _check(ours, ref, x, adj_ours, adj_ref, edge_attr=None, size=None, tol=1e-10):
     tensors = [t for t in (x if isinstance(x, tuple) else (x,)) + (edge_attr,) if t is not None and t.requires_grad]
     assert_same_as_pyg(ours, ref, ours(x, adj_ours, edge_attr, size=size), ref(x, adj_ref, edge_attr, size=size),
@@ -47,7 +39,9 @@ def test_matches_pyg(device, config, shape):
     ours, ref = _pair(config, device=device)
     assert repr(ours) == repr(ref) and list(ours.state_dict()) == list(ref.state_dict())
     x = torch.randn(n, 12, dtype=torch.float64, device=device, requires_grad=True)
-    edge_attr = _edge_attr(config, ei.size(1), device)
+    dim = config.get("edge_dim")
+    size = (ei.size(1),) if dim == 1 else (ei.size(1), dim)  # a 1-D edge_attr is PyG's edge weight form
+    edge_attr = None if dim is None else torch.randn(size, dtype=torch.float64, device=device, requires_grad=True)
     _check(ours, ref, x, ei, ei, edge_attr)
     _check(ours, ref, x, CSRGraph.from_edge_index(ei, n), ei, edge_attr)  # edge features in the caller's order
 
