@@ -224,33 +224,33 @@ LIB = torch.ops.revgnn_ext
 
 
 @pytest.mark.parametrize("call, exc, names", [
-    (lambda g, t, x, w, out, arg: LIB.spmm(g.rowptr, _set(g.col, 5, 1000), None, None, None, w, x, "sum"),
+    (lambda g, x, w, out, arg: LIB.spmm(g.rowptr, _set(g.col, 5, 1000), None, None, None, w, x, "sum"),
      ValueError, ["revgnn_ext.spmm", "col", "1000"]),
-    (lambda g, t, x, w, out, arg: LIB.spmm(g.rowptr, _set(g.col, 5, -2), None, None, None, w, x, "max"),
+    (lambda g, x, w, out, arg: LIB.spmm(g.rowptr, _set(g.col, 5, -2), None, None, None, w, x, "max"),
      ValueError, ["revgnn_ext.spmm", "col", "-2"]),
-    (lambda g, t, x, w, out, arg: LIB.spmm(g.rowptr, g.col.long(), None, None, None, w, x, "sum"), TypeError,
+    (lambda g, x, w, out, arg: LIB.spmm(g.rowptr, g.col.long(), None, None, None, w, x, "sum"), TypeError,
      ["revgnn_ext.spmm"]),
-    (lambda g, t, x, w, out, arg: LIB.spmm(g.rowptr, g.col, None, None, None, w[:3], x, "sum"), ValueError,
+    (lambda g, x, w, out, arg: LIB.spmm(g.rowptr, g.col, None, None, None, w[:3], x, "sum"), ValueError,
      ["revgnn_ext.spmm", "weight"]),
-    (lambda g, t, x, w, out, arg: LIB.spmm(g.rowptr, g.col, None, None, None, w, x[0], "sum"), ValueError,
+    (lambda g, x, w, out, arg: LIB.spmm(g.rowptr, g.col, None, None, None, w, x[0], "sum"), ValueError,
      ["revgnn_ext.spmm", "x"]),
-    (lambda g, t, x, w, out, arg: LIB.spmm(g.rowptr, g.col, None, None, None, None, x.int(), "sum"), TypeError,
+    (lambda g, x, w, out, arg: LIB.spmm(g.rowptr, g.col, None, None, None, None, x.int(), "sum"), TypeError,
      ["revgnn_ext.spmm", "x", "Int"]),
-    (lambda g, t, x, w, out, arg: LIB.spmm(g.rowptr, g.col, None, None, None, w, x, "avg"), ValueError,
+    (lambda g, x, w, out, arg: LIB.spmm(g.rowptr, g.col, None, None, None, w, x, "avg"), ValueError,
      ["revgnn_ext.spmm", "reduce", "avg"]),
-    (lambda g, t, x, w, out, arg: LIB.spmm_backward_x(g.rowptr, g.col, t[0], t[1], _set(t[2], 0, g.num_edges), w,
-                                                      out, arg, "max"), ValueError,
-     ["revgnn_ext.spmm_backward_x", "perm_t"]),
-    (lambda g, t, x, w, out, arg: LIB.spmm_backward_x(g.rowptr, g.col, *t, w, out, arg[:2], "max"), ValueError,
-     ["revgnn_ext.spmm_backward_x", "arg"]),
-    (lambda g, t, x, w, out, arg: LIB.spmm_accumulate_(torch.zeros(8, g.num_dst).t(), g.rowptr, g.col, w, x, "sum"),
+    (lambda g, x, w, out, arg: LIB.spmm_backward_x(g.rowptr, g.col, *g.transposed()[:2],
+                                                   _set(g.transposed()[2], 0, g.num_edges), w, out, arg, "max"),
+     ValueError, ["revgnn_ext.spmm_backward_x", "perm_t"]),
+    (lambda g, x, w, out, arg: LIB.spmm_backward_x(g.rowptr, g.col, *g.transposed(), w, out, arg[:2], "max"),
+     ValueError, ["revgnn_ext.spmm_backward_x", "arg"]),
+    (lambda g, x, w, out, arg: LIB.spmm_accumulate_(torch.zeros(8, g.num_dst).t(), g.rowptr, g.col, w, x, "sum"),
      ValueError, ["revgnn_ext.spmm_accumulate_", "out"]),
-    (lambda g, t, x, w, out, arg: (lambda buf: LIB.spmm_accumulate_(  # weight overlapping out's elements
-        buf[:g.num_dst * 8].view(g.num_dst, 8), g.rowptr, g.col, buf[8:8 + g.num_edges], x, "sum"))(
-        torch.zeros(g.num_dst * 8 + g.num_edges)), RuntimeError, ["revgnn_ext.spmm_accumulate_", "out", "weight"]),
-    (lambda g, t, x, w, out, arg: ops.spmm(g, x, out=torch.zeros(3, 8)), ValueError, ["spmm", "out"]),
-    (lambda g, t, x, w, out, arg: (lambda buf: ops.spmm(g, buf[:, :8], out=buf[:, 4:12]))(torch.randn(40, 20)),
-     RuntimeError, ["revgnn_ext.spmm_accumulate_", "out", "x"]),
+    (lambda g, x, w, out, arg: LIB.spmm_accumulate_(  # weight overlapping out's elements
+        (buf := torch.zeros(g.num_dst * 8 + g.num_edges))[:g.num_dst * 8].view(g.num_dst, 8), g.rowptr, g.col,
+        buf[8:8 + g.num_edges], x, "sum"), RuntimeError, ["revgnn_ext.spmm_accumulate_", "out", "weight"]),
+    (lambda g, x, w, out, arg: ops.spmm(g, x, out=torch.zeros(3, 8)), ValueError, ["spmm", "out"]),
+    (lambda g, x, w, out, arg: ops.spmm(g, (buf := torch.randn(40, 20))[:, :8], out=buf[:, 4:12]), RuntimeError,
+     ["revgnn_ext.spmm_accumulate_", "out", "x"]),  # columns of one buffer that overlap
 ])
 def test_raw_ops_and_out_check_their_arguments(call, exc, names):
     """Called directly with malformed tensors, the ops raise (never read out of bounds); so does a bad ``out``."""
@@ -258,7 +258,7 @@ def test_raw_ops_and_out_check_their_arguments(call, exc, names):
     x, w = _inputs(g, 8, torch.float32, True, "cpu")
     out, arg = LIB.spmm(g.rowptr, g.col, None, None, None, w, x, "max")
     with raises(exc, *names):
-        call(g, g.transposed(), x, w, out, arg)
+        call(g, x, w, out, arg)
 
 
 def test_out_may_be_another_column_slice_of_xs_buffer():
