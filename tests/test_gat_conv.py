@@ -76,17 +76,14 @@ def test_bipartite_inputs(residual):
     _check(ours, ref, (x_src, x_src[:num_dst]), ei, ei)
 
 
-def test_torch_sparse_adjacency():
+def test_torch_sparse_adjacency_bipartite_and_uncoalesced():
     ei, (num_src, num_dst) = make_graph("bipartite")
     adj_t = sparse_adj_t(ei, torch.ones(ei.size(1)), num_src, num_dst)
     x_src = torch.randn(num_src, 12, dtype=torch.float64, requires_grad=True)
     ours, ref = _pair(dict(heads=2))
     _check(ours, ref, (x_src, None), adj_t, adj_t)
     _check(ours, ref, (x_src, None), adj_t.to_sparse_csr(), adj_t.to_sparse_csr())
-
-
-def test_uncoalesced_sparse_adjacency_is_coalesced_as_in_pyg():  # duplicates: one edge of summed value
-    ei, n = make_graph("duplicates")
+    ei, n = make_graph("duplicates")  # uncoalesced: coalesced as in PyG (one edge of summed value)
     adj_t = torch.sparse_coo_tensor(ei.flip(0), torch.ones(ei.size(1), dtype=torch.float64), (n, n))
     assert not adj_t.is_coalesced()
     x = torch.randn(n, 12, dtype=torch.float64, requires_grad=True)

@@ -73,14 +73,6 @@ def test_torch_sparse_adjacency_matches_pyg(config, layout):
     torch.testing.assert_close(grad_ours, grad_pyg, rtol=1e-10, atol=1e-10)
 
 
-def test_uncoalesced_coo_adjacency_sums_duplicates_as_pyg():
-    ei, n = make_graph("duplicates")
-    adj_t = torch.sparse_coo_tensor(ei.flip(0), torch.rand(ei.size(1), dtype=torch.float64), (n, n))
-    ours, ref = _pair(dict())
-    x = torch.randn(n, 12, dtype=torch.float64)
-    torch.testing.assert_close(ours(x, adj_t), ref(x, adj_t.coalesce()), rtol=1e-10, atol=1e-10)
-
-
 def test_float32_output_and_gradients_within_twice_pygs_error():
     ei, n = _weighted_loops("power_law")
     ours, ref = _pair(dict(), dtype=torch.float32)
@@ -101,7 +93,7 @@ def test_cached_reuses_the_first_graph_as_pyg():
     assert ours._cached_edge_index is None
 
 
-def test_static_graph_batch_and_sparse_features():
+def test_static_graph_batch_sparse_features_and_uncoalesced_adjacency():
     ei, n = make_graph("random")
     ours, ref = _pair(dict())
     x = torch.randn(3, n, 12, dtype=torch.float64, requires_grad=True)
@@ -111,6 +103,10 @@ def test_static_graph_batch_and_sparse_features():
         assert out.is_contiguous() and out.view(3, -1).shape == (3, n * 16)
     x_sparse = torch.randn(n, 12, dtype=torch.float64).relu().to_sparse()
     torch.testing.assert_close(ours(x_sparse, ei), ref(x_sparse, ei), rtol=1e-10, atol=1e-10)
+    ei, n = make_graph("duplicates")  # an uncoalesced COO adjacency: its duplicates summed, as PyG's
+    adj_t = torch.sparse_coo_tensor(ei.flip(0), torch.rand(ei.size(1), dtype=torch.float64), (n, n))
+    x = torch.randn(n, 12, dtype=torch.float64)
+    torch.testing.assert_close(ours(x, adj_t), ref(x, adj_t.coalesce()), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
