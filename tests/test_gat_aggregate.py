@@ -59,13 +59,17 @@ def test_forward_matches_reference(device, dtype, shape, mode):
         assert_error_within_twice(out, reference.gat_aggregate(g, negative_slope=0.15, **kw), exact, 4e-7)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_types_on_cpu_within_twice_torchs_error(dtype):
+@pytest.mark.parametrize("dtype, autocast", [(torch.float16, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_half_types_on_cpu_within_twice_torchs_error(dtype, autocast):
+    """float16 and bfloat16 inputs, or float32 ones under bfloat16 autocast (cast, then computed in float32)."""
     g = csr_graph("power_law", "cpu", shuffled=True)
-    kw = _case(g, "edge_features", 2, 8, dtype, "cpu", keep=0.8)
-    exact = reference.gat_aggregate(g, **_as(kw, torch.float64))
-    eps = torch.finfo(dtype).eps
-    assert_error_within_twice(ops.gat_aggregate(g, **kw), reference.gat_aggregate(g, **kw), exact, 4 * eps)
+    kw = _case(g, "edge_features", 2, 8, torch.float32 if autocast else dtype, "cpu", keep=0.8)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = ops.gat_aggregate(g, **kw)
+    assert out.dtype == dtype
+    low = _as(kw, dtype)
+    exact = reference.gat_aggregate(g, **_as(low, torch.float64))
+    assert_error_within_twice(out, reference.gat_aggregate(g, **low), exact, 4 * torch.finfo(dtype).eps)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -288,17 +292,6 @@ def test_bad_input_raises_naming_the_argument(call, exc, names):
     kw = _case(g, "edge_features", 2, 4, torch.float32, "cpu")
     with raises(exc, *names):
         call(g, *(kw[k] for k in NAMES))
-
-
-def test_autocast_casts_the_inputs_and_computes_in_float32():
-    g = csr_graph("power_law", "cpu", shuffled=True)
-    kw = _case(g, "edge_features", 2, 8, torch.float32, "cpu", keep=0.9)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = ops.gat_aggregate(g, **kw)
-    assert out.dtype == torch.bfloat16
-    low = _as(kw, torch.bfloat16)
-    exact = reference.gat_aggregate(g, **_as(low, torch.float64))
-    assert_error_within_twice(out, reference.gat_aggregate(g, **low), exact, 4 * torch.finfo(torch.bfloat16).eps)
 
 
 @pytest.mark.parametrize("target", [  # the CPU twin runs in the same test: no autouse emulation
