@@ -189,6 +189,30 @@ def assert_same_as_pyg(ours, ref, out_ours, out_ref, inputs, tol):
             torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
+def compare_with_pyg(ours, ref, args, slack=None, autocast=False):
+    """module_grads of our layer and PyG's `ref` (same state): the output and every gradient to 1e-10 if `slack` is
+    None; otherwise (in lower precision, or under bfloat16 autocast) within twice PyG's error against the float64
+    truth (a float64 copy of `ref` on the same inputs), plus `slack` at the truth's scale. Returns our output."""
+    out_o, grads_o = module_grads(ours, args, autocast)
+    out_r, grads_r = module_grads(ref, args, autocast)
+    if slack is None:
+        def check(a, b, name):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    else:
+        args64 = [a.detach().double().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
+                  and a.is_floating_point() else a for a in args]
+        out_x, truth = module_grads(copy.deepcopy(ref).double(), args64)
+        truth["output"] = out_x
+
+        def check(a, b, name):
+            assert_error_within_twice(a, b, truth[name], slack, name=name)
+    check(out_o, out_r, "output")
+    for name, a in grads_o.items():
+        if a is not None or grads_r[name] is not None:
+            check(a, grads_r[name], name)
+    return out_o
+
+
 def assert_compiles_as_eager(f, make_inputs, names):
     """torch.compile(f, fullgraph=True) gives f's output and gradients of sum(output) for the inputs in ``names``."""
     torch._dynamo.reset()
@@ -238,16 +262,6 @@ def pytest_terminal_summary(terminalreporter):
             "emulated CUDA cases: " + ", ".join(f"{n} {k}" for k, n in sorted(_EMULATED_OUTCOMES.items())))
 
 
-def _grad_leaves(args):
-    """The arguments, each tensor that requires grad replaced by a fresh leaf of the same values."""
-    return [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) and a.requires_grad else a
-            for a in args]
-
-
-def _signature(args):
-    return tuple((type(a), tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a) for a in args)
-
-
 def check_compiled_training(model, calls, lr=0.05):
     """torch.compile(model) and an eager copy each take an SGD step on mean(out ** 2) per argument tuple of
     ``calls``: same losses and gradients (float64, 1e-9); repeated argument types and shapes do not recompile."""
@@ -257,15 +271,18 @@ def check_compiled_training(model, calls, lr=0.05):
     optimizers = [torch.optim.SGD(m.parameters(), lr=lr) for m in (model, eager)]
     seen = set()
     for step, args in enumerate(calls):
+        signature = tuple((type(a), tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a) for a in args)
         results = []
-        for module, repeat in ((compiled, _signature(args) in seen), (eager, False)):
-            leaves = _grad_leaves(args)
+        for module, repeat in ((compiled, signature in seen), (eager, False)):
+            # each tensor that requires grad replaced by a fresh leaf of the same values
+            leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) and a.requires_grad else a
+                      for a in args]
             with torch._dynamo.config.patch(error_on_recompile=repeat):
                 loss = module(*leaves).square().mean()
                 loss.backward()
             results.append([loss] + [a.grad for a in leaves if isinstance(a, torch.Tensor) and a.requires_grad]
                            + [p.grad for p in module.parameters()])
-        seen.add(_signature(args))
+        seen.add(signature)
         for i, (a, b) in enumerate(zip(*results)):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"step {step}, tensor {i}: {m}")
         for optimizer in optimizers:
@@ -280,10 +297,3 @@ def plain_copy(module):
         if hasattr(m, "disable"):
             m.disable = True
     return plain
-
-
-def graph_break_files(model, *args):
-    """The source files of the innermost frames at which torch.compile breaks `model`'s graph."""
-    torch._dynamo.reset()
-    explanation = torch._dynamo.explain(model)(*args)
-    return {reason.user_stack[-1].filename.rsplit("/", 1)[-1] for reason in explanation.break_reasons}

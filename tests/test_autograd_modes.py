@@ -1,5 +1,5 @@
-"""Forward-mode AD and torch.func's differentiating transforms raise naming the op (never zero or None tangents);
-vmap gives the per-sample results."""
+"""Forward-mode AD, torch.func's differentiating transforms and double backward raise naming the op (never zero or
+None tangents); vmap gives the per-sample results."""
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -53,6 +53,14 @@ def test_func_grad_raises_and_vmap_works(name, graph):
         torch.func.grad(lambda t: fn(graph, t).sum())(x)
     xs = torch.randn(3, 10, 4, dtype=torch.float64)
     torch.testing.assert_close(torch.func.vmap(lambda t: fn(graph, t))(xs), torch.stack([fn(graph, t) for t in xs]))
+
+
+@pytest.mark.parametrize("name", ["gen_aggregate", "gat_aggregate"])  # (spmm's backward ops are differentiable)
+def test_double_backward_is_refused_clearly(name, graph):
+    x = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(OPS[name](graph, x).square().sum(), x, create_graph=True)
+    with raises(NotImplementedError, f"revgnn_ext.{name}", "double backward"):
+        gx.sum().backward()
 
 
 def test_modules_name_the_op_under_forward_ad(graph):

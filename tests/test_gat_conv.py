@@ -9,8 +9,8 @@ from revgnn_ext import CSRGraph  # noqa: E402
 from revgnn_ext.graph import CSRGraph as GraphClass  # noqa: E402
 from revgnn_ext.nn import GATConv  # noqa: E402
 
-from conftest import (DEVICES, assert_error_within_twice, assert_same_as_pyg, config_id, make_graph,  # noqa: E402
-                      raises, sparse_adj_t)
+from conftest import (DEVICES, assert_same_as_pyg, compare_with_pyg, config_id, make_graph, raises,  # noqa: E402
+                      sparse_adj_t)
 
 CONFIGS = [dict(), dict(heads=3), dict(heads=3, concat=False), dict(add_self_loops=False, heads=2),
            dict(edge_dim=4, heads=2), dict(edge_dim=4, fill_value=0.5), dict(edge_dim=4, fill_value="add", heads=2),
@@ -22,14 +22,6 @@ def _pair(config, in_channels=12, out_channels=8, device="cpu", dtype=torch.floa
     ours = GATConv(in_channels, out_channels, **config).to(device, dtype).eval()
     ours.load_state_dict(ref.state_dict())
     return ours, ref
-
-
-def _edge_attr(config, num_edges, device="cpu"):
-    dim = config.get("edge_dim")
-    if dim is None:
-        return None
-    size = (num_edges,) if dim == 1 else (num_edges, dim)  # a 1-D edge_attr is PyG's edge weight form
-    return torch.randn(size, dtype=torch.float64, device=device, requires_grad=True)
 
 
 def _check(ours, ref, x, adj_ours, adj_ref, edge_attr=None, size=None, tol=1e-10):
@@ -47,7 +39,9 @@ def test_matches_pyg(device, config, shape):
     ours, ref = _pair(config, device=device)
     assert repr(ours) == repr(ref) and list(ours.state_dict()) == list(ref.state_dict())
     x = torch.randn(n, 12, dtype=torch.float64, device=device, requires_grad=True)
-    edge_attr = _edge_attr(config, ei.size(1), device)
+    dim = config.get("edge_dim")
+    size = (ei.size(1),) if dim == 1 else (ei.size(1), dim)  # a 1-D edge_attr is PyG's edge weight form
+    edge_attr = None if dim is None else torch.randn(size, dtype=torch.float64, device=device, requires_grad=True)
     _check(ours, ref, x, ei, ei, edge_attr)
     _check(ours, ref, x, CSRGraph.from_edge_index(ei, n), ei, edge_attr)  # edge features in the caller's order
 
@@ -82,17 +76,14 @@ def test_bipartite_inputs(residual):
     _check(ours, ref, (x_src, x_src[:num_dst]), ei, ei)
 
 
-def test_torch_sparse_adjacency():
+def test_torch_sparse_adjacency_bipartite_and_uncoalesced():
     ei, (num_src, num_dst) = make_graph("bipartite")
     adj_t = sparse_adj_t(ei, torch.ones(ei.size(1)), num_src, num_dst)
     x_src = torch.randn(num_src, 12, dtype=torch.float64, requires_grad=True)
     ours, ref = _pair(dict(heads=2))
     _check(ours, ref, (x_src, None), adj_t, adj_t)
     _check(ours, ref, (x_src, None), adj_t.to_sparse_csr(), adj_t.to_sparse_csr())
-
-
-def test_uncoalesced_sparse_adjacency_is_coalesced_as_in_pyg():  # duplicates: one edge of summed value
-    ei, n = make_graph("duplicates")
+    ei, n = make_graph("duplicates")  # uncoalesced: coalesced as in PyG (one edge of summed value)
     adj_t = torch.sparse_coo_tensor(ei.flip(0), torch.ones(ei.size(1), dtype=torch.float64), (n, n))
     assert not adj_t.is_coalesced()
     x = torch.randn(n, 12, dtype=torch.float64, requires_grad=True)
@@ -101,28 +92,13 @@ def test_uncoalesced_sparse_adjacency_is_coalesced_as_in_pyg():  # duplicates: o
         _check(ours, ref, x, adj_t, adj_t.coalesce())
 
 
-def test_an_edited_graph_raises_instead_of_its_cached_looped_graph():
-    ei, n = make_graph("random")
-    graph = CSRGraph.from_edge_index(ei, n)
-    ours, _ = _pair(dict())
-    x = torch.randn(n, 12, dtype=torch.float64)
-    ours(x, graph)
-    graph.col[0] = (graph.col[0] + 1) % n
-    with raises(RuntimeError, "CSRGraph"):
-        ours(x, graph)
-
-
-def test_float32_error_within_twice_pygs():
+def test_float32_output_and_gradients_within_twice_pygs_error():
     ei, n = make_graph("power_law")
     ours, ref = _pair(dict(heads=3, edge_dim=4), dtype=torch.float32)
-    exact = pyg.nn.GATConv(12, 8, heads=3, edge_dim=4).double().eval()
-    exact.load_state_dict(ref.state_dict())
-    x, edge_attr = torch.randn(n, 12), torch.randn(ei.size(1), 4)
-    truth = exact(x.double(), ei, edge_attr.double())
-    assert_error_within_twice(ours(x, ei, edge_attr), ref(x, ei, edge_attr), truth, 1e-6)
+    compare_with_pyg(ours, ref, (torch.randn(n, 12), ei, torch.randn(ei.size(1), 4)), 1e-6)
 
 
-def test_the_looped_graph_is_built_once_per_edge_index(monkeypatch):
+def test_the_looped_graph_is_built_once_per_graph_and_an_edited_graph_raises(monkeypatch):
     ei, n = make_graph("random")
     ours, _ = _pair(dict())
     x = torch.randn(n, 12, dtype=torch.float64)
@@ -136,6 +112,11 @@ def test_the_looped_graph_is_built_once_per_edge_index(monkeypatch):
     for _ in range(3):
         torch.testing.assert_close(ours(x, ei), first)
     assert len(built) == count
+    graph = CSRGraph.from_edge_index(ei, n)
+    ours(x, graph)
+    graph.col[0] = (graph.col[0] + 1) % n
+    with raises(RuntimeError, "CSRGraph"):  # an edited graph: not its cached looped graph
+        ours(x, graph)
 
 
 def test_training_dropout_replays_from_the_random_state():
@@ -167,6 +148,7 @@ def test_fallbacks_warn_and_match_pyg():
     assert torch.equal(out, ours(x, ei))  # our output with the weights, as PyG's test of this checks (allclose 1e-8)
     assert torch.equal(edges, edges_r)
     torch.testing.assert_close(alpha, alpha_r)
+    assert ours(x[:0], ei[:, :0]).shape == (0, 16)  # an empty graph
     ours, ref = _pair(dict(flow="target_to_source"))
     with pytest.warns(UserWarning, match="flow='target_to_source'"):
         out = ours(x, ei)
@@ -174,10 +156,3 @@ def test_fallbacks_warn_and_match_pyg():
     with raises(ValueError, "GATConv"):
         ours.flow = "source_to_target"
         ours(x.expand(2, -1, -1), ei)
-
-
-def test_empty_graph():
-    ours, ref = _pair(dict(heads=2))
-    x = torch.randn(0, 12, dtype=torch.float64)
-    ei = torch.empty(2, 0, dtype=torch.long)
-    assert ours(x, ei).shape == (0, 16)

@@ -11,8 +11,8 @@ pyg = pytest.importorskip("torch_geometric")
 from revgnn_ext import CSRGraph  # noqa: E402
 from revgnn_ext.nn import GENConv  # noqa: E402
 
-from conftest import (DEVICES, assert_error_within_twice, assert_same_as_pyg, config_id, graph_inputs,  # noqa: E402
-                      make_graph, module_grads, raises, sparse_adj_t)
+from conftest import (DEVICES, assert_error_within_twice, assert_same_as_pyg, compare_with_pyg, config_id,  # noqa: E402
+                      graph_inputs, make_graph, module_grads, raises, sparse_adj_t)
 
 CONFIGS = [
     dict(aggr="softmax", learn_t=True),
@@ -36,34 +36,12 @@ def _pair(config, in_channels, out_channels, edge_dim, dtype, device, bias=True)
     return ours, ref
 
 
-def _compare(ours, ref, args, dtype, autocast=False):
-    """Outputs and gradients of the inputs and every parameter as PyG's: float64 to 1e-10; in lower precision
-    (or bfloat16 autocast) within twice PyG's error against the float64 truth, plus SLACK."""
-    out_o, grads_o = module_grads(ours, args, autocast)
-    out_r, grads_r = module_grads(ref, args, autocast)
-    if dtype == torch.float64:
-        def check(a, b, name):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
-    else:
-        args64 = [a.detach().double().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
-                  and a.is_floating_point() else a for a in args]
-        out_x, truth = module_grads(copy.deepcopy(ref).double(), args64)
-        truth["output"] = out_x
-
-        def check(a, b, name):
-            assert_error_within_twice(a, b, truth[name], SLACK[torch.bfloat16 if autocast else dtype], name=name)
-    check(out_o, out_r, "output")
-    for name, a in grads_o.items():
-        if a is not None or grads_r[name] is not None:
-            check(a, grads_r[name], name)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
 def test_matches_pyg(device, dtype, config):
     ours, ref = _pair(config, 16, 16, 8, dtype, device)
-    _compare(ours, ref, graph_inputs("power_law", 16, 8, dtype, device), dtype)
+    compare_with_pyg(ours, ref, graph_inputs("power_law", 16, 8, dtype, device), SLACK.get(dtype))
 
 
 @pytest.mark.parametrize("config", [dict(aggr="softmax", learn_t=True, msg_norm=True, learn_msg_scale=True), dict(aggr="max"),
@@ -74,8 +52,7 @@ def test_autocast_bfloat16(config):
     (no learned p: its gradient mostly cancels, and no seed-independent 2x rule holds)."""
     ours, ref = _pair(config, 12, 16, 8, torch.float32, "cpu")
     args = graph_inputs("power_law", 12, 8, torch.float32)
-    assert module_grads(ours, args, autocast=True)[0].dtype == torch.bfloat16
-    _compare(ours, ref, args, torch.float32, autocast=True)
+    assert compare_with_pyg(ours, ref, args, SLACK[torch.bfloat16], autocast=True).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("config", [dict(aggr="softmax", learn_t=True),
@@ -110,9 +87,9 @@ def test_channel_change_and_no_edge_features(config):
     # in != out adds lin_src / lin_dst; no edge_dim: edge features absent, or given at width out.
     ours, ref = _pair(config, 12, 20, None, torch.float64, "cpu")
     x, ei = graph_inputs("isolated", 12)
-    _compare(ours, ref, (x, ei), torch.float64)
+    compare_with_pyg(ours, ref, (x, ei))
     e = torch.randn(ei.size(1), 20, dtype=torch.float64, requires_grad=True)
-    _compare(ours, ref, (x, ei, e), torch.float64)
+    compare_with_pyg(ours, ref, (x, ei, e))
 
 
 def test_state_dict_both_ways_repr_and_reset():
@@ -133,6 +110,8 @@ def test_adjacency_forms():
     expected = ref(x, ei, edge_attr)
     graph = CSRGraph.from_edge_index(ei, n)
     torch.testing.assert_close(ours(x, graph, edge_attr), expected)
+    perm = torch.randperm(ei.size(1))  # the edges in another order
+    torch.testing.assert_close(ours(x, ei[:, perm], edge_attr[perm]), ours(x, ei, edge_attr), rtol=1e-12, atol=1e-12)
     # torch.sparse adj_t: edge features follow its stored entries.
     coo = torch.sparse_coo_tensor(ei.flip(0), torch.ones(ei.size(1)), (n, n))
     torch.testing.assert_close(ours(x, coo, edge_attr), expected)
@@ -288,12 +267,3 @@ def test_lazy_edge_dim(aggr):
         assert torch.equal(a, b), name
     adj_t = sparse_adj_t(ei, edge_attr, num_src, num_dst, "coo")
     torch.testing.assert_close(ours((x_src, None), adj_t), ref((x_src, None), adj_t))
-
-
-def test_edge_order_does_not_matter():
-    ei, n = make_graph("power_law")
-    conv = GENConv(8, 8, aggr="softmax", learn_t=True, edge_dim=3).double()
-    x = torch.randn(n, 8, dtype=torch.float64)
-    edge_attr = torch.randn(ei.size(1), 3, dtype=torch.float64)
-    perm = torch.randperm(ei.size(1))
-    torch.testing.assert_close(conv(x, ei[:, perm], edge_attr[perm]), conv(x, ei, edge_attr), rtol=1e-12, atol=1e-12)

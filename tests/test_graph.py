@@ -15,12 +15,6 @@ from revgnn_ext.nn import GENConv, RevGNN, SAGEConv
 from conftest import SHAPES, make_graph, raises
 
 
-def _edges_from_csr(g):
-    """Set-free check helper: (src, dst) per CSR edge."""
-    dst = torch.repeat_interleave(torch.arange(g.num_dst), (g.rowptr[1:] - g.rowptr[:-1]).long())
-    return g.col.long(), dst
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 def test_layout_transpose_and_the_callers_edges_back(shape):
     ei, n = make_graph(shape)
@@ -28,7 +22,7 @@ def test_layout_transpose_and_the_callers_edges_back(shape):
     num_src, num_dst = n if isinstance(n, tuple) else (n, n)
     assert (g.num_src, g.num_dst, g.num_edges) == (num_src, num_dst, ei.size(1))
     assert g.rowptr.dtype == g.col.dtype == torch.int32
-    src, dst = _edges_from_csr(g)
+    src, dst = g.col.long(), torch.repeat_interleave(torch.arange(g.num_dst), (g.rowptr[1:] - g.rowptr[:-1]).long())
     perm = g.perm.long()  # CSR edge e is the caller's edge perm[e]: same endpoints
     assert torch.equal(src, ei[0, perm]) and torch.equal(dst, ei[1, perm])
     assert torch.equal(torch.sort(perm).values, torch.arange(ei.size(1)))
@@ -48,29 +42,23 @@ def test_layout_transpose_and_the_callers_edges_back(shape):
     assert torch.equal(csr.to_edge_index(), g.edges_to_csr(ei.t()).t())
 
 
-def test_edges_to_csr():
-    ei = torch.tensor([[0, 1, 2, 0], [2, 2, 0, 1]])
-    g = CSRGraph.from_edge_index(ei)
-    w = torch.tensor([10.0, 11.0, 12.0, 13.0])
-    assert g.edges_to_csr(w).tolist() == [12.0, 13.0, 10.0, 11.0]
-
-
-def test_num_nodes_forms_and_from_csr():
-    ei = torch.tensor([[0, 4], [1, 2]])
-    assert CSRGraph.from_edge_index(ei).num_dst == 5
-    g = CSRGraph.from_edge_index(ei, 9)
-    assert (g.num_src, g.num_dst) == (9, 9)
-    g = CSRGraph.from_edge_index(ei, (5, 3))
-    assert (g.num_src, g.num_dst) == (5, 3)
-    g = CSRGraph.from_csr(torch.tensor([0, 2, 2, 3]), torch.tensor([1, 0, 4]), num_src=5)
-    assert (g.num_src, g.num_dst, g.num_edges) == (5, 3, 3) and g.perm is None
-
-
 EDGES, COL, META = torch.tensor([[0, 4], [1, 2]]), torch.tensor([1, 0, 4]), torch.empty(2, 7, dtype=torch.long,
                                                                                             device="meta")
 FROM_EDGE_INDEX, FROM_CSR, FROM_SPARSE = "CSRGraph.from_edge_index", "CSRGraph.from_csr", "CSRGraph.from_sparse"
 NOT_ONE_ADJACENCY = [torch.ones(2, 3, 3).to_sparse(), torch.ones(2, 3, 3).to_sparse_csr(),  # batches
                      torch.ones(3, 3).to_sparse(1)]  # one sparse dimension
+
+
+def test_num_nodes_forms_edges_to_csr_and_from_csr():
+    g = CSRGraph.from_edge_index(torch.tensor([[0, 1, 2, 0], [2, 2, 0, 1]]))
+    assert g.edges_to_csr(torch.tensor([10.0, 11.0, 12.0, 13.0])).tolist() == [12.0, 13.0, 10.0, 11.0]
+    assert CSRGraph.from_edge_index(EDGES).num_dst == 5
+    g = CSRGraph.from_edge_index(EDGES, 9)
+    assert (g.num_src, g.num_dst) == (9, 9)
+    g = CSRGraph.from_edge_index(EDGES, (5, 3))
+    assert (g.num_src, g.num_dst) == (5, 3)
+    g = CSRGraph.from_csr(torch.tensor([0, 2, 2, 3]), COL, num_src=5)
+    assert (g.num_src, g.num_dst, g.num_edges) == (5, 3, 3) and g.perm is None
 
 
 @pytest.mark.parametrize("call, exc, names", [
@@ -141,7 +129,7 @@ def test_from_torch_sparse_tensor():
     assert torch.equal(g.rowptr.long(), rowptr) and torch.equal(g.col.long(), col)
 
 
-def test_to_device_and_repr():
+def test_to_device_repr_and_meta_graphs():
     ei, n = make_graph("random")
     g = CSRGraph.from_edge_index(ei, n)
     g.transposed()
@@ -149,15 +137,11 @@ def test_to_device_and_repr():
     assert m.device.type == "meta" and m.transposed()[0].device.type == "meta"
     assert g.to("cpu") is g
     assert "num_edges=300" in repr(g) and "int32" in repr(g)
-
-
-def test_meta_edge_index_gives_a_shape_only_graph():
-    ei = torch.empty(2, 7, dtype=torch.long, device="meta")
-    g = CSRGraph.from_edge_index(ei, (5, 3))
+    g = CSRGraph.from_edge_index(META, (5, 3))  # a meta edge_index gives a shape-only graph
     assert (g.num_src, g.num_dst, g.num_edges, g.device.type) == (5, 3, 7, "meta")
     assert g.perm.shape == (7,) and g.transposed()[0].shape == (6,)
-    assert as_graph(ei, (5, 3)).num_edges == 7
-    assert CSRGraph.from_csr(torch.zeros(4, dtype=torch.long, device="meta"), ei[0], 9).num_dst == 3
+    assert as_graph(META, (5, 3)).num_edges == 7
+    assert CSRGraph.from_csr(torch.zeros(4, dtype=torch.long, device="meta"), META[0], 9).num_dst == 3
 
 
 # ---------------------------------------------------------------------------- inference mode

@@ -57,15 +57,20 @@ def _assert_runs_equal(blocks, plain, x0, ei, edge_attr=None):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
-def _same_gradients_as_plain(block, x, ei, *args):
-    """One backward through block and its plain copy: the same parameter gradients (None where plain's is None)."""
+def _same_gradients_as_plain(block, x, ei, *args, prepare=lambda leaf: leaf * 1.0):
+    """One backward of sum(block(prepare(x))^2) through block and its plain copy: the same gradients of x (if it
+    requires grad) and every parameter (None where plain's is None). Returns the plain copy."""
     plain = plain_copy(block)
+    grads = []
     for b in (block, plain):
-        b(x * 1.0, ei, *args).square().sum().backward()
-    for p, q in zip(block.parameters(), plain.parameters()):
-        assert (p.grad is None) == (q.grad is None)
-        if q.grad is not None:
-            torch.testing.assert_close(p.grad, q.grad)
+        leaf = x.detach().clone().requires_grad_(x.requires_grad)
+        b(prepare(leaf), ei, *args).square().sum().backward()
+        grads.append([leaf.grad] + [p.grad for p in b.parameters()])
+    for g, h in zip(*grads):
+        assert (g is None) == (h is None)
+        if h is not None:
+            torch.testing.assert_close(g, h)
+    return plain
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -196,10 +201,7 @@ def test_batchnorm_statistics_move_once_per_step():
     ei, n = make_graph("random")
     torch.manual_seed(0)
     block = GroupAddRev(Block(4, pyg.nn.SAGEConv(4, 4), norm=torch.nn.BatchNorm1d(4), dropout=0.0), num_groups=2)
-    plain = plain_copy(block)
-    x = torch.randn(n, 8)
-    for b in (block, plain):
-        b(x * 1.0, ei).sum().backward()
+    plain = _same_gradients_as_plain(block, torch.randn(n, 8), ei)
     for m_ours, m_plain in zip(block.modules(), plain.modules()):
         if isinstance(m_ours, torch.nn.BatchNorm1d):
             torch.testing.assert_close(m_ours.running_mean, m_plain.running_mean)
@@ -468,7 +470,8 @@ def test_wider_edge_weights_in_a_block_train_in_the_blocks_dtype():
 
 
 def test_input_also_saved_by_another_operation_trains_with_plain_gradients():
-    """h saved by ReLU's backward and a parallel branch: the block keeps h (warning once); plain gradients."""
+    """h saved by ReLU's backward and a parallel branch: the block keeps h (warning once); plain gradients.
+    Likewise an input of which the user keeps a view."""
     import revgnn_ext.nn.group_add_rev as gar
     ei, n = make_graph("random")
     block, plain = _block_and_plain()
@@ -489,15 +492,8 @@ def test_input_also_saved_by_another_operation_trains_with_plain_gradients():
         assert h.shape == (n, 8)  # kept, readable
     for g, h in zip(*grads):
         torch.testing.assert_close(g, h)
-
-
-def test_view_of_the_input_keeps_it():
-    import revgnn_ext.nn.group_add_rev as gar
-    ei, n = make_graph("random")
-    block, _ = _block_and_plain()
-    x = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
-    h = x * 1.0
-    first_row = h[0]  # a view the user keeps
+    h = x.requires_grad_() * 1.0
+    first_row = h[0]  # a view the user keeps: the block keeps h too
     gar._warned_kept = False
     with pytest.warns(UserWarning, match="also held by another operation"):
         y = block(h, ei)
@@ -557,7 +553,7 @@ def test_replay_that_draws_other_numbers_raises():
         y.sum().backward()
 
 
-def test_forward_mode_ad_and_torch_func_equal_plain():
+def test_forward_mode_ad_and_torch_func_equal_plain_and_jit_trace_says_what_to_do():
     import torch.autograd.forward_ad as fwAD
     ei, n = make_graph("random")
     block, plain = _block_and_plain()
@@ -579,46 +575,32 @@ def test_forward_mode_ad_and_torch_func_equal_plain():
     xs = torch.randn(3, n, 8, dtype=torch.float64)
     torch.testing.assert_close(torch.func.vmap(lambda t: block(t, ei))(xs),
                                torch.stack([plain(t, ei) for t in xs]))
+    with pytest.raises(RuntimeError, match="torch.jit.trace cannot record"):  # a transform it cannot support
+        torch.jit.trace(lambda t: block(t * 1.0, ei), (x.requires_grad_(),))
 
 
-def test_jit_trace_says_what_to_do():
+class Identity(torch.nn.Module):
+    def forward(self, x, edge_index):
+        return x
+
+
+class Nested(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = GroupAddRev(Block(2, pyg.nn.SAGEConv(2, 2), dropout=0.0), num_groups=2)
+
+    def forward(self, x, edge_index):
+        return self.inner(x, edge_index)
+
+
+@pytest.mark.parametrize("make, prepare", [
+    (lambda: Block(4, pyg.nn.SAGEConv(4, 4), dropout=0.0), lambda x: x.t().contiguous().t()),
+    (Identity, lambda x: x * 1.0), (Nested, lambda x: x * 1.0)], ids=["column-major", "identity-F", "nested"])
+def test_column_major_input_identity_f_and_nested_blocks(make, prepare):
     ei, n = make_graph("random")
-    block, _ = _block_and_plain()
-    x = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
-    with pytest.raises(RuntimeError, match="torch.jit.trace cannot record"):
-        torch.jit.trace(lambda t: block(t * 1.0, ei), (x,))
-
-
-def test_column_major_input_identity_f_and_nested_blocks():
-    ei, n = make_graph("random")
-
-    class Identity(torch.nn.Module):
-        def forward(self, x, edge_index):
-            return x
-
-    class Nested(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = GroupAddRev(Block(2, pyg.nn.SAGEConv(2, 2), dropout=0.0), num_groups=2)
-
-        def forward(self, x, edge_index):
-            return self.inner(x, edge_index)
-
     torch.manual_seed(0)
-    cases = {"column-major": (Block(4, pyg.nn.SAGEConv(4, 4), dropout=0.0), lambda x: x.t().contiguous().t()),
-             "identity F": (Identity(), lambda x: x * 1.0),
-             "nested": (Nested(), lambda x: x * 1.0)}
-    for name, (f, prepare) in cases.items():
-        block = GroupAddRev(f, num_groups=2).double()
-        plain = plain_copy(block)
-        x = torch.randn(n, 8, dtype=torch.float64)
-        grads = []
-        for b in (block, plain):
-            leaf = x.clone().requires_grad_()
-            out = b(prepare(leaf), ei)
-            grads.append(torch.autograd.grad(out.square().sum(), [leaf, *b.parameters()]))
-        for g, h in zip(*grads):
-            torch.testing.assert_close(g, h, msg=name)
+    block = GroupAddRev(make(), num_groups=2).double()
+    _same_gradients_as_plain(block, torch.randn(n, 8, dtype=torch.float64, requires_grad=True), ei, prepare=prepare)
 
 
 class TanhLinear(torch.nn.Module):

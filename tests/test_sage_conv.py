@@ -1,5 +1,4 @@
 """revgnn_ext.nn.SAGEConv against PyG's SAGEConv with the same state_dict."""
-import copy
 
 import pytest
 import torch
@@ -9,8 +8,8 @@ pyg = pytest.importorskip("torch_geometric")
 from revgnn_ext import CSRGraph  # noqa: E402
 from revgnn_ext.nn import SAGEConv  # noqa: E402
 
-from conftest import (DEVICES, assert_error_within_twice, assert_same_as_pyg, config_id, make_graph,  # noqa: E402
-                      raises, sparse_adj_t)
+from conftest import (DEVICES, assert_same_as_pyg, compare_with_pyg, config_id, make_graph, raises,  # noqa: E402
+                      sparse_adj_t)
 
 CONFIGS = [dict(), dict(aggr="sum"), dict(aggr="max", root_weight=False), dict(aggr="min", bias=False),
            dict(normalize=True), dict(project=True)]
@@ -43,21 +42,10 @@ def test_matches_pyg(device, config, shape):
 def test_autocast_bfloat16(config):
     """bfloat16 autocast (project=True: bfloat16 features reach the aggregation): within twice PyG's error."""
     ei, n = make_graph("power_law")
-    ours, ref = _pair(config, 12, 16, "cpu")
-    truth = copy.deepcopy(ref)
-    ours, ref = ours.float(), ref.float()
-    x = torch.randn(n, 12, dtype=torch.float64, requires_grad=True)
-    gout = torch.randn(n, 16, dtype=torch.float64)
-    results = []
-    for module, autocast in ((ours, True), (ref, True), (truth, False)):
-        inputs = [x if module is truth else x.float()] + list(module.parameters())
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = module(inputs[0], ei)
-        results.append([out] + list(torch.autograd.grad(out, inputs, gout.to(out.dtype))))
-    assert results[0][0].dtype == torch.bfloat16
-    names = ["output", "x"] + [name for name, _ in ours.named_parameters()]
-    for name, a, b, exact in zip(names, *results):
-        assert_error_within_twice(a, b, exact, 4 * torch.finfo(torch.bfloat16).eps, name=name)
+    ours, ref = (module.float() for module in _pair(config, 12, 16, "cpu"))
+    x = torch.randn(n, 12, requires_grad=True)
+    out = compare_with_pyg(ours, ref, (x, ei), 4 * torch.finfo(torch.bfloat16).eps, autocast=True)
+    assert out.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("config", [dict(), dict(project=True)], ids=config_id)
