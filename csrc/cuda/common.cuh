@@ -169,5 +169,38 @@ void with_vec(bool packs, const F& f) {
   }
 }
 
+// Per-block float64 partial sums [blocks, width] of parameter gradients, added in block order (the
+// same bits whatever the GPU) and split by column: [0, weight_columns) into grad_weight, the next d
+// into grad_bias, the rest into grad_param (each may be null, its columns then dropped).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kBlock)
+    sum_partials_kernel(const double* __restrict__ partial, int64_t blocks, int64_t width, int64_t weight_columns,
+                        int64_t d, scalar_t* __restrict__ grad_weight, scalar_t* __restrict__ grad_bias,
+                        scalar_t* __restrict__ grad_param) {
+  for (int64_t column = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; column < width;
+       column += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    double total = 0;
+    for (int64_t b = 0; b < blocks; ++b) total += partial[b * width + column];
+    if (column < weight_columns) {
+      grad_weight[column] = static_cast<scalar_t>(total);
+    } else if (column < weight_columns + d) {
+      if (grad_bias != nullptr) grad_bias[column - weight_columns] = static_cast<scalar_t>(total);
+    } else if (grad_param != nullptr) {
+      grad_param[column - weight_columns - d] = static_cast<scalar_t>(total);
+    }
+  }
+}
+
+// Launches sum_partials_kernel over partial [blocks, width] (float64, contiguous).
+template <typename scalar_t>
+void sum_partials(const at::Tensor& partial, int64_t weight_columns, int64_t d, scalar_t* grad_weight,
+                  scalar_t* grad_bias, scalar_t* grad_param, simt::Stream stream) {
+  const int64_t width = partial.size(1);
+  const int64_t grid = std::min<int64_t>((width + kBlock - 1) / kBlock, std::numeric_limits<int32_t>::max());
+  simt::launch<sum_partials_kernel<scalar_t>>(static_cast<unsigned int>(grid), kBlock, 0, stream,
+                                              partial.data_ptr<double>(), partial.size(0), width, weight_columns, d,
+                                              grad_weight, grad_bias, grad_param);
+}
+
 }  // namespace
 }  // namespace revgnn_ext

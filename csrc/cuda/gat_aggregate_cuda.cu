@@ -12,9 +12,8 @@
 // one group in (transposed) CSR order, dot products fixed butterflies over the group (channel
 // slots in order); a grad_edge_attr element is one lane's sum over the heads in order, written
 // once. The edge_weight gradient is summed in float64 by each lane over its row's edges, then over
-// the groups of its block in order, one partial per block; at::sum adds the partials (in an order
-// fixed by their shape and the GPU model). G depends on C only, so the bits do not depend on the
-// grid.
+// the groups of its block in order, one partial per block; sum_partials adds the partials in block
+// order. G depends on C only, so the bits do not depend on the grid or the GPU.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -343,7 +342,10 @@ struct CudaGat {
               lse.data_ptr<acc_t>(), r.data_ptr<acc_t>(), ptr_or_null<scalar_t>(grads.dst),
               ptr_or_null<scalar_t>(grads.edge_attr), ptr_or_null<double>(partial), in.num_dst, in.c,
               (indices + span - 1) / span, lanes);
-          if (partial.defined()) grads.weight.copy_(partial.sum(0).view({in.heads, in.f}));
+          if (partial.defined()) {  // grads.weight: [H, F] contiguous (gat_aggregate.h)
+            sum_partials<scalar_t>(partial, in.heads * in.f, 0, grads.weight.data_ptr<scalar_t>(), nullptr, nullptr,
+                                   stream);
+          }
         }
       });
     });

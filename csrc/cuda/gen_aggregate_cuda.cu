@@ -618,27 +618,6 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
-// The blocks' partial sums ([blocks, width], layout of gen_backward_params_kernel) added in block
-// order into the weight ([fw, D]), bias and t or p gradients (each may be null).
-template <typename scalar_t>
-__global__ void __launch_bounds__(kBlock)
-    sum_partials_kernel(const double* __restrict__ partial, int64_t blocks, int64_t width, int64_t weight_columns,
-                        int64_t d, scalar_t* __restrict__ grad_weight_t, scalar_t* __restrict__ grad_bias,
-                        scalar_t* __restrict__ grad_param) {
-  for (int64_t column = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; column < width;
-       column += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    double total = 0;
-    for (int64_t b = 0; b < blocks; ++b) total += partial[b * width + column];
-    if (column < weight_columns) {
-      grad_weight_t[column] = static_cast<scalar_t>(total);
-    } else if (column < weight_columns + d) {
-      if (grad_bias != nullptr) grad_bias[column - weight_columns] = static_cast<scalar_t>(total);
-    } else if (grad_param != nullptr) {
-      grad_param[column - weight_columns - d] = static_cast<scalar_t>(total);
-    }
-  }
-}
-
 // ---- host side ----
 
 template <typename scalar_t>
@@ -731,11 +710,9 @@ struct CudaGen {
                 ptr_or_null<double>(partial), fw, width, lanes);
           }
           if (want_params) {  // with no row block, the sums are 0
-            const int64_t grid = std::min<int64_t>((width + kBlock - 1) / kBlock, std::numeric_limits<int32_t>::max());
-            simt::launch<sum_partials_kernel<scalar_t>>(static_cast<unsigned int>(grid), kBlock, 0, stream,
-                partial.data_ptr<double>(), blocks, width, fw * in.d, in.d, ptr_or_null<scalar_t>(grads.weight_t),
-                ptr_or_null<scalar_t>(grads.bias),
-                ptr_or_null<scalar_t>(A == Aggr::Softmax ? grads.t : grads.p));
+            sum_partials<scalar_t>(partial, fw * in.d, in.d, ptr_or_null<scalar_t>(grads.weight_t),
+                                   ptr_or_null<scalar_t>(grads.bias),
+                                   ptr_or_null<scalar_t>(A == Aggr::Softmax ? grads.t : grads.p), stream);
           }
           if (grad_attr_enc.defined() && !grad_attr_enc.is_same(grads.edge_attr)) grads.edge_attr.copy_(grad_attr_enc);
         });
