@@ -1,5 +1,5 @@
 """Forward-mode AD, torch.func's differentiating transforms and double backward raise naming the op (never zero or
-None tangents); vmap gives the per-sample results."""
+None tangents); vmap gives the per-sample results; reverse mode gives each input its gradient when it alone is asked."""
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -70,3 +70,32 @@ def test_modules_name_the_op_under_forward_ad(graph):
     x = torch.randn(10, 8, dtype=torch.float64)
     with raises(NotImplementedError, "revgnn_ext.ops.gen_aggregate", "forward-mode AD"):
         torch.func.jvp(lambda t: block(t, graph), (x,), (torch.randn_like(x),))
+
+
+# Each op with every differentiable input and absent optionals among them: (inputs, call).
+PARTS = {
+    "spmm": (lambda: {"x": torch.randn(10, 4), "edge_weight": torch.rand(40)},
+             lambda g, a: ops.spmm(g, a["x"], a["edge_weight"], reduce="max")),
+    "gen_aggregate": (lambda: {"x": torch.randn(10, 4), "edge_attr": torch.randn(40, 3), "edge_weight": torch.randn(4, 3),
+                               "t": torch.rand(4)},  # edge_bias absent
+                      lambda g, a: ops.gen_aggregate(g, a["x"], a["edge_attr"], a["edge_weight"], t=a["t"])),
+    "gat_aggregate": (lambda: {"x": torch.randn(10, 4), "src_score": torch.randn(10, 2), "edge_attr": torch.randn(40, 2)},
+                      lambda g, a: ops.gat_aggregate(g, a["x"], a["src_score"], edge_attr=a["edge_attr"])),
+}
+
+
+@pytest.mark.parametrize("name", PARTS)
+def test_each_input_alone_gets_the_gradient_it_gets_among_all(name, graph):
+    """Autograd numbers only the tensors a call passes: with optionals absent before and between
+    the differentiable inputs, each input that alone requires grad gets its gradient, the others none."""
+    make, call = PARTS[name]
+    inputs = {k: v.double() for k, v in make().items()}
+    for v in inputs.values():
+        v.requires_grad_()
+    grad_out = torch.randn_like(call(graph, inputs))
+    full = torch.autograd.grad(call(graph, inputs), list(inputs.values()), grad_out)
+    for (key, expected) in zip(inputs, full):
+        alone = {k: v.detach().requires_grad_(k == key) for k, v in inputs.items()}
+        call(graph, alone).backward(grad_out)
+        assert all(v.grad is None for k, v in alone.items() if k != key), key
+        torch.testing.assert_close(alone[key].grad, expected, rtol=0, atol=0, msg=key)
