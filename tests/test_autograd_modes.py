@@ -99,3 +99,18 @@ def test_each_input_alone_gets_the_gradient_it_gets_among_all(name, graph):
         call(graph, alone).backward(grad_out)
         assert all(v.grad is None for k, v in alone.items() if k != key), key
         torch.testing.assert_close(alone[key].grad, expected, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("name", ["spmm", "gen_aggregate", "gat_aggregate"])
+def test_raw_op_without_the_transposed_csr_refuses_the_gradient_of_x(name, graph):
+    """revgnn_ext.ops passes the transposed CSR when x needs a gradient; a raw call without it
+    raises in backward, naming the op, instead of a wrong or missing gradient."""
+    x = torch.randn(10, 4, requires_grad=True)
+    lib, none = torch.ops.revgnn_ext, (None, None, None)
+    out = {"spmm": lambda: lib.spmm(graph.rowptr, graph.col, *none, None, x, "sum"),
+           "gen_aggregate": lambda: lib.gen_aggregate(graph.rowptr, graph.col, *none, x, None, None, None,
+                                                      torch.ones(1), None, "softmax", 1e-7),
+           "gat_aggregate": lambda: lib.gat_aggregate(graph.rowptr, graph.col, *none, None, x, torch.randn(10, 2),
+                                                      None, None, None, None, 0.2, 0.0, 0)}[name]()[0]
+    with raises(RuntimeError, f"revgnn_ext.{name}", "transposed CSR"):
+        out.sum().backward()
