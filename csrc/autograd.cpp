@@ -2,7 +2,7 @@
 // key: the forward runs the op below autograd and saves what its backward op reads; the backward
 // calls the backward ops through the dispatcher, so that their own autograd (spmm's second order,
 // the refusals of the others: revgnn_ext/ops.py) applies under create_graph. In C++ because a
-// Python autograd kernel costs about 100 us per call, several times a small graph's kernel, and
+// Python autograd kernel costs over 100 us per call, several times a small graph's kernel, and
 // a 1001-layer model pays it thousands of times a step (docs/design.md §3).
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -53,11 +53,22 @@ bool needs_grad(AutogradContext* ctx, size_t arg) {
   return number >= 0 && ctx->needs_input_grad(number);
 }
 
-// A backward op's outputs as autograd's gradients: undefined where not wanted.
+// Whether the gradients of arguments [first, first + N) are wanted: a backward op's output_mask.
 template <size_t N>
-variable_list wanted_only(variable_list grads, const std::array<bool, N>& wanted) {
+std::array<bool, N> wanted_grads(AutogradContext* ctx, size_t first) {
+  std::array<bool, N> wanted;
+  for (size_t i = 0; i < N; ++i) wanted[i] = needs_grad(ctx, first + i);
+  return wanted;
+}
+
+// Autograd's gradients of a function of `total` arguments: a backward op's outputs for arguments
+// [first, first + N) where wanted, undefined everywhere else.
+template <size_t N>
+variable_list gradients(size_t total, size_t first, const std::array<Tensor, N>& outputs,
+                        const std::array<bool, N>& wanted) {
+  variable_list grads(total);
   for (size_t i = 0; i < N; ++i) {
-    if (!wanted[i]) grads[i] = Tensor();
+    if (wanted[i]) grads[first + i] = outputs[i];
   }
   return grads;
 }
@@ -135,16 +146,12 @@ class GenAggregate : public torch::autograd::Function<GenAggregate> {
         const Tensor&, c10::string_view, double, std::array<bool, 6>)>("revgnn_ext::gen_aggregate_backward");
     const auto s = ctx->get_saved_variables();
     check_transposed(s[2], "gen_aggregate");
-    std::array<bool, 6> wanted;
-    for (size_t i = 0; i < wanted.size(); ++i) wanted[i] = needs_grad(ctx, 5 + i);
+    const auto wanted = wanted_grads<6>(ctx, 5);
     auto [x, attr, weight, bias, t, p] =
         op.call(s[0], s[1], s[2], s[3], s[4], s[5], optional(s[6]), optional(s[7]), optional(s[8]), optional(s[9]),
                 optional(s[10]), s[11], s[12], grads[0], ctx->saved_data["aggr"].toStringRef(),
                 ctx->saved_data["eps"].toDouble(), wanted);
-    variable_list out(5);
-    for (const Tensor& g : wanted_only<6>({x, attr, weight, bias, t, p}, wanted)) out.push_back(g);
-    out.resize(out.size() + 2);
-    return out;
+    return gradients<6>(13, 5, {x, attr, weight, bias, t, p}, wanted);
   }
 };
 
@@ -183,16 +190,12 @@ class GatAggregate : public torch::autograd::Function<GatAggregate> {
         "revgnn_ext::gat_aggregate_backward");
     const auto s = ctx->get_saved_variables();
     check_transposed(s[2], "gat_aggregate");
-    std::array<bool, 5> wanted;
-    for (size_t i = 0; i < wanted.size(); ++i) wanted[i] = needs_grad(ctx, 6 + i);
+    const auto wanted = wanted_grads<5>(ctx, 6);
     auto [x, src, dst, attr, weight] =
         op.call(s[0], s[1], s[2], s[3], s[4], optional(s[5]), s[6], s[7], optional(s[8]), optional(s[9]),
                 optional(s[10]), optional(s[11]), s[12], s[13], grads[0], ctx->saved_data["negative_slope"].toDouble(),
                 ctx->saved_data["attn_dropout"].toDouble(), ctx->saved_data["seed"].toInt(), wanted);
-    variable_list out(6);
-    for (const Tensor& g : wanted_only<5>({x, src, dst, attr, weight}, wanted)) out.push_back(g);
-    out.resize(out.size() + 4);
-    return out;
+    return gradients<5>(15, 6, {x, src, dst, attr, weight}, wanted);
   }
 };
 
